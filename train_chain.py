@@ -1,0 +1,275 @@
+"""Train ImageBART's reverse chain: one transformer per scale t = T..2 (paper Sec. 3.3, 4.1).
+
+    python train_chain.py --dataset shapes --preset tiny     # 2-core CPU: first stage + chain, minutes
+    python train_chain.py --dataset cifar                    # one GPU: the user's main run
+    python train_chain.py --dataset cifar --scale 3          # one scale only (scales train in parallel)
+
+A run folder without a first stage gets one first (train_vq.py's code, same preset). Each
+scale is trained on its own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at
+t = 2), and saved as scale_<t>.pt. When every scale is done, the likelihood bound is
+evaluated on the test codes (bound.json) and a grid of samples is written (samples.png).
+Re-running the same command resumes; a finished scale is not trained again.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+
+import imagebart as ib
+import train_vq
+
+# Fields that may change when a run is resumed; the others define the model and must match.
+RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train_vq.add_common_args(p)
+    p.add_argument("--scale", type=int, default=None, help="train only the model of this t (2..T)")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--unconditional", action="store_true", help="ignore the data set's labels")
+    cond.add_argument("--conditional", action="store_true", help="require labels (error if there are none)")
+    p.add_argument("--first-stage", default=None, metavar="RUN",
+                   help="reuse the first stage (vq.pt, tokens.pt) of another run folder")
+    p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
+    ib.add_config_args(p, ib.ChainConfig)
+    return p
+
+
+def first_stage(args, out: str) -> dict:
+    """Make sure `out` has vq.pt and tokens.pt (copied, or trained); return the tokens."""
+    for name in ("vq.pt", "tokens.pt"):
+        if args.first_stage:
+            src, dst = os.path.join(args.first_stage, name), os.path.join(out, name)
+            if not os.path.exists(src):
+                raise ib.UserError(f"--first-stage {args.first_stage} has no {name}")
+            if not os.path.exists(dst):
+                shutil.copyfile(src, dst + ".tmp")
+                os.replace(dst + ".tmp", dst)
+    if not os.path.exists(os.path.join(out, "tokens.pt")):
+        if args.preset not in ib.VQ_PRESETS:
+            raise ib.UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(ib.VQ_PRESETS)}")
+        print(f"{out} has no first stage yet: training one with preset {args.preset!r}", flush=True)
+        vq_args = train_vq.build_parser().parse_args(
+            ["--dataset", args.dataset, "--preset", args.preset, "--out", out, "--data-root", args.data_root]
+            + (["--lpips-weights", args.lpips_weights] if args.lpips_weights else [])
+            + (["--device", args.device] if args.device else []))
+        train_vq.prepare_first_stage(vq_args)
+    try:
+        tokens = torch.load(os.path.join(out, "tokens.pt"), weights_only=True)
+        vq_ckpt = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
+    except ib.UserError:
+        raise
+    except Exception as e:
+        raise ib.UserError(f"{out}/tokens.pt is not readable ({type(e).__name__})") from None
+    if not isinstance(tokens, dict) or "train" not in tokens or "num_codes" not in tokens:
+        raise ib.UserError(f"{out}/tokens.pt is not a tokens file of this project")
+    vq_cfg = ib.VQConfig(**vq_ckpt["config"])
+    grid = vq_cfg.resolution // vq_cfg.factor
+    K_vq = vq_ckpt["model"]["used_codes"].numel()
+    if tokens["num_codes"] != K_vq or tuple(tokens["train"].shape[1:]) != (grid, grid):
+        raise ib.UserError(f"{out}/tokens.pt (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
+                           f"does not match {out}/vq.pt (K = {K_vq}, grid {(grid, grid)})")
+    return tokens
+
+
+def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
+    cfg = ib.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
+    labeled = "train_labels" in tokens
+    if args.conditional and not labeled:
+        raise ib.UserError("--conditional: this data set has no labels (use one subfolder per class)")
+    num_labels = int(tokens["num_classes"]) if labeled and not args.unconditional else 0
+    cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
+                              num_labels=num_labels)
+    if cfg.betas is not None:
+        cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=len(cfg.betas) + 1)
+    if cfg.T < 2:
+        raise ib.UserError(f"T must be at least 2, got {cfg.T}")
+    if cfg.loss not in ("kl", "ce"):
+        raise ib.UserError(f"--loss must be kl or ce, got {cfg.loss!r}")
+    if cfg.n_embd % cfg.n_head:
+        raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if args.scale is not None and not 2 <= args.scale <= cfg.T:
+        raise ib.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
+    # a resumed run must describe the same model
+    for name in sorted(os.listdir(out)):
+        if name.startswith("scale_") and name.endswith(".pt"):
+            saved = ib.ChainConfig(**ib.load_checkpoint(os.path.join(out, name), "scale")["config"])
+            diff = [f.name for f in dataclasses.fields(ib.ChainConfig)
+                    if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)]
+            if diff:
+                raise ib.UserError(f"{out}/{name} was trained with other settings ({', '.join(diff)}); "
+                                   f"run the same command as before, or choose another --out")
+    return cfg
+
+
+def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases, norms, embeddings and position tables are left alone."""
+    decay, no_decay = [], []
+    for name, p in net.named_parameters():
+        is_matrix = p.dim() >= 2 and not any(s in name for s in ("tok", "pos", "emb"))
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def scale_bits(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: int, max_batches=None) -> float:
+    """Scale t's term of the bound (Eq. 7), bits per token, averaged over `codes` (M, h, w).
+    A fixed generator makes the Monte-Carlo draws the same at every evaluation."""
+    g = torch.Generator(codes.device).manual_seed(1234)
+    N = codes[0].numel()
+    total, count = 0.0, 0
+    for b, i in enumerate(range(0, len(codes), batch)):
+        if max_batches is not None and b >= max_batches:
+            break
+        x1 = codes[i:i + batch]
+        y = labels[i:i + batch] if labels is not None else None
+        q, _, logits = model.scale_terms(x1, t, y, generator=g)
+        total += (model.diffusion.kl(q, logits).sum(-1) / (N * math.log(2))).sum().item()
+        count += len(x1)
+    return total / count
+
+
+def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> None:
+    cfg = model.cfg
+    path = os.path.join(out, f"scale_{t}.pt")
+    net = model.scale(t)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if os.path.exists(path):
+        ckpt = ib.load_checkpoint(path, "scale")
+        if ckpt["step"] >= cfg.steps:
+            print(f"scale t={t}: finished ({ckpt['step']} steps), skipping", flush=True)
+            return
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        print(f"scale t={t}: resuming from step {step}", flush=True)
+    torch.manual_seed(cfg.seed * 1000 + t * 100003 + step)
+
+    train = tokens["train"].to(device).long()
+    test = tokens["test"].to(device).long()
+    y_train = tokens["train_labels"].to(device) if model.num_labels else None
+    y_test = tokens["test_labels"].to(device) if model.num_labels else None
+    n_params = sum(p.numel() for p in net.parameters())
+    kind = "encoder-decoder" if net.has_encoder else "decoder-only"
+    print(f"scale t={t} ({kind}, p(x_{t - 1} | x_{t}), beta_t = {model.diffusion.beta(t):.3g}, "
+          f"alpha_bar_t = {model.diffusion.alpha_bar(t):.3g}): {n_params / 1e6:.2f}M parameters, "
+          f"{len(train)} training code grids, device {device}", flush=True)
+
+    def evaluate() -> float:
+        model.scales[str(t)] = ema                 # evaluate with the EMA weights
+        ema.eval()
+        bits = scale_bits(model, t, test, y_test, 256, cfg.eval_batches)
+        model.scales[str(t)] = net
+        return bits
+
+    def checkpoint(**extra):
+        ib.save_atomic(ib.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict(), **extra), path)
+
+    progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
+    log = open(os.path.join(out, "log.jsonl"), "a")
+    while step < cfg.steps:
+        net.train()
+        lr = ib.cosine_lr(step, cfg.steps, cfg.lr, warmup=cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(train), (cfg.batch_size,), device=device)
+        labels = model.drop_labels(y_train[idx], cfg.label_dropout) if y_train is not None else None
+        with ib.autocast(device):
+            loss = model.loss(train[idx], t, labels, kind=cfg.loss)      # nats per token
+        if not torch.isfinite(loss):
+            raise ib.UserError(f"scale t={t}: the loss became {loss.item()} at step {step}; "
+                               f"stopped, the last good checkpoint is kept in {path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        # EMA of the weights, for evaluation and sampling; its decay ramps up so early
+        # averages are not dominated by the random initialisation
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        bits = loss.item() / math.log(2)
+        progress(step - 1, loss_bits=bits, lr=lr)
+        record = {"stage": "chain", "t": t, "step": step, "loss_bits": bits, "grad_norm": grad_norm.item(), "lr": lr}
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            record["test_bits"] = evaluate()
+            print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token (EMA weights)", flush=True)
+            checkpoint()
+        if step % cfg.log_every == 0 or "test_bits" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+    log.close()
+
+
+@torch.no_grad()
+def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
+    """Once every scale is trained: the bound on all test codes, per scale, and a sample grid."""
+    vq, chain = ib.load_run(out, device)
+    test = tokens["test"].to(device).long()
+    y_test = tokens["test_labels"].to(device) if chain.num_labels else None
+    per_scale = {t: scale_bits(chain, t, test, y_test, 256) for t in range(chain.T, 1, -1)}
+    K = chain.diffusion.K
+    report = {"bits_per_token": sum(per_scale.values()), "per_scale": {str(t): v for t, v in per_scale.items()},
+              "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "conditional": bool(chain.num_labels),
+              "test_grids": len(test), "exact": chain.T == 2}
+    with open(os.path.join(out, "bound.json.tmp"), "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(os.path.join(out, "bound.json.tmp"), os.path.join(out, "bound.json"))
+    with open(os.path.join(out, "log.jsonl"), "a") as log:
+        log.write(json.dumps({"stage": "bound", **report}) + "\n")
+    what = "exact NLL" if chain.T == 2 else "upper bound on NLL"
+    print(f"test {what}: {report['bits_per_token']:.4f} bits/token (uniform: log2 K = {math.log2(K):.3f})"
+          + "".join(f"\n  t={t}: {v:.4f}" for t, v in per_scale.items()), flush=True)
+
+    g = torch.Generator(device).manual_seed(0)
+    if chain.num_labels:   # one row per class
+        labels = torch.arange(chain.num_labels, device=device).repeat_interleave(samples_per_row)
+    else:
+        labels = None
+    n = len(labels) if labels is not None else samples_per_row * samples_per_row
+    x1 = chain.sample(n, labels, generator=g)
+    ib.save_image_grid(vq.decode(x1), os.path.join(out, "samples.png"), nrow=samples_per_row)
+    print(f"wrote {out}/bound.json and {out}/samples.png", flush=True)
+
+
+def main():
+    args = build_parser().parse_args()
+    out = train_vq.run_dir(args)
+    ib.ensure_writable_dir(out)
+    device = ib.pick_device(args.device)
+    if args.first_stage and not os.path.isdir(args.first_stage):
+        raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
+    tokens = first_stage(args, out)
+    cfg = resolve_config(args, tokens, out)
+    model = ib.ImageBART(cfg).to(device)
+    print(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
+          f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
+          f"N = {cfg.N} tokens, {'class-conditional' if cfg.num_labels else 'unconditional'}", flush=True)
+    t0 = time.time()
+    for t in ([args.scale] if args.scale else range(cfg.T, 1, -1)):
+        train_scale(model, t, tokens, out, device)
+    print(f"chain training took {time.time() - t0:.0f}s", flush=True)
+    done = all(os.path.exists(os.path.join(out, f"scale_{t}.pt")) and
+               ib.load_checkpoint(os.path.join(out, f"scale_{t}.pt"), "scale")["step"] >= cfg.steps
+               for t in range(2, cfg.T + 1))
+    if done:
+        final_report(out, tokens, device, args.samples)
+    else:
+        print("not every scale is trained yet: the bound and samples come once they are", flush=True)
+
+
+if __name__ == "__main__":
+    ib.run_main(main)
