@@ -343,7 +343,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     so weights and data from outside are read with only these classes allowed."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer")}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -1208,8 +1209,8 @@ class ImageBART(nn.Module):
             return torch.full((B,), self.num_labels, dtype=torch.long, device=device)
         labels = torch.as_tensor(labels, device=device).long().expand(B) if torch.as_tensor(labels).dim() == 0 \
             else torch.as_tensor(labels, device=device).long()
-        if labels.min() < 0 or labels.max() >= self.num_labels:
-            raise ValueError(f"labels must lie in [0, {self.num_labels})")
+        if labels.min() < 0 or labels.max() > self.num_labels:   # index num_labels = the null class
+            raise ValueError(f"labels must lie in [0, {self.num_labels}] ({self.num_labels} = none)")
         return labels
 
     def drop_labels(self, labels, p: float):

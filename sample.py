@@ -79,7 +79,8 @@ def sampling_options(args, T: int) -> dict:
 
 
 def parse_classes(args, chain: ib.ImageBART, n: int):
-    """-> (labels tensor (n',) or None, samples per row)."""
+    """-> (labels (n,) or None, samples per row). 'all' gives n samples of every class,
+    one row each; a list is cycled over the n samples."""
     if args.classes is None:
         if args.guidance:
             raise ib.UserError("--guidance needs --class: it steers towards a class")
@@ -138,9 +139,7 @@ def token_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def load_images(spec: str, resolution: int, run: str) -> torch.Tensor:
-    """uint8 (B, 3, H, W) from `test:N` (the run's test split) or image files."""
-    if spec.startswith("test:"):
-        raise AssertionError("handled by the caller")
+    """uint8 (B, 3, H, W) from comma-separated image files, resized to the run's resolution."""
     images = []
     for path in spec.split(","):
         try:
@@ -201,8 +200,6 @@ def inpaint(args, vq, chain, opts, labels, g, device) -> None:
                            "run sample.py without --inpaint")
     keep = (~regen).expand(B, -1, -1)
     reps = args.completions
-    if labels is not None:
-        labels = labels[:1].repeat(B * reps) if len(labels) < B * reps else labels[:B * reps]
     completions = chain.inpaint(x1.repeat_interleave(reps, 0), keep.repeat_interleave(reps, 0),
                                 labels, refine=args.refine, generator=g, **opts)
     kept_ok = (completions[keep.repeat_interleave(reps, 0)] == x1.repeat_interleave(reps, 0)[
@@ -271,12 +268,17 @@ def main():
         raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
     vq, chain = ib.load_run(args.run, device)
     opts = sampling_options(args, chain.T)
+    g = torch.Generator(device).manual_seed(args.seed)
+    if args.inpaint:
+        if args.classes == "all":
+            raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
+        n_inputs = int(args.inpaint[5:]) if args.inpaint.startswith("test:") and args.inpaint[5:].isdigit() \
+            else len(args.inpaint.split(","))
+        labels, _ = parse_classes(args, chain, n_inputs * args.completions)
+        return inpaint(args, vq, chain, opts, labels.to(device) if labels is not None else None, g, device)
     labels, per_row = parse_classes(args, chain, args.n)
     if labels is not None:
         labels = labels.to(device)
-    g = torch.Generator(device).manual_seed(args.seed)
-    if args.inpaint:
-        return inpaint(args, vq, chain, opts, labels, g, device)
 
     n = len(labels) if labels is not None else args.n
     t0 = time.time()

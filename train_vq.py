@@ -177,8 +177,9 @@ def save_recon_grid(vq: ib.VQGAN, x: torch.Tensor, path: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int = 256) -> dict:
-    """PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out data."""
+def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int = 256):
+    """-> (PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out
+    data; the full code indices used there, for shrinking)."""
     vq.eval()
     psnr, lp, codes = [], [], []
     for i in range(0, len(x_test), batch):
