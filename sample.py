@@ -12,6 +12,7 @@ for t = T..2, then x_0 = G(x_1). --temperature, --top-k and --top-p take one val
 comma list with one value per scale, for t = T, T-1, ..., 2.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -138,22 +139,16 @@ def token_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     return F.max_pool2d(pixels[None, None].float(), factor)[0, 0] > 0
 
 
-def load_images(spec: str, resolution: int, run: str) -> torch.Tensor:
+def load_images(spec: str, resolution: int) -> torch.Tensor:
     """uint8 (B, 3, H, W) from comma-separated image files, resized to the run's resolution."""
     images = []
     for path in spec.split(","):
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
                 if im.size != (resolution, resolution):
                     print(f"note: {path} is {im.width}x{im.height}; resized and center-cropped to "
                           f"{resolution}x{resolution}", flush=True)
-                    s = resolution / min(im.size)
-                    im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))),
-                                   Image.BICUBIC)
-                    l, t = (im.width - resolution) // 2, (im.height - resolution) // 2
-                    im = im.crop((l, t, l + resolution, t + resolution))
-                images.append(np.asarray(im))
+                images.append(ib.resize_center_crop(im, resolution))
         except FileNotFoundError:
             raise ib.UserError(f"--inpaint {path}: no such file") from None
         except Exception:
@@ -188,7 +183,7 @@ def inpaint(args, vq, chain, opts, labels, g, device) -> None:
         x1 = tokens["test"][:n_img].long().to(device)
         x0 = vq.decode(x1)                             # the images as the first stage sees them
     else:
-        x0 = ib.to_float(load_images(args.inpaint, H, args.run).to(device))
+        x0 = ib.to_float(load_images(args.inpaint, H).to(device))
         x1 = vq.encode(x0)
     B = len(x1)
     regen_px = pixel_mask(args.mask, H, H, args.seed)
@@ -223,7 +218,7 @@ def benchmark(args) -> None:
         raise ib.UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(ib.CHAIN_PRESETS)}")
     base = ib.CHAIN_PRESETS[args.preset]
     K = 512 if args.preset == "cifar" else 256
-    cfg = ib.dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10)
+    cfg = dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10)
     torch.manual_seed(0)
     chain = ib.ImageBART(cfg).to(device).eval()
     labels = torch.arange(args.batch, device=device) % 10
