@@ -26,7 +26,6 @@ import dataclasses
 import glob
 import hashlib
 import importlib.util
-import io
 import math
 import os
 import pickle

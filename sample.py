@@ -87,7 +87,7 @@ def parse_classes(args, chain: ib.ImageBART, n: int):
             raise ib.UserError("--guidance needs --class: it steers towards a class")
         return None, None
     if not chain.num_labels:
-        raise ib.UserError(f"this run's chain is unconditional; it takes no --class")
+        raise ib.UserError("this run's chain is unconditional; it takes no --class")
     if args.classes == "all":
         return torch.arange(chain.num_labels).repeat_interleave(n), n
     try:
