@@ -1255,17 +1255,19 @@ class ImageBART(nn.Module):
         return per_position.mean()
 
     @torch.no_grad()
+    def scale_bits(self, x1, t: int, labels=None, generator=None) -> torch.Tensor:
+        """Scale t's term of the bound (one draw of Eq. 7), in bits per token, per sample (B,)."""
+        q, _, logits = self.scale_terms(x1, t, labels, generator)
+        return self.diffusion.kl(q, logits).sum(-1) / (x1[0].numel() * math.log(2))
+
+    @torch.no_grad()
     def nll(self, x1, labels=None, per_scale: bool = False, generator=None):
         """Upper bound on -log2 p(x_1) in bits per token, per sample (B,):
             -log p(x_1) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t)) ]
         (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
         vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
         exact autoregressive likelihood. per_scale=True also returns {t: bits per token (B,)}."""
-        N = x1[0].numel()
-        terms = {}
-        for t in range(self.T, 1, -1):
-            q, _, logits = self.scale_terms(x1, t, labels, generator)
-            terms[t] = self.diffusion.kl(q, logits).sum(-1) / (N * math.log(2))
+        terms = {t: self.scale_bits(x1, t, labels, generator) for t in range(self.T, 1, -1)}
         total = sum(terms.values())
         return (total, terms) if per_scale else total
 

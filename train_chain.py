@@ -124,16 +124,13 @@ def scale_bits(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: 
     """Scale t's term of the bound (Eq. 7), bits per token, averaged over `codes` (M, h, w).
     A fixed generator makes the Monte-Carlo draws the same at every evaluation."""
     g = torch.Generator(codes.device).manual_seed(1234)
-    N = codes[0].numel()
     total, count = 0.0, 0
     for b, i in enumerate(range(0, len(codes), batch)):
         if max_batches is not None and b >= max_batches:
             break
-        x1 = codes[i:i + batch]
         y = labels[i:i + batch] if labels is not None else None
-        q, _, logits = model.scale_terms(x1, t, y, generator=g)
-        total += (model.diffusion.kl(q, logits).sum(-1) / (N * math.log(2))).sum().item()
-        count += len(x1)
+        total += model.scale_bits(codes[i:i + batch], t, y, generator=g).sum().item()
+        count += len(codes[i:i + batch])
     return total / count
 
 

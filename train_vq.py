@@ -67,12 +67,9 @@ def resolve_config(args, out: str) -> tuple[ib.VQConfig, dict | None]:
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
 
 
-def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.device) -> ib.VQGAN:
+def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.device, data: dict) -> ib.VQGAN:
     torch.manual_seed(cfg.seed + (ckpt["step"] if ckpt else 0))
-    x_train, _, _ = ib.load_dataset(args.dataset, "train", cfg.resolution, args.data_root,
-                                    (cfg.train_size, cfg.test_size))
-    x_test, _, _ = ib.load_dataset(args.dataset, "test", cfg.resolution, args.data_root,
-                                   (cfg.train_size, cfg.test_size))
+    x_train, x_test = data["train"][0], data["test"][0]
     lpips = None
     if ckpt is None or cfg.has_perceptual:
         lpips = ib.build_lpips(args.lpips_weights)
@@ -207,12 +204,15 @@ def encode_all(vq: ib.VQGAN, x: torch.Tensor, device, batch: int = 512) -> torch
                       for i in range(0, len(x), batch)]).to(torch.int16)
 
 
-def finish(args, vq: ib.VQGAN, out: str, device) -> None:
+def load_data(args, cfg: ib.VQConfig) -> dict:
+    """{split: (uint8 images, labels or None, number of classes)} for train and test."""
+    return {split: ib.load_dataset(args.dataset, split, cfg.resolution, args.data_root,
+                                   (cfg.train_size, cfg.test_size)) for split in ("train", "test")}
+
+
+def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
     """Evaluate, shrink the codebook to the codes used on held-out data (Sec. 4.1), tokenize."""
-    cfg = vq.cfg
-    size = (cfg.train_size, cfg.test_size)
-    x_train, y_train, num_classes = ib.load_dataset(args.dataset, "train", cfg.resolution, args.data_root, size)
-    x_test, y_test, _ = ib.load_dataset(args.dataset, "test", cfg.resolution, args.data_root, size)
+    (x_train, y_train, num_classes), (x_test, y_test, _) = data["train"], data["test"]
     lpips = ib.build_lpips(args.lpips_weights, quiet=True)
     metrics, test_codes = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
     vq.shrink(test_codes)
@@ -250,10 +250,11 @@ def prepare_first_stage(args) -> str:
     ib.ensure_writable_dir(out)
     device = ib.pick_device(args.device)
     cfg, ckpt = resolve_config(args, out)
+    if ckpt is not None and ckpt["shrunk"] and os.path.exists(os.path.join(out, "tokens.pt")):
+        print(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
+        return out
+    data = load_data(args, cfg)
     if ckpt is not None and ckpt["shrunk"]:
-        if os.path.exists(os.path.join(out, "tokens.pt")):
-            print(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
-            return out
         vq = ib.vqgan_from_checkpoint(ckpt).to(device)
         vq.code_map.copy_(torch.arange(cfg.num_codes))            # re-derive the shrunk map from scratch
         vq.used_codes = torch.arange(cfg.num_codes, device=device)
@@ -262,9 +263,9 @@ def prepare_first_stage(args) -> str:
             raise ib.UserError(f"{out} holds trained chain scales; retraining its first stage would "
                                f"invalidate them. Use another --out")
         t0 = time.time()
-        vq = train(args, cfg, ckpt, out, device)
+        vq = train(args, cfg, ckpt, out, device, data)
         print(f"first stage trained in {time.time() - t0:.0f}s", flush=True)
-    finish(args, vq, out, device)
+    finish(args, vq, out, device, data)
     return out
 
 
