@@ -334,7 +334,10 @@ def _download_cifar(root: str) -> None:
     if md5 != CIFAR_MD5:
         raise UserError(f"{archive} has MD5 {md5}, expected {CIFAR_MD5}; delete it and try again")
     with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
+        try:
+            tar.extractall(root, filter="data")   # refuses paths outside root (Python >= 3.10.12)
+        except TypeError:                          # older Pythons: no filter argument
+            tar.extractall(root)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
