@@ -1358,6 +1358,8 @@ class ImageBART(nn.Module):
 
     def sample(self, n: int, labels=None, **sampling) -> torch.Tensor:
         """n samples x_1 (n, h, w) from the chain; labels None = unconditional (null class)."""
+        if sampling.get("refine"):
+            raise ValueError("refine re-decodes around given tokens: it applies to inpaint only")
         return self.sample_chain(n, labels, **sampling)[-1]
 
     def inpaint(self, x1, keep, labels=None, **sampling) -> torch.Tensor:
