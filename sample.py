@@ -171,7 +171,7 @@ def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> Non
         print(f"wrote {args.npz}", flush=True)
 
 
-def inpaint(args, vq, chain, opts, labels, g, device) -> None:
+def inpaint(args, vq, chain, opts, g, device) -> None:
     cfg = vq.cfg
     H = cfg.resolution
     if args.inpaint.startswith("test:"):
@@ -193,13 +193,13 @@ def inpaint(args, vq, chain, opts, labels, g, device) -> None:
     if regen.all():
         raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
                            "run sample.py without --inpaint")
-    keep = (~regen).expand(B, -1, -1)
     reps = args.completions
-    completions = chain.inpaint(x1.repeat_interleave(reps, 0), keep.repeat_interleave(reps, 0),
-                                labels, refine=args.refine, generator=g, **opts)
-    kept_ok = (completions[keep.repeat_interleave(reps, 0)] == x1.repeat_interleave(reps, 0)[
-        keep.repeat_interleave(reps, 0)]).all()
-    assert kept_ok, "kept tokens changed"
+    labels, _ = parse_classes(args, chain, B * reps)      # a list of classes cycles over the completions
+    labels = labels.to(device) if labels is not None else None
+    given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
+    keep = (~regen).expand(B * reps, -1, -1)
+    completions = chain.inpaint(given, keep, labels, refine=args.refine, generator=g, **opts)
+    assert (completions[keep] == given[keep]).all(), "kept tokens changed"
     images = vq.decode(completions).view(B, reps, 3, H, H)
     # the masked input: regenerated region shown grey, on the pixel mask's exact shape
     shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)
@@ -267,10 +267,7 @@ def main():
     if args.inpaint:
         if args.classes == "all":
             raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
-        n_inputs = int(args.inpaint[5:]) if args.inpaint.startswith("test:") and args.inpaint[5:].isdigit() \
-            else len(args.inpaint.split(","))
-        labels, _ = parse_classes(args, chain, n_inputs * args.completions)
-        return inpaint(args, vq, chain, opts, labels.to(device) if labels is not None else None, g, device)
+        return inpaint(args, vq, chain, opts, g, device)
     labels, per_row = parse_classes(args, chain, args.n)
     if labels is not None:
         labels = labels.to(device)

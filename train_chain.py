@@ -128,9 +128,10 @@ def scale_bits(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: 
     for b, i in enumerate(range(0, len(codes), batch)):
         if max_batches is not None and b >= max_batches:
             break
+        x1 = codes[i:i + batch]
         y = labels[i:i + batch] if labels is not None else None
-        total += model.scale_bits(codes[i:i + batch], t, y, generator=g).sum().item()
-        count += len(codes[i:i + batch])
+        total += model.scale_bits(x1, t, y, generator=g).sum().item()
+        count += len(x1)
     return total / count
 
 
