@@ -14,6 +14,8 @@ Read it top to bottom next to the paper; the sections follow Sec. 3:
     4. Transformers      one encoder-decoder transformer per scale, with a key/value cache
     5. The chain         ImageBART: training loss, likelihood bound, sampling, masked editing
     6. Loading a run     everything a trained run folder needs to sample
+    7. The judge         not the paper, evaluation only: a classifier trained on the data set
+                         itself judges samples and completions (accuracy, Frechet distance)
 
 Notation is the paper's and never shifts: x_0 is the image, x_1 its codes, x_t for
 t = 2..T the codes after t-1 noising steps, x_T pure noise. The model that denoises x_t
@@ -26,6 +28,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import pickle
@@ -260,34 +263,36 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: int, cx, cy, r, rot, color, bg)
         draw.pieslice([cx - r, cy - r * 0.6, cx + r, cy + r * 1.4], 180, 360, fill=color)
 
 
-# Colours come from a fixed palette: a first stage with a few hundred codes of 4x4 patches
-# can then represent every flat region exactly, and the classes stay readable at a glance.
-PALETTE = np.array([[230, 25, 75], [245, 130, 48], [255, 225, 25], [60, 180, 75], [70, 240, 240],
-                    [0, 130, 200], [145, 30, 180], [240, 50, 230], [250, 250, 250], [30, 30, 30],
-                    [128, 128, 128], [170, 110, 40]])
+# Colours come from a fixed palette of eight well-separated, named colours, and the background
+# is flat. A smooth background gradient and a dozen colours carried no lesson and cost a lot:
+# every (foreground, background, shade) combination needs codes of its own, one picture gets
+# many spellings in codes, and the prior must learn all of them before a shape shows. The
+# class stays carried by the shape alone: colour, background, size, position and rotation are
+# drawn independently of it.
+PALETTE_NAMES = ["red", "yellow", "green", "cyan", "blue", "magenta", "white", "black"]
+PALETTE = np.array([[230, 25, 50], [255, 215, 0], [40, 170, 60], [60, 220, 230],
+                    [20, 60, 200], [210, 40, 210], [245, 245, 245], [25, 25, 25]])
 
 
 def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """The built-in data set: one shape per image, 10 classes (SHAPE_CLASSES), a random
-    palette colour, size, position and rotation, on a background of another palette colour
-    that fades vertically towards white or black. Deterministic in (n, seed); drawn at 4x
-    and box-filtered down so edges are anti-aliased."""
+    """The built-in data set: one shape per image, 10 classes (SHAPE_CLASSES), in a random
+    palette colour on a flat background of another palette colour, with a random size,
+    rotation and a position near the centre (so that either half of an image shows part of
+    the shape: completing an upper half is then a question with an answer). Deterministic in
+    (n, seed); drawn at 4x and box-filtered down so edges are anti-aliased.
+    -> (uint8 images (n, 3, H, W), long labels (n,))"""
     rng = np.random.default_rng(seed)
     S = resolution * 4
     images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
     labels = rng.integers(0, len(SHAPE_CLASSES), size=n)
-    ramp = np.linspace(0, 1, S)[:, None, None]
     for i in range(n):
         fg, bg = rng.choice(len(PALETTE), size=2, replace=False)
-        fade_to = np.array([255, 255, 255]) if rng.random() < 0.5 else np.zeros(3)
-        bg_bottom = PALETTE[bg] * 0.6 + fade_to * 0.4
-        bg_img = (PALETTE[bg] * (1 - ramp) + bg_bottom * ramp).astype(np.uint8)
-        canvas = Image.fromarray(np.broadcast_to(bg_img, (S, S, 3)).copy())
-        r = rng.uniform(0.22, 0.36) * S
-        cx, cy = rng.uniform(r + 0.06 * S, S - r - 0.06 * S, size=2)
+        r = rng.uniform(0.25, 0.34) * S                        # half-size: the shape spans 50-68 %
+        cx, cy = S / 2 + rng.uniform(-0.08, 0.08, size=2) * S
         rot = rng.uniform(-1, 1)
-        hole = tuple(int(v) for v in bg_img[int(cy), 0])       # the background colour at the centre
-        _draw_shape(ImageDraw.Draw(canvas), int(labels[i]), cx, cy, r, rot, tuple(int(v) for v in PALETTE[fg]), hole)
+        bg_rgb = tuple(int(v) for v in PALETTE[bg])
+        canvas = Image.new("RGB", (S, S), bg_rgb)
+        _draw_shape(ImageDraw.Draw(canvas), int(labels[i]), cx, cy, r, rot, tuple(int(v) for v in PALETTE[fg]), bg_rgb)
         images[i] = np.asarray(canvas.resize((resolution, resolution), Image.BOX))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
 
@@ -434,6 +439,7 @@ class VQConfig:
     ch: int = 32                          # channels at full resolution
     ch_mult: list = field(default_factory=lambda: [1, 2, 2])  # one entry per resolution; f = 2^(len-1)
     num_res_blocks: int = 1
+    mid_attention: bool = True            # self-attention at the lowest resolution, in E and G
     embed_dim: int = 8                    # D, the codebook vectors' size (low: see l2_codes)
     num_codes: int = 512                  # K before shrinking
     beta: float = 0.25                    # commitment weight (Eq. 3, on the encoder side)
@@ -518,8 +524,8 @@ class Encoder(nn.Module):
                 c = c_out
             if i < len(chs) - 1:
                 layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # halve H and W
-        layers += [ResBlock(c, c), AttnBlock(c), ResBlock(c, c), Norm(c), nn.SiLU(),
-                   nn.Conv2d(c, cfg.embed_dim, 1)]
+        layers += [ResBlock(c, c), AttnBlock(c) if cfg.mid_attention else nn.Identity(), ResBlock(c, c),
+                   Norm(c), nn.SiLU(), nn.Conv2d(c, cfg.embed_dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -533,8 +539,8 @@ class Decoder(nn.Module):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult][::-1]
         c = chs[0]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, c, 3, padding=1),
-                                   ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.embed_dim, c, 3, padding=1), ResBlock(c, c),
+                                   AttnBlock(c) if cfg.mid_attention else nn.Identity(), ResBlock(c, c)]
         for i, c_out in enumerate(chs):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResBlock(c, c_out))
@@ -905,9 +911,10 @@ class MultinomialDiffusion:
     def _onehot(self, x: torch.Tensor) -> torch.Tensor:
         return F.one_hot(x.long(), self.K).float()                          # (..., K)
 
-    def q_step(self, x_prev: torch.Tensor, t: int) -> torch.Tensor:
-        """Eq. 5: q(x_t | x_{t-1}) = Cat((1 - beta_t) e(x_{t-1}) + beta_t / K).  (...,) -> (..., K)"""
-        b = self.beta(t)
+    def q_step(self, x_prev: torch.Tensor, t: int, beta: float | None = None) -> torch.Tensor:
+        """Eq. 5: q(x_t | x_{t-1}) = Cat((1 - beta_t) e(x_{t-1}) + beta_t / K).  (...,) -> (..., K)
+        `beta` replaces beta_t: masked editing re-noises with a smaller, annealed one."""
+        b = self.beta(t) if beta is None else beta
         return (1 - b) * self._onehot(x_prev) + b / self.K
 
     def q_marginal(self, x1: torch.Tensor, t: int) -> torch.Tensor:
@@ -968,8 +975,8 @@ class ChainConfig:
     n_layer_enc: int = 2                  # the decoder-only scale t = T gets enc + dec layers
     n_layer_dec: int = 2
     dropout: float = 0.0
-    aligned_input: bool = True            # decoder position i also sees x^i_t (see ScaleTransformer)
-    residual_logits: bool = False         # add a learned multiple of log q(x^i_t | x^i_{t-1} = k)
+    residual_logits: bool = True          # logits = s * network + log q(x^i_t | x^i_{t-1} = k) (official)
+    aligned_input: bool = False           # decoder position i also sees x^i_t (this code's own; see ScaleTransformer)
     # --- training (each scale independently)
     steps: int = 1500                     # per scale
     batch_size: int = 32
@@ -1060,14 +1067,17 @@ class Block(nn.Module):
 class ScaleTransformer(nn.Module):
     """The model p^{t-1}(x_{t-1} | x_t, c) of one scale t.
 
-    Why the decoder gets x^i_t at position i (`aligned_input`): x^i_{t-1} is usually the same
-    token as x^i_t (a fraction alpha_bar_t / alpha_bar_{t-1} of tokens is untouched by the step
-    t-1 -> t), but through cross-attention the decoder has to *find* position i in the encoder
-    output first. Adding x^i_t's embedding to the decoder input at position i hands it over
-    directly. `residual_logits` is the official code's alternative: add a learned multiple of
-    log q(x^i_t | x^i_{t-1} = k) to the logit of every k, the Bayes factor of x_t
-    (p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1})); by Eq. 5 it is a constant bonus
-    log(1 + K (1 - beta_t) / beta_t) on k = x^i_t and 0 elsewhere."""
+    x^i_{t-1} is often the very token x^i_t: the step t-1 -> t leaves a fraction 1 - beta_t of
+    tokens untouched. A network that has to learn this copying from scratch learns it slowly
+    (a tiny chain trained for minutes copied only 3 in 4 surviving tokens). Two ways to hand it over:
+    `residual_logits` (on by default; the official ResidualScaledXTransformer): by Bayes,
+    p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so add the known factor
+    log q(x^i_t | x^i_{t-1} = k) (Eq. 5 read as a function of k) with unit weight to the logit of
+    every k, and let the network's logits, times a learned scale s, model the rest. Up to a
+    constant it is a bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t.
+    `aligned_input` (this implementation's own, in neither the paper nor the official code):
+    add x^i_t's embedding to the decoder input at position i, which otherwise has to find
+    position i in the encoder output through cross-attention first."""
 
     def __init__(self, cfg: ChainConfig, t: int, beta_t: float):
         super().__init__()
@@ -1092,9 +1102,9 @@ class ScaleTransformer(nn.Module):
         self.decoder = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, cross=self.has_encoder) for _ in range(n_dec))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, K, bias=False)
-        self.res_scale = None
+        self.logit_scale = None                # the decoder-only scale t = T has no x_t to add
         if cfg.residual_logits and self.has_encoder:
-            self.res_scale = nn.Parameter(torch.ones(()))
+            self.logit_scale = nn.Parameter(torch.ones(()))
             self.register_buffer("res_bonus", torch.tensor(math.log1p(K * (1 - beta_t) / beta_t)))
         self.apply(self._init)
 
@@ -1129,9 +1139,10 @@ class ScaleTransformer(nn.Module):
 
     def logits(self, h, x_t, offset: int):
         out = self.head(self.ln_f(h))                                      # (B, L, K)
-        if self.res_scale is not None:
+        if self.logit_scale is not None:
+            # s * network + log q(x^i_t | x^i_{t-1} = k), the constant log(beta_t / K) dropped
             x_here = x_t[:, offset:offset + h.shape[1]]
-            out = out + self.res_scale * self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
+            out = self.logit_scale * out + self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
         return out
 
     def decode(self, memory, x_t, x_tm1, labels):
@@ -1183,6 +1194,11 @@ def per_scale(value, T: int, name: str) -> dict:
             raise UserError(f"{name} has {len(value)} values; this chain has {T - 1} scales (t = {T}..2)")
         return {t: v for t, v in zip(range(T, 1, -1), value)}
     return {t: value for t in range(2, T + 1)}
+
+
+# Forward-backward rounds per scale when inpainting: the default of ImageBART.inpaint and of
+# sample.py --inpaint alike, chosen by the completion accuracy measured in the README.
+INPAINT_REFINE = 2
 
 
 class ImageBART(nn.Module):
@@ -1317,54 +1333,77 @@ class ImageBART(nn.Module):
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
     def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, temperature=1.0, top_k=None,
                      top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
-                     generator=None) -> list[torch.Tensor]:
+                     context: str = "clean", generator=None) -> list[torch.Tensor]:
         """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w).
 
-        With x1 (n, h, w) and keep (n, h, w) (True = given), the kept tokens are conditioned
-        on (Sec. 4.3): at every scale they follow the forward process, x^i_{t-1} ~
-        q(x^i_{t-1} | x^i_t, x^i_1) (exactly x^i_1 at t = 2), and are forced into the decoder
-        as it writes; the others are sampled. Then `refine` rounds of forward-backward per
-        scale (the paper's p^{t-1|t-1,m}): re-noise the regenerated tokens of x_{t-1} by one
-        forward step (Eq. 5), with beta annealed from beta_t down to beta_t / refine over the
-        rounds, and decode x_{t-1} again from that, so tokens written early can adapt to the
-        context that came after them."""
+        Masked editing (Sec. 4.3), with x1 (n, h, w) and keep (n, h, w) (True = given): every
+        scale is conditioned on the given tokens, and the others are sampled.
+        context="clean" (the default, as the paper and the official inpainting script do it):
+            the given tokens are x^i_1 in every x_t an encoder reads, x_T included, and are
+            forced to x^i_1 in every decoder as it writes, so every later token is
+            conditioned on them.
+        context="noised": the given tokens follow the forward process instead, x^i_{t-1} ~
+            q(x^i_{t-1} | x^i_t, x^i_1) at every scale (exactly x^i_1 at t = 2), so each
+            scale sees them as noisy as its training inputs were.
+        Then `refine` forward-backward rounds per scale (see `forward_backward`), except at
+        t = T: that decoder-only scale ignores x_T, so more rounds would only resample it."""
         h, w = self.cfg.grid
         device = next(self.parameters()).device
         T, N = self.T, h * w
         opts = {name: per_scale(v, T, name) for name, v in
                 (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
         labels = self._labels(labels, n, device)
+        x_t = torch.randint(0, self.diffusion.K, (n, N), generator=generator, device=device)  # x_T ~ uniform
         if x1 is not None:
-            x1 = rearrange(x1.to(device).long(), "b h w -> b (h w)")
+            if context not in ("clean", "noised"):
+                raise ValueError(f"context must be 'clean' or 'noised', got {context!r}")
+            x1 = rearrange(x1.to(device).long(), "b h w -> b (h w)")            # raster order, (n, N)
             keep = rearrange(keep.to(device).bool(), "b h w -> b (h w)")
-        K = self.diffusion.K
-        x_t = torch.randint(0, K, (n, N), generator=generator, device=device)   # x_T ~ uniform
+            if context == "clean":
+                x_t = torch.where(keep, x1, x_t)
         trajectory = [x_t]
         for t in range(T, 1, -1):
             kw = dict(temperature=opts["temperature"][t], top_k=opts["top_k"][t], top_p=opts["top_p"][t],
                       guidance=guidance, use_cache=use_cache, generator=generator)
-            forced = None
-            if x1 is not None:
-                forced = self.diffusion.sample(self.diffusion.q_posterior(x_t, x1, t), generator)
-            x_tm1 = self.decode_scale(t, x_t, labels, forced=forced, force_mask=keep, **kw)
-            for r in range(refine if x1 is not None else 0):
-                beta = self.diffusion.beta(t) * (1 - r / refine)
-                noised = self.diffusion.sample((1 - beta) * F.one_hot(x_tm1, K).float() + beta / K, generator)
-                x_t_again = torch.where(keep, x_t, noised)                 # Eq. 5 on the regenerated part
-                x_tm1 = self.decode_scale(t, x_t_again, labels, forced=forced, force_mask=keep, **kw)
-            x_t = x_tm1
+            if x1 is None:
+                x_t = self.decode_scale(t, x_t, labels, **kw)
+            else:
+                forced = x1 if context == "clean" else \
+                    self.diffusion.sample(self.diffusion.q_posterior(x_t, x1, t), generator)
+                x_tm1 = self.decode_scale(t, x_t, labels, forced=forced, force_mask=keep, **kw)
+                rounds = refine if t < T else 0
+                for r in range(1, rounds + 1):
+                    x_tm1 = self.forward_backward(t, x_t, x_tm1, keep, forced, labels, r, rounds, **kw)
+                x_t = x_tm1
             trajectory.append(x_t)
         return [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in trajectory]
 
+    def forward_backward(self, t: int, x_t, x_tm1, keep, forced, labels, r: int, rounds: int, **kw):
+        """Round r of `rounds` of masked forward-backward sampling at scale t (Sec. 4.3): go
+        one step forward, x_t' ~ q(x_t | x_{t-1}) (Eq. 5) on the regenerated tokens only, then
+        back, x_{t-1} ~ p^{t-1}(x_{t-1} | x_t', c), given tokens forced again. Tokens written
+        early in raster order, before the decoder reached what is given after them, can so
+        adapt to it. beta is annealed as in the official scripts/inpaint_imagebart.py:
+        beta_t (1 - r / (rounds + 1)) for r = 1..rounds, so later rounds change less.
+        x_t, x_tm1, keep, forced: (B, N) -> the new x_{t-1} (B, N)."""
+        beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
+        noised = self.diffusion.sample(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
+        x_t_again = torch.where(keep, x_t, noised)           # the given positions keep x_t's tokens
+        return self.decode_scale(t, x_t_again, labels, forced=forced, force_mask=keep, **kw)
+
     def sample(self, n: int, labels=None, **sampling) -> torch.Tensor:
         """n samples x_1 (n, h, w) from the chain; labels None = unconditional (null class)."""
-        if sampling.get("refine"):
-            raise ValueError("refine re-decodes around given tokens: it applies to inpaint only")
+        for name in ("refine", "context"):
+            if name in sampling:
+                raise ValueError(f"{name} applies to masked editing: use inpaint")
         return self.sample_chain(n, labels, **sampling)[-1]
 
-    def inpaint(self, x1, keep, labels=None, **sampling) -> torch.Tensor:
-        """Complete x_1 (B, h, w) where keep (B, h, w) is False; kept tokens are returned as given."""
-        return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, **sampling)[-1]
+    def inpaint(self, x1, keep, labels=None, *, refine: int = INPAINT_REFINE, context: str = "clean",
+                **sampling) -> torch.Tensor:
+        """Complete x_1 (B, h, w) where keep (B, h, w) is False; kept tokens are returned as given.
+        The defaults are what sample.py --inpaint uses and the README recommends."""
+        return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, refine=refine, context=context,
+                                 **sampling)[-1]
 
 
 # =====================================================================================
@@ -1400,5 +1439,430 @@ def load_run(run_dir: str, device="cpu", weights: str = "ema") -> tuple[VQGAN, I
         c = load_checkpoint(os.path.join(run_dir, f"scale_{t}.pt"), "scale")
         if c["config"] != first["config"]:
             raise UserError(f"scale_{t}.pt was trained with another chain config than {found[0]}")
-        chain.scale(t).load_state_dict(c[weights])
+        try:
+            chain.scale(t).load_state_dict(c[weights])
+        except RuntimeError:      # renamed or added weights: a checkpoint of an older version of this code
+            raise UserError(f"{run_dir}/scale_{t}.pt does not fit this version of imagebart.py "
+                            f"(its weights have other names or shapes); train the chain again") from None
     return vq, chain.to(device).eval()
+
+
+# =====================================================================================
+# 7. Appendix: the judge of samples (not the paper; evaluation only)
+# =====================================================================================
+# Does a trained chain draw what it should? The paper reports FID, whose Inception weights are
+# not available offline, and FID on 32x32 toy images says little. Instead every labelled data
+# set gets its own judge: a small CNN classifier trained on that data set's real training
+# images. It gives two figures for a set of N images:
+#   accuracy  how often the judge sees the class the images should show: the label a sample
+#             was drawn for, the true label of a test image whose masked part was regenerated;
+#   FD        the Frechet distance between Gaussians fitted to the judge's penultimate features
+#             of those images and of N real held-out images.
+# FD is FID's formula on another network: NOT FID. Its values compare runs on the same data set
+# (same judge), never with papers; for FID, write PNGs with `sample.py --out-dir` and use an
+# FID tool. The judge is trained once per data set and cached by the data's content, so every
+# run on the same data is judged by the same network. An unlabelled data set has no judge (a
+# classifier needs labels, and a self-supervised feature net would be one more thing to trust
+# blindly), so there only the reconstructions' PSNR is reported, which needs no network.
+
+def say(line: str) -> None:
+    """The judge's progress lines: stdout, flushed (they are read through pipes and logs)."""
+    print(line, flush=True)
+
+
+# ----- Masks for completions (sample.py --inpaint, and the judge) --------------------------
+
+MASK_KINDS = ("upper", "lower", "left", "right", "center", "outer", "random-boxes")
+
+
+def pixel_mask(kind: str, H: int, W: int, seed: int) -> torch.Tensor:
+    """(H, W) bool, True = regenerate. `kind` is one of MASK_KINDS or a PNG (white = regenerate);
+    `seed` places the random boxes."""
+    m = torch.zeros(H, W, dtype=torch.bool)
+    if kind == "upper":
+        m[:H // 2] = True
+    elif kind == "lower":
+        m[H // 2:] = True
+    elif kind == "left":
+        m[:, :W // 2] = True
+    elif kind == "right":
+        m[:, W // 2:] = True
+    elif kind in ("center", "outer"):
+        m[H // 4:H - H // 4, W // 4:W - W // 4] = True
+        m = ~m if kind == "outer" else m
+    elif kind == "random-boxes":
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            bh, bw = (torch.randint(H // 5, H // 2 + 1, (1,), generator=g).item(),
+                      torch.randint(W // 5, W // 2 + 1, (1,), generator=g).item())
+            y0 = torch.randint(0, H - bh + 1, (1,), generator=g).item()
+            x0 = torch.randint(0, W - bw + 1, (1,), generator=g).item()
+            m[y0:y0 + bh, x0:x0 + bw] = True
+    else:
+        if not os.path.exists(kind):
+            raise UserError(f"--mask {kind}: neither a mask kind ({', '.join(MASK_KINDS)}) nor a file")
+        try:
+            with Image.open(kind) as im:
+                im = im.convert("L").resize((W, H), Image.NEAREST)
+        except Exception:
+            raise UserError(f"--mask {kind} is not a readable image") from None
+        m = torch.from_numpy(np.asarray(im) > 127)
+    return m
+
+
+def token_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(H, W) -> (H/f, W/f): a token is regenerated if any pixel of its f x f patch is."""
+    return F.max_pool2d(pixels[None, None].float(), factor)[0, 0] > 0
+
+
+# ----- The Frechet distance, written out ----------------------------------------------------
+# Between two Gaussians N(mu1, C1) and N(mu2, C2) (Dowson & Landau 1982; FID's formula):
+#     FD = ||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1^1/2 C2 C1^1/2)^1/2)
+# C1^1/2 C2 C1^1/2 is symmetric and positive semi-definite, so both square roots come from a
+# symmetric eigendecomposition (eigh): real eigenvalues, nothing complex to discard as with a
+# general matrix square root of the non-symmetric C1 C2 (what FID code does with scipy).
+
+def sqrtm_psd(C: np.ndarray) -> np.ndarray:
+    """The symmetric square root V diag(sqrt(w)) V^T of a symmetric PSD matrix C = V diag(w) V^T;
+    eigenvalues a hair below 0 (round-off) count as 0."""
+    w, V = np.linalg.eigh((C + C.T) / 2)
+    return (V * np.sqrt(np.clip(w, 0, None))) @ V.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """FD between N(mu1, cov1) and N(mu2, cov2); means (D,), covariances (D, D). In float64."""
+    mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
+    root1 = sqrtm_psd(cov1)
+    middle = root1 @ cov2 @ root1
+    # tr(M^1/2) = the sum of the square roots of M's eigenvalues: no need to build M^1/2 itself
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    cross = np.sqrt(np.clip(eig, 0, None)).sum()
+    fd = ((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross
+    return max(0.0, float(fd))                          # round-off can dip a hair below 0
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """features (N, D) -> (mean (D,), covariance (D, D), unbiased: divided by N - 1)."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.shape[0] < 2:
+        raise ValueError("a covariance needs at least 2 feature vectors")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+# ----- The judge: a small CNN classifier of real images -----------------------------------
+
+@dataclass
+class JudgeConfig:
+    channels: list = field(default_factory=lambda: [16, 32, 64, 128])  # one conv per stage; stage 2 on halves H, W
+    steps: int = 1000                     # shapes: 99.95 % of its 2 000 test images, 21 s on one CPU thread
+    batch_size: int = 64
+    lr: float = 2e-3
+    max_shift: int = 2                    # augmentation: random translation by up to this many pixels
+    seed: int = 0
+
+
+class Judge(nn.Module):
+    """x_0 (B, 3, H, W) in [-1, 1], any H and W -> class logits (B, classes). A 3x3 conv,
+    BatchNorm and ReLU per stage (stride 2 from the second stage on), then the average over all
+    positions: the penultimate features (B, channels[-1]) that FD compares; one linear layer on
+    them gives the logits."""
+
+    def __init__(self, cfg: JudgeConfig, num_classes: int):
+        super().__init__()
+        layers, c = [], 3
+        for i, c_out in enumerate(cfg.channels):
+            layers += [nn.Conv2d(c, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),  # BN adds the bias
+                       nn.BatchNorm2d(c_out), nn.ReLU()]
+            c = c_out
+        self.net = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).mean(dim=(2, 3))          # global average pool: (B, C, h, w) -> (B, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image of x (B, 3, H, W) by a random whole number of pixels in
+    [-max_shift, max_shift] along each axis; edge pixels are repeated into the gap."""
+    B, _, H, W = x.shape
+    shift = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=generator).float()
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2], theta[:, 1, 2] = shift[:, 0] * 2 / W, shift[:, 1] * 2 / H   # affine_grid spans [-1, 1]
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
+
+
+@torch.no_grad()
+def judge_images(judge: Judge, images: torch.Tensor, batch: int = 500) -> tuple[np.ndarray, torch.Tensor]:
+    """images (N, 3, H, W), uint8 or float in [-1, 1] -> (penultimate features (N, D) float64,
+    predicted classes (N,) on the CPU)."""
+    device = next(judge.parameters()).device
+    features, predicted = [], []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device)
+        x = to_float(x) if x.dtype == torch.uint8 else x.float()
+        f = judge.features(x)
+        features.append(f.double().cpu())
+        predicted.append(judge.head(f).argmax(-1).cpu())
+    return torch.cat(features).numpy(), torch.cat(predicted)
+
+
+def train_judge(cfg: JudgeConfig, train: tuple, test: tuple, device) -> tuple[Judge, float]:
+    """Adam with a cosine learning rate on the real training images, randomly flipped and
+    shifted. train, test: (uint8 images, labels, number of classes) as load_dataset returns them.
+    -> (the judge in eval mode, its accuracy on the real test images)."""
+    (x_train, y_train, num_classes), (x_test, y_test, _) = train, test
+    torch.manual_seed(cfg.seed)
+    judge = Judge(cfg, num_classes).to(device).train()
+    opt = torch.optim.Adam(judge.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    progress = Progress(cfg.steps, every=max(1, cfg.steps // 5), prefix="judge ")
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, warmup=min(50, cfg.steps // 10), final_frac=0.01)
+        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=g)
+        x = random_shift(random_flip(to_float(x_train[idx]), g), cfg.max_shift, g)    # augmented on the CPU
+        loss = F.cross_entropy(judge(x.to(device)), y_train[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(step, loss=loss.item())
+    judge.eval()                                       # BatchNorm from here on uses its running statistics
+    _, predicted = judge_images(judge, x_test)
+    return judge, (predicted == y_test).float().mean().item()
+
+
+# ----- Which data set a run was trained on, and that data set's judge ----------------------
+
+def dataset_record(spec: str, resolution: int, data_root: str = "data", train_size: int = 20000,
+                   test_size: int = 2000) -> dict:
+    """What a run stores (in vq.pt and tokens.pt) to find its real images again: the spec, the
+    resolution, and where the images are (absolute paths) or, for shapes, how many there are."""
+    record = {"spec": spec, "resolution": int(resolution)}
+    if spec == "shapes":
+        record.update(train_size=int(train_size), test_size=int(test_size))
+    elif spec == "cifar":
+        record["data_root"] = os.path.abspath(data_root)
+    elif spec.startswith("folder:"):
+        record["spec"] = "folder:" + os.path.abspath(spec[len("folder:"):])
+    return record
+
+
+def recorded_dataset(run_dir: str) -> dict | None:
+    """The data set record of a run folder (vq.pt's, else tokens.pt's); None for a run made
+    before runs recorded their data set."""
+    ckpt = load_checkpoint(os.path.join(run_dir, "vq.pt"), "vq")
+    if "dataset" in ckpt:
+        return ckpt["dataset"]
+    path = os.path.join(run_dir, "tokens.pt")
+    if os.path.exists(path):
+        tokens = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(tokens, dict) and "dataset" in tokens:
+            return tokens["dataset"]
+    return None
+
+
+def load_recorded_dataset(record: dict) -> dict:
+    """{split: (uint8 images, labels or None, number of classes)} for train and test."""
+    sizes = (record.get("train_size", VQConfig.train_size), record.get("test_size", VQConfig.test_size))
+    return {split: load_dataset(record["spec"], split, record["resolution"], record.get("data_root", "data"), sizes)
+            for split in ("train", "test")}
+
+
+def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None = None, device="cpu",
+              log=say) -> tuple[Judge | None, dict]:
+    """The judge of a data set: read from judge_dir when one was trained on exactly these
+    training images with this config, else trained now and saved there.
+    -> (the judge, or None for unlabelled data; a summary for eval.json)."""
+    cfg = cfg or JudgeConfig()
+    train, test = data["train"], data["test"]
+    x_train, y_train, num_classes = train
+    if y_train is None:
+        return None, {"note": "unlabelled data set: no classifier can be trained, so no judge"}
+    # The cache key is the content, not the name: the training images and labels, and the judge's
+    # config. A data set that changes (a new make_shapes, files added to a folder) gets a new judge.
+    h = hashlib.sha1(repr(sorted(dataclasses.asdict(cfg).items())).encode())
+    h.update(repr(tuple(x_train.shape)).encode())
+    h.update(np.ascontiguousarray(x_train.numpy()).tobytes())
+    h.update(np.ascontiguousarray(y_train.numpy().astype(np.int64)).tobytes())
+    digest = h.hexdigest()[:12]
+    name = os.path.basename(record["spec"][len("folder:"):].rstrip("/")) if record["spec"].startswith("folder:") \
+        else record["spec"]
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "folder"
+    path = os.path.join(judge_dir, f"{name}-{x_train.shape[-1]}px-{digest}.pt")
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path, "judge")
+        judge = Judge(JudgeConfig(**ckpt["config"]), ckpt["num_classes"])
+        judge.load_state_dict(ckpt["model"])
+        judge = judge.to(device).eval()
+        log(f"judge: loaded the cached {path} (test accuracy {ckpt['test_accuracy']:.2%})")
+        cached = True
+    else:
+        ensure_writable_dir(judge_dir)
+        log(f"judge: training a classifier on the {len(x_train)} real training images of {record['spec']} "
+            f"(once per data set; cached as {path})")
+        t0 = time.time()
+        judge, accuracy = train_judge(cfg, train, test, device)
+        ckpt = {"kind": "judge", "config": dataclasses.asdict(cfg), "num_classes": num_classes,
+                "model": {k: v.cpu() for k, v in judge.state_dict().items()}, "dataset": record,
+                "digest": digest, "train_images": len(x_train), "test_images": len(test[0]),
+                "test_accuracy": accuracy, "train_seconds": round(time.time() - t0, 1)}
+        save_atomic(ckpt, path)
+        log(f"judge: trained in {ckpt['train_seconds']:.0f}s, test accuracy {accuracy:.2%} -> {path}")
+        cached = False
+    return judge, {"file": path, "cached": cached, "test_accuracy": round(ckpt["test_accuracy"], 4),
+                   "test_images": ckpt["test_images"], "train_seconds": ckpt["train_seconds"], "steps": cfg.steps}
+
+
+# ----- The figures ----------------------------------------------------------------------
+
+DEFAULT_EVAL_GUIDANCE = 2.0               # guidance weight w of the guided samples' row, unless one is given
+
+
+def _batches(n: int, batch: int, what: str | None = None, log=say):
+    """Slices of range(n), `batch` at a time; with `what`, a progress line after each."""
+    t0 = time.time()
+    for i in range(0, n, batch):
+        yield slice(i, min(n, i + batch))
+        done, spent = min(n, i + batch), time.time() - t0
+        if what:
+            eta = spent / done * (n - done)
+            log(f"eval {what}: {done}/{n} images | {spent:.0f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def _as_saved(x: torch.Tensor) -> torch.Tensor:
+    """Generated images (B, 3, H, W) in [-1, 1], rounded to 8 bits as a PNG would keep them."""
+    return to_float(((x.float().clamp(-1, 1) + 1) * 127.5).round())
+
+
+@torch.no_grad()
+def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = None, n: int = 1000,
+                 guidance: float = DEFAULT_EVAL_GUIDANCE, batch: int = 250, seed: int = 0, log=say) -> dict:
+    """The judge's figures for a trained run, every row on n images (n at most half the test split).
+
+    The real test split is cut into two disjoint parts: A = test[:n] and B = test[n:2n]. B is
+    the FD reference of every row, so all FDs are n against n on the same reference:
+      real_test                 A itself: the judge's accuracy (the ceiling of every row) and
+                                FD(A, B) (the floor: how far two draws of real data lie apart at n)
+      reconstructions           G(E(A)): PSNR against A (dB, 8-bit rounded), accuracy, FD
+      completions_upper         A's codes with the upper half regenerated by ImageBART.inpaint with
+                                its defaults and no label (unconditional): accuracy against A's labels, FD
+      completions_random_boxes  the same, three random boxes per image (mask seed = image index)
+      samples_guidance_0        class-conditional samples, labels cycled over the classes:
+                                accuracy against the label drawn for, FD
+      samples_guided            the same at classifier-free guidance w = `guidance`
+    (an unconditional chain gets samples_unconditional, FD only, instead of the two sample rows).
+    Generated images are rounded to 8 bits first. Sampling is seeded by `seed`, per row.
+    Without a judge (unlabelled data) only the reconstructions' PSNR is computed."""
+    device = next(vq.parameters()).device
+    x_test, y_test, _ = data["test"]
+    n = min(n, len(x_test) // 2)
+    if n < 2:
+        raise UserError(f"the test split has {len(x_test)} image(s); the judge needs at least 4")
+    real_a, real_b = x_test[:n], x_test[n:2 * n]
+    y_a = y_test[:n] if y_test is not None else None
+    H, W = x_test.shape[-2:]
+    result = {"n": n}
+
+    # --- first stage: x_1 = E(A) (the codes completions start from) and G(x_1), rounded to 8 bits
+    x1_a, recon = [], []
+    for sl in _batches(n, batch):
+        x1_a.append(vq.encode(to_float(real_a[sl].to(device))))
+        recon.append(_as_saved(vq.decode(x1_a[-1])).cpu())
+    x1_a, recon = torch.cat(x1_a), torch.cat(recon)
+    mse = (to_float(real_a) - recon).pow(2).mean(dim=(1, 2, 3))
+    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))              # peak-to-peak range is 2, as train_vq
+    psnr = round(psnr.mean().item(), 2)
+    if judge is None:
+        return {**result, "reconstructions": {"psnr": psnr},
+                "note": "unlabelled data set: no judge, so only the reconstructions' PSNR"}
+    classes = judge.head.out_features
+    if chain.num_labels and chain.num_labels != classes:
+        raise UserError(f"the chain knows {chain.num_labels} classes, the data set judged on has {classes}: "
+                        f"is it the data set the run was trained on?")
+
+    result["reference"] = (f"judge features of real test images {n}..{2 * n - 1}, disjoint from the {n} test "
+                           f"images that are reconstructed and completed")
+    reference = feature_stats(judge_images(judge, real_b)[0])
+
+    def judged(images: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        """accuracy against `labels` (when given) and FD against the reference B."""
+        features, predicted = judge_images(judge, images)
+        row = {"fd": round(frechet_distance(*feature_stats(features), *reference), 3)}
+        if labels is not None:
+            row = {"accuracy": round((predicted == labels.cpu()).float().mean().item(), 4), **row}
+        return row
+
+    result["real_test"] = judged(real_a, y_a)
+    result["reconstructions"] = {"psnr": psnr, **judged(recon, y_a)}
+
+    # --- completions (Sec. 4.3), unconditional: the label is what the judge must recover
+    for kind in ("upper", "random-boxes"):
+        regen = torch.stack([token_mask(pixel_mask(kind, H, W, seed=i), vq.cfg.factor) for i in range(n)])
+        keep = ~regen.to(device)                                           # (n, h, w), True = given
+        g = torch.Generator(device).manual_seed(seed)
+        images = []
+        for sl in _batches(n, batch, f"completions ({kind})", log):
+            images.append(_as_saved(vq.decode(chain.inpaint(x1_a[sl], keep[sl], generator=g))).cpu())
+        result[f"completions_{kind.replace('-', '_')}"] = judged(torch.cat(images), y_a)
+
+    # --- samples from x_T (Sec. 3.3), one class after another
+    if chain.num_labels:
+        labels = torch.arange(n) % chain.num_labels                      # (n,): 0, 1, ..., C-1, 0, 1, ...
+        rows = [("samples_guidance_0", 0.0)] + ([("samples_guided", guidance)] if guidance else [])
+    else:
+        labels, rows = None, [("samples_unconditional", 0.0)]
+    for key, w in rows:
+        g = torch.Generator(device).manual_seed(seed)
+        images = []
+        for sl in _batches(n, batch, key.replace("_", " ") + (f" (w = {w:g})" if w else ""), log):
+            x1 = chain.sample(sl.stop - sl.start, labels[sl].to(device) if labels is not None else None,
+                              guidance=w, generator=g)
+            images.append(_as_saved(vq.decode(x1)).cpu())
+        result[key] = ({"guidance": w} if labels is not None else {}) | judged(torch.cat(images), labels)
+    return result
+
+
+def evaluate_folder(run_dir: str, dataset: str | None = None, data_root: str = "data",
+                    judge_dir: str = os.path.join("runs", "judges"), n: int = 1000,
+                    guidance: float = DEFAULT_EVAL_GUIDANCE, judge_steps: int | None = None, seed: int = 0,
+                    device="cpu", log=say) -> dict:
+    """Judge a run folder: its data set (as recorded, or `dataset` instead), that data set's
+    judge (cached in judge_dir), evaluate_run; -> the figures, also written to <run>/eval.json."""
+    vq, chain = load_run(run_dir, device)
+    if dataset is not None:
+        record = dataset_record(dataset, vq.cfg.resolution, data_root, vq.cfg.train_size, vq.cfg.test_size)
+    else:
+        record = recorded_dataset(run_dir)
+        if record is None:
+            raise UserError(f"{run_dir} does not record which data set it was trained on (made before runs "
+                            f"recorded it); name it with --dataset shapes, cifar or folder:PATH")
+    if record["resolution"] != vq.cfg.resolution:
+        raise UserError(f"the data set is recorded at {record['resolution']}px, the first stage takes "
+                        f"{vq.cfg.resolution}px")
+    data = load_recorded_dataset(record)
+    # a spot check that these are the images the run was tokenized from (a wrong --dataset)
+    tokens_path = os.path.join(run_dir, "tokens.pt")
+    if os.path.exists(tokens_path):
+        codes = torch.load(tokens_path, map_location="cpu", weights_only=True)["test"][:64].long()
+        x = data["test"][0][:len(codes)]
+        agree = (vq.encode(to_float(x.to(device))).cpu() == codes[:len(x)]).float().mean().item()
+        if agree < 0.9:
+            log(f"warning: only {agree:.0%} of the codes of the first test images match {tokens_path}: "
+                f"{record['spec']} may not be the data set this run was trained on")
+    cfg = JudgeConfig() if judge_steps is None else dataclasses.replace(JudgeConfig(), steps=judge_steps)
+    judge, judge_info = judge_for(data, record, judge_dir, cfg, device, log)
+    t0 = time.time()
+    result = {"run": run_dir, "dataset": record["spec"], "judge": judge_info,
+              **evaluate_run(vq, chain, data, judge, n, guidance, seed=seed, log=log)}
+    result["eval_seconds"] = round(time.time() - t0, 1)           # the judge's own training not included
+    path = os.path.join(run_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)                    # atomic, like the checkpoints
+    log(f"wrote {path}")
+    return result

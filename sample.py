@@ -6,6 +6,7 @@
     python sample.py --run runs/shapes --inpaint test:8 --mask upper   # regenerate the upper half
     python sample.py --run runs/shapes --inpaint my.png --mask mask.png --class 3
     python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
+    python sample.py --run runs/shapes --evaluate               # the judge's figures -> runs/shapes/eval.json
 
 Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c)
 for t = T..2, then x_0 = G(x_1). --temperature, --top-k and --top-p take one value or a
@@ -20,12 +21,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import imagebart as ib
-
-MASK_KINDS = ("upper", "lower", "left", "right", "center", "outer", "random-boxes")
+from imagebart import MASK_KINDS, pixel_mask, token_mask   # shared with the judge (imagebart.py, 7.)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint", default=None, help="image file(s), comma-separated, or test:N (N test images)")
     p.add_argument("--mask", default="upper", help=f"region to regenerate: {', '.join(MASK_KINDS)}, or a PNG (white = regenerate)")
     p.add_argument("--completions", type=int, default=6, help="completions per inpainted image")
-    p.add_argument("--refine", type=int, default=2, help="forward-backward rounds per scale when inpainting")
+    p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
+                   help="forward-backward rounds per scale when inpainting (none at t = T)")
+    p.add_argument("--context", choices=("clean", "noised"), default="clean",
+                   help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     p.add_argument("--device", default=None)
     p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
     p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
     p.add_argument("--batch", type=int, default=16, help="batch for --benchmark")
+    judge = p.add_argument_group("--evaluate: judge the run with a classifier trained on its data set (not FID)")
+    judge.add_argument("--evaluate", action="store_true",
+                       help="accuracy and Frechet distance of reconstructions, samples (guidance 0 and --guidance, "
+                            f"or {ib.DEFAULT_EVAL_GUIDANCE:g} when that is 0) and completions -> <run>/eval.json")
+    judge.add_argument("--dataset", default=None,
+                       help="shapes | cifar | folder:PATH, instead of the data set the run recorded")
+    judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
+    judge.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
+    judge.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
+    judge.add_argument("--judge-steps", type=int, default=None,
+                       help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
     return p
 
 
@@ -98,45 +111,6 @@ def parse_classes(args, chain: ib.ImageBART, n: int):
     if bad:
         raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
     return torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n], None
-
-
-def pixel_mask(kind: str, H: int, W: int, seed: int) -> torch.Tensor:
-    """(H, W) bool, True = regenerate."""
-    m = torch.zeros(H, W, dtype=torch.bool)
-    if kind == "upper":
-        m[:H // 2] = True
-    elif kind == "lower":
-        m[H // 2:] = True
-    elif kind == "left":
-        m[:, :W // 2] = True
-    elif kind == "right":
-        m[:, W // 2:] = True
-    elif kind in ("center", "outer"):
-        m[H // 4:H - H // 4, W // 4:W - W // 4] = True
-        m = ~m if kind == "outer" else m
-    elif kind == "random-boxes":
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(3):
-            bh, bw = (torch.randint(H // 5, H // 2 + 1, (1,), generator=g).item(),
-                      torch.randint(W // 5, W // 2 + 1, (1,), generator=g).item())
-            y0 = torch.randint(0, H - bh + 1, (1,), generator=g).item()
-            x0 = torch.randint(0, W - bw + 1, (1,), generator=g).item()
-            m[y0:y0 + bh, x0:x0 + bw] = True
-    else:
-        if not os.path.exists(kind):
-            raise ib.UserError(f"--mask {kind}: neither a mask kind ({', '.join(MASK_KINDS)}) nor a file")
-        try:
-            with Image.open(kind) as im:
-                im = im.convert("L").resize((W, H), Image.NEAREST)
-        except Exception:
-            raise ib.UserError(f"--mask {kind} is not a readable image") from None
-        m = torch.from_numpy(np.asarray(im) > 127)
-    return m
-
-
-def token_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
-    """(H, W) -> (H/f, W/f): a token is regenerated if any pixel of its f x f patch is."""
-    return F.max_pool2d(pixels[None, None].float(), factor)[0, 0] > 0
 
 
 def load_images(spec: str, resolution: int) -> torch.Tensor:
@@ -198,7 +172,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     labels = labels.to(device) if labels is not None else None
     given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
     keep = (~regen).expand(B * reps, -1, -1)
-    completions = chain.inpaint(given, keep, labels, refine=args.refine, generator=g, **opts)
+    completions = chain.inpaint(given, keep, labels, refine=args.refine, context=args.context, generator=g, **opts)
     assert (completions[keep] == given[keep]).all(), "kept tokens changed"
     images = vq.decode(completions).view(B, reps, 3, H, H)
     # the masked input: regenerated region shown grey, on the pixel mask's exact shape
@@ -252,6 +226,19 @@ def benchmark(args) -> None:
     print(json.dumps(result), flush=True)
 
 
+def evaluate(args, device) -> None:
+    """--evaluate: the judge's figures (imagebart.py, section 7), with the API's sampling
+    defaults apart from the guidance; progress lines, then the figures as one JSON line."""
+    if args.eval_n < 2 or (args.judge_steps is not None and args.judge_steps < 1):
+        raise ib.UserError("--eval-n must be >= 2 and --judge-steps >= 1")
+    if args.guidance < 0:
+        raise ib.UserError("--guidance must be >= 0")
+    result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
+                                n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
+                                judge_steps=args.judge_steps, seed=args.seed, device=device)
+    print(json.dumps(result), flush=True)
+
+
 def main():
     args = build_parser().parse_args()
     if args.benchmark:
@@ -261,6 +248,8 @@ def main():
         raise ib.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
     if args.n < 1 or args.completions < 1 or args.refine < 0:
         raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
+    if args.evaluate:
+        return evaluate(args, device)
     vq, chain = ib.load_run(args.run, device)
     opts = sampling_options(args, chain.T)
     g = torch.Generator(device).manual_seed(args.seed)

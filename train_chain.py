@@ -7,7 +7,8 @@
 A run folder without a first stage gets one first (train_vq.py's code, same preset). Each
 scale is trained on its own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at
 t = 2), and saved as scale_<t>.pt. When every scale is done, the likelihood bound is
-evaluated on the test codes (bound.json) and a grid of samples is written (samples.png).
+evaluated on the test codes (bound.json) and a grid of samples is written (samples.png);
+on labelled data, the judge of `sample.py --evaluate` then scores the run (eval.json).
 Re-running the same command resumes; a finished scale is not trained again.
 """
 import argparse
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-stage", default=None, metavar="RUN",
                    help="reuse the first stage (vq.pt, tokens.pt) of another run folder")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
+    p.add_argument("--eval-n", type=int, default=1000,
+                   help="at the end, judge N images per row (sample.py --evaluate; labelled data only); 0 = skip")
+    p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
+    p.add_argument("--judge-steps", type=int, default=None,
+                   help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
     ib.add_config_args(p, ib.ChainConfig)
     return p
 
@@ -120,19 +126,18 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def scale_bits(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: int, max_batches=None) -> float:
-    """Scale t's term of the bound (Eq. 7), bits per token, averaged over `codes` (M, h, w).
-    A fixed generator makes the Monte-Carlo draws the same at every evaluation."""
+def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: int, max_batches=None) -> torch.Tensor:
+    """Scale t's term of the bound (Eq. 7) in bits per token, one Monte-Carlo draw for each
+    grid of `codes` (M, h, w) -> (M,) (fewer with max_batches). A fixed generator makes the
+    draws the same at every evaluation."""
     g = torch.Generator(codes.device).manual_seed(1234)
-    total, count = 0.0, 0
+    out = []
     for b, i in enumerate(range(0, len(codes), batch)):
         if max_batches is not None and b >= max_batches:
             break
-        x1 = codes[i:i + batch]
         y = labels[i:i + batch] if labels is not None else None
-        total += model.scale_bits(x1, t, y, generator=g).sum().item()
-        count += len(x1)
-    return total / count
+        out.append(model.scale_bits(codes[i:i + batch], t, y, generator=g).cpu())
+    return torch.cat(out)
 
 
 def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> None:
@@ -167,7 +172,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
     def evaluate() -> float:
         model.scales[str(t)] = ema                 # evaluate with the EMA weights
         ema.eval()
-        bits = scale_bits(model, t, test, y_test, 256, cfg.eval_batches)
+        bits = bits_per_grid(model, t, test, y_test, 256, cfg.eval_batches).mean().item()
         model.scales[str(t)] = net
         return bits
 
@@ -218,9 +223,15 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     vq, chain = ib.load_run(out, device)
     test = tokens["test"].to(device).long()
     y_test = tokens["test_labels"].to(device) if chain.num_labels else None
-    per_scale = {t: scale_bits(chain, t, test, y_test, 256) for t in range(chain.T, 1, -1)}
+    grids = {t: bits_per_grid(chain, t, test, y_test, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
+    per_scale = {t: v.mean().item() for t, v in grids.items()}
+    # The bound is a Monte-Carlo estimate: one draw of x_t, x_{t-1} per test grid and scale.
+    # Its standard error is that of a mean over the M grids' totals (it also holds the
+    # spread between grids, so it is what a rerun on other test images would move by).
+    total = sum(grids.values())
     K = chain.diffusion.K
-    report = {"bits_per_token": sum(per_scale.values()), "per_scale": {str(t): v for t, v in per_scale.items()},
+    report = {"bits_per_token": total.mean().item(), "standard_error": (total.std() / len(total) ** 0.5).item(),
+              "per_scale": {str(t): v for t, v in per_scale.items()},
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "conditional": bool(chain.num_labels),
               "test_grids": len(test), "exact": chain.T == 2}
     with open(os.path.join(out, "bound.json.tmp"), "w") as f:
@@ -229,7 +240,9 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     with open(os.path.join(out, "log.jsonl"), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
     what = "exact NLL" if chain.T == 2 else "upper bound on NLL"
-    print(f"test {what}: {report['bits_per_token']:.4f} bits/token (uniform: log2 K = {math.log2(K):.3f})"
+    what += " given the class" if chain.num_labels else ""
+    print(f"test {what}: {report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token "
+          f"(uniform: log2 K = {math.log2(K):.3f})"
           + "".join(f"\n  t={t}: {v:.4f}" for t, v in per_scale.items()), flush=True)
 
     g = torch.Generator(device).manual_seed(0)
@@ -245,6 +258,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
 
 def main():
     args = build_parser().parse_args()
+    train_vq.choose_preset(args)
     out = train_vq.run_dir(args)
     ib.ensure_writable_dir(out)
     device = ib.pick_device(args.device)
@@ -265,6 +279,14 @@ def main():
                for t in range(2, cfg.T + 1))
     if done:
         final_report(out, tokens, device, args.samples)
+        if args.eval_n and cfg.num_labels:   # the judge's figures (imagebart.py, section 7)
+            if ib.recorded_dataset(out) is None:
+                print(f"no judge: {out}'s first stage does not record its data set; "
+                      f"run sample.py --run {out} --evaluate --dataset ...", flush=True)
+            else:
+                result = ib.evaluate_folder(out, judge_dir=args.judge_dir, n=args.eval_n,
+                                            judge_steps=args.judge_steps, device=device)
+                print(json.dumps(result), flush=True)
     else:
         print("not every scale is trained yet: the bound and samples come once they are", flush=True)
 

