@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: (1+w) cond - w uncond; 0 = plain conditional")
     p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
-    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png)")
+    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png); "
+                                               "with --evaluate the JSON (default <run>/eval.json)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
     p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain (paper Fig. 5)")
@@ -235,7 +236,8 @@ def evaluate(args, device) -> None:
         raise ib.UserError("--guidance must be >= 0")
     result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
                                 n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
-                                judge_steps=args.judge_steps, seed=args.seed, device=device)
+                                judge_steps=args.judge_steps, seed=args.seed, device=device,
+                                inpaint=dict(refine=args.refine, context=args.context), out=args.out)
     print(json.dumps(result), flush=True)
 
 

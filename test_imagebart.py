@@ -133,6 +133,27 @@ def test_make_shapes_deterministic_labeled_and_complete():
     assert x.float().std() > 20                         # actual pictures, not a flat fill
 
 
+def test_make_shapes_colours_are_palette_rows_independent_of_the_class():
+    """Every image: a flat background of a SHAPE_BACKGROUNDS colour (all four corners exactly),
+    a shape whose most frequent non-background pixel is exactly a SHAPE_FOREGROUNDS palette
+    colour; the colour does not give the class away (each class shows several colours), and
+    PALETTE_NAMES names every palette row."""
+    assert len(ib.PALETTE_NAMES) == len(ib.PALETTE) == len(set(ib.PALETTE_NAMES))
+    x, y = ib.make_shapes(300, seed=2)
+    colours_of_class = {c: set() for c in range(10)}
+    for img, label in zip(x.permute(0, 2, 3, 1).numpy(), y.tolist()):
+        corners = img[[0, 0, -1, -1], [0, -1, 0, -1]]
+        bg = [r for r in ib.SHAPE_BACKGROUNDS if (corners == ib.PALETTE[r]).all()]
+        assert len(bg) == 1
+        pixels = img.reshape(-1, 3)
+        pixels = pixels[(pixels != ib.PALETTE[bg[0]]).any(1)]
+        values, counts = np.unique(pixels, axis=0, return_counts=True)
+        fg = [r for r in ib.SHAPE_FOREGROUNDS if (values[counts.argmax()] == ib.PALETTE[r]).all()]
+        assert len(fg) == 1 and fg[0] != bg[0]
+        colours_of_class[label].add(fg[0])
+    assert all(len(c) >= 3 for c in colours_of_class.values()), colours_of_class
+
+
 class _Py2Pickler(pickle._Pickler):
     """Writes bytes the way Python 2's cPickle wrote `str`: (SHORT_)BINSTRING opcodes, which
     Python 3 reads back as bytes with encoding='bytes'. The official CIFAR-10 batches are
@@ -1260,6 +1281,17 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
         assert 0 <= result[row]["accuracy"] <= 1 and result[row]["fd"] >= 0, row
         assert result[row] == first[row], row
     assert 0 < result["reconstructions"]["psnr"] < 60
+    assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
+    assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean"}
+    # other inpainting options go to another file (--out); the run's eval.json stays as it was
+    other = os.path.join(str(trained_run.judges), "noised.json")
+    before = os.stat(os.path.join(run, "eval.json")).st_mtime_ns
+    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--context", "noised", "--refine", "0",
+                                         "--out", other, *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    assert code == 0, err
+    with open(other) as f:
+        assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised"}
+    assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
 
 
 def test_evaluate_needs_a_recorded_or_named_data_set(trained_run, tmp_path, monkeypatch, capsys):
