@@ -207,7 +207,6 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int 
     return out, torch.cat(codes)
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def encode_all(vq: ib.VQGAN, x: torch.Tensor, device, batch: int = 1000) -> torch.Tensor:
     """uint8 images (N, 3, H, W) -> codes (N, h, w), int16 to keep tokens.pt small."""
