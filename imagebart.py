@@ -137,6 +137,13 @@ def save_atomic(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def save_json_atomic(obj: dict, path: str) -> None:
+    """A JSON report (bound.json, eval.json), written like the checkpoints: tmp file, then rename."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def load_checkpoint(path: str, kind: str) -> dict:
     """Read a checkpoint of this project (plain tensors and Python values only)."""
     try:
@@ -1891,8 +1898,6 @@ def evaluate_folder(run_dir: str, dataset: str | None = None, data_root: str = "
                              lower_half_judge=lower_half_judge, inpaint=inpaint)}
     result["eval_seconds"] = round(time.time() - t0, 1)           # the judges' own training not included
     path = out or os.path.join(run_dir, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)                    # atomic, like the checkpoints
+    save_json_atomic(result, path)
     log(f"wrote {path}")
     return result

@@ -234,6 +234,8 @@ def evaluate(args, device) -> None:
         raise ib.UserError("--eval-n must be >= 2 and --judge-steps >= 1")
     if args.guidance < 0:
         raise ib.UserError("--guidance must be >= 0")
+    if args.out:   # checked (and its folder made) now, not after minutes of sampling
+        ib.ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
                                 n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
                                 judge_steps=args.judge_steps, seed=args.seed, device=device,

@@ -1284,7 +1284,7 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
     assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean"}
     # other inpainting options go to another file (--out); the run's eval.json stays as it was
-    other = os.path.join(str(trained_run.judges), "noised.json")
+    other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
     before = os.stat(os.path.join(run, "eval.json")).st_mtime_ns
     code, out, err = run_script(sample, ["--run", run, "--evaluate", "--context", "noised", "--refine", "0",
                                          "--out", other, *judge_micro(trained_run.judges)], monkeypatch, capsys)

@@ -234,9 +234,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
               "per_scale": {str(t): v for t, v in per_scale.items()},
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "conditional": bool(chain.num_labels),
               "test_grids": len(test), "exact": chain.T == 2}
-    with open(os.path.join(out, "bound.json.tmp"), "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(os.path.join(out, "bound.json.tmp"), os.path.join(out, "bound.json"))
+    ib.save_json_atomic(report, os.path.join(out, "bound.json"))
     with open(os.path.join(out, "log.jsonl"), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
     what = "exact NLL" if chain.T == 2 else "upper bound on NLL"
