@@ -130,10 +130,19 @@ def parse_number_list(text: str, what: str) -> list:
         raise UserError(f"--{what} takes comma-separated numbers, got {text!r}") from None
 
 
+# The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's
+# name or the meaning of the data changes: a run folder of another format then gets one clear
+# line instead of a traceback (no migration: the tiny runs retrain in minutes).
+#   1  (no "format" key) before formats were recorded
+#   2  residual logits by default (`logit_scale`), shapes on black, tokens.pt with a kind and its data set
+FORMAT = 2
+
+
 def save_atomic(obj: dict, path: str) -> None:
-    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file."""
+    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file.
+    Stamps the file with this code's FORMAT."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    torch.save({**obj, "format": FORMAT}, tmp)
     os.replace(tmp, path)
 
 
@@ -152,6 +161,9 @@ def load_checkpoint(path: str, kind: str) -> dict:
         raise UserError(f"no checkpoint at {path}") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format", 1) != FORMAT:
+        raise UserError(f"{path} was written in format {ckpt.get('format', 1)} by another version of this "
+                        f"code, which reads format {FORMAT}; train it again (or use that version)")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
@@ -897,6 +909,10 @@ def check_betas(betas: Sequence[float]) -> list[float]:
         raise UserError(f"every beta must lie in (0, 1], got {betas}")
     if abs(betas[-1] - 1) > 1e-6:
         raise UserError(f"the last beta must be 1, so that x_T is pure noise and p(x_T) is uniform; got {betas}")
+    early = [t for t, b in zip(range(2, len(betas) + 1), betas[:-1]) if b >= 1]
+    if early:   # x_t would be pure noise already, so every scale above t would learn nothing
+        raise UserError(f"beta_{early[0]} = 1 makes x_{early[0]} pure noise, so the scales above it "
+                        f"would see no trace of x_1; only the last beta (t = T) may be 1, got {betas}")
     return betas
 
 
@@ -1682,8 +1698,8 @@ def recorded_dataset(run_dir: str) -> dict | None:
         return ckpt["dataset"]
     path = os.path.join(run_dir, "tokens.pt")
     if os.path.exists(path):
-        tokens = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(tokens, dict) and "dataset" in tokens:
+        tokens = load_checkpoint(path, "tokens")
+        if "dataset" in tokens:
             return tokens["dataset"]
     return None
 
@@ -1882,7 +1898,7 @@ def evaluate_folder(run_dir: str, dataset: str | None = None, data_root: str = "
     # a spot check that these are the images the run was tokenized from (a wrong --dataset)
     tokens_path = os.path.join(run_dir, "tokens.pt")
     if os.path.exists(tokens_path):
-        codes = torch.load(tokens_path, map_location="cpu", weights_only=True)["test"][:64].long()
+        codes = load_checkpoint(tokens_path, "tokens")["test"][:64].long()
         x = data["test"][0][:len(codes)]
         agree = (vq.encode(to_float(x.to(device))).cpu() == codes[:len(x)]).float().mean().item()
         if agree < 0.9:

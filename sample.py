@@ -154,7 +154,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
             n_img = int(args.inpaint[5:])
         except ValueError:
             raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
-        tokens = torch.load(os.path.join(args.run, "tokens.pt"), weights_only=True)
+        tokens = ib.load_checkpoint(os.path.join(args.run, "tokens.pt"), "tokens")
         x1 = tokens["test"][:n_img].long().to(device)
         x0 = vq.decode(x1)                             # the images as the first stage sees them
     else:

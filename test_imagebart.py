@@ -597,11 +597,11 @@ def test_q_sample_frequencies_match_q_marginal():
 
 def test_linear_schedule_and_check_betas():
     """linear_alpha_bar_betas(5) gives alpha_bar 1, .75, .5, .25, 0 (the official FFHQ chain);
-    check_betas rejects a last beta != 1 and betas outside (0, 1] with ib.UserError."""
+    check_betas rejects a last beta != 1, a beta of 1 before t = T and betas outside (0, 1] with ib.UserError."""
     d = ib.MultinomialDiffusion(4, ib.linear_alpha_bar_betas(5))
     assert d.T == 5
     assert [d.alpha_bar(t) for t in range(1, 6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0], abs=1e-12)
-    for bad in ([0.5, 0.5], [0.0, 1.0], [-0.1, 1.0], [1.5, 1.0], []):
+    for bad in ([0.5, 0.5], [0.0, 1.0], [-0.1, 1.0], [1.5, 1.0], [], [1.0, 1.0]):
         with pytest.raises(ib.UserError):
             ib.check_betas(bad)
     with pytest.raises(ib.UserError):
@@ -948,7 +948,7 @@ def test_e2e_first_stage_outputs(trained_run):
     run = trained_run.dir
     ckpt = ib.load_checkpoint(os.path.join(run, "vq.pt"), "vq")
     assert ckpt["shrunk"] and ckpt["step"] == 30
-    tokens = torch.load(os.path.join(run, "tokens.pt"), weights_only=True)
+    tokens = ib.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
     assert {"train", "test", "train_labels", "test_labels", "num_codes", "num_classes"} <= set(tokens)
     K = tokens["num_codes"]
     assert 1 < K <= 32 and tokens["num_classes"] == 10
@@ -982,7 +982,7 @@ def test_e2e_chain_outputs_and_bound(trained_run):
     assert 0 < bound["bits_per_token"] < 2 * bound["uniform_bits"] + 0.5
     vq, chain = ib.load_run(run)
     assert chain.T == 3 and chain.num_labels == 10 and chain.diffusion.K == vq.num_codes
-    tokens = torch.load(os.path.join(run, "tokens.pt"), weights_only=True)
+    tokens = ib.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
     for t in (2, 3):
         bits = train_chain.bits_per_grid(chain, t, tokens["test"].long(), tokens["test_labels"], 256)
         assert bits.shape == (len(tokens["test"]),)
@@ -1125,10 +1125,33 @@ def test_train_vq_foreign_checkpoint_and_unwritable_out(trained_run, tmp_path, m
     assert_user_error(code, err, "cannot write")
 
 
+@pytest.mark.parametrize("name", ["vq.pt", "tokens.pt", "scale_2.pt"])
+def test_a_run_folder_of_an_older_format_is_one_clear_line(trained_run, tmp_path, monkeypatch, capsys, name):
+    """Every checkpoint and tokens.pt carries the FORMAT of the code that wrote it. A copy of the
+    micro run with one file from before formats were recorded (no "format" key) is refused by
+    sample.py and by train_chain.py with one line naming the file and the formats; nothing in
+    the folder is rewritten."""
+    run = tmp_path / "old"
+    shutil.copytree(trained_run.dir, run)
+    obj = torch.load(run / name, weights_only=True)
+    assert obj["format"] == ib.FORMAT
+    del obj["format"]
+    torch.save(obj, run / name)
+    before = snapshot(run)
+    code, _, err = run_script(sample, ["--run", str(run), "--n", "2"] if name != "tokens.pt" else
+                              ["--run", str(run), "--inpaint", "test:1"], monkeypatch, capsys)
+    assert_user_error(code, err, f"{name} was written in format 1")
+    code, _, err = run_script(train_chain, ["--out", str(run), "--steps", "20"], monkeypatch, capsys)
+    assert_user_error(code, err, "format 1")
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--scale", "9"], "--scale 9"),
     (["--betas", "0.5,0.5"], "last beta must be 1"),
-], ids=["scale", "betas"])
+    (["--betas", "0.5,1,1"], "beta_3 = 1 makes x_3 pure noise"),
+    (["--T", "3", "--betas", "0.3,0.5,1"], "--T 3 disagrees with --betas"),
+], ids=["scale", "betas", "early-beta-1", "betas-and-T"])
 def test_train_chain_bad_arguments(trained_run, tmp_path, monkeypatch, capsys, argv, fragment):
     """train_chain.py --scale 9 (T = 3) and --betas whose last is not 1, on the trained run's
     first stage copied into a new folder; the trained run itself is not touched."""

@@ -68,15 +68,8 @@ def first_stage(args, out: str) -> dict:
             + (["--lpips-weights", args.lpips_weights] if args.lpips_weights else [])
             + (["--device", args.device] if args.device else []))
         train_vq.prepare_first_stage(vq_args)
-    try:
-        tokens = torch.load(os.path.join(out, "tokens.pt"), weights_only=True)
-        vq_ckpt = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
-    except ib.UserError:
-        raise
-    except Exception as e:
-        raise ib.UserError(f"{out}/tokens.pt is not readable ({type(e).__name__})") from None
-    if not isinstance(tokens, dict) or "train" not in tokens or "num_codes" not in tokens:
-        raise ib.UserError(f"{out}/tokens.pt is not a tokens file of this project")
+    tokens = ib.load_checkpoint(os.path.join(out, "tokens.pt"), "tokens")
+    vq_ckpt = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
     vq_cfg = ib.VQConfig(**vq_ckpt["config"])
     grid = vq_cfg.resolution // vq_cfg.factor
     K_vq = vq_ckpt["model"]["used_codes"].numel()
@@ -94,7 +87,10 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     num_labels = int(tokens["num_classes"]) if labeled and not args.unconditional else 0
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
                               num_labels=num_labels)
-    if cfg.betas is not None:
+    if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T
+        if args.T is not None and args.T != len(cfg.betas) + 1:
+            raise ib.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
+                               f"(t = 2..{len(cfg.betas) + 1}, so T = {len(cfg.betas) + 1}); give one of the two")
         cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=len(cfg.betas) + 1)
     if cfg.T < 2:
         raise ib.UserError(f"T must be at least 2, got {cfg.T}")

@@ -248,6 +248,7 @@ def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
     ib.save_atomic(ckpt, os.path.join(out, "vq.pt"))
 
     tokens = {
+        "kind": "tokens",
         "train": vq.code_map.cpu()[full_train].to(torch.int16),    # full -> shrunk indices
         "test": encode_all(vq, x_test, device),                     # a code unseen in training maps to a kept one
         "num_codes": vq.num_codes,
