@@ -134,7 +134,8 @@ def parse_number_list(text: str, what: str) -> list:
 # name or the meaning of the data changes: a run folder of another format then gets one clear
 # line instead of a traceback (no migration: the tiny runs retrain in minutes).
 #   1  (no "format" key) before formats were recorded
-#   2  residual logits by default (`logit_scale`), shapes on black, tokens.pt with a kind and its data set
+#   2  residual logits by default (`logit_scale`), shapes on black, VQConfig.codebook_size,
+#      tokens.pt with a kind, `num_labels` and its data set
 FORMAT = 2
 
 
@@ -465,7 +466,7 @@ class VQConfig:
     num_res_blocks: int = 1
     mid_attention: bool = True            # self-attention at the lowest resolution, in E and G
     embed_dim: int = 8                    # D, the codebook vectors' size (low: see l2_codes)
-    num_codes: int = 256                  # K before shrinking
+    codebook_size: int = 256              # K before shrinking (VQGAN.num_codes is K after it)
     beta: float = 0.25                    # commitment weight (Eq. 3, on the encoder side)
     l2_codes: bool = True                 # look codes up by cosine similarity (see VectorQuantizer)
     # --- training
@@ -496,7 +497,7 @@ VQ_PRESETS = {
     # 2-core CPU in minutes on shapes: 32x32 -> 8x8 codes
     "tiny": VQConfig(),
     # one GPU, CIFAR-10: 32x32 -> 8x8 codes, K = 512 before shrinking
-    "cifar": VQConfig(ch=128, ch_mult=[1, 2, 2], num_res_blocks=2, embed_dim=32, num_codes=512,
+    "cifar": VQConfig(ch=128, ch_mult=[1, 2, 2], num_res_blocks=2, embed_dim=32, codebook_size=512,
                       steps=60000, batch_size=128, lr=2e-4, perceptual_batch=0, disc_start=30000,
                       disc_weight=0.2, disc_layers=2, log_every=200, ckpt_every=2000,
                       train_size=50000, test_size=10000),
@@ -648,10 +649,10 @@ class VQGAN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.embed_dim, cfg.beta, cfg.l2_codes)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.beta, cfg.l2_codes)
         # full index -> shrunk index, and shrunk -> full; identity until `shrink` is called
-        self.register_buffer("code_map", torch.arange(cfg.num_codes))
-        self.register_buffer("used_codes", torch.arange(cfg.num_codes))
+        self.register_buffer("code_map", torch.arange(cfg.codebook_size))
+        self.register_buffer("used_codes", torch.arange(cfg.codebook_size))
 
     @property
     def num_codes(self) -> int:
@@ -682,7 +683,7 @@ class VQGAN(nn.Module):
         any other full index maps to a random kept code, so `encode` stays total."""
         used_full = used_full.unique().sort().values.to(self.code_map.device)
         g = torch.Generator().manual_seed(seed)
-        code_map = torch.randint(0, len(used_full), (self.cfg.num_codes,), generator=g).to(used_full.device)
+        code_map = torch.randint(0, len(used_full), (self.cfg.codebook_size,), generator=g).to(used_full.device)
         code_map[used_full] = torch.arange(len(used_full), device=used_full.device)
         self.code_map, self.used_codes = code_map, used_full
 

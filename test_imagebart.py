@@ -490,9 +490,9 @@ def test_adaptive_weight_matches_hand_gradients():
     assert not lam.requires_grad
 
 
-def tiny_vqgan(num_codes=16) -> ib.VQGAN:
+def tiny_vqgan(codebook_size=16) -> ib.VQGAN:
     cfg = dataclasses.replace(ib.VQ_PRESETS["tiny"], resolution=8, ch=8, ch_mult=[1, 2], embed_dim=4,
-                              num_codes=num_codes)
+                              codebook_size=codebook_size)
     torch.manual_seed(0)
     return ib.VQGAN(cfg).eval()
 
@@ -917,7 +917,7 @@ def test_pixel_and_token_masks():
 # 6. The scripts end to end (tiny sizes)
 # =====================================================================================
 
-VQ_MICRO = ["--ch", "8", "--embed_dim", "8", "--num_codes", "32", "--steps", "30", "--batch_size", "4",
+VQ_MICRO = ["--ch", "8", "--embed_dim", "8", "--codebook_size", "32", "--steps", "30", "--batch_size", "4",
             "--train_size", "128", "--test_size", "32", "--perceptual_batch", "2", "--disc_start", "15",
             "--ckpt_every", "10", "--log_every", "10"]
 # the chain trains with the preset's label dropout (10% null class), as a real run does
@@ -949,9 +949,9 @@ def test_e2e_first_stage_outputs(trained_run):
     ckpt = ib.load_checkpoint(os.path.join(run, "vq.pt"), "vq")
     assert ckpt["shrunk"] and ckpt["step"] == 30
     tokens = ib.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
-    assert {"train", "test", "train_labels", "test_labels", "num_codes", "num_classes"} <= set(tokens)
+    assert {"train", "test", "train_labels", "test_labels", "num_codes", "num_labels"} <= set(tokens)
     K = tokens["num_codes"]
-    assert 1 < K <= 32 and tokens["num_classes"] == 10
+    assert 1 < K <= 32 and tokens["num_labels"] == 10
     assert tokens["train"].dtype == torch.int16 and tokens["train"].shape == (256, 8, 8)
     assert tokens["test"].shape == (32, 8, 8)
     assert 0 <= int(tokens["train"].min()) and int(tokens["train"].max()) < K
@@ -1044,7 +1044,7 @@ def test_e2e_resume_after_kill(tmp_path):
     """train_vq.py killed (SIGKILL) after its first checkpoint resumes from that step when the
     same command is run again, and finishes: vq.pt ends shrunk at the last step."""
     out = str(tmp_path / "resume")
-    cmd = [sys.executable, "train_vq.py", "--out", out, "--ch", "8", "--embed_dim", "8", "--num_codes", "16",
+    cmd = [sys.executable, "train_vq.py", "--out", out, "--ch", "8", "--embed_dim", "8", "--codebook_size", "16",
            "--steps", "50", "--batch_size", "2", "--train_size", "16", "--test_size", "8", "--disc_ch", "8",
            "--perceptual_weight", "0", "--ckpt_every", "5", "--log_every", "50"]
     with open(tmp_path / "first.log", "w") as log:
@@ -1167,7 +1167,7 @@ def test_train_chain_conditional_needs_labels(tmp_path):
     """--conditional on tokens without labels (a folder data set without class subfolders) is a
     UserError; without the flag the chain is unconditional (num_labels 0)."""
     tokens = {"train": torch.zeros(4, 8, 8, dtype=torch.int16), "test": torch.zeros(2, 8, 8, dtype=torch.int16),
-              "num_codes": 5, "num_classes": 0}
+              "num_codes": 5, "num_labels": 0}
     args = train_chain.build_parser().parse_args(["--conditional", "--preset", "tiny"])
     with pytest.raises(ib.UserError, match="no labels"):
         train_chain.resolve_config(args, tokens, str(tmp_path))

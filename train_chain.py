@@ -84,7 +84,7 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     labeled = "train_labels" in tokens
     if args.conditional and not labeled:
         raise ib.UserError("--conditional: this data set has no labels (use one subfolder per class)")
-    num_labels = int(tokens["num_classes"]) if labeled and not args.unconditional else 0
+    num_labels = int(tokens["num_labels"]) if labeled and not args.unconditional else 0
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
                               num_labels=num_labels)
     if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T

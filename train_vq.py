@@ -102,7 +102,7 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
         print(f"resuming {out}/vq.pt from step {step}", flush=True)
     n_params = sum(p.numel() for p in vq.parameters())
     print(f"VQGAN: {n_params / 1e6:.2f}M parameters, {cfg.resolution}x{cfg.resolution} -> "
-          f"{cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} codes, K = {cfg.num_codes}, "
+          f"{cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} codes, K = {cfg.codebook_size}, "
           f"{len(x_train)} training images, device {device}", flush=True)
 
     def checkpoint(step):
@@ -156,7 +156,7 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
         if not torch.isfinite(loss):
             raise ib.UserError(f"the loss became {loss.item()} at step {step}; the last good "
                                f"checkpoint is kept in {out}/vq.pt")
-        used, ppl = ib.codebook_stats(codes, cfg.num_codes)
+        used, ppl = ib.codebook_stats(codes, cfg.codebook_size)
         progress(step - 1, rec=rec_loss.item(), lpips=p_loss.item(), q=q_loss.item(),
                  g=g_loss.item(), d=d_loss.item(), codes=used)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -199,9 +199,9 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int 
         if lpips is not None:
             lp.append(lpips(x, rec))
         codes.append(idx.flatten())
-    used, ppl = ib.codebook_stats(torch.cat(codes), vq.cfg.num_codes)
+    used, ppl = ib.codebook_stats(torch.cat(codes), vq.cfg.codebook_size)
     out = {"psnr": torch.cat(psnr).mean().item(), "codes_used": used,
-           "codebook_size": vq.cfg.num_codes, "perplexity": ppl}
+           "codebook_size": vq.cfg.codebook_size, "perplexity": ppl}
     if lp:
         out["lpips"] = torch.cat(lp).mean().item()
     return out, torch.cat(codes)
@@ -252,7 +252,7 @@ def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
         "train": vq.code_map.cpu()[full_train].to(torch.int16),    # full -> shrunk indices
         "test": encode_all(vq, x_test, device),                     # a code unseen in training maps to a kept one
         "num_codes": vq.num_codes,
-        "num_classes": num_classes if y_train is not None else 0,
+        "num_labels": num_classes if y_train is not None else 0,
         "dataset": dataset_record(args, vq.cfg),      # so that sample.py --evaluate finds the real images
     }
     if y_train is not None:
