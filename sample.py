@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import imagebart as ib
-from imagebart import MASK_KINDS, pixel_mask, token_mask   # shared with the judge (imagebart.py, 7.)
+from imagebart import MASK_KINDS, pixel_mask, token_mask   # shared with the judge (imagebart.py, appendix C)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,7 +228,7 @@ def benchmark(args) -> None:
 
 
 def evaluate(args, device) -> None:
-    """--evaluate: the judge's figures (imagebart.py, section 7), with the API's sampling
+    """--evaluate: the judge's figures (imagebart.py, appendix C), with the API's sampling
     defaults apart from the guidance; progress lines, then the figures as one JSON line."""
     if args.eval_n < 2 or (args.judge_steps is not None and args.judge_steps < 1):
         raise ib.UserError("--eval-n must be >= 2 and --judge-steps >= 1")

@@ -3,7 +3,7 @@ the models' invariants, and the scripts end to end at a size a 2-core CPU runs i
 
     python -m pytest -q test_imagebart.py
 
-Sections follow imagebart.py: data, first stage, diffusion, transformers, the chain
+Sections: data, first stage, diffusion, transformers, the chain
 (training, likelihood, sampling, editing), then the scripts end to end. Each test's
 docstring says what it checks and what it is checked against.
 """

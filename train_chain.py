@@ -273,7 +273,7 @@ def main():
                for t in range(2, cfg.T + 1))
     if done:
         final_report(out, tokens, device, args.samples)
-        if args.eval_n and cfg.num_labels:   # the judge's figures (imagebart.py, section 7)
+        if args.eval_n and cfg.num_labels:   # the judge's figures (imagebart.py, appendix C)
             if ib.recorded_dataset(out) is None:
                 print(f"no judge: {out}'s first stage does not record its data set; "
                       f"run sample.py --run {out} --evaluate --dataset ...", flush=True)
