@@ -562,7 +562,7 @@ class MultinomialDiffusion:
         unnorm = likelihood * prior
         return unnorm / unnorm.sum(-1, keepdim=True)
 
-    def sample(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one class per position from probs (..., K) -> (...,) long."""
         flat = probs.reshape(-1, probs.shape[-1])
         return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
@@ -814,7 +814,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
-def per_scale(value, T: int, name: str) -> dict:
+def option_per_scale(value, T: int, name: str) -> dict:
     """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2."""
     if isinstance(value, (list, tuple)):
         if len(value) != T - 1:
@@ -877,7 +877,7 @@ class ImageBART(nn.Module):
         x1 = rearrange(x1.long(), "b h w -> b (h w)") if x1.dim() == 3 else x1.long()   # raster order
         x_t = self.diffusion.q_sample(x1, t, generator)
         q = self.diffusion.q_posterior(x_t, x1, t)
-        x_tm1 = self.diffusion.sample(q, generator)
+        x_tm1 = self.diffusion.draw(q, generator)
         logits = self.scale(t)(x_t, x_tm1, self._labels(labels, x1.shape[0], x1.device))
         return q, x_tm1, logits
 
@@ -907,15 +907,15 @@ class ImageBART(nn.Module):
         return self.diffusion.kl(q, logits).sum(-1) / (x1[0].numel() * math.log(2))
 
     @torch.no_grad()
-    def nll(self, x1, labels=None, per_scale: bool = False, generator=None):
+    def nll(self, x1, labels=None, terms: bool = False, generator=None):
         """Upper bound on -log2 p(x_1) in bits per token, per sample (B,):
             -log p(x_1) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t)) ]
         (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
         vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
-        exact autoregressive likelihood. per_scale=True also returns {t: bits per token (B,)}."""
-        terms = {t: self.scale_bits(x1, t, labels, generator) for t in range(self.T, 1, -1)}
-        total = sum(terms.values())
-        return (total, terms) if per_scale else total
+        exact autoregressive likelihood. terms=True also returns {t: bits per token (B,)}."""
+        by_scale = {t: self.scale_bits(x1, t, labels, generator) for t in range(self.T, 1, -1)}
+        total = sum(by_scale.values())
+        return (total, by_scale) if terms else total
 
     # ----- sampling and masked editing (Sec. 3.3, 4.3) ---------------------------------
 
@@ -977,7 +977,7 @@ class ImageBART(nn.Module):
         h, w = self.cfg.grid
         device = next(self.parameters()).device
         T, N = self.T, h * w
-        opts = {name: per_scale(v, T, name) for name, v in
+        opts = {name: option_per_scale(v, T, name) for name, v in
                 (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
         labels = self._labels(labels, n, device)
         x_t = torch.randint(0, self.diffusion.K, (n, N), generator=generator, device=device)  # x_T ~ uniform
@@ -996,7 +996,7 @@ class ImageBART(nn.Module):
                 x_t = self.decode_scale(t, x_t, labels, **kw)
             else:
                 forced = x1 if context == "clean" else \
-                    self.diffusion.sample(self.diffusion.q_posterior(x_t, x1, t), generator)
+                    self.diffusion.draw(self.diffusion.q_posterior(x_t, x1, t), generator)
                 x_tm1 = self.decode_scale(t, x_t, labels, forced=forced, force_mask=keep, **kw)
                 rounds = refine if t < T else 0
                 for r in range(1, rounds + 1):
@@ -1014,7 +1014,7 @@ class ImageBART(nn.Module):
         beta_t (1 - r / (rounds + 1)) for r = 1..rounds, so later rounds change less.
         x_t, x_tm1, keep, forced: (B, N) -> the new x_{t-1} (B, N)."""
         beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
-        noised = self.diffusion.sample(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
+        noised = self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
         x_t_again = torch.where(keep, x_t, noised)           # the given positions keep x_t's tokens
         return self.decode_scale(t, x_t_again, labels, forced=forced, force_mask=keep, **kw)
 
@@ -1352,11 +1352,16 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
-    """The named preset with every field the user gave on the command line replaced."""
+def preset_config(presets: dict, preset: str):
+    """presets[preset], or one clear line naming the presets there are."""
     if preset not in presets:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    cfg = presets[preset]
+    return presets[preset]
+
+
+def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
+    """The named preset with every field the user gave on the command line replaced."""
+    cfg = preset_config(presets, preset)
     changes = {}
     for f in dataclasses.fields(cfg):
         value = getattr(args, f.name, None)
@@ -1456,7 +1461,7 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: f
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """images: (B, 3, H, W) in [-1, 1] -> one PNG, `nrow` images per row, 1-pixel gaps."""
-    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu()
+    images = to_uint8(images).cpu()
     B, _, H, W = images.shape
     ncol = math.ceil(B / nrow)
     canvas = torch.full((3, ncol * (H + 1) + 1, nrow * (W + 1) + 1), 255, dtype=torch.uint8)
@@ -1469,6 +1474,11 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) in [0, 255] -> float in [-1, 1], the range x_0 lives in."""
     return x_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in [-1, 1] (clamped) -> uint8 in [0, 255], rounded as a PNG keeps it."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -1777,7 +1787,7 @@ def _batches(n: int, batch: int, what: str | None = None, log=say):
 
 def _as_saved(x: torch.Tensor) -> torch.Tensor:
     """Generated images (B, 3, H, W) in [-1, 1], rounded to 8 bits as a PNG would keep them."""
-    return to_float(((x.float().clamp(-1, 1) + 1) * 127.5).round())
+    return to_float(to_uint8(x))
 
 
 @torch.no_grad()

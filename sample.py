@@ -133,7 +133,7 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
 
 def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
     """--out-dir: one PNG per sample; --npz: uint8 NHWC images, codes, labels."""
-    u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    u8 = ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()                # (B, H, W, 3)
     if args.out_dir:
         ib.ensure_writable_dir(args.out_dir)
         for i, img in enumerate(u8):
@@ -189,9 +189,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
 def benchmark(args) -> None:
     """Cached vs. uncached decoding of the same randomly initialised chain, batch and seed."""
     device = ib.pick_device(args.device)
-    if args.preset not in ib.CHAIN_PRESETS:
-        raise ib.UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(ib.CHAIN_PRESETS)}")
-    base = ib.CHAIN_PRESETS[args.preset]
+    base = ib.preset_config(ib.CHAIN_PRESETS, args.preset)
     K = 512 if args.preset == "cifar" else 256
     cfg = dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10)
     torch.manual_seed(0)

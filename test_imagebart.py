@@ -727,10 +727,10 @@ def test_nll_with_T2_is_the_exact_autoregressive_nll():
 
 
 def test_nll_per_scale_terms_sum_to_total():
-    """nll(per_scale=True): one non-negative term per t = 2..T, summing to the total (B,)."""
+    """nll(terms=True): one non-negative term per t = 2..T, summing to the total (B,)."""
     chain = make_chain(T=4, std=0.1)
     x1 = torch.randint(0, 8, (3, 4, 4), generator=gen(2))
-    total, terms = chain.nll(x1, torch.tensor([0, 1, 2]), per_scale=True, generator=gen(0))
+    total, terms = chain.nll(x1, torch.tensor([0, 1, 2]), terms=True, generator=gen(0))
     assert sorted(terms) == [2, 3, 4]
     assert torch.allclose(sum(terms.values()), total, atol=1e-6)
     assert all((v >= 0).all() for v in terms.values()) and total.shape == (3,)
@@ -778,12 +778,12 @@ def test_guidance():
 
 
 def test_per_scale_options():
-    """ib.per_scale: a list needs T - 1 entries (else ib.UserError) and its first entry is for
+    """ib.option_per_scale: a list needs T - 1 entries (else ib.UserError) and its first entry is for
     t = T; sample_chain hands each scale its own value (seen by wrapping decode_scale)."""
-    assert ib.per_scale([10, 20, 30], 4, "top_k") == {4: 10, 3: 20, 2: 30}
-    assert ib.per_scale(0.7, 3, "temperature") == {2: 0.7, 3: 0.7}
+    assert ib.option_per_scale([10, 20, 30], 4, "top_k") == {4: 10, 3: 20, 2: 30}
+    assert ib.option_per_scale(0.7, 3, "temperature") == {2: 0.7, 3: 0.7}
     with pytest.raises(ib.UserError, match="3 values"):
-        ib.per_scale([1, 2, 3], 3, "top_k")
+        ib.option_per_scale([1, 2, 3], 3, "top_k")
     chain = make_chain(T=4)
     seen = {}
     real = chain.decode_scale

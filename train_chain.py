@@ -60,8 +60,7 @@ def first_stage(args, out: str) -> dict:
                 shutil.copyfile(src, dst + ".tmp")
                 os.replace(dst + ".tmp", dst)
     if not os.path.exists(os.path.join(out, "tokens.pt")):
-        if args.preset not in ib.VQ_PRESETS:
-            raise ib.UserError(f"unknown preset {args.preset!r}; choose one of {', '.join(ib.VQ_PRESETS)}")
+        ib.preset_config(ib.VQ_PRESETS, args.preset)               # an unknown name: one line, before any work
         print(f"{out} has no first stage yet: training one with preset {args.preset!r}", flush=True)
         vq_args = train_vq.build_parser().parse_args(
             ["--dataset", args.dataset, "--preset", args.preset, "--out", out, "--data-root", args.data_root]
@@ -220,14 +219,14 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     test = tokens["test"].to(device).long()
     y_test = tokens["test_labels"].to(device) if chain.num_labels else None
     grids = {t: bits_per_grid(chain, t, test, y_test, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
-    per_scale = {t: v.mean().item() for t, v in grids.items()}
+    bits_by_scale = {t: v.mean().item() for t, v in grids.items()}
     # The bound is a Monte-Carlo estimate: one draw of x_t, x_{t-1} per test grid and scale.
     # Its standard error is that of a mean over the M grids' totals (it also holds the
     # spread between grids, so it is what a rerun on other test images would move by).
     total = sum(grids.values())
     K = chain.diffusion.K
     report = {"bits_per_token": total.mean().item(), "standard_error": (total.std() / len(total) ** 0.5).item(),
-              "per_scale": {str(t): v for t, v in per_scale.items()},
+              "per_scale": {str(t): v for t, v in bits_by_scale.items()},
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "conditional": bool(chain.num_labels),
               "test_grids": len(test), "exact": chain.T == 2}
     ib.save_json_atomic(report, os.path.join(out, "bound.json"))
@@ -237,7 +236,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     what += " given the class" if chain.num_labels else ""
     print(f"test {what}: {report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token "
           f"(uniform: log2 K = {math.log2(K):.3f})"
-          + "".join(f"\n  t={t}: {v:.4f}" for t, v in per_scale.items()), flush=True)
+          + "".join(f"\n  t={t}: {v:.4f}" for t, v in bits_by_scale.items()), flush=True)
 
     g = torch.Generator(device).manual_seed(0)
     if chain.num_labels:   # one row per class

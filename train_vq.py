@@ -193,7 +193,7 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int 
         x = ib.to_float(x_test[i:i + batch].to(device))
         z_q, _, idx = vq.quantizer(vq.encoder(x))
         rec = vq.decoder(z_q).clamp(-1, 1)
-        rec = ib.to_float(((rec + 1) * 127.5).round())               # as it would be saved as 8-bit
+        rec = ib.to_float(ib.to_uint8(rec))                            # as it would be saved as 8-bit
         mse = (x - rec).pow(2).mean(dim=(1, 2, 3))
         psnr.append(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))     # peak-to-peak range is 2
         if lpips is not None:
