@@ -855,8 +855,9 @@ class ImageBART(nn.Module):
             return None
         if labels is None:
             return torch.full((B,), self.num_labels, dtype=torch.long, device=device)
-        labels = torch.as_tensor(labels, device=device).long().expand(B) if torch.as_tensor(labels).dim() == 0 \
-            else torch.as_tensor(labels, device=device).long()
+        labels = torch.as_tensor(labels, device=device).long()
+        if labels.dim() == 0:                     # one class for the whole batch
+            labels = labels.expand(B)
         if labels.min() < 0 or labels.max() > self.num_labels:   # index num_labels = the null class
             raise ValueError(f"labels must lie in [0, {self.num_labels}] ({self.num_labels} = none)")
         return labels
@@ -931,11 +932,14 @@ class ImageBART(nn.Module):
         decoder then conditions every later token on it (masked editing)."""
         model = self.scale(t)
         B, N = x_t.shape
+        # With guidance every row runs twice: rows 0..B-1 with the labels (conditional),
+        # rows B..2B-1 with the null class (unconditional). `both` stacks a (B, ...) tensor so.
+        both = (lambda z: torch.cat([z, z])) if guidance else (lambda z: z)
         if guidance:
             if labels is None or (labels == self.num_labels).all():
                 raise ValueError("guidance needs class labels")
-            labels = torch.cat([labels, torch.full_like(labels, self.num_labels)])
-            x_t = torch.cat([x_t, x_t])
+            labels = torch.cat([labels, torch.full_like(labels, self.num_labels)])     # (2B,)
+        x_t = both(x_t)                                   # (B or 2B, N)
         memory = model.encode(x_t, labels)                # the encoder runs once per scale
         out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
         caches = [{} for _ in model.decoder]
@@ -944,17 +948,16 @@ class ImageBART(nn.Module):
             if use_cache:
                 logits = model.step(token_in, i, memory, x_t, labels, caches)
             else:  # no cache: re-run the decoder over the whole prefix 0..i for every new token
-                prefix = torch.cat([out, out])[:, :i + 1] if guidance else out[:, :i + 1]
-                logits = model.decode(memory, x_t, prefix, labels)[:, i]
+                logits = model.decode(memory, x_t, both(out[:, :i + 1]), labels)[:, i]
             if guidance:
-                cond, uncond = logits.float().chunk(2)
+                cond, uncond = logits.float().chunk(2)                               # (B, K) each
                 logits = (1 + guidance) * cond - guidance * uncond
             probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             if force_mask is not None:
                 token = torch.where(force_mask[:, i], forced[:, i], token)
             out[:, i] = token
-            token_in = torch.cat([token, token]) if guidance else token
+            token_in = both(token)
         return out
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
