@@ -53,7 +53,10 @@ from PIL import Image, ImageDraw
 # =====================================================================================
 # x_0 (B, 3, H, W) --encoder E--> z (B, D, h, w) --nearest code--> x_1 (B, h, w)
 #                  --decoder G--> x_0 reconstructed.   h = H / f, f = 2^(len(ch_mult) - 1).
-# Trained with Eq. 3 (reconstruction + perceptual + codebook losses) and Eq. 4 (PatchGAN).
+# The paper trains it with Eq. 3-4: a reconstruction term f_rec (LPIPS in the paper; Eq. 3),
+# and in Eq. 4 the codebook loss L_cb and a PatchGAN term written with log D. For the GAN part
+# this code follows Taming Transformers instead: a hinge loss and its adaptive weight lambda,
+# which ImageBART's Eq. 4 does not have, and f_rec = L1 + LPIPS (train_vq.py).
 
 @dataclass
 class VQConfig:
@@ -65,7 +68,7 @@ class VQConfig:
     mid_attention: bool = True            # self-attention at the lowest resolution, in E and G
     embed_dim: int = 8                    # D, the codebook vectors' size (low: see l2_codes)
     codebook_size: int = 256              # K before shrinking (VQGAN.num_codes is K after it)
-    beta: float = 0.25                    # commitment weight (Eq. 3, on the encoder side)
+    beta: float = 0.25                    # commitment weight (in L_cb, Eq. 4; on the encoder side)
     l2_codes: bool = True                 # look codes up by cosine similarity (see VectorQuantizer)
     # --- training
     steps: int = 1000
@@ -172,14 +175,14 @@ class Decoder(nn.Module):
                 layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
         layers += [Norm(c), nn.SiLU()]
         self.net = nn.Sequential(*layers)
-        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # "the last layer" of the adaptive weight (Eq. 4)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)  # "the last layer" of adaptive_weight
 
     def forward(self, z):
         return self.conv_out(self.net(z))
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour lookup in a learned codebook Z = {e_k}, k < K (Eq. 3's q(.))."""
+    """Nearest-neighbour lookup in a learned codebook Z = {e_k}, k < K (Sec. 3.2)."""
 
     def __init__(self, num_codes: int, dim: int, beta: float, l2: bool = False):
         super().__init__()
@@ -211,7 +214,7 @@ class VectorQuantizer(nn.Module):
         z_flat = self.project(rearrange(z, "b d h w -> (b h w) d").float())
         idx = self.nearest(z_flat)
         e = self.codes()[idx]                                             # (B*h*w, D)
-        # Eq. 3, codebook terms: ||sg[E(x)] - z_q||^2 moves the codes towards the encoder outputs;
+        # L_cb (Eq. 4), the codebook terms: ||sg[E(x)] - z_q||^2 moves the codes towards the encoder outputs;
         # beta * ||sg[z_q] - E(x)||^2 (commitment) keeps the encoder close to its codes.
         # beta sits on the commitment term, as in the VQ-VAE paper.
         loss = F.mse_loss(e, z_flat.detach()) + self.beta * F.mse_loss(z_flat, e.detach())
@@ -295,7 +298,7 @@ def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, flo
 
 
 # ----- The perceptual loss: LPIPS on VGG16, written out ---------------------------------
-# f_rec of Eq. 3 includes ||phi(x) - phi(x_hat)||: LPIPS (Zhang et al. 2018). The VGG16
+# The paper's f_rec (Eq. 3) is LPIPS (Zhang et al. 2018); train_vq.py adds an L1 term. The VGG16
 # feature extractor below is torchvision's `vgg16().features` layer for layer (same indices,
 # so its state dict loads as is); forward hooks on five ReLUs collect the features.
 
@@ -462,12 +465,14 @@ class PatchDiscriminator(nn.Module):
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator's hinge loss: push real logits above +1 and fake ones below -1."""
+    """Discriminator's hinge loss: push real logits above +1 and fake ones below -1. (Taming
+    Transformers' choice; the paper's Eq. 4 writes the GAN term with log D.)"""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Eq. 4's lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), both gradients taken at
+    """Taming Transformers' adaptive weight (ImageBART's Eq. 4 has none):
+    lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), both gradients taken at
     the decoder's last layer G_L: balances the two terms whatever their scales."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -493,7 +498,9 @@ def vqgan_from_checkpoint(ckpt: dict) -> VQGAN:
 
 def linear_alpha_bar_betas(T: int) -> list[float]:
     """betas [beta_2, ..., beta_T] with alpha_bar falling linearly: alpha_bar_t = (T - t) / (T - 1).
-    For T = 5: alpha_bar = 1, .75, .5, .25, 0 (the official FFHQ chain). beta_t = 1 - ab_t / ab_{t-1}."""
+    For T = 5: alpha_bar = 1, .75, .5, .25, 0: the official `geometric` redraw schedule of its 4-scale
+    configs (the paper's headline chains space their betas evenly in a perceptual metric instead).
+    beta_t = 1 - ab_t / ab_{t-1}."""
     if T < 2:
         raise UserError(f"a chain needs T >= 2, got T = {T}")
     ab = [(T - t) / (T - 1) for t in range(1, T + 1)]  # alpha_bar_1 .. alpha_bar_T
@@ -890,8 +897,9 @@ class ImageBART(nn.Module):
         drawn from q this is an unbiased one-sample estimate of the KL between the sequences,
         exact in each position's K outcomes. At t = 2 the posterior is one-hot on x_1, so the
         very same line is the cross-entropy -log p(x_1 | x_2) of Eq. 8: one code path for all t.
-        "ce": cross-entropy of the sampled x_{t-1} only (what the official FFHQ chain trains
-        most scales with): same expectation up to a constant, more variance."""
+        "ce": cross-entropy of the sampled x_{t-1} only (the official 4-scale FFHQ config trains
+        most scales so; its other configs, and the paper's T = 3 FFHQ chain, use the KL for
+        t > 2): same expectation up to a constant, more variance."""
         q, x_tm1, logits = self.scale_terms(x1, t, labels)
         if kind == "kl":
             per_position = self.diffusion.kl(q, logits)

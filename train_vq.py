@@ -5,8 +5,9 @@
 
 Writes into --out (default runs/<dataset>): vq.pt, tokens.pt, log.jsonl, vq_recon.png.
 Re-running the same command resumes from the last checkpoint; a finished run is left as is.
-The GAN loop is written out below (Eq. 3 for the autoencoder, Eq. 4 for the PatchGAN),
-alternating one generator and one discriminator step.
+The GAN loop is written out below (Eq. 3-4 of the paper for the autoencoder and the PatchGAN,
+with Taming Transformers' hinge loss and adaptive weight), alternating one generator and one
+discriminator step.
 """
 import argparse
 import dataclasses
@@ -124,7 +125,7 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
         x = ib.random_flip(ib.to_float(x_train[idx].to(device)))
         gan_on = step >= cfg.disc_start
 
-        # --- generator (autoencoder) step: Eq. 3 plus lambda * the GAN term of Eq. 4
+        # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term (Eq. 3-4; lambda from Taming)
         with ib.autocast(device):
             x_rec, q_loss, codes = vq(x)
             rec_loss = (x - x_rec).abs().mean()                              # L1 reconstruction
@@ -132,7 +133,7 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
             if lpips is not None and cfg.perceptual_weight > 0:
                 n = cfg.perceptual_batch or cfg.batch_size
                 p_loss = lpips(x[:n], x_rec[:n]).mean()
-            nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec of Eq. 3
+            nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
             g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
         lam = ib.adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight if gan_on else torch.zeros(())
         loss = nll + lam * g_loss + q_loss
