@@ -1384,6 +1384,16 @@ def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
     return dataclasses.replace(cfg, **changes)
 
 
+def check_same_config(saved, wanted, resumable: set, path: str) -> None:
+    """Resuming must continue the same model: every field outside `resumable` (steps, logging,
+    ...) must equal the checkpoint's, else one line names the fields that differ."""
+    diff = [f.name for f in dataclasses.fields(saved)
+            if f.name not in resumable and getattr(saved, f.name) != getattr(wanted, f.name)]
+    if diff:
+        raise UserError(f"{path} was trained with other settings ({', '.join(diff)}); "
+                        f"run the same command as before, or choose another --out")
+
+
 def parse_number_list(text: str, what: str) -> list:
     try:
         return [float(v) if any(c in v for c in ".e") else int(v) for v in text.split(",") if v]

@@ -103,11 +103,7 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     for name in sorted(os.listdir(out)):
         if name.startswith("scale_") and name.endswith(".pt"):
             saved = ib.ChainConfig(**ib.load_checkpoint(os.path.join(out, name), "scale")["config"])
-            diff = [f.name for f in dataclasses.fields(ib.ChainConfig)
-                    if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)]
-            if diff:
-                raise ib.UserError(f"{out}/{name} was trained with other settings ({', '.join(diff)}); "
-                                   f"run the same command as before, or choose another --out")
+            ib.check_same_config(saved, cfg, RESUMABLE, f"{out}/{name}")
     return cfg
 
 

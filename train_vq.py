@@ -66,11 +66,7 @@ def resolve_config(args, out: str) -> tuple[ib.VQConfig, dict | None]:
     ckpt = ib.load_checkpoint(path, "vq")
     saved = ib.VQConfig(**ckpt["config"])
     wanted = dataclasses.replace(cfg, has_perceptual=saved.has_perceptual)
-    diff = [f.name for f in dataclasses.fields(ib.VQConfig)
-            if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(wanted, f.name)]
-    if diff:
-        raise ib.UserError(f"{path} was trained with other settings ({', '.join(diff)}); "
-                           f"run the same command as before, or choose another --out")
+    ib.check_same_config(saved, wanted, RESUMABLE, path)
     if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
         raise ib.UserError(f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; "
                            f"train longer in a new --out")
