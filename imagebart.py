@@ -1791,6 +1791,15 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
 
 # ----- The figures ----------------------------------------------------------------------
 
+def check_judge_options(eval_n: int, judge_steps: int | None, zero_skips: bool = False) -> None:
+    """--eval-n (images per row; 0 = no evaluation where zero_skips) and --judge-steps, checked
+    before any work starts rather than after minutes of training or sampling."""
+    if eval_n < 2 and not (zero_skips and eval_n == 0):
+        raise UserError(f"--eval-n must be >= 2{' (or 0 to skip)' if zero_skips else ''}, got {eval_n}")
+    if judge_steps is not None and judge_steps < 1:
+        raise UserError(f"--judge-steps must be >= 1, got {judge_steps}")
+
+
 DEFAULT_EVAL_GUIDANCE = 0.5               # w of the guided samples row, unless one is given: on the tiny
                                           # shapes run w = 0.5 judged best (98 %; w = 1: 94 %, w = 2: 80 %, README)
 

@@ -228,8 +228,7 @@ def benchmark(args) -> None:
 def evaluate(args, device) -> None:
     """--evaluate: the judge's figures (imagebart.py, appendix C), with the API's sampling
     defaults apart from the guidance; progress lines, then the figures as one JSON line."""
-    if args.eval_n < 2 or (args.judge_steps is not None and args.judge_steps < 1):
-        raise ib.UserError("--eval-n must be >= 2 and --judge-steps >= 1")
+    ib.check_judge_options(args.eval_n, args.judge_steps)
     if args.guidance < 0:
         raise ib.UserError("--guidance must be >= 0")
     if args.out:   # checked (and its folder made) now, not after minutes of sampling

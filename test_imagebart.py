@@ -1151,16 +1151,20 @@ def test_a_run_folder_of_an_older_format_is_one_clear_line(trained_run, tmp_path
     (["--betas", "0.5,0.5"], "last beta must be 1"),
     (["--betas", "0.5,1,1"], "beta_3 = 1 makes x_3 pure noise"),
     (["--T", "3", "--betas", "0.3,0.5,1"], "--T 3 disagrees with --betas"),
-], ids=["scale", "betas", "early-beta-1", "betas-and-T"])
+    (["--eval-n", "-3"], "--eval-n must be >= 2 (or 0 to skip)"),
+    (["--judge-steps", "0"], "--judge-steps must be >= 1"),
+], ids=["scale", "betas", "early-beta-1", "betas-and-T", "eval-n", "judge-steps"])
 def test_train_chain_bad_arguments(trained_run, tmp_path, monkeypatch, capsys, argv, fragment):
-    """train_chain.py --scale 9 (T = 3) and --betas whose last is not 1, on the trained run's
-    first stage copied into a new folder; the trained run itself is not touched."""
+    """train_chain.py with a bad --scale, --betas, --T, --eval-n or --judge-steps, on the trained
+    run's first stage copied into a new folder: one line, no scale trained, the trained run
+    itself not touched."""
     before = snapshot(trained_run.dir)
     code, _, err = run_script(train_chain, ["--out", str(tmp_path / "new"), "--first-stage", trained_run.dir,
                                             *CHAIN_MICRO, *argv], monkeypatch, capsys)
     assert_user_error(code, err, fragment)
     assert snapshot(trained_run.dir) == before
-    assert not any(f.startswith("scale_") for f in os.listdir(tmp_path / "new"))
+    new = tmp_path / "new"                 # options checked before any work may not even make it
+    assert not new.exists() or not any(f.startswith("scale_") for f in os.listdir(new))
 
 
 def test_train_chain_conditional_needs_labels(tmp_path):

@@ -248,6 +248,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
 def main():
     args = build_parser().parse_args()
     train_vq.choose_preset(args)
+    ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     out = train_vq.run_dir(args)
     ib.ensure_writable_dir(out)
     device = ib.pick_device(args.device)
