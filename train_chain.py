@@ -256,6 +256,9 @@ def main():
         raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
     tokens = first_stage(args, out)
     cfg = resolve_config(args, tokens, out)
+    # the weights' initialisation is part of the run: seeded, so that a rerun (or a resumed run
+    # whose first stage was trained in another process) starts every scale from the same weights
+    torch.manual_seed(cfg.seed)
     model = ib.ImageBART(cfg).to(device)
     print(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
           f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
