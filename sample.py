@@ -27,6 +27,9 @@ import imagebart as ib
 from imagebart import MASK_KINDS, pixel_mask, token_mask   # shared with the judge (imagebart.py, appendix C)
 
 
+# -----------------------------------------------------------------------------
+# command line
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -71,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# -----------------------------------------------------------------------------
+# sampling options and conditions, checked before any sampling
+
 def sampling_options(args, T: int) -> dict:
     """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance."""
     def parse(text, name, cast, ok, why):
+        """"0.9" -> 0.9, "1,0.9" -> [1.0, 0.9]; `ok` checks each value's range."""
         if text is None:
             return None
         try:
@@ -82,9 +89,9 @@ def sampling_options(args, T: int) -> dict:
             raise ib.UserError(f"--{name} takes numbers, got {text!r}") from None
         if not all(ok(v) for v in values):
             raise ib.UserError(f"--{name} {text}: {why}")
-        if len(values) not in (1, T - 1):
-            raise ib.UserError(f"--{name} has {len(values)} values; give 1 or {T - 1} (one per scale t = {T}..2)")
-        return values[0] if len(values) == 1 else values
+        value = values[0] if len(values) == 1 else values
+        ib.option_per_scale(value, T, f"--{name}")          # a list needs one value per scale: checked now
+        return value
     if args.guidance < 0:
         raise ib.UserError("--guidance must be >= 0")
     return dict(temperature=parse(args.temperature, "temperature", float, lambda v: v > 0, "must be > 0"),
@@ -96,6 +103,7 @@ def sampling_options(args, T: int) -> dict:
 def parse_classes(args, chain: ib.ImageBART, n: int):
     """-> (labels (n,) or None, samples per row). 'all' gives n samples of every class,
     one row each; a list is cycled over the n samples."""
+    # no --class: unconditional sampling (on a class-conditional chain, the null class)
     if args.classes is None:
         if args.guidance:
             raise ib.UserError("--guidance needs --class: it steers towards a class")
@@ -111,8 +119,12 @@ def parse_classes(args, chain: ib.ImageBART, n: int):
     bad = [c for c in classes if not 0 <= c < chain.num_labels]
     if bad:
         raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
+    # a list is cycled: "--class 1,2 --n 5" gives 1, 2, 1, 2, 1
     return torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n], None
 
+
+# -----------------------------------------------------------------------------
+# images in and out
 
 def load_images(spec: str, resolution: int) -> torch.Tensor:
     """uint8 (B, 3, H, W) from comma-separated image files, resized to the run's resolution."""
@@ -132,7 +144,9 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
 
 
 def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
-    """--out-dir: one PNG per sample; --npz: uint8 NHWC images, codes, labels."""
+    """--out-dir: one PNG per sample; --npz: uint8 NHWC images, codes, labels. Both are for
+    other tools (an FID tool reads the PNGs; numpy users the arrays), so pixels are stored
+    as 8-bit, exactly as the grids show them."""
     u8 = ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()                # (B, H, W, 3)
     if args.out_dir:
         ib.ensure_writable_dir(args.out_dir)
@@ -146,21 +160,28 @@ def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> Non
         print(f"wrote {args.npz}", flush=True)
 
 
+# -----------------------------------------------------------------------------
+# masked editing (Sec. 4.3)
+
 def inpaint(args, vq, chain, opts, g, device) -> None:
+    """--inpaint: regenerate the --mask region of each input, --completions times, and write
+    one row per input: the original, the masked input, the completions."""
     cfg = vq.cfg
+    # --- the inputs, as codes x_1: test codes straight from tokens.pt, or image files encoded
     H = cfg.resolution
     if args.inpaint.startswith("test:"):
         try:
             n_img = int(args.inpaint[5:])
         except ValueError:
             raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
-        tokens = ib.load_checkpoint(os.path.join(args.run, "tokens.pt"), "tokens")
+        tokens = ib.load_tokens(args.run)
         x1 = tokens["test"][:n_img].long().to(device)
         x0 = vq.decode(x1)                             # the images as the first stage sees them
     else:
         x0 = ib.to_float(load_images(args.inpaint, H).to(device))
         x1 = vq.encode(x0)
     B = len(x1)
+    # --- the mask: drawn in pixels, then a token is regenerated when any of its f x f pixels is
     regen_px = pixel_mask(args.mask, H, H, args.seed)
     regen = token_mask(regen_px, cfg.factor)
     if not regen.any():
@@ -168,6 +189,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     if regen.all():
         raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
                            "run sample.py without --inpaint")
+    # --- the completions: every input repeated once per completion, all in one batch
     reps = args.completions
     labels, _ = parse_classes(args, chain, B * reps)      # a list of classes cycles over the completions
     labels = labels.to(device) if labels is not None else None
@@ -185,6 +207,9 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
           f"tokens regenerated), {reps} completions", flush=True)
     save_outputs(args, images.flatten(0, 1), completions, labels)
 
+
+# -----------------------------------------------------------------------------
+# the decoding benchmark and the judge
 
 def benchmark(args) -> None:
     """Cached vs. uncached decoding of the same randomly initialised chain, batch and seed."""
@@ -206,6 +231,7 @@ def benchmark(args) -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0, x
 
+    # same seed on both paths: the key/value cache must not change a single sample
     run(True)
     run(False)                                       # warm-up both paths
     if device.type == "cuda":
@@ -240,6 +266,9 @@ def evaluate(args, device) -> None:
     print(json.dumps(result), flush=True)
 
 
+# -----------------------------------------------------------------------------
+# main: benchmark, evaluate, inpaint, or sample (with --trajectory: every x_t)
+
 def main():
     args = build_parser().parse_args()
     if args.benchmark:
@@ -251,6 +280,7 @@ def main():
         raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
     if args.evaluate:
         return evaluate(args, device)
+    # --- the run: first stage and chain, EMA weights
     vq, chain = ib.load_run(args.run, device)
     opts = sampling_options(args, chain.T)
     g = torch.Generator(device).manual_seed(args.seed)
@@ -258,6 +288,7 @@ def main():
         if args.classes == "all":
             raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
         return inpaint(args, vq, chain, opts, g, device)
+    # --- sampling: x_T uniform, then the T - 1 scales in turn (Sec. 3.3)
     labels, per_row = parse_classes(args, chain, args.n)
     if labels is not None:
         labels = labels.to(device)

@@ -358,13 +358,13 @@ def test_restart_dead_codes_moves_only_unused_codes():
     z = z_flat.T.reshape(1, 3, 40, 1)                          # (B, D, h, w): position i holds z_flat[i]
     _, _, idx = vq(z)
     assert set(idx.flatten().tolist()) == {0, 1, 2, 3}
-    assert vq.restart_dead_codes() == 4
+    assert vq.restart_dead_codes(z) == 4
     after = vq.codebook.weight.detach()
     assert torch.equal(after[:4], before[:4])
     assert (after[4:] - before[4:]).norm(dim=1).min() > 1
     dist_to_z = torch.cdist(after[4:], z_flat).min(1).values
     assert (dist_to_z < 0.05).all()
-    assert vq.restart_dead_codes() == 8                  # nothing was chosen since: all counted dead
+    assert vq.restart_dead_codes(z) == 8                 # nothing was chosen since: all counted dead
 
 
 def test_lpips_taps_with_random_weights():
@@ -1028,6 +1028,36 @@ def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch
     assert code == 0, err
     assert "is finished" in out
     assert snapshot(trained_run.dir) == before
+
+
+def test_e2e_lost_tokens_are_made_again_the_same(trained_run, tmp_path, monkeypatch, capsys):
+    """A finished (shrunk) first stage without its tokens.pt: train_vq.py's command undoes the
+    shrinking, tokenizes again and writes the same codes, labels and K, without training."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copyfile(ib.vq_path(trained_run.dir), ib.vq_path(str(run)))
+    code, out, err = run_script(train_vq, ["--out", str(run), *VQ_MICRO], monkeypatch, capsys)
+    assert code == 0, err
+    assert "trained in" not in out
+    old, new = ib.load_tokens(trained_run.dir), ib.load_tokens(str(run))
+    for key in ("train", "test", "train_labels", "test_labels"):
+        assert torch.equal(old[key], new[key]), key
+    assert (new["num_codes"], new["num_labels"]) == (old["num_codes"], old["num_labels"])
+
+
+def test_train_chain_is_reproducible(trained_run, tmp_path, monkeypatch, capsys):
+    """The same command, run twice in one process on the same first stage, trains bitwise the
+    same weights: the initialisation, the batches and the noise are all seeded, whatever
+    the process drew before."""
+    weights = []
+    for name in ("a", "b"):
+        torch.rand(7)                                      # the global generator in another state
+        code, _, err = run_script(train_chain, ["--out", str(tmp_path / name), "--first-stage", trained_run.dir,
+                                                "--scale", "3", *CHAIN_MICRO], monkeypatch, capsys)
+        assert code == 0, err
+        weights.append(ib.load_checkpoint(ib.scale_path(str(tmp_path / name), 3), "scale")["ema"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):

@@ -23,7 +23,7 @@ import time
 import torch
 
 import imagebart as ib
-import train_vq
+from train_vq import train_first_stage
 
 # Fields that may change when a run is resumed; the others define the model and must match.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches"}
@@ -32,7 +32,7 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches"}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train_vq.add_common_args(p)
+    ib.add_run_args(p)
     p.add_argument("--scale", type=int, default=None, help="train only the model of this t (2..T)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--unconditional", action="store_true", help="ignore the data set's labels")
@@ -51,35 +51,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def first_stage(args, out: str) -> dict:
     """Make sure `out` has vq.pt and tokens.pt (copied, or trained); return the tokens."""
-    for name in ("vq.pt", "tokens.pt"):
+    # --first-stage RUN: copy its vq.pt and tokens.pt (each once; a copy is never overwritten)
+    for path in (ib.vq_path, ib.tokens_path):
         if args.first_stage:
-            src, dst = os.path.join(args.first_stage, name), os.path.join(out, name)
+            src, dst = path(args.first_stage), path(out)
             if not os.path.exists(src):
-                raise ib.UserError(f"--first-stage {args.first_stage} has no {name}")
+                raise ib.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
             if not os.path.exists(dst):
                 shutil.copyfile(src, dst + ".tmp")
                 os.replace(dst + ".tmp", dst)
-    if not os.path.exists(os.path.join(out, "tokens.pt")):
-        ib.preset_config(ib.VQ_PRESETS, args.preset)               # an unknown name: one line, before any work
+    # no first stage yet: train one with the preset of the same name (train_vq.py's code)
+    if not os.path.exists(ib.tokens_path(out)):
+        vq_cfg = ib.preset_config(ib.VQ_PRESETS, args.preset)    # an unknown name: one line, before any work
         print(f"{out} has no first stage yet: training one with preset {args.preset!r}", flush=True)
-        vq_args = train_vq.build_parser().parse_args(
-            ["--dataset", args.dataset, "--preset", args.preset, "--out", out, "--data-root", args.data_root]
-            + (["--lpips-weights", args.lpips_weights] if args.lpips_weights else [])
-            + (["--device", args.device] if args.device else []))
-        train_vq.prepare_first_stage(vq_args)
-    tokens = ib.load_checkpoint(os.path.join(out, "tokens.pt"), "tokens")
-    vq_ckpt = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
+        train_first_stage(vq_cfg, args.dataset, out, args.data_root, args.lpips_weights, args.device)
+    # the codes must be the ones this vq.pt writes: same K after shrinking, same grid
+    tokens = ib.load_tokens(out)
+    vq_ckpt = ib.load_checkpoint(ib.vq_path(out), "vq")
     vq_cfg = ib.VQConfig(**vq_ckpt["config"])
     grid = vq_cfg.resolution // vq_cfg.factor
     K_vq = vq_ckpt["model"]["used_codes"].numel()
     if tokens["num_codes"] != K_vq or tuple(tokens["train"].shape[1:]) != (grid, grid):
-        raise ib.UserError(f"{out}/tokens.pt (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
-                           f"does not match {out}/vq.pt (K = {K_vq}, grid {(grid, grid)})")
+        raise ib.UserError(f"{ib.tokens_path(out)} (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
+                           f"does not match {ib.vq_path(out)} (K = {K_vq}, grid {(grid, grid)})")
     return tokens
 
 
 def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
+    """The chain's config: the preset, the flags the user gave, and what only the codes can
+    say (K after shrinking, the grid, the number of labels). Every check that can fail is
+    made here, before any training."""
     cfg = ib.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
+    # class-conditional when the data set has labels, unless --unconditional
     labeled = "train_labels" in tokens
     if args.conditional and not labeled:
         raise ib.UserError("--conditional: this data set has no labels (use one subfolder per class)")
@@ -100,10 +103,9 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     if args.scale is not None and not 2 <= args.scale <= cfg.T:
         raise ib.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
     # a resumed run must describe the same model
-    for name in sorted(os.listdir(out)):
-        if name.startswith("scale_") and name.endswith(".pt"):
-            saved = ib.ChainConfig(**ib.load_checkpoint(os.path.join(out, name), "scale")["config"])
-            ib.check_same_config(saved, cfg, RESUMABLE, f"{out}/{name}")
+    for t in ib.trained_scales(out):
+        saved = ib.ChainConfig(**ib.load_checkpoint(ib.scale_path(out, t), "scale")["config"])
+        ib.check_same_config(saved, cfg, RESUMABLE, ib.scale_path(out, t))
     return cfg
 
 
@@ -118,9 +120,9 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 @torch.no_grad()
 def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: int, max_batches=None) -> torch.Tensor:
-    """Scale t's term of the bound (Eq. 7) in bits per token, one Monte-Carlo draw for each
-    grid of `codes` (M, h, w) -> (M,) (fewer with max_batches). A fixed generator makes the
-    draws the same at every evaluation."""
+    """Scale t's term of the bound (Eq. 7; on -log p(x_1 | c) when `labels` are given) in bits
+    per token, one Monte-Carlo draw for each grid of `codes` (M, h, w) -> (M,) (fewer with
+    max_batches). A fixed generator makes the draws the same at every evaluation."""
     g = torch.Generator(codes.device).manual_seed(1234)
     out = []
     for b, i in enumerate(range(0, len(codes), batch)):
@@ -132,11 +134,16 @@ def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batc
 
 
 def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> None:
+    """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 3.3: the
+    scales share nothing, so each can run on its own GPU), and save it as scale_<t>.pt."""
     cfg = model.cfg
-    path = os.path.join(out, f"scale_{t}.pt")
+    path = ib.scale_path(out, t)
     net = model.scale(t)
+    # the EMA copy is what gets evaluated, saved for sampling and reported
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+
+    # --- resume: weights, EMA and optimizer state of the last checkpoint
     step = 0
     if os.path.exists(path):
         ckpt = ib.load_checkpoint(path, "scale")
@@ -148,9 +155,12 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
         print(f"scale t={t}: resuming from step {step}", flush=True)
+    # one seed per (run, scale, step): each scale draws its own batches, and a resumed run the
+    # same ones every time it is resumed from that step
     torch.manual_seed(cfg.seed * 1000 + t * 100003 + step)
 
-    train = tokens["train"].to(device).long()
+    # --- data: the whole code data set lives on the device; a batch is one index
+    train = tokens["train"].to(device).long()                  # x_1 (M, h, w), mirrored copies included
     test = tokens["test"].to(device).long()
     y_train = tokens["train_labels"].to(device) if model.num_labels else None
     y_test = tokens["test_labels"].to(device) if model.num_labels else None
@@ -161,24 +171,32 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
           f"{len(train)} training code grids, device {device}", flush=True)
 
     def evaluate() -> float:
-        model.scales[str(t)] = ema                 # evaluate with the EMA weights
+        """This scale's term of the bound on (part of) the test codes, with the EMA weights."""
+        model.scales[str(t)] = ema
         ema.eval()
         bits = bits_per_grid(model, t, test, y_test, 256, cfg.eval_batches).mean().item()
         model.scales[str(t)] = net
         return bits
 
-    def checkpoint(**extra):
-        ib.save_atomic(ib.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict(), **extra), path)
+    def checkpoint():
+        ib.save_atomic(ib.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict()), path)
 
     progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    log = open(ib.log_path(out), "a")
     while step < cfg.steps:
         net.train()
+
+        # --- learning rate: linear warm-up, then cosine decay to a tenth
         lr = ib.cosine_lr(step, cfg.steps, cfg.lr, warmup=cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
+
+        # --- batch: random code grids x_1; a label_dropout share of the labels becomes the
+        # null class, so the same network also learns the unconditional model (guidance)
         idx = torch.randint(0, len(train), (cfg.batch_size,), device=device)
         labels = model.drop_labels(y_train[idx], cfg.label_dropout) if y_train is not None else None
+
+        # --- step: the loss of Eq. 7 (Eq. 8 at t = 2), x_t and x_{t-1} drawn inside from q
         with ib.autocast(device):
             loss = model.loss(train[idx], t, labels, kind=cfg.loss)      # nats per token
         if not torch.isfinite(loss):
@@ -188,19 +206,25 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
-        # EMA of the weights, for evaluation and sampling; its decay ramps up so early
+
+        # --- EMA of the weights, for evaluation and sampling; its decay ramps up so early
         # averages are not dominated by the random initialisation
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1 - decay)
         step += 1
+
+        # --- logging: a progress line with ETA; log.jsonl every log_every steps
         bits = loss.item() / math.log(2)
         progress(step - 1, loss_bits=bits, lr=lr)
         record = {"stage": "chain", "t": t, "step": step, "loss_bits": bits, "grad_norm": grad_norm.item(), "lr": lr}
+
+        # --- evaluate and checkpoint: the test term of the bound, then scale_<t>.pt
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             record["test_bits"] = evaluate()
-            print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token (EMA weights)", flush=True)
+            print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token"
+                  f"{' given the class' if model.num_labels else ''} (EMA weights)", flush=True)
             checkpoint()
         if step % cfg.log_every == 0 or "test_bits" in record:
             log.write(json.dumps(record) + "\n")
@@ -225,8 +249,8 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
               "per_scale": {str(t): v for t, v in bits_by_scale.items()},
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "conditional": bool(chain.num_labels),
               "test_grids": len(test), "exact": chain.T == 2}
-    ib.save_json_atomic(report, os.path.join(out, "bound.json"))
-    with open(os.path.join(out, "log.jsonl"), "a") as log:
+    ib.save_json_atomic(report, ib.bound_path(out))
+    with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
     what = "exact NLL" if chain.T == 2 else "upper bound on NLL"
     what += " given the class" if chain.num_labels else ""
@@ -234,6 +258,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
           f"(uniform: log2 K = {math.log2(K):.3f})"
           + "".join(f"\n  t={t}: {v:.4f}" for t, v in bits_by_scale.items()), flush=True)
 
+    # samples.png: a fixed seed, so that runs can be compared picture by picture
     g = torch.Generator(device).manual_seed(0)
     if chain.num_labels:   # one row per class
         labels = torch.arange(chain.num_labels, device=device).repeat_interleave(samples_per_row)
@@ -242,18 +267,21 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     n = len(labels) if labels is not None else samples_per_row * samples_per_row
     x1 = chain.sample(n, labels, generator=g)
     ib.save_image_grid(vq.decode(x1), os.path.join(out, "samples.png"), nrow=samples_per_row)
-    print(f"wrote {out}/bound.json and {out}/samples.png", flush=True)
+    print(f"wrote {ib.bound_path(out)} and {os.path.join(out, 'samples.png')}", flush=True)
 
 
 def main():
+    # --- command line: everything that can be refused is refused before any work
     args = build_parser().parse_args()
-    train_vq.choose_preset(args)
+    ib.choose_preset(args)
     ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
-    out = train_vq.run_dir(args)
+    out = ib.run_dir(args.dataset, args.out)
     ib.ensure_writable_dir(out)
     device = ib.pick_device(args.device)
     if args.first_stage and not os.path.isdir(args.first_stage):
         raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
+
+    # --- the first stage and its codes x_1 (trained here when the run folder has none)
     tokens = first_stage(args, out)
     cfg = resolve_config(args, tokens, out)
     # the weights' initialisation is part of the run: seeded, so that a rerun (or a resumed run
@@ -263,13 +291,16 @@ def main():
     print(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
           f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
           f"N = {cfg.N} tokens, {'class-conditional' if cfg.num_labels else 'unconditional'}", flush=True)
+
+    # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
     t0 = time.time()
     for t in ([args.scale] if args.scale else range(cfg.T, 1, -1)):
         train_scale(model, t, tokens, out, device)
     print(f"chain training took {time.time() - t0:.0f}s", flush=True)
-    done = all(os.path.exists(os.path.join(out, f"scale_{t}.pt")) and
-               ib.load_checkpoint(os.path.join(out, f"scale_{t}.pt"), "scale")["step"] >= cfg.steps
+    done = all(t in ib.trained_scales(out) and ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] >= cfg.steps
                for t in range(2, cfg.T + 1))
+    # --- once every scale is trained (by this process or by others, one --scale each):
+    # the bound, samples, and the judge's figures
     if done:
         final_report(out, tokens, device, args.samples)
         if args.eval_n and cfg.num_labels:   # the judge's figures (imagebart.py, appendix C)

