@@ -1843,8 +1843,13 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
         else record["spec"]
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "folder"
     path = os.path.join(judge_dir, f"{name}-{x_train.shape[-1]}px-{digest}.pt")
+    ckpt = None
     if os.path.exists(path):
-        ckpt = load_checkpoint(path, "judge")
+        try:
+            ckpt = load_checkpoint(path, "judge")
+        except UserError as e:   # another version's (or a damaged) file: a cache, so train it again
+            log(f"judge: not using the cached file: {e}")
+    if ckpt is not None:
         judge = Judge(JudgeConfig(**ckpt["config"]), ckpt["num_classes"])
         judge.load_state_dict(ckpt["model"])
         judge = judge.to(device).eval()

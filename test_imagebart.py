@@ -1030,6 +1030,23 @@ def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch
     assert snapshot(trained_run.dir) == before
 
 
+def test_judge_cache_of_another_version_is_trained_again(tmp_path):
+    """A cached judge written by another version of the code (no format key) is not an error:
+    it is trained again and replaces the cache entry, which the next call then reads."""
+    x, y = ib.make_shapes(40, seed=3)[:2]
+    data = {"train": (x, y, 10), "test": (x[:8], y[:8], 10)}
+    record, cfg = ib.dataset_record("shapes", 32), ib.JudgeConfig(steps=3, batch_size=8)
+    lines = []
+    _, info = ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
+    assert info["cached"] is False
+    old = torch.load(info["file"], weights_only=True)
+    del old["format"]
+    torch.save(old, info["file"])
+    _, again = ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
+    assert again["cached"] is False and any("not using the cached file" in line for line in lines)
+    assert ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)[1]["cached"] is True
+
+
 def test_e2e_lost_tokens_are_made_again_the_same(trained_run, tmp_path, monkeypatch, capsys):
     """A finished (shrunk) first stage without its tokens.pt: train_vq.py's command undoes the
     shrinking, tokenizes again and writes the same codes, labels and K, without training."""
