@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import tarfile
 import time
@@ -577,6 +578,51 @@ class MultinomialDiffusion:
 # encoder. For t = T, x_T is pure noise and carries no information: that scale is a plain
 # decoder-only transformer (the usual autoregressive model, e.g. Taming Transformers).
 
+# ----- The text condition (Sec. 4.2) -------------------------------------------------
+# The paper conditions its text chains on CLIP-tokenized captions. Here a word-level tokenizer,
+# built from the training captions, does the same job without a dependency: a caption becomes
+# `max_len` token ids, padded with PAD. The empty caption is all PAD, and it is the null
+# condition of classifier-free guidance, just as the null class is for labels.
+
+class Tokenizer:
+    PAD, UNK = 0, 1                 # ids 0 and 1 of every vocabulary; words follow from id 2
+
+    def __init__(self, vocab: list[str], max_len: int):
+        self.vocab, self.max_len = list(vocab), max_len
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        """Lower-case words; a hyphen joins ("half-disc" is one word), other punctuation splits."""
+        return re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower())
+
+    @classmethod
+    def build(cls, captions: Sequence[str]) -> "Tokenizer":
+        """Every word of the training captions; the longest caption sets max_len, so no training
+        caption is ever cut."""
+        words = sorted({w for c in captions for w in cls.words(c)})
+        return cls(["<pad>", "<unk>"] + words, max(1, max((len(cls.words(c)) for c in captions), default=1)))
+
+    def unknown(self, texts: Sequence[str]) -> list[str]:
+        return sorted({w for t in texts for w in self.words(t) if w not in self.ids})
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """[B strings] -> token ids (B, max_len), PAD-filled. An unknown word becomes UNK; a text
+        longer than max_len is an error, never cut short."""
+        out = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
+        for b, text in enumerate(texts):
+            words = self.words(text)
+            if len(words) > self.max_len:
+                raise UserError(f"the prompt {text!r} has {len(words)} words; this chain reads at most "
+                                f"{self.max_len} (its longest training caption)")
+            out[b, :len(words)] = torch.tensor([self.ids.get(w, self.UNK) for w in words], dtype=torch.long)
+        return out
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """token ids (B, L) -> [B strings]; PAD is dropped, UNK shown as <unk>."""
+        return [" ".join(self.vocab[i] for i in row.tolist() if i != self.PAD) for row in ids]
+
+
 @dataclass
 class ChainConfig:
     # --- the chain
@@ -598,7 +644,7 @@ class ChainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.995
-    label_dropout: float = 0.1            # to the null class, for classifier-free guidance
+    label_dropout: float = 0.1            # to the null class or the empty caption, for classifier-free guidance
     loss: str = "kl"                      # "kl" (Eq. 7) or "ce" (cross-entropy on the sampled x_{t-1})
     log_every: int = 50
     ckpt_every: int = 500
@@ -607,7 +653,12 @@ class ChainConfig:
     # --- filled in from tokens.pt
     num_codes: int = field(default=0, metadata={"cli": False})       # K after shrinking
     grid: list = field(default_factory=lambda: [8, 8], metadata={"cli": False})  # (h, w) of x_1
-    num_labels: int = field(default=0, metadata={"cli": False})      # 0 = unconditional
+    num_labels: int = field(default=0, metadata={"cli": False})      # 0 = not class-conditional
+    # --- a text-conditional chain (train_chain.py --condition text): the tokenizer's vocabulary
+    # and caption length (0 = no text), and the training combinations left out (--holdout)
+    vocab: list = field(default_factory=list, metadata={"cli": False})
+    text_len: int = field(default=0, metadata={"cli": False})
+    holdout: list = field(default_factory=list, metadata={"cli": False})  # ["green star", ...]
 
     @property
     def N(self) -> int:
@@ -644,6 +695,7 @@ class Attention(nn.Module):
         # x: (B, L, C) queries; keys/values from x (self) or context (B, S, C) (cross)
         heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)   # (B, nh, L, hs)
         q = heads(self.to_q(x))
+        past = cache is not None and context is None and "k" in cache       # earlier positions cached
         if cache is not None and context is not None and "k" in cache:
             k, v = cache["k"], cache["v"]                       # fixed encoder output: reuse
         else:
@@ -652,9 +704,10 @@ class Attention(nn.Module):
                 if context is None and "k" in cache:            # append this step to the past
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        # with a cache the query is the newest position and every cached key is in its past,
-        # so no mask is needed; without one, the causal mask hides the future
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and cache is None,
+        # once positions are cached, the query is the newest one and every key is in its past,
+        # so no mask is needed; otherwise (no cache, or the first call filling it with several
+        # positions, e.g. a text prefix) the causal mask hides the future
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and not past,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 
@@ -697,12 +750,16 @@ class ScaleTransformer(nn.Module):
         d, K, N = cfg.n_embd, cfg.num_codes, cfg.N
         self.t, self.K = t, K
         self.has_encoder = t < cfg.T
-        self.conditional = cfg.num_labels > 0
+        self.conditional = cfg.num_labels > 0          # class labels
+        self.text_len = cfg.text_len                   # a caption of text_len tokens (0 = none)
         self.START = K  # the start token has its own embedding row, after the K codes
         self.dec_tok = nn.Embedding(K + 1, d)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(1, N, d))
         if self.conditional:
             self.class_emb = nn.Embedding(cfg.num_labels + 1, d)   # last row: the null class
+        if self.text_len:                              # the caption's own embeddings and positions
+            self.text_tok = nn.Embedding(len(cfg.vocab), d)
+            self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.text_len, d))
         self.align_tok = None
         if self.has_encoder:
             self.enc_tok = nn.Embedding(K, d)
@@ -728,18 +785,34 @@ class ScaleTransformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def encode(self, x_t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """x_t (B, N) -> memory (B, N [+1 class token], C); None for the decoder-only scale."""
+    # The condition c is a class (B,) on a class-conditional chain, token ids (B, text_len) on a
+    # text-conditional one (the official conditional chains place their condition's tokens in
+    # the encoder the same way), None on an unconditional one.
+
+    def embed_text(self, c: torch.Tensor) -> torch.Tensor:
+        return self.text_tok(c) + self.text_pos                           # (B, text_len, C)
+
+    def text_prefix(self, c) -> torch.Tensor | None:
+        """The decoder-only scale t = T has no encoder: its caption is a prefix of the decoder's
+        sequence, [caption, START, x^0, ...], read through the same causal self-attention (so
+        every image token sees the whole caption; a word sees only the words before it)."""
+        return self.embed_text(c) if self.text_len and not self.has_encoder else None
+
+    def encode(self, x_t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | None:
+        """x_t (B, N) -> memory (B, [class token or text_len caption tokens +] N, C); None for
+        the decoder-only scale."""
         if not self.has_encoder:
             return None
         h = self.enc_tok(x_t) + self.enc_pos                              # (B, N, C)
         if self.conditional:
-            h = torch.cat([self.class_emb(labels)[:, None], h], dim=1)    # (B, 1 + N, C)
+            h = torch.cat([self.class_emb(c)[:, None], h], dim=1)         # (B, 1 + N, C)
+        if self.text_len:
+            h = torch.cat([self.embed_text(c), h], dim=1)                 # (B, text_len + N, C)
         for block in self.encoder:
             h = block(h)                                                  # no mask: bidirectional
         return self.enc_ln(h)
 
-    def embed_decoder(self, tokens_in, x_t, labels, offset: int):
+    def embed_decoder(self, tokens_in, x_t, c, offset: int):
         """Decoder input at positions offset .. offset+L-1. tokens_in (B, L) holds, for position
         i, the token x^{i-1}_{t-1} (START at i = 0): the right shift that makes it causal."""
         L = tokens_in.shape[1]
@@ -747,7 +820,7 @@ class ScaleTransformer(nn.Module):
         if self.align_tok is not None:
             h = h + self.align_tok(x_t[:, offset:offset + L])              # x^i_t at position i
         if self.conditional and offset == 0:                               # the class enters at START
-            h = torch.cat([h[:, :1] + self.class_emb(labels)[:, None], h[:, 1:]], dim=1)
+            h = torch.cat([h[:, :1] + self.class_emb(c)[:, None], h[:, 1:]], dim=1)
         return h
 
     def logits(self, h, x_t, offset: int):
@@ -758,25 +831,34 @@ class ScaleTransformer(nn.Module):
             out = self.logit_scale * out + self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
         return out
 
-    def decode(self, memory, x_t, x_tm1, labels):
+    def decode(self, memory, x_t, x_tm1, c):
         """Teacher-forced decoder: logits (B, L, K) for positions 0..L-1 given x_tm1 (B, L).
         Position i only sees x^{<i}_{t-1}: the last token of x_tm1 is never an input."""
         start = torch.full_like(x_tm1[:, :1], self.START)
-        h = self.embed_decoder(torch.cat([start, x_tm1[:, :-1]], dim=1), x_t, labels, 0)
+        h = self.embed_decoder(torch.cat([start, x_tm1[:, :-1]], dim=1), x_t, c, 0)
+        prefix = self.text_prefix(c)
+        if prefix is not None:
+            h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
         for block in self.decoder:
             h = block(h, memory, causal=True)
+        if prefix is not None:
+            h = h[:, prefix.shape[1]:]                                       # the image positions
         return self.logits(h, x_t, 0)
 
-    def forward(self, x_t, x_tm1, labels=None):
-        """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t)."""
-        return self.decode(self.encode(x_t, labels), x_t, x_tm1, labels)
+    def forward(self, x_t, x_tm1, c=None):
+        """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)."""
+        return self.decode(self.encode(x_t, c), x_t, x_tm1, c)
 
-    def step(self, token_in, i: int, memory, x_t, labels, caches: list[dict]):
-        """One cached decoding step: token_in (B,) = x^{i-1}_{t-1} (or START) -> logits (B, K) at i."""
-        h = self.embed_decoder(token_in[:, None], x_t, labels, i)          # (B, 1, C)
+    def step(self, token_in, i: int, memory, x_t, c, caches: list[dict]):
+        """One cached decoding step: token_in (B,) = x^{i-1}_{t-1} (or START) -> logits (B, K) at i.
+        A text prefix enters the cache with the first step, in one causal pass."""
+        h = self.embed_decoder(token_in[:, None], x_t, c, i)               # (B, 1, C)
+        prefix = self.text_prefix(c) if i == 0 else None
+        if prefix is not None:
+            h = torch.cat([prefix, h], dim=1)                                # (B, text_len + 1, C)
         for block, cache in zip(self.decoder, caches):
-            h = block(h, memory, cache=cache)
-        return self.logits(h, x_t, i)[:, 0]
+            h = block(h, memory, causal=True, cache=cache)
+        return self.logits(h[:, -1:], x_t, i)[:, 0]
 
 
 # =====================================================================================
@@ -825,6 +907,7 @@ class ImageBART(nn.Module):
         self.cfg = cfg
         self.diffusion = MultinomialDiffusion(cfg.num_codes, cfg.schedule())
         self.num_labels = cfg.num_labels or None
+        self.tokenizer = Tokenizer(cfg.vocab, cfg.text_len) if cfg.text_len else None
         self.scales = nn.ModuleDict({str(t): ScaleTransformer(cfg, t, self.diffusion.beta(t))
                                      for t in range(2, self.diffusion.T + 1)})
 
@@ -835,8 +918,30 @@ class ImageBART(nn.Module):
     def scale(self, t: int) -> ScaleTransformer:
         return self.scales[str(t)]
 
-    def _labels(self, labels, B: int, device) -> torch.Tensor | None:
-        """None on an unconditional chain; the null class where no labels are given."""
+    # ----- the condition c: a class, a caption, or nothing -----------------------------
+
+    def condition(self, labels, text, B: int, device) -> torch.Tensor | None:
+        """The condition c of B rows, from the user's `labels` or `text`; the null condition
+        (the null class, the empty caption) where none is given. None on an unconditional chain.
+        labels: a class index, or one per row. text: a list of B strings (or one, for all), or
+        token ids (B, text_len) already made by `self.tokenizer`."""
+        if self.tokenizer is not None:                 # a text-conditional chain
+            if labels is not None:
+                raise ValueError("this chain is conditioned on text; it takes text, not labels")
+            if text is None:
+                return torch.full((B, self.cfg.text_len), Tokenizer.PAD, dtype=torch.long, device=device)
+            if isinstance(text, torch.Tensor):
+                return text.to(device).long()
+            if isinstance(text, str):
+                text = [text]
+            if len(text) not in (1, B):
+                raise ValueError(f"text has {len(text)} prompts for {B} samples; give 1 or {B}")
+            unknown = self.tokenizer.unknown(text)
+            if unknown:
+                warnings.warn(f"words not in this chain's vocabulary become <unk>: {', '.join(unknown)}")
+            return self.tokenizer.encode(list(text)).to(device).expand(B, -1)
+        if text is not None:
+            raise ValueError("this chain is not conditioned on text; it takes no text")
         if self.num_labels is None:
             if labels is not None:
                 raise ValueError("this chain is unconditional; it takes no labels")
@@ -850,16 +955,21 @@ class ImageBART(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_labels}] ({self.num_labels} = none)")
         return labels
 
-    def drop_labels(self, labels, p: float):
-        """Replace a fraction p of the labels by the null class (classifier-free guidance)."""
-        if labels is None or p <= 0:
-            return labels
-        return torch.where(torch.rand(labels.shape, device=labels.device) < p,
-                           torch.full_like(labels, self.num_labels), labels)
+    def null_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """The null class, or the empty caption (all PAD), for every row of c."""
+        return torch.full_like(c, Tokenizer.PAD if self.tokenizer is not None else self.num_labels)
+
+    def drop_condition(self, c, p: float):
+        """Replace a fraction p of the rows of c by the null condition (classifier-free guidance:
+        the same network then also learns the unconditional model)."""
+        if c is None or p <= 0:
+            return c
+        drop = torch.rand(c.shape[0], device=c.device) < p
+        return torch.where(drop.view(-1, *[1] * (c.dim() - 1)), self.null_condition(c), c)
 
     # ----- training (Eq. 7-8) ----------------------------------------------------------
 
-    def scale_terms(self, x1, t: int, labels=None, generator=None):
+    def scale_terms(self, x1, t: int, labels=None, generator=None, text=None):
         """One Monte-Carlo draw of scale t's term, per position:
         x_t ~ q(x_t | x_1) (Eq. 6), x_{t-1} ~ q(x_{t-1} | x_t, x_1), decoder teacher-forced on
         that x_{t-1}. -> (posterior q (B, N, K), sampled x_{t-1} (B, N), logits (B, N, K))."""
@@ -867,10 +977,10 @@ class ImageBART(nn.Module):
         x_t = self.diffusion.q_sample(x1, t, generator)
         q = self.diffusion.q_posterior(x_t, x1, t)
         x_tm1 = self.diffusion.draw(q, generator)
-        logits = self.scale(t)(x_t, x_tm1, self._labels(labels, x1.shape[0], x1.device))
+        logits = self.scale(t)(x_t, x_tm1, self.condition(labels, text, x1.shape[0], x1.device))
         return q, x_tm1, logits
 
-    def loss(self, x1, t: int, labels=None, kind: str = "kl") -> torch.Tensor:
+    def loss(self, x1, t: int, labels=None, kind: str = "kl", text=None) -> torch.Tensor:
         """Scale t's training loss in nats per token.
 
         "kl" (Eq. 7): sum over positions i of KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
@@ -881,7 +991,7 @@ class ImageBART(nn.Module):
         "ce": cross-entropy of the sampled x_{t-1} only (the official 4-scale FFHQ config trains
         most scales so; its other configs, and the paper's T = 3 FFHQ chain, use the KL for
         t > 2): same expectation up to a constant, more variance."""
-        q, x_tm1, logits = self.scale_terms(x1, t, labels)
+        q, x_tm1, logits = self.scale_terms(x1, t, labels, text=text)
         if kind == "kl":
             per_position = self.diffusion.kl(q, logits)
         elif kind == "ce":
@@ -891,54 +1001,55 @@ class ImageBART(nn.Module):
         return per_position.mean()
 
     @torch.no_grad()
-    def scale_bits(self, x1, t: int, labels=None, generator=None) -> torch.Tensor:
+    def scale_bits(self, x1, t: int, labels=None, generator=None, text=None) -> torch.Tensor:
         """Scale t's term of the bound (one draw of Eq. 7), in bits per token, per sample (B,)."""
-        q, _, logits = self.scale_terms(x1, t, labels, generator)
+        q, _, logits = self.scale_terms(x1, t, labels, generator, text)
         return self.diffusion.kl(q, logits).sum(-1) / (x1[0].numel() * math.log(2))
 
     @torch.no_grad()
-    def nll(self, x1, labels=None, terms: bool = False, generator=None):
-        """Upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,): given the class c
-        on a class-conditional chain (labels; None = the null class), else on -log2 p(x_1):
+    def nll(self, x1, labels=None, text=None, *, terms: bool = False, generator=None):
+        """Upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,): given the condition
+        c on a conditional chain (labels or text; None = the null condition), else on -log2 p(x_1):
             -log p(x_1 | c) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t, c)) ]
         (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
         vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
         exact autoregressive likelihood. terms=True also returns {t: bits per token (B,)}."""
-        by_scale = {t: self.scale_bits(x1, t, labels, generator) for t in range(self.T, 1, -1)}
+        by_scale = {t: self.scale_bits(x1, t, labels, generator, text) for t in range(self.T, 1, -1)}
         total = sum(by_scale.values())
         return (total, by_scale) if terms else total
 
     # ----- sampling and masked editing (Sec. 3.3, 4.3) ---------------------------------
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
-    def decode_scale(self, t: int, x_t, labels, *, temperature=1.0, top_k=None, top_p=None,
+    def decode_scale(self, t: int, x_t, c, *, temperature=1.0, top_k=None, top_p=None,
                      guidance: float = 0.0, use_cache: bool = True, forced=None, force_mask=None,
                      generator=None) -> torch.Tensor:
         """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), one token at a time.  x_t (B, N) -> (B, N).
 
-        Classifier-free guidance runs the batch twice, with the labels and with the null
-        class, and samples from (1 + w) * cond - w * uncond logits.
+        c: the condition of each row (see `condition`). Classifier-free guidance runs the batch
+        twice, with c and with the null condition, and samples from (1 + w) * cond - w * uncond
+        logits.
         Where force_mask (B, N) is True the token is not sampled but set to `forced`: the
         decoder then conditions every later token on it (masked editing)."""
         model = self.scale(t)
         B, N = x_t.shape
-        # With guidance every row runs twice: rows 0..B-1 with the labels (conditional),
-        # rows B..2B-1 with the null class (unconditional). `both` stacks a (B, ...) tensor so.
+        # With guidance every row runs twice: rows 0..B-1 with c (conditional), rows B..2B-1
+        # with the null condition (unconditional). `both` stacks a (B, ...) tensor so.
         both = (lambda z: torch.cat([z, z])) if guidance else (lambda z: z)
         if guidance:
-            if labels is None or (labels == self.num_labels).all():
-                raise ValueError("guidance needs class labels")
-            labels = torch.cat([labels, torch.full_like(labels, self.num_labels)])     # (2B,)
+            if c is None or (c == self.null_condition(c)).all():
+                raise ValueError("guidance needs a condition: class labels or text")
+            c = torch.cat([c, self.null_condition(c)])    # (2B,) or (2B, text_len)
         x_t = both(x_t)                                   # (B or 2B, N)
-        memory = model.encode(x_t, labels)                # the encoder runs once per scale
+        memory = model.encode(x_t, c)                     # the encoder runs once per scale
         out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
         caches = [{} for _ in model.decoder]
         token_in = torch.full((x_t.shape[0],), model.START, dtype=torch.long, device=x_t.device)
         for i in range(N):
             if use_cache:
-                logits = model.step(token_in, i, memory, x_t, labels, caches)
+                logits = model.step(token_in, i, memory, x_t, c, caches)
             else:  # no cache: re-run the decoder over the whole prefix 0..i for every new token
-                logits = model.decode(memory, x_t, both(out[:, :i + 1]), labels)[:, i]
+                logits = model.decode(memory, x_t, both(out[:, :i + 1]), c)[:, i]
             if guidance:
                 cond, uncond = logits.float().chunk(2)                               # (B, K) each
                 logits = (1 + guidance) * cond - guidance * uncond
@@ -951,7 +1062,7 @@ class ImageBART(nn.Module):
         return out
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
-    def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, temperature=1.0, top_k=None,
+    def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, text=None, temperature=1.0, top_k=None,
                      top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
                      context: str = "clean", generator=None) -> list[torch.Tensor]:
         """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w).
@@ -972,7 +1083,7 @@ class ImageBART(nn.Module):
         T, N = self.T, h * w
         opts = {name: option_per_scale(v, T, name) for name, v in
                 (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
-        labels = self._labels(labels, n, device)
+        c = self.condition(labels, text, n, device)
         x_t = torch.randint(0, self.diffusion.K, (n, N), generator=generator, device=device)  # x_T ~ uniform
         if x1 is not None:
             if context not in ("clean", "noised"):
@@ -986,19 +1097,19 @@ class ImageBART(nn.Module):
             kw = dict(temperature=opts["temperature"][t], top_k=opts["top_k"][t], top_p=opts["top_p"][t],
                       guidance=guidance, use_cache=use_cache, generator=generator)
             if x1 is None:
-                x_t = self.decode_scale(t, x_t, labels, **kw)
+                x_t = self.decode_scale(t, x_t, c, **kw)
             else:
                 forced = x1 if context == "clean" else \
                     self.diffusion.draw(self.diffusion.q_posterior(x_t, x1, t), generator)
-                x_tm1 = self.decode_scale(t, x_t, labels, forced=forced, force_mask=keep, **kw)
+                x_tm1 = self.decode_scale(t, x_t, c, forced=forced, force_mask=keep, **kw)
                 rounds = refine if t < T else 0
                 for r in range(1, rounds + 1):
-                    x_tm1 = self.forward_backward(t, x_t, x_tm1, keep, forced, labels, r, rounds, **kw)
+                    x_tm1 = self.forward_backward(t, x_t, x_tm1, keep, forced, c, r, rounds, **kw)
                 x_t = x_tm1
             trajectory.append(x_t)
         return [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in trajectory]
 
-    def forward_backward(self, t: int, x_t, x_tm1, keep, forced, labels, r: int, rounds: int, **kw):
+    def forward_backward(self, t: int, x_t, x_tm1, keep, forced, c, r: int, rounds: int, **kw):
         """Round r of `rounds` of masked forward-backward sampling at scale t (Sec. 4.3): go
         one step forward, x_t' ~ q(x_t | x_{t-1}) (Eq. 5) on the regenerated tokens only, then
         back, x_{t-1} ~ p^{t-1}(x_{t-1} | x_t', c), given tokens forced again. Tokens written
@@ -1009,21 +1120,22 @@ class ImageBART(nn.Module):
         beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
         noised = self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
         x_t_again = torch.where(keep, x_t, noised)           # the given positions keep x_t's tokens
-        return self.decode_scale(t, x_t_again, labels, forced=forced, force_mask=keep, **kw)
+        return self.decode_scale(t, x_t_again, c, forced=forced, force_mask=keep, **kw)
 
-    def sample(self, n: int, labels=None, **sampling) -> torch.Tensor:
-        """n samples x_1 (n, h, w) from the chain; labels None = unconditional (null class)."""
+    def sample(self, n: int, labels=None, text=None, **sampling) -> torch.Tensor:
+        """n samples x_1 (n, h, w) from the chain, given classes `labels` or prompts `text` (a
+        list of n strings); neither = the null condition (unconditional)."""
         for name in ("refine", "context"):
             if name in sampling:
                 raise ValueError(f"{name} applies to masked editing: use inpaint")
-        return self.sample_chain(n, labels, **sampling)[-1]
+        return self.sample_chain(n, labels, text=text, **sampling)[-1]
 
-    def inpaint(self, x1, keep, labels=None, *, refine: int = INPAINT_REFINE, context: str = "clean",
+    def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, context: str = "clean",
                 **sampling) -> torch.Tensor:
         """Complete x_1 (B, h, w) where keep (B, h, w) is False; kept tokens are returned as given.
         The defaults are what sample.py --inpaint uses and the README recommends."""
-        return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, refine=refine, context=context,
-                                 **sampling)[-1]
+        return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, text=text, refine=refine,
+                                 context=context, **sampling)[-1]
 
 
 # =====================================================================================
@@ -1031,8 +1143,8 @@ class ImageBART(nn.Module):
 # =====================================================================================
 # A run folder (--out, default runs/<dataset>) holds
 #   vq.pt          the first stage: config, weights, the shrunk-code map, optimizer states
-#   tokens.pt      the data set as codes x_1 (train with mirrored copies, test), labels,
-#                  and the record of which data set it is
+#   tokens.pt      the data set as codes x_1 (train with mirrored copies, test), labels and
+#                  captions where it has them, and the record of which data set it is
 #   scale_<t>.pt   p^{t-1}(x_{t-1} | x_t, c) for one t: config, betas, weights, EMA weights, optimizer
 #   log.jsonl      one JSON object per logged step, bound.json, eval.json, and pictures
 # Each file name is spelled once (the path helpers below) and each checkpoint kind is built by
@@ -1126,12 +1238,16 @@ def vq_checkpoint(vq: VQGAN, disc: dict, opt_g: dict, opt_d: dict, step: int, da
 
 
 def tokens_checkpoint(train: torch.Tensor, test: torch.Tensor, num_codes: int, dataset: dict,
-                      train_labels=None, test_labels=None, num_labels: int = 0) -> dict:
-    """tokens.pt: the codes of every training and test image, int16 (N, h, w) to keep it small."""
+                      train_labels=None, test_labels=None, num_labels: int = 0,
+                      train_captions: list | None = None, test_captions: list | None = None) -> dict:
+    """tokens.pt: the codes of every training and test image, int16 (N, h, w) to keep it small,
+    with their labels and captions where the data set has them (one per code grid)."""
     tokens = {"kind": "tokens", "train": train.to(torch.int16), "test": test.to(torch.int16),
               "num_codes": num_codes, "num_labels": num_labels, "dataset": dataset}
     if train_labels is not None:
         tokens.update(train_labels=train_labels, test_labels=test_labels)
+    if train_captions is not None:
+        tokens.update(train_captions=list(train_captions), test_captions=list(test_captions))
     return tokens
 
 
@@ -1279,17 +1395,31 @@ SHAPE_FOREGROUNDS = [0, 1, 2, 3, 4, 5, 6]  # palette rows a shape may have
 SHAPE_BACKGROUNDS = [7]                    # palette rows a background may have (never the shape's)
 
 
-def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+
+def dominant_colours(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> (B,) the palette row most of each image's pixels are nearest
+    to, background rows (SHAPE_BACKGROUNDS) left out: a shape's colour; -1 for an image with
+    no pixel off the background."""
+    pixels = rearrange(images.float(), "b c h w -> b (h w) c")
+    nearest = torch.cdist(pixels, torch.as_tensor(PALETTE, dtype=torch.float32)[None]).argmin(-1)   # (B, HW)
+    counts = F.one_hot(nearest, len(PALETTE)).sum(1)                                   # (B, colours)
+    counts[:, SHAPE_BACKGROUNDS] = 0
+    return torch.where(counts.sum(1) > 0, counts.argmax(1), -1)
+
+def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The built-in data set: one shape per image, 10 classes (SHAPE_CLASSES), in a random
     palette colour on a flat background (SHAPE_FOREGROUNDS, SHAPE_BACKGROUNDS), with a random size,
     rotation and a position near the centre (so that either half of an image shows part of
     the shape: completing an upper half is then a question with an answer). Deterministic in
-    (n, seed); drawn at 4x and box-filtered down so edges are anti-aliased.
-    -> (uint8 images (n, 3, H, W), long labels (n,))"""
+    (n, seed); drawn at 4x and box-filtered down so edges are anti-aliased. Each image also
+    gets the full caption of the parameters that drew it (shape_caption; a caption is made from
+    the draws, it draws nothing, so the images do not depend on it).
+    -> (uint8 images (n, 3, H, W), long labels (n,), captions [n strings])"""
     rng = np.random.default_rng(seed)
     S = resolution * 4
     images = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
     labels = rng.integers(0, len(SHAPE_CLASSES), size=n)
+    captions = []
     for i in range(n):
         bg = rng.choice(SHAPE_BACKGROUNDS)
         fg = rng.choice([c for c in SHAPE_FOREGROUNDS if c != bg])
@@ -1300,7 +1430,62 @@ def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tens
         canvas = Image.new("RGB", (S, S), bg_rgb)
         _draw_shape(ImageDraw.Draw(canvas), int(labels[i]), cx, cy, r, rot, tuple(int(v) for v in PALETTE[fg]), bg_rgb)
         images[i] = np.asarray(canvas.resize((resolution, resolution), Image.BOX))
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
+        # words for the draws: size by tertile of its range; the position by the centre's offset,
+        # a third of its range either way being "centre"/"middle"
+        size = SHAPE_SIZES[min(2, int((r / S - 0.25) / 0.03))]
+        hpos = "left" if cx < 0.4733 * S else "right" if cx > 0.5267 * S else "centre"
+        vpos = "upper" if cy < 0.4733 * S else "lower" if cy > 0.5267 * S else "middle"
+        captions.append(shape_caption(dict(size=size, colour=PALETTE_NAMES[fg], shape=SHAPE_CLASSES[labels[i]],
+                                           position=f"{vpos} {hpos}", background=PALETTE_NAMES[bg])))
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(), captions
+
+
+# ----- Captions (Sec. 4.2: text-conditional chains) -------------------------------------
+# A shapes caption spells the parameters that drew the image, in a fixed grammar:
+#     "a [size] [colour] <shape> [position] [on a <colour> background]"
+#     e.g. "a large red star in the upper left on a black background"
+# Every part but the shape may be left out, so "a red star" and "a star at the top" are
+# captions too. Training draws a random level of detail at every step (train_chain.py), and
+# shape_caption_parts reads the parts back from any caption of this grammar: held-out
+# combinations are matched on those parts, not on words.
+SHAPE_SIZES = ["small", "medium", "large"]
+_POSITION_WORDS = {"upper left": "in the upper left", "upper centre": "at the top",
+                   "upper right": "in the upper right", "middle left": "on the left",
+                   "middle centre": "in the centre", "middle right": "on the right",
+                   "lower left": "in the lower left", "lower centre": "at the bottom",
+                   "lower right": "in the lower right"}
+_CAPTION_RE = re.compile(
+    "^a(?: (?P<size>{}))?(?: (?P<colour>{}))? (?P<shape>{})(?: (?P<position>{}))?(?: on a (?P<background>{}) background)?$"
+    .format(*("|".join(map(re.escape, words)) for words in
+              (SHAPE_SIZES, PALETTE_NAMES, SHAPE_CLASSES, _POSITION_WORDS.values(), PALETTE_NAMES))))
+
+
+def shape_caption(parts: dict) -> str:
+    """{"size", "colour", "shape", "position" ("upper left" ...), "background"} -> the caption;
+    a part that is missing or None is left out (the shape must be there)."""
+    words = ["a"] + [parts[k] for k in ("size", "colour") if parts.get(k)] + [parts["shape"]]
+    if parts.get("position"):
+        words.append(_POSITION_WORDS[parts["position"]])
+    if parts.get("background"):
+        words.append(f"on a {parts['background']} background")
+    return " ".join(words)
+
+
+def shape_caption_parts(caption: str) -> dict | None:
+    """The parts of a shapes caption (missing ones None); None if it is not of that grammar."""
+    m = _CAPTION_RE.match(caption.strip().lower())
+    if m is None:
+        return None
+    parts = m.groupdict()
+    if parts["position"]:
+        parts["position"] = {v: k for k, v in _POSITION_WORDS.items()}[parts["position"]]
+    return parts
+
+
+def mirror_caption(caption: str) -> str:
+    """The caption of the mirrored image: "left" and "right" swap (the flipped training copies)."""
+    swap = {"left": "right", "right": "left"}
+    return re.sub(r"\b(left|right)\b", lambda m: swap[m.group(1)], caption)
 
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -1377,9 +1562,12 @@ def resize_center_crop(im: Image.Image, resolution: int) -> np.ndarray:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
     """Every image under `path`, RGB, shorter side resized to `resolution`, center-cropped.
-    With one subfolder per class (and no loose images) the sorted subfolder names give labels."""
+    With one subfolder per class (and no loose images) the sorted subfolder names give labels.
+    Captions come from `path/captions.txt` (lines "file<TAB>caption", the file named relative to
+    `path`) or from a .txt file beside an image with its name (cat.png -> cat.txt); None when
+    there are neither, else "" for an image without one."""
     if not os.path.isdir(path):
         raise UserError(f"image folder {path} does not exist")
     files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
@@ -1388,7 +1576,8 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     classes = sorted({os.path.relpath(p, path).split(os.sep)[0] for p in files})
     labeled = all(os.sep in os.path.relpath(p, path) for p in files) and len(classes) > 1
-    images, labels, bad = [], [], 0
+    listed = _read_captions_txt(path)
+    images, labels, captions, bad = [], [], [], 0
     for p in files:
         try:
             with Image.open(p) as im:
@@ -1397,29 +1586,57 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
             bad += 1
             continue
         labels.append(classes.index(os.path.relpath(p, path).split(os.sep)[0]))
+        beside = os.path.splitext(p)[0] + ".txt"
+        if os.path.relpath(p, path).replace(os.sep, "/") in listed:
+            captions.append(listed[os.path.relpath(p, path).replace(os.sep, "/")])
+        elif os.path.exists(beside):
+            with open(beside, encoding="utf-8") as f:
+                captions.append(" ".join(f.read().split()))
+        else:
+            captions.append("")
     if bad:
         warnings.warn(f"skipped {bad} unreadable image file(s) under {path}")
     if not images:
         raise UserError(f"none of the {len(files)} image files under {path} could be read")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return x, (torch.tensor(labels) if labeled else None)
+    has_captions = any(captions)
+    if has_captions and not all(captions):
+        print(f"{path}: {sum(not c for c in captions)} of {len(captions)} images have no caption "
+              f"(they get the empty one)", flush=True)
+    return x, (torch.tensor(labels) if labeled else None), (captions if has_captions else None)
+
+
+def _read_captions_txt(path: str) -> dict:
+    """{file relative to path: caption} from path/captions.txt, or {} without one."""
+    listed = {}
+    if os.path.exists(os.path.join(path, "captions.txt")):
+        with open(os.path.join(path, "captions.txt"), encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise UserError(f"{path}/captions.txt line {n}: expected 'file<TAB>caption'")
+                name, caption = line.rstrip("\n").split("\t", 1)
+                listed[name.strip().replace(os.sep, "/")] = " ".join(caption.split())
+    return listed
 
 
 def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "data",
                  shapes_size: tuple[int, int] = (20000, 2000)):
-    """-> (uint8 images (N, 3, H, W), long labels (N,) or None, number of classes or 0).
-    `folder:PATH` has no held-out split of its own: its last 10% is the test split."""
+    """-> (uint8 images (N, 3, H, W), long labels (N,) or None, number of classes or 0,
+    captions [N strings] or None). `folder:PATH` has no held-out split of its own: a fixed
+    tenth of it is the test split."""
     if name == "shapes":
         n = shapes_size[0] if split == "train" else shapes_size[1]
-        x, y = make_shapes(n, seed=0 if split == "train" else 1, resolution=resolution)
-        return x, y, len(SHAPE_CLASSES)
+        x, y, captions = make_shapes(n, seed=0 if split == "train" else 1, resolution=resolution)
+        return x, y, len(SHAPE_CLASSES), captions
     if name == "cifar":
         if resolution != 32:
             raise UserError("CIFAR-10 images are 32x32; use --resolution 32")
         x, y = load_cifar(data_root, split)
-        return x, y, 10
+        return x, y, 10, None
     if name.startswith("folder:"):
-        x, y = load_folder(name[len("folder:"):], resolution)
+        x, y, captions = load_folder(name[len("folder:"):], resolution)
         g = torch.Generator().manual_seed(0)  # a fixed shuffle, so the split never changes
         order = torch.randperm(len(x), generator=g)
         n_test = max(1, len(x) // 10) if len(x) > 1 else 0
@@ -1427,7 +1644,8 @@ def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "
         if split == "test" and n_test == 0:
             idx = order
         num_classes = int(y.max()) + 1 if y is not None else 0
-        return x[idx], (y[idx] if y is not None else None), num_classes
+        return (x[idx], (y[idx] if y is not None else None), num_classes,
+                [captions[i] for i in idx.tolist()] if captions is not None else None)
     raise UserError(f"unknown data set {name!r}; use shapes, cifar or folder:PATH")
 
 
@@ -1783,9 +2001,9 @@ def judge_images(judge: Judge, images: torch.Tensor, batch: int = 500) -> tuple[
 
 def train_judge(cfg: JudgeConfig, train: tuple, test: tuple, device) -> tuple[Judge, float]:
     """Adam with a cosine learning rate on the real training images, randomly flipped and
-    shifted. train, test: (uint8 images, labels, number of classes) as load_dataset returns them.
+    shifted. train, test: (uint8 images, labels, number of classes, captions) as load_dataset returns them.
     -> (the judge in eval mode, its accuracy on the real test images)."""
-    (x_train, y_train, num_classes), (x_test, y_test, _) = train, test
+    (x_train, y_train, num_classes, _), (x_test, y_test, *_) = train, test
     torch.manual_seed(cfg.seed)
     judge = Judge(cfg, num_classes).to(device).train()
     opt = torch.optim.Adam(judge.parameters(), lr=cfg.lr)
@@ -1816,7 +2034,7 @@ def blank_region(x: torch.Tensor, kind: str) -> torch.Tensor:
 # ----- That data set's judge --------------------------------------------------------------
 
 def load_recorded_dataset(record: dict) -> dict:
-    """{split: (uint8 images, labels or None, number of classes)} for train and test."""
+    """{split: (uint8 images, labels or None, number of classes, captions or None)}."""
     sizes = (record.get("train_size", VQConfig.train_size), record.get("test_size", VQConfig.test_size))
     return {split: load_dataset(record["spec"], split, record["resolution"], record.get("data_root", "data"), sizes)
             for split in ("train", "test")}
@@ -1829,7 +2047,7 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
     -> (the judge, or None for unlabelled data; a summary for eval.json)."""
     cfg = cfg or JudgeConfig()
     train, test = data["train"], data["test"]
-    x_train, y_train, num_classes = train
+    x_train, y_train, num_classes, _ = train
     if y_train is None:
         return None, {"note": "unlabelled data set: no classifier can be trained, so no judge"}
     # The cache key is the content, not the name: the training images and labels, and the judge's
@@ -1924,11 +2142,12 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
       samples_guidance_0        class-conditional samples, labels cycled over the classes:
                                 accuracy against the label drawn for, FD
       samples_guided            the same at classifier-free guidance w = `guidance`
-    (an unconditional chain gets samples_unconditional, FD only, instead of the two sample rows).
+    (an unconditional chain gets samples_unconditional, FD only, instead of the two sample rows;
+    a text chain gets the rows of _prompt_rows instead).
     Generated images are rounded to 8 bits first. Sampling is seeded by `seed`, per row.
     Without a judge (unlabelled data) only the reconstructions' PSNR is computed."""
     device = next(vq.parameters()).device
-    x_test, y_test, _ = data["test"]
+    x_test, y_test, *_ = data["test"]
     n = min(n, len(x_test) // 2)
     if n < 2:
         raise UserError(f"the test split has {len(x_test)} image(s); the judge needs at least 4")
@@ -1984,6 +2203,10 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
             images.append(_as_saved(vq.decode(chain.inpaint(x1_a[sl], keep[sl], generator=g, **inpaint))).cpu())
         result[f"completions_{kind.replace('-', '_')}"] = judged(torch.cat(images), y_a)
 
+    # --- a text chain: samples for prompts (Sec. 4.2), and how well they follow them
+    if chain.tokenizer is not None:
+        return result | _prompt_rows(vq, chain, data, judged, n, guidance, batch, seed, log)
+
     # --- samples from x_T (Sec. 3.3), one class after another
     if chain.num_labels:
         labels = torch.arange(n) % chain.num_labels                      # (n,): 0, 1, ..., C-1, 0, 1, ...
@@ -1998,6 +2221,50 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
                               guidance=w, generator=g)
             images.append(_as_saved(vq.decode(x1)).cpu())
         result[key] = ({"guidance": w} if labels is not None else {}) | judged(torch.cat(images), labels)
+    return result
+
+
+def _prompt_rows(vq: VQGAN, chain: ImageBART, data: dict, judged, n: int, guidance: float, batch: int,
+                 seed: int, log) -> dict:
+    """The sample rows of a text chain, at w = 0 and at `guidance`. On shapes the prompts are
+    "a <colour> <shape>" for every colour and shape, cycled over n samples, and each row gives
+      accuracy         how often the judge sees the asked shape
+      colour_accuracy  how often the dominant non-background colour (dominant_colours) is the asked one
+      fd               as for every row
+    prompts_* rows take the combinations the chain trained on, heldout_* rows (100 samples per
+    combination, at most n) those left out of its training (--holdout). On other captioned data
+    the prompts are the test split's own captions, judged against the images' labels."""
+    device = next(vq.parameters()).device
+    captions = data["test"][3]
+    sets = []   # (row prefix, prompts, the shapes (labels) they ask for, the colours or None)
+    if captions is not None and shape_caption_parts(captions[0]) is not None:
+        held = set(chain.cfg.holdout)
+        combos = [(PALETTE_NAMES[c], SHAPE_CLASSES[k], c, k) for k in range(len(SHAPE_CLASSES)) for c in SHAPE_FOREGROUNDS]
+        for key, chosen, m in (("prompts", [x for x in combos if f"{x[0]} {x[1]}" not in held], n),
+                               ("heldout", [x for x in combos if f"{x[0]} {x[1]}" in held], min(n, 100 * len(held)))):
+            if chosen:
+                chosen = [chosen[i % len(chosen)] for i in range(m)]                 # cycled over m samples
+                sets.append((key, [f"a {colour} {shape}" for colour, shape, _, _ in chosen],
+                             torch.tensor([k for *_, k in chosen]), torch.tensor([c for _, _, c, _ in chosen])))
+    else:   # the test images' own captions, judged against their labels
+        m = min(n, len(captions))
+        sets.append(("prompts", captions[:m], data["test"][1][:m], None))
+    result = {}
+    for key, prompts, shapes, colours in sets:
+        m = len(prompts)
+        for w in [0.0] + ([guidance] if guidance else []):
+            g = torch.Generator(device).manual_seed(seed)
+            row = f"{key}_guidance_0" if w == 0 else f"{key}_guided"
+            images = []
+            for sl in _batches(m, batch, row.replace("_", " ") + (f" (w = {w:g})" if w else ""), log):
+                x1 = chain.sample(sl.stop - sl.start, text=prompts[sl], guidance=w, generator=g)   # a prompt per sample
+                images.append(_as_saved(vq.decode(x1)).cpu())
+            images = torch.cat(images)
+            result[row] = {"guidance": w, **judged(images, shapes)}
+            if colours is not None:
+                hit = dominant_colours(to_uint8(images)) == colours
+                result[row]["colour_accuracy"] = round(hit.float().mean().item(), 4)
+                result[row]["prompts"] = len(set(prompts))
     return result
 
 

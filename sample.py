@@ -5,10 +5,12 @@
     python sample.py --run runs/shapes --trajectory             # x_T ... x_1 decoded, one strip per sample
     python sample.py --run runs/shapes --inpaint test:8 --mask upper   # regenerate the upper half
     python sample.py --run runs/shapes --inpaint my.png --mask mask.png --class 3
+    python sample.py --run runs/shapes_text --prompt "a red star" --prompt "a blue ring" --guidance 1
     python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
     python sample.py --run runs/shapes --evaluate               # the judge's figures -> runs/shapes/eval.json
 
 Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c)
+(c a class, a prompt, or the null condition)
 for t = T..2, then x_0 = G(x_1). --temperature, --top-k and --top-p take one value or a
 comma list with one value per scale, for t = T, T-1, ..., 2.
 """
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", default=None, help="one value, or one per scale t = T..2")
     p.add_argument("--class", dest="classes", default=None,
                    help="class index, comma list (one per sample, cycled) or 'all' (one row per class)")
+    p.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
+                   help="a text-conditional run's prompt, e.g. 'a red star'; repeat it for more rows "
+                        "(with --inpaint: cycled over the completions)")
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: (1+w) cond - w uncond; 0 = plain conditional")
     p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
@@ -100,18 +105,33 @@ def sampling_options(args, T: int) -> dict:
                 guidance=args.guidance, use_cache=not args.no_cache)
 
 
-def parse_classes(args, chain: ib.ImageBART, n: int):
-    """-> (labels (n,) or None, samples per row). 'all' gives n samples of every class,
-    one row each; a list is cycled over the n samples."""
-    # no --class: unconditional sampling (on a class-conditional chain, the null class)
-    if args.classes is None:
+def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, int | None]:
+    """--class or --prompt -> (the condition as keyword arguments of the chain's sampling
+    methods, {"labels": (n',)} or {"text": token ids (n', text_len)} or {}; samples per row).
+    --class all and --prompt give n samples of each class or prompt, one row each (n' = n
+    times their number); a comma list of classes is cycled over the n samples."""
+    if args.prompts and args.classes is not None:
+        raise ib.UserError("give --class or --prompt, not both")
+    # no condition: unconditional sampling (on a conditional chain, the null condition)
+    if args.classes is None and not args.prompts:
         if args.guidance:
-            raise ib.UserError("--guidance needs --class: it steers towards a class")
-        return None, None
+            raise ib.UserError("--guidance needs --class or --prompt: it steers towards a condition")
+        return {}, None
+    if args.prompts:
+        if chain.tokenizer is None:
+            kind = "class-conditional" if chain.num_labels else "unconditional"
+            raise ib.UserError(f"this run's chain is {kind}; it takes no --prompt (train one with --condition text)")
+        unknown = chain.tokenizer.unknown(args.prompts)
+        if unknown:
+            print(f"warning: not in this run's vocabulary, read as <unk>: {', '.join(unknown)}", flush=True)
+        ids = chain.tokenizer.encode(args.prompts)             # (prompts, text_len); too long: one line
+        return {"text": ids.repeat_interleave(n, 0).to(device)}, n
+    if chain.tokenizer is not None:
+        raise ib.UserError("this run's chain is conditioned on text; use --prompt, not --class")
     if not chain.num_labels:
         raise ib.UserError("this run's chain is unconditional; it takes no --class")
     if args.classes == "all":
-        return torch.arange(chain.num_labels).repeat_interleave(n), n
+        return {"labels": torch.arange(chain.num_labels, device=device).repeat_interleave(n)}, n
     try:
         classes = [int(c) for c in args.classes.split(",")]
     except ValueError:
@@ -120,7 +140,7 @@ def parse_classes(args, chain: ib.ImageBART, n: int):
     if bad:
         raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
     # a list is cycled: "--class 1,2 --n 5" gives 1, 2, 1, 2, 1
-    return torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n], None
+    return {"labels": torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n].to(device)}, None
 
 
 # -----------------------------------------------------------------------------
@@ -191,11 +211,13 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
                            "run sample.py without --inpaint")
     # --- the completions: every input repeated once per completion, all in one batch
     reps = args.completions
-    labels, _ = parse_classes(args, chain, B * reps)      # a list of classes cycles over the completions
-    labels = labels.to(device) if labels is not None else None
+    # a list of classes, or several prompts, cycle over the completions
+    cond, _ = parse_condition(args, chain, 1 if args.prompts else B * reps, device)
+    if args.prompts:
+        cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
     given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
     keep = (~regen).expand(B * reps, -1, -1)
-    completions = chain.inpaint(given, keep, labels, refine=args.refine, context=args.context, generator=g, **opts)
+    completions = chain.inpaint(given, keep, refine=args.refine, context=args.context, generator=g, **cond, **opts)
     assert (completions[keep] == given[keep]).all(), "kept tokens changed"
     images = vq.decode(completions).view(B, reps, 3, H, H)
     # the masked input: regenerated region shown grey, on the pixel mask's exact shape
@@ -205,7 +227,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     ib.save_image_grid(grid, path, nrow=reps + 2)
     print(f"wrote {path}: per row the original, the masked input ({int(regen.sum())} of {regen.numel()} "
           f"tokens regenerated), {reps} completions", flush=True)
-    save_outputs(args, images.flatten(0, 1), completions, labels)
+    save_outputs(args, images.flatten(0, 1), completions, cond.get("labels"))
 
 
 # -----------------------------------------------------------------------------
@@ -289,13 +311,11 @@ def main():
             raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
         return inpaint(args, vq, chain, opts, g, device)
     # --- sampling: x_T uniform, then the T - 1 scales in turn (Sec. 3.3)
-    labels, per_row = parse_classes(args, chain, args.n)
-    if labels is not None:
-        labels = labels.to(device)
+    cond, per_row = parse_condition(args, chain, args.n, device)
 
-    n = len(labels) if labels is not None else args.n
+    n = len(next(iter(cond.values()))) if cond else args.n
     t0 = time.time()
-    trajectory = chain.sample_chain(n, labels, generator=g, **opts)
+    trajectory = chain.sample_chain(n, generator=g, **cond, **opts)
     x1 = trajectory[-1]
     print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
     if args.trajectory:
@@ -309,8 +329,9 @@ def main():
         images = vq.decode(x1)
         path = args.out or os.path.join(args.run, "sample.png")
         ib.save_image_grid(images, path, nrow=per_row or int(math.ceil(math.sqrt(n))))
-        print(f"wrote {path}" + (" (one row per class)" if per_row else ""), flush=True)
-    save_outputs(args, images, x1, labels)
+        print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
+              flush=True)
+    save_outputs(args, images, x1, cond.get("labels"))
 
 
 if __name__ == "__main__":

@@ -47,11 +47,21 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Helpers
 # =====================================================================================
 
-def make_chain(K=8, grid=(4, 4), num_labels=3, T=3, std=0.3, seed=0, **changes) -> ib.ImageBART:
-    """A small random chain. Its weight matrices are drawn with a large std (the 0.02 of the
-    real initialisation gives near-uniform logits), so every output is sensitive to its inputs;
-    std=0 keeps the model's own initialisation (for training)."""
+# a few captions of the shapes grammar: the vocabulary of the text-conditional test chains
+TEST_CAPTIONS = ["a large red star in the upper left on a black background", "a blue ring", "a green star",
+                 "a small yellow half-disc at the bottom"]
+
+
+def make_chain(K=8, grid=(4, 4), num_labels=3, T=3, std=0.3, seed=0, text=False, **changes) -> ib.ImageBART:
+    """A small random chain, class-conditional (num_labels) or with text=True conditioned on
+    captions (a tokenizer built from TEST_CAPTIONS). Its weight matrices are drawn with a large
+    std (the 0.02 of the real initialisation gives near-uniform logits), so every output is
+    sensitive to its inputs; std=0 keeps the model's own initialisation (for training)."""
     sizes = dict(n_embd=32, n_head=4, n_layer_enc=1, n_layer_dec=1) | changes   # changes may override these
+    if text:
+        tok = ib.Tokenizer.build(TEST_CAPTIONS)
+        sizes |= dict(vocab=tok.vocab, text_len=tok.max_len)
+        num_labels = 0
     cfg = dataclasses.replace(ib.CHAIN_PRESETS["tiny"], num_codes=K, grid=list(grid), num_labels=num_labels,
                               T=T, **sizes)
     torch.manual_seed(seed)
@@ -121,14 +131,14 @@ def png_size(path) -> tuple[int, int]:
 def test_make_shapes_deterministic_labeled_and_complete():
     """make_shapes: same seed -> same bytes, another seed -> other images; uint8 (n,3,32,32),
     labels in [0,10), every class present in 200 images (checked by counting)."""
-    x, y = ib.make_shapes(200, seed=0)
+    x, y, _ = ib.make_shapes(200, seed=0)
     assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8
     assert y.dtype == torch.long and y.shape == (200,)
     assert 0 <= int(y.min()) and int(y.max()) < len(ib.SHAPE_CLASSES) == 10
     assert set(y.tolist()) == set(range(10))
-    x2, y2 = ib.make_shapes(200, seed=0)
+    x2, y2, _ = ib.make_shapes(200, seed=0)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = ib.make_shapes(200, seed=1)
+    x3, *_ = ib.make_shapes(200, seed=1)
     assert not torch.equal(x, x3)
     assert x.float().std() > 20                         # actual pictures, not a flat fill
 
@@ -139,7 +149,7 @@ def test_make_shapes_colours_are_palette_rows_independent_of_the_class():
     colour; the colour does not give the class away (each class shows several colours), and
     PALETTE_NAMES names every palette row."""
     assert len(ib.PALETTE_NAMES) == len(ib.PALETTE) == len(set(ib.PALETTE_NAMES))
-    x, y = ib.make_shapes(300, seed=2)
+    x, y, _ = ib.make_shapes(300, seed=2)
     colours_of_class = {c: set() for c in range(10)}
     for img, label in zip(x.permute(0, 2, 3, 1).numpy(), y.tolist()):
         corners = img[[0, 0, -1, -1], [0, -1, 0, -1]]
@@ -248,7 +258,7 @@ def test_load_folder_labels_corrupt_files_and_resizing(tmp_path):
     save_png(str(tmp_path / "a_first" / "one.png"), red * 0 + 77)
     (tmp_path / "a_first" / "broken.png").write_bytes(b"not a png at all")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        x, y = ib.load_folder(str(tmp_path), 10)
+        x, y, captions = ib.load_folder(str(tmp_path), 10)
     assert x.shape == (3, 3, 10, 10) and x.dtype == torch.uint8
     assert y.tolist() == [0, 1, 1]                       # a_first/one, b_second/one, b_second/two
     assert (x[0] == 77).all()                            # a flat image stays exactly flat
@@ -261,14 +271,48 @@ def test_load_folder_without_subfolders_and_bad_paths(tmp_path):
     """Loose images give labels None; an empty folder and a missing path are ib.UserError."""
     for i in range(3):
         save_png(str(tmp_path / "loose" / f"{i}.png"), np.full((8, 8, 3), 40 * i))
-    x, y = ib.load_folder(str(tmp_path / "loose"), 8)
-    assert x.shape == (3, 3, 8, 8) and y is None
+    x, y, captions = ib.load_folder(str(tmp_path / "loose"), 8)
+    assert x.shape == (3, 3, 8, 8) and y is None and captions is None
     assert x[:, 0, 0, 0].tolist() == [0, 40, 80]        # sorted file order
     (tmp_path / "empty").mkdir()
     with pytest.raises(ib.UserError, match="no images"):
         ib.load_folder(str(tmp_path / "empty"), 8)
     with pytest.raises(ib.UserError, match="does not exist"):
         ib.load_folder(str(tmp_path / "missing"), 8)
+
+
+def test_load_folder_captions_from_a_list_or_beside_each_image(tmp_path, capsys):
+    """captions.txt ("file<TAB>caption") and a .txt beside an image both give captions
+    (whitespace collapsed); an image with neither gets "" and the loader says how many; a line
+    without a tab is one clear error."""
+    for i in range(3):
+        save_png(str(tmp_path / "d" / f"{i}.png"), np.full((8, 8, 3), 40 * i))
+    (tmp_path / "d" / "captions.txt").write_text("0.png\ta red  star\n\n")
+    (tmp_path / "d" / "1.txt").write_text("a blue\nring\n")
+    _, _, captions = ib.load_folder(str(tmp_path / "d"), 8)
+    assert captions == ["a red star", "a blue ring", ""]
+    assert "1 of 3 images have no caption" in capsys.readouterr().out
+    (tmp_path / "d" / "captions.txt").write_text("0.png a red star\n")
+    with pytest.raises(ib.UserError, match="line 1"):
+        ib.load_folder(str(tmp_path / "d"), 8)
+
+
+def test_shape_captions_spell_the_draws_and_read_back():
+    """make_shapes' captions name each image's class and colour (the palette row nearest the
+    image's most common non-background colour); any shortened caption reads back to the parts
+    it kept; mirroring swaps left and right only."""
+    x, y, captions = ib.make_shapes(60, seed=4)
+    for img, label, caption in zip(x, y, captions):
+        parts = ib.shape_caption_parts(caption)
+        assert parts["shape"] == ib.SHAPE_CLASSES[label] and parts["background"] == "black"
+        assert ib.PALETTE_NAMES[ib.dominant_colours(img[None])[0]] == parts["colour"]
+        assert ib.shape_caption(parts) == caption
+        short = dict(parts, size=None, position=None, background=None)
+        assert ib.shape_caption(short) == f"a {parts['colour']} {parts['shape']}"
+        assert ib.shape_caption_parts(ib.shape_caption(short)) == short
+    assert ib.shape_caption_parts("a green cat") is None
+    assert ib.mirror_caption("a red star in the upper left") == "a red star in the upper right"
+    assert ib.mirror_caption("a bright star on the right") == "a bright star on the left"
 
 
 # =====================================================================================
@@ -614,18 +658,23 @@ def test_linear_schedule_and_check_betas():
 # =====================================================================================
 
 def random_pair(chain, B=2, seed=0):
-    """(x_t, x_{t-1}, labels) for one scale, random codes of a (B, N) batch."""
+    """(x_t, x_{t-1}, c) for one scale, random codes of a (B, N) batch; c random classes, or
+    random captions' token ids (PAD included) on a text chain."""
     g = gen(seed)
     K, N = chain.cfg.num_codes, chain.cfg.N
-    labels = torch.randint(0, chain.num_labels, (B,), generator=g) if chain.num_labels else None
-    return torch.randint(0, K, (B, N), generator=g), torch.randint(0, K, (B, N), generator=g), labels
+    c = torch.randint(0, chain.num_labels, (B,), generator=g) if chain.num_labels else None
+    if chain.tokenizer is not None:
+        c = torch.randint(0, len(chain.cfg.vocab), (B, chain.cfg.text_len), generator=g)
+    return torch.randint(0, K, (B, N), generator=g), torch.randint(0, K, (B, N), generator=g), c
 
 
 @pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
-def test_decoder_is_causal(t):
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_decoder_is_causal(t, text):
     """Changing x_{t-1} at position j leaves the logits at positions <= j unchanged and changes
-    a later one: position i sees x^{<i}_{t-1} only (the right shift + causal mask)."""
-    chain = make_chain()
+    a later one: position i sees x^{<i}_{t-1} only (the right shift + causal mask), with a
+    caption prefix (decoder-only) or caption tokens in the encoder too."""
+    chain = make_chain(text=text)
     scale = chain.scale(t)
     x_t, x_tm1, labels = random_pair(chain)
     with torch.no_grad():
@@ -655,12 +704,12 @@ def test_encoder_is_bidirectional():
 @pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
 @pytest.mark.parametrize("residual_logits", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("aligned_input", [False, True], ids=["unaligned", "aligned"])
-@pytest.mark.parametrize("num_labels", [0, 3], ids=["uncond", "cond"])
-def test_cached_step_equals_full_forward(t, residual_logits, aligned_input, num_labels):
+@pytest.mark.parametrize("condition", ["none", "class", "text"])
+def test_cached_step_equals_full_forward(t, residual_logits, aligned_input, condition):
     """Decoding token by token with the key/value cache (scale.step) gives, at every position,
-    the logits of the uncached teacher-forced forward pass scale(x_t, x_{t-1}, labels)."""
-    chain = make_chain(num_labels=num_labels, residual_logits=residual_logits, aligned_input=aligned_input,
-                       n_layer_dec=2)
+    the logits of the uncached teacher-forced forward pass scale(x_t, x_{t-1}, c)."""
+    chain = make_chain(num_labels=3 if condition == "class" else 0, text=condition == "text",
+                       residual_logits=residual_logits, aligned_input=aligned_input, n_layer_dec=2)
     scale = chain.scale(t)
     x_t, x_tm1, labels = random_pair(chain, B=3)
     with torch.no_grad():
@@ -705,10 +754,10 @@ def test_loss_overfits_a_fixed_batch(T):
 
 def test_loss_accepts_the_null_class_of_label_dropout():
     """Training with label dropout: labels replaced by the null class (index num_labels, as
-    drop_labels does for classifier-free guidance) must be a valid input to chain.loss."""
+    drop_condition does for classifier-free guidance) must be a valid input to chain.loss."""
     chain = make_chain(num_labels=3)
     x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(0))
-    dropped = chain.drop_labels(torch.tensor([0, 1, 2, 0]), p=1.0)
+    dropped = chain.drop_condition(torch.tensor([0, 1, 2, 0]), p=1.0)
     assert (dropped == 3).all()
     assert torch.isfinite(chain.loss(x1, 2, dropped))
 
@@ -753,9 +802,11 @@ def test_sampling_is_deterministic_in_the_seed():
 
 @pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
 @pytest.mark.parametrize("guidance", [0.0, 1.5], ids=["plain", "guided"])
-def test_decode_scale_cached_equals_uncached(t, guidance):
-    """decode_scale with use_cache=True and False draws the same tokens for the same seed."""
-    chain = make_chain()
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_decode_scale_cached_equals_uncached(t, guidance, text):
+    """decode_scale with use_cache=True and False draws the same tokens for the same seed,
+    class- or caption-conditioned."""
+    chain = make_chain(text=text)
     x_t, _, labels = random_pair(chain, B=3)
     kw = dict(guidance=guidance, temperature=1.3, top_p=0.95)
     cached = chain.decode_scale(t, x_t, labels, use_cache=True, generator=gen(5), **kw)
@@ -775,6 +826,63 @@ def test_guidance():
         chain.sample(3, None, guidance=1.0, generator=gen(3))
     with pytest.raises(ValueError, match="guidance"):
         make_chain(num_labels=0).sample(3, guidance=1.0, generator=gen(3))
+
+
+# ----- Text conditions (Sec. 4.2) ----------------------------------------------------
+
+def test_tokenizer_round_trip_unknown_words_and_length():
+    """Tokenizer: words lower-cased, punctuation dropped, a hyphenated word kept whole; decode
+    inverts encode; an unknown word becomes <unk>; the longest training caption sets max_len,
+    fits exactly, and one word more is a UserError, never cut short."""
+    tok = ib.Tokenizer.build(TEST_CAPTIONS)
+    assert tok.vocab[:2] == ["<pad>", "<unk>"] and tok.max_len == 12
+    ids = tok.encode(["A Red, star!", "", "a small half-disc"])
+    assert ids.shape == (3, 12) and ids.dtype == torch.long
+    assert tok.decode(ids) == ["a red star", "", "a small half-disc"]
+    assert (ids[1] == tok.PAD).all() and (ids[0, 3:] == tok.PAD).all()
+    assert tok.decode(tok.encode(["a purple star"])) == ["a <unk> star"]
+    assert tok.unknown(["a purple star", "a blue ring"]) == ["purple"]
+    assert tok.decode(tok.encode([TEST_CAPTIONS[0]])) == [TEST_CAPTIONS[0]]
+    with pytest.raises(ib.UserError, match="at most 12"):
+        tok.encode([TEST_CAPTIONS[0] + " today"])
+
+
+def test_empty_prompt_is_the_null_condition():
+    """On a text chain the empty prompt, no text at all and null_condition are one condition
+    (all PAD): same samples for the same seed; guidance towards it is refused; a prompt
+    changes the samples; an unknown word warns; labels on a text chain, text on a class chain
+    are errors."""
+    chain = make_chain(text=True)
+    null = chain.condition(None, None, 3, "cpu")
+    assert torch.equal(chain.condition(None, [""] * 3, 3, "cpu"), null)
+    assert torch.equal(chain.null_condition(chain.condition(None, ["a red star"], 3, "cpu")), null)
+    assert (null == ib.Tokenizer.PAD).all()
+    empty = chain.sample(3, text=["", "", ""], generator=gen(2))
+    assert torch.equal(empty, chain.sample(3, generator=gen(2)))
+    assert not torch.equal(empty, chain.sample(3, text=["a red star"] * 3, generator=gen(2)))
+    with pytest.raises(ValueError, match="guidance"):
+        chain.sample(3, text=[""] * 3, guidance=1.0, generator=gen(2))
+    with pytest.warns(UserWarning, match="purple"):
+        chain.sample(1, text=["a purple star"], generator=gen(2))
+    with pytest.raises(ValueError, match="takes text, not labels"):
+        chain.sample(2, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="not conditioned on text"):
+        make_chain().sample(2, text=["a red star"] * 2)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_condition_dropout(text):
+    """drop_condition replaces about a fraction p of the rows by the null condition (the null
+    class, the empty caption) and leaves the others as they were; p = 0 changes nothing."""
+    chain = make_chain(text=text)
+    _, _, c = random_pair(chain, B=4000, seed=1)
+    c = c.clamp_min(2) if text else c            # no row starts out null (PAD is id 0; classes < 3)
+    torch.manual_seed(0)
+    dropped = chain.drop_condition(c, 0.3)
+    is_null = (dropped == chain.null_condition(c)).view(len(c), -1).all(1)
+    assert abs(is_null.float().mean().item() - 0.3) < 0.03
+    assert torch.equal(dropped[~is_null], c[~is_null])
+    assert torch.equal(chain.drop_condition(c, 0.0), c)
 
 
 def test_per_scale_options():
@@ -955,7 +1063,7 @@ def test_e2e_first_stage_outputs(trained_run):
     assert tokens["train"].dtype == torch.int16 and tokens["train"].shape == (256, 8, 8)
     assert tokens["test"].shape == (32, 8, 8)
     assert 0 <= int(tokens["train"].min()) and int(tokens["train"].max()) < K
-    x_train, y_train = ib.make_shapes(128, seed=0)
+    x_train, y_train, _ = ib.make_shapes(128, seed=0)
     assert torch.equal(tokens["train_labels"], torch.cat([y_train, y_train]))
     assert torch.equal(tokens["test_labels"], ib.make_shapes(32, seed=1)[1])
     vq, chain = ib.load_run(run)
@@ -976,7 +1084,7 @@ def test_e2e_chain_outputs_and_bound(trained_run):
         assert ckpt["t"] == t and ckpt["step"] == 20 and ckpt["config"]["n_embd"] == 32
     with open(os.path.join(run, "bound.json")) as f:
         bound = json.load(f)
-    assert bound["T"] == 3 and bound["conditional"] and not bound["exact"]
+    assert bound["T"] == 3 and bound["condition"] == "class" and not bound["exact"]
     assert bound["uniform_bits"] == pytest.approx(math.log2(bound["num_codes"]))
     assert sum(bound["per_scale"].values()) == pytest.approx(bound["bits_per_token"], rel=1e-6)
     assert 0 < bound["bits_per_token"] < 2 * bound["uniform_bits"] + 0.5
@@ -984,7 +1092,7 @@ def test_e2e_chain_outputs_and_bound(trained_run):
     assert chain.T == 3 and chain.num_labels == 10 and chain.diffusion.K == vq.num_codes
     tokens = ib.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
     for t in (2, 3):
-        bits = train_chain.bits_per_grid(chain, t, tokens["test"].long(), tokens["test_labels"], 256)
+        bits = train_chain.bits_per_grid(chain, t, tokens["test"].long(), {"labels": tokens["test_labels"]}, 256)
         assert bits.shape == (len(tokens["test"]),)
         assert bits.mean().item() == pytest.approx(bound["per_scale"][str(t)], rel=1e-4)
     assert 0 < bound["standard_error"] < bound["bits_per_token"]
@@ -1034,7 +1142,7 @@ def test_judge_cache_of_another_version_is_trained_again(tmp_path):
     """A cached judge written by another version of the code (no format key) is not an error:
     it is trained again and replaces the cache entry, which the next call then reads."""
     x, y = ib.make_shapes(40, seed=3)[:2]
-    data = {"train": (x, y, 10), "test": (x[:8], y[:8], 10)}
+    data = {"train": (x, y, 10, None), "test": (x[:8], y[:8], 10, None)}
     record, cfg = ib.dataset_record("shapes", 32), ib.JudgeConfig(steps=3, batch_size=8)
     lines = []
     _, info = ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
@@ -1060,6 +1168,47 @@ def test_e2e_lost_tokens_are_made_again_the_same(trained_run, tmp_path, monkeypa
     for key in ("train", "test", "train_labels", "test_labels"):
         assert torch.equal(old[key], new[key]), key
     assert (new["num_codes"], new["num_labels"]) == (old["num_codes"], old["num_labels"])
+
+
+def test_e2e_text_chain_prompts_and_bad_prompts(trained_run, tmp_path, monkeypatch, capsys):
+    """A micro text-conditional chain (Sec. 4.2) on the trained run's first stage, with
+    'green star' held out: train_chain.py reports the bound given the caption, writes
+    samples.png and eval.json with prompt-following rows (shape and colour accuracy) for the
+    trained and the held-out combinations; sample.py draws one row per prompt and edits with a
+    prompt. A prompt to a class run, a class to a text run and a too-long prompt are one line
+    each; an unknown word is a warning."""
+    out = str(tmp_path / "text")
+    code, log, err = run_script(train_chain, ["--out", out, "--first-stage", trained_run.dir, "--condition", "text",
+                                              "--holdout", "green star", *CHAIN_MICRO,
+                                              *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    assert code == 0, err
+    assert "green star held out" in log and "given the caption" in log
+    with open(ib.bound_path(out)) as f:
+        assert json.load(f)["condition"] == "text"
+    assert png_size(os.path.join(out, "samples.png")) == (2 * 33 + 1, 11 * 33 + 1)   # 10 shapes + 1 held out
+    with open(ib.eval_path(out)) as f:
+        result = json.load(f)
+    for row in ("prompts_guidance_0", "prompts_guided", "heldout_guidance_0", "heldout_guided"):
+        assert 0 <= result[row]["accuracy"] <= 1 and 0 <= result[row]["colour_accuracy"] <= 1, row
+    assert result["heldout_guided"]["prompts"] == 1 and result["prompts_guided"]["prompts"] == 16
+    assert "samples_guidance_0" not in result
+
+    png = str(tmp_path / "prompts.png")
+    code, o, err = run_script(sample, ["--run", out, "--prompt", "a red star", "--prompt", "a blue ring", "--n", "3",
+                                       "--guidance", "1", "--out", png], monkeypatch, capsys)
+    assert code == 0, err
+    assert png_size(png) == (3 * 33 + 1, 2 * 33 + 1) and "one row per prompt" in o
+    code, o, err = run_script(sample, ["--run", out, "--inpaint", "test:2", "--mask", "center", "--prompt",
+                                       "a purple star", "--completions", "2", "--out", png], monkeypatch, capsys)
+    assert code == 0, err
+    assert "warning" in o and "purple" in o and png_size(png) == (4 * 33 + 1, 2 * 33 + 1)
+    for run, argv, fragment in [(trained_run.dir, ["--prompt", "a red star"], "takes no --prompt"),
+                                (out, ["--class", "1"], "use --prompt"),
+                                (out, ["--prompt", "a very small red star in the upper left on a black background"],
+                                 "at most 12"),
+                                (out, ["--prompt", "a red star", "--class", "1"], "not both")]:
+        code, _, err = run_script(sample, ["--run", run, "--n", "1", "--out", png, *argv], monkeypatch, capsys)
+        assert_user_error(code, err, fragment)
 
 
 def test_train_chain_is_reproducible(trained_run, tmp_path, monkeypatch, capsys):
@@ -1214,16 +1363,33 @@ def test_train_chain_bad_arguments(trained_run, tmp_path, monkeypatch, capsys, a
     assert not new.exists() or not any(f.startswith("scale_") for f in os.listdir(new))
 
 
-def test_train_chain_conditional_needs_labels(tmp_path):
-    """--conditional on tokens without labels (a folder data set without class subfolders) is a
-    UserError; without the flag the chain is unconditional (num_labels 0)."""
+def test_train_chain_condition_needs_labels_or_captions(tmp_path):
+    """--condition class on tokens without labels (a folder without class subfolders), and
+    --condition text on tokens without captions (made before captions existed), are one-line
+    UserErrors; without the flag the chain is unconditional (num_labels 0, no vocabulary).
+    --condition text builds the tokenizer from the training captions; --holdout needs shapes
+    captions and names of the palette and of the classes."""
     tokens = {"train": torch.zeros(4, 8, 8, dtype=torch.int16), "test": torch.zeros(2, 8, 8, dtype=torch.int16),
               "num_codes": 5, "num_labels": 0}
-    args = train_chain.build_parser().parse_args(["--conditional", "--preset", "tiny"])
+    parse = lambda *argv: train_chain.build_parser().parse_args(["--preset", "tiny", *argv])
     with pytest.raises(ib.UserError, match="no labels"):
-        train_chain.resolve_config(args, tokens, str(tmp_path))
-    cfg = train_chain.resolve_config(train_chain.build_parser().parse_args(["--preset", "tiny"]), tokens, str(tmp_path))
-    assert cfg.num_labels == 0 and cfg.num_codes == 5 and cfg.grid == [8, 8]
+        train_chain.resolve_config(parse("--condition", "class"), tokens, str(tmp_path))
+    with pytest.raises(ib.UserError, match="no captions"):
+        train_chain.resolve_config(parse("--condition", "text"), tokens, str(tmp_path))
+    cfg = train_chain.resolve_config(parse(), tokens, str(tmp_path))
+    assert cfg.num_labels == 0 and cfg.num_codes == 5 and cfg.grid == [8, 8] and cfg.text_len == 0
+    captions = ["a red star", "a large green star at the top", "a blue ring", "a red star"]
+    tokens |= {"train_captions": captions, "test_captions": ["a small red star on the left on a black background", ""]}
+    cfg = train_chain.resolve_config(parse("--condition", "text", "--holdout", "green star"), tokens, str(tmp_path))
+    assert cfg.vocab == ["<pad>", "<unk>", "a", "blue", "red", "ring", "star"]    # "green" only held out
+    assert cfg.text_len == 11 and cfg.holdout == ["green star"]                   # the test split's longest
+    assert train_chain.training_rows(tokens, cfg).tolist() == [0, 2, 3]
+    for bad in ("purple star", "green", "green cat"):
+        with pytest.raises(ib.UserError, match="COLOUR SHAPE"):
+            train_chain.resolve_config(parse("--holdout", bad), tokens, str(tmp_path))
+    tokens["train_captions"] = ["my cat"] * 4
+    with pytest.raises(ib.UserError, match="needs the shapes"):
+        train_chain.resolve_config(parse("--holdout", "green star"), tokens, str(tmp_path))
 
 
 @pytest.fixture
@@ -1313,7 +1479,7 @@ def test_evaluate_run_on_unlabelled_data_reports_psnr_only():
     the reconstructions' PSNR, checked against PSNR in 8-bit units (peak 255) computed with numpy."""
     vq = tiny_vqgan()
     x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=gen(0))
-    data = {"train": (x, None, 0), "test": (x, None, 0)}
+    data = {"train": (x, None, 0, None), "test": (x, None, 0, None)}
     judge, info = ib.judge_for(data, {"spec": "folder:/nowhere"}, "/nonexistent/judges")
     assert judge is None and "unlabelled" in info["note"]
     result = ib.evaluate_run(vq, None, data, None, n=4)

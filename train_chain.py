@@ -34,9 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ib.add_run_args(p)
     p.add_argument("--scale", type=int, default=None, help="train only the model of this t (2..T)")
-    cond = p.add_mutually_exclusive_group()
-    cond.add_argument("--unconditional", action="store_true", help="ignore the data set's labels")
-    cond.add_argument("--conditional", action="store_true", help="require labels (error if there are none)")
+    p.add_argument("--condition", choices=("class", "text", "none"), default=None,
+                   help="what the chain is conditioned on: the class labels, the captions (Sec. 4.2), or "
+                        "nothing (default: class when the data set has labels, else none)")
+    p.add_argument("--holdout", default=None, metavar="'COLOUR SHAPE,...'",
+                   help="shapes: leave out of the chain's training every image of these colour-shape "
+                        "combinations, e.g. 'green star,blue ring' (matched on what drew the image)")
     p.add_argument("--first-stage", default=None, metavar="RUN",
                    help="reuse the first stage (vq.pt, tokens.pt) of another run folder")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
@@ -82,13 +85,25 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     say (K after shrinking, the grid, the number of labels). Every check that can fail is
     made here, before any training."""
     cfg = ib.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
-    # class-conditional when the data set has labels, unless --unconditional
-    labeled = "train_labels" in tokens
-    if args.conditional and not labeled:
-        raise ib.UserError("--conditional: this data set has no labels (use one subfolder per class)")
-    num_labels = int(tokens["num_labels"]) if labeled and not args.unconditional else 0
+    # --- the condition: class-conditional when the data set has labels, unless --condition says
+    condition = args.condition or ("class" if "train_labels" in tokens else "none")
+    if condition == "class" and "train_labels" not in tokens:
+        raise ib.UserError("--condition class: this data set has no labels (use one subfolder per class)")
+    if condition == "text" and "train_captions" not in tokens:
+        raise ib.UserError(f"--condition text: {ib.tokens_path(out)} has no captions: it was made before captions "
+                           f"existed (remake it: delete it and run train_vq.py with the run's settings), or its "
+                           f"data set has none (a folder needs captions.txt or a .txt beside each image)")
+    holdout = parse_holdout(args.holdout, tokens) if args.holdout else []
+    num_labels = int(tokens["num_labels"]) if condition == "class" else 0
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
-                              num_labels=num_labels)
+                              num_labels=num_labels, holdout=holdout)
+    if condition == "text":
+        # the vocabulary: the words of the captions the chain trains on; the length: the
+        # longest caption of either split, so that no caption is ever cut short
+        kept = training_rows(tokens, cfg)
+        vocab = ib.Tokenizer.build([tokens["train_captions"][i] for i in kept.tolist()]).vocab
+        text_len = ib.Tokenizer.build(tokens["train_captions"] + tokens["test_captions"]).max_len
+        cfg = dataclasses.replace(cfg, vocab=vocab, text_len=text_len)
     if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T
         if args.T is not None and args.T != len(cfg.betas) + 1:
             raise ib.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
@@ -109,6 +124,33 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     return cfg
 
 
+def parse_holdout(text: str, tokens: dict) -> list[str]:
+    """--holdout 'green star,blue ring' -> ["green star", "blue ring"], each a palette colour and
+    a shape class; only shapes runs know what drew each image."""
+    captions = tokens.get("train_captions")
+    if not captions or ib.shape_caption_parts(captions[0]) is None:
+        raise ib.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
+    pairs = []
+    for item in text.split(","):
+        words = item.split()
+        if len(words) != 2 or words[0] not in ib.PALETTE_NAMES or words[1] not in ib.SHAPE_CLASSES:
+            raise ib.UserError(f"--holdout {item.strip()!r}: expected 'COLOUR SHAPE' with a colour of "
+                               f"{', '.join(ib.PALETTE_NAMES)} and a shape of {', '.join(ib.SHAPE_CLASSES)}")
+        pairs.append(" ".join(words))
+    return pairs
+
+
+def training_rows(tokens: dict, cfg: ib.ChainConfig) -> torch.Tensor:
+    """Indices of the training code grids the chain learns from: all of them, less those
+    whose image shows a held-out combination. Matched on the full caption's parts (what drew
+    the image), so it does not matter how a training step shortens the caption."""
+    if not cfg.holdout:
+        return torch.arange(len(tokens["train"]))
+    held = set(cfg.holdout)
+    parts = [ib.shape_caption_parts(c) for c in tokens["train_captions"]]
+    return torch.tensor([i for i, p in enumerate(parts) if f"{p['colour']} {p['shape']}" not in held])
+
+
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only; biases, norms, embeddings and position tables are left alone."""
     decay, no_decay = [], []
@@ -118,18 +160,47 @@ def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def condition_of(model: ib.ImageBART, tokens: dict, split: str, device) -> dict:
+    """The condition of every code grid of a split, as keyword arguments of the chain's
+    methods: {"labels": (M,)}, {"text": token ids (M, text_len)} of the full captions, or {}."""
+    if model.num_labels:
+        return {"labels": tokens[f"{split}_labels"].to(device)}
+    if model.tokenizer is not None:
+        return {"text": model.tokenizer.encode(tokens[f"{split}_captions"]).to(device)}
+    return {}
+
+
+def caption_batch(captions: list[str], parts: list, idx: list[int]) -> list[str]:
+    """The captions of a batch at a random level of detail: each part of a shapes caption but
+    the shape (size, colour, position, background) is kept with probability 1/2, so that short
+    prompts like "a red star" are as much in distribution as full ones. Other captions are
+    used whole."""
+    keep = torch.rand(len(idx), 4) < 0.5
+    out = []
+    for b, i in enumerate(idx):
+        p = parts[i]
+        if p is None:
+            out.append(captions[i])
+            continue
+        shortened = {k: p[k] if keep[b, j] else None for j, k in enumerate(("size", "colour", "position", "background"))}
+        out.append(ib.shape_caption(shortened | {"shape": p["shape"]}))
+    return out
+
+
 @torch.no_grad()
-def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, labels, batch: int, max_batches=None) -> torch.Tensor:
-    """Scale t's term of the bound (Eq. 7; on -log p(x_1 | c) when `labels` are given) in bits
-    per token, one Monte-Carlo draw for each grid of `codes` (M, h, w) -> (M,) (fewer with
-    max_batches). A fixed generator makes the draws the same at every evaluation."""
+def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, batch: int,
+                  max_batches=None) -> torch.Tensor:
+    """Scale t's term of the bound (Eq. 7; on -log p(x_1 | c) given the condition `cond`, see
+    condition_of) in bits per token, one Monte-Carlo draw for each grid of `codes` (M, h, w)
+    -> (M,) (fewer with max_batches). A fixed generator makes the draws the same at every
+    evaluation."""
     g = torch.Generator(codes.device).manual_seed(1234)
     out = []
     for b, i in enumerate(range(0, len(codes), batch)):
         if max_batches is not None and b >= max_batches:
             break
-        y = labels[i:i + batch] if labels is not None else None
-        out.append(model.scale_bits(codes[i:i + batch], t, y, generator=g).cpu())
+        c = {k: v[i:i + batch] for k, v in cond.items()}
+        out.append(model.scale_bits(codes[i:i + batch], t, generator=g, **c).cpu())
     return torch.cat(out)
 
 
@@ -160,10 +231,17 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
     torch.manual_seed(cfg.seed * 1000 + t * 100003 + step)
 
     # --- data: the whole code data set lives on the device; a batch is one index
-    train = tokens["train"].to(device).long()                  # x_1 (M, h, w), mirrored copies included
+    rows = training_rows(tokens, cfg)                          # all, less the held-out combinations
+    train = tokens["train"][rows].to(device).long()            # x_1 (M, h, w), mirrored copies included
     test = tokens["test"].to(device).long()
-    y_train = tokens["train_labels"].to(device) if model.num_labels else None
-    y_test = tokens["test_labels"].to(device) if model.num_labels else None
+    y_train = tokens["train_labels"][rows].to(device) if model.num_labels else None
+    test_cond = condition_of(model, tokens, "test", device)
+    if model.tokenizer is not None:
+        captions = [tokens["train_captions"][i] for i in rows.tolist()]
+        parts = [ib.shape_caption_parts(c) for c in captions]  # None for a caption of another kind
+    if cfg.holdout:
+        print(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} "
+              f"held out", flush=True)
     n_params = sum(p.numel() for p in net.parameters())
     kind = "encoder-decoder" if net.has_encoder else "decoder-only"
     print(f"scale t={t} ({kind}, p(x_{t - 1} | x_{t}), beta_t = {model.diffusion.beta(t):.3g}, "
@@ -174,7 +252,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         """This scale's term of the bound on (part of) the test codes, with the EMA weights."""
         model.scales[str(t)] = ema
         ema.eval()
-        bits = bits_per_grid(model, t, test, y_test, 256, cfg.eval_batches).mean().item()
+        bits = bits_per_grid(model, t, test, test_cond, 256, cfg.eval_batches).mean().item()
         model.scales[str(t)] = net
         return bits
 
@@ -191,14 +269,20 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         for group in opt.param_groups:
             group["lr"] = lr
 
-        # --- batch: random code grids x_1; a label_dropout share of the labels becomes the
-        # null class, so the same network also learns the unconditional model (guidance)
+        # --- batch: random code grids x_1 and their conditions (a caption at a random level of
+        # detail); a label_dropout share of the conditions becomes the null class or the empty
+        # caption, so the same network also learns the unconditional model (guidance)
         idx = torch.randint(0, len(train), (cfg.batch_size,), device=device)
-        labels = model.drop_labels(y_train[idx], cfg.label_dropout) if y_train is not None else None
+        cond = {}
+        if y_train is not None:
+            cond["labels"] = model.drop_condition(y_train[idx], cfg.label_dropout)
+        elif model.tokenizer is not None:
+            text = model.tokenizer.encode(caption_batch(captions, parts, idx.tolist())).to(device)
+            cond["text"] = model.drop_condition(text, cfg.label_dropout)       # (B, text_len)
 
         # --- step: the loss of Eq. 7 (Eq. 8 at t = 2), x_t and x_{t-1} drawn inside from q
         with ib.autocast(device):
-            loss = model.loss(train[idx], t, labels, kind=cfg.loss)      # nats per token
+            loss = model.loss(train[idx], t, kind=cfg.loss, **cond)      # nats per token
         if not torch.isfinite(loss):
             raise ib.UserError(f"scale t={t}: the loss became {loss.item()} at step {step}; "
                                f"stopped, the last good checkpoint is kept in {path}")
@@ -224,7 +308,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             record["test_bits"] = evaluate()
             print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token"
-                  f"{' given the class' if model.num_labels else ''} (EMA weights)", flush=True)
+                  f"{given(model)} (EMA weights)", flush=True)
             checkpoint()
         if step % cfg.log_every == 0 or "test_bits" in record:
             log.write(json.dumps(record) + "\n")
@@ -237,8 +321,8 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     """Once every scale is trained: the bound on all test codes, per scale, and a sample grid."""
     vq, chain = ib.load_run(out, device)
     test = tokens["test"].to(device).long()
-    y_test = tokens["test_labels"].to(device) if chain.num_labels else None
-    grids = {t: bits_per_grid(chain, t, test, y_test, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
+    cond = condition_of(chain, tokens, "test", device)
+    grids = {t: bits_per_grid(chain, t, test, cond, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
     bits_by_scale = {t: v.mean().item() for t, v in grids.items()}
     # The bound is a Monte-Carlo estimate: one draw of x_t, x_{t-1} per test grid and scale.
     # Its standard error is that of a mean over the M grids' totals (it also holds the
@@ -247,27 +331,50 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     K = chain.diffusion.K
     report = {"bits_per_token": total.mean().item(), "standard_error": (total.std() / len(total) ** 0.5).item(),
               "per_scale": {str(t): v for t, v in bits_by_scale.items()},
-              "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "conditional": bool(chain.num_labels),
+              "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "condition": condition_name(chain),
               "test_grids": len(test), "exact": chain.T == 2}
     ib.save_json_atomic(report, ib.bound_path(out))
     with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
-    what = "exact NLL" if chain.T == 2 else "upper bound on NLL"
-    what += " given the class" if chain.num_labels else ""
+    what = ("exact NLL" if chain.T == 2 else "upper bound on NLL") + given(chain)
     print(f"test {what}: {report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token "
           f"(uniform: log2 K = {math.log2(K):.3f})"
           + "".join(f"\n  t={t}: {v:.4f}" for t, v in bits_by_scale.items()), flush=True)
 
     # samples.png: a fixed seed, so that runs can be compared picture by picture
     g = torch.Generator(device).manual_seed(0)
+    labels, text, rows = None, None, "unconditional"
     if chain.num_labels:   # one row per class
         labels = torch.arange(chain.num_labels, device=device).repeat_interleave(samples_per_row)
-    else:
-        labels = None
-    n = len(labels) if labels is not None else samples_per_row * samples_per_row
-    x1 = chain.sample(n, labels, generator=g)
+        rows = "one row per class"
+    elif chain.tokenizer is not None:   # one row per prompt
+        prompts = sample_prompts(chain, tokens)
+        text = [p for p in prompts for _ in range(samples_per_row)]
+        rows = "one row per prompt: " + "; ".join(prompts)
+    n = samples_per_row * (chain.num_labels or (len(text) // samples_per_row if text else samples_per_row))
+    x1 = chain.sample(n, labels, text=text, generator=g)
     ib.save_image_grid(vq.decode(x1), os.path.join(out, "samples.png"), nrow=samples_per_row)
-    print(f"wrote {ib.bound_path(out)} and {os.path.join(out, 'samples.png')}", flush=True)
+    print(f"wrote {ib.bound_path(out)} and {os.path.join(out, 'samples.png')} ({rows})", flush=True)
+
+
+def sample_prompts(chain: ib.ImageBART, tokens: dict) -> list[str]:
+    """The prompts of samples.png on a text chain: on shapes, every shape once in a colour
+    that cycles through the palette, then the held-out combinations; else the first eight
+    distinct test captions."""
+    if ib.shape_caption_parts(tokens["test_captions"][0]) is not None:
+        colours = [ib.PALETTE_NAMES[c] for c in ib.SHAPE_FOREGROUNDS]
+        return [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ib.SHAPE_CLASSES)] + \
+            [f"a {combination}" for combination in chain.cfg.holdout]
+    return list(dict.fromkeys(c for c in tokens["test_captions"] if c))[:8]
+
+
+def condition_name(chain: ib.ImageBART) -> str:
+    return "class" if chain.num_labels else "text" if chain.tokenizer is not None else "none"
+
+
+def given(chain: ib.ImageBART) -> str:
+    """How a reported bound is conditioned: on -log p(x_1 | c), not -log p(x_1)."""
+    return {"class": " given the class", "text": " given the caption", "none": ""}[condition_name(chain)]
 
 
 def main():
@@ -290,7 +397,8 @@ def main():
     model = ib.ImageBART(cfg).to(device)
     print(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
           f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
-          f"N = {cfg.N} tokens, {'class-conditional' if cfg.num_labels else 'unconditional'}", flush=True)
+          f"N = {cfg.N} tokens, {condition_name(model)}-conditioned"
+          + (f" ({len(cfg.vocab)} words, captions of up to {cfg.text_len})" if cfg.text_len else ""), flush=True)
 
     # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
     t0 = time.time()
@@ -303,7 +411,7 @@ def main():
     # the bound, samples, and the judge's figures
     if done:
         final_report(out, tokens, device, args.samples)
-        if args.eval_n and cfg.num_labels:   # the judge's figures (imagebart.py, appendix C)
+        if args.eval_n and "train_labels" in tokens:   # the judge's figures (imagebart.py, appendix C)
             if ib.recorded_dataset(out) is None:
                 print(f"no judge: {out}'s first stage does not record its data set; "
                       f"run sample.py --run {out} --evaluate --dataset ...", flush=True)

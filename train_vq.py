@@ -245,7 +245,7 @@ def encode_all(vq: ib.VQGAN, x: torch.Tensor, device, batch: int = 1000) -> torc
 
 
 def load_data(dataset: str, cfg: ib.VQConfig, data_root: str) -> dict:
-    """{split: (uint8 images, labels or None, number of classes)} for train and test."""
+    """{split: (uint8 images, labels or None, number of classes, captions or None)}."""
     return {split: ib.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
             for split in ("train", "test")}
 
@@ -254,7 +254,7 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
     """Evaluate on held-out images, shrink the codebook to the codes the training images use
     (Sec. 4.1), tokenize. Shrinking looks at training codes only: K is then chosen without
     the test split, on which the chain's bound is reported."""
-    (x_train, y_train, num_classes), (x_test, y_test, _) = data["train"], data["test"]
+    (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
     lpips = ib.build_lpips(lpips_weights, quiet=True)
     metrics = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
 
@@ -278,7 +278,11 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
         test=encode_all(vq, x_test, device),                # a code unseen in training maps to a kept one
         num_codes=vq.num_codes, dataset=dataset,            # so that sample.py --evaluate finds the images
         train_labels=torch.cat([y_train, y_train]) if labelled else None,      # the mirrored copies too
-        test_labels=y_test, num_labels=num_classes if labelled else 0)
+        test_labels=y_test, num_labels=num_classes if labelled else 0,
+        # captions (shapes, folders with captions) for text-conditional chains; a mirrored
+        # image's caption has left and right swapped
+        train_captions=c_train + [ib.mirror_caption(c) for c in c_train] if c_train is not None else None,
+        test_captions=c_test)
     ib.save_atomic(tokens, ib.tokens_path(out))
     with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "vq_eval", **metrics}) + "\n")
