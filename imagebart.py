@@ -1241,13 +1241,18 @@ def tokens_checkpoint(train: torch.Tensor, test: torch.Tensor, num_codes: int, d
                       train_labels=None, test_labels=None, num_labels: int = 0,
                       train_captions: list | None = None, test_captions: list | None = None) -> dict:
     """tokens.pt: the codes of every training and test image, int16 (N, h, w) to keep it small,
-    with their labels and captions where the data set has them (one per code grid)."""
+    with their labels and captions where the data set has them (one per code grid), and then
+    the vocabulary and caption length of a text chain's tokenizer."""
     tokens = {"kind": "tokens", "train": train.to(torch.int16), "test": test.to(torch.int16),
               "num_codes": num_codes, "num_labels": num_labels, "dataset": dataset}
     if train_labels is not None:
         tokens.update(train_labels=train_labels, test_labels=test_labels)
     if train_captions is not None:
-        tokens.update(train_captions=list(train_captions), test_captions=list(test_captions))
+        # the tokenizer of a text chain: the words of the training captions, and the longest
+        # caption of either split as the length, so that no caption is ever cut short
+        tokenizer = Tokenizer.build(train_captions)
+        tokens.update(train_captions=list(train_captions), test_captions=list(test_captions),
+                      vocab=tokenizer.vocab, text_len=Tokenizer.build(list(train_captions) + list(test_captions)).max_len)
     return tokens
 
 

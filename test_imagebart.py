@@ -1063,8 +1063,13 @@ def test_e2e_first_stage_outputs(trained_run):
     assert tokens["train"].dtype == torch.int16 and tokens["train"].shape == (256, 8, 8)
     assert tokens["test"].shape == (32, 8, 8)
     assert 0 <= int(tokens["train"].min()) and int(tokens["train"].max()) < K
-    x_train, y_train, _ = ib.make_shapes(128, seed=0)
+    x_train, y_train, c_train = ib.make_shapes(128, seed=0)
     assert torch.equal(tokens["train_labels"], torch.cat([y_train, y_train]))
+    # captions: the mirror images' with left and right swapped; the tokenizer of all of them
+    assert tokens["train_captions"] == c_train + [ib.mirror_caption(c) for c in c_train]
+    assert tokens["test_captions"] == ib.make_shapes(32, seed=1)[2]
+    assert any("left" in c for c in c_train) and tokens["train_captions"][128:] != c_train
+    assert tokens["text_len"] == 12 and {"<pad>", "<unk>", "star", "left", "background"} <= set(tokens["vocab"])
     assert torch.equal(tokens["test_labels"], ib.make_shapes(32, seed=1)[1])
     vq, chain = ib.load_run(run)
     assert vq.num_codes == K
@@ -1367,8 +1372,8 @@ def test_train_chain_condition_needs_labels_or_captions(tmp_path):
     """--condition class on tokens without labels (a folder without class subfolders), and
     --condition text on tokens without captions (made before captions existed), are one-line
     UserErrors; without the flag the chain is unconditional (num_labels 0, no vocabulary).
-    --condition text builds the tokenizer from the training captions; --holdout needs shapes
-    captions and names of the palette and of the classes."""
+    --condition text takes the tokenizer of tokens.pt; --holdout needs shapes captions and
+    names of the palette and of the classes."""
     tokens = {"train": torch.zeros(4, 8, 8, dtype=torch.int16), "test": torch.zeros(2, 8, 8, dtype=torch.int16),
               "num_codes": 5, "num_labels": 0}
     parse = lambda *argv: train_chain.build_parser().parse_args(["--preset", "tiny", *argv])
@@ -1379,10 +1384,10 @@ def test_train_chain_condition_needs_labels_or_captions(tmp_path):
     cfg = train_chain.resolve_config(parse(), tokens, str(tmp_path))
     assert cfg.num_labels == 0 and cfg.num_codes == 5 and cfg.grid == [8, 8] and cfg.text_len == 0
     captions = ["a red star", "a large green star at the top", "a blue ring", "a red star"]
-    tokens |= {"train_captions": captions, "test_captions": ["a small red star on the left on a black background", ""]}
+    tokens |= {"train_captions": captions, "test_captions": ["a small red star on the left on a black background", ""],
+               "vocab": ["<pad>", "<unk>", "a", "red", "star"], "text_len": 11}
     cfg = train_chain.resolve_config(parse("--condition", "text", "--holdout", "green star"), tokens, str(tmp_path))
-    assert cfg.vocab == ["<pad>", "<unk>", "a", "blue", "red", "ring", "star"]    # "green" only held out
-    assert cfg.text_len == 11 and cfg.holdout == ["green star"]                   # the test split's longest
+    assert cfg.vocab == tokens["vocab"] and cfg.text_len == 11 and cfg.holdout == ["green star"]
     assert train_chain.training_rows(tokens, cfg).tolist() == [0, 2, 3]
     for bad in ("purple star", "green", "green cat"):
         with pytest.raises(ib.UserError, match="COLOUR SHAPE"):

@@ -3,6 +3,7 @@
     python train_chain.py --dataset shapes --preset tiny     # 2-core CPU: first stage + chain, minutes
     python train_chain.py --dataset cifar                    # one GPU: the user's main run
     python train_chain.py --dataset cifar --scale 3          # one scale only (scales train in parallel)
+    python train_chain.py --out runs/shapes_text --first-stage runs/shapes --condition text   # prompts (Sec. 4.2)
 
 A run folder without a first stage gets one first (train_vq.py's code, same preset). Each
 scale is trained on its own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at
@@ -10,6 +11,10 @@ t = 2), and saved as scale_<t>.pt. When every scale is done, the likelihood boun
 evaluated on the test codes (bound.json) and a grid of samples is written (samples.png);
 on labelled data, the judge of `sample.py --evaluate` then scores the run (eval.json).
 Re-running the same command resumes; a finished scale is not trained again.
+
+The chain is conditioned on the data set's class labels when it has them (--condition class),
+on its captions with --condition text (every encoder reads the caption's tokens next to x_t;
+the decoder-only scale reads them as a prefix), or on nothing (--condition none).
 """
 import argparse
 import copy
@@ -97,13 +102,8 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     num_labels = int(tokens["num_labels"]) if condition == "class" else 0
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
                               num_labels=num_labels, holdout=holdout)
-    if condition == "text":
-        # the vocabulary: the words of the captions the chain trains on; the length: the
-        # longest caption of either split, so that no caption is ever cut short
-        kept = training_rows(tokens, cfg)
-        vocab = ib.Tokenizer.build([tokens["train_captions"][i] for i in kept.tolist()]).vocab
-        text_len = ib.Tokenizer.build(tokens["train_captions"] + tokens["test_captions"]).max_len
-        cfg = dataclasses.replace(cfg, vocab=vocab, text_len=text_len)
+    if condition == "text":   # the tokenizer made with tokens.pt, which every scale then carries
+        cfg = dataclasses.replace(cfg, vocab=list(tokens["vocab"]), text_len=int(tokens["text_len"]))
     if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T
         if args.T is not None and args.T != len(cfg.betas) + 1:
             raise ib.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
