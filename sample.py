@@ -169,12 +169,10 @@ def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> Non
     as 8-bit, exactly as the grids show them."""
     u8 = ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()                # (B, H, W, 3)
     if args.out_dir:
-        ib.ensure_writable_dir(args.out_dir)
         for i, img in enumerate(u8):
             Image.fromarray(img).save(os.path.join(args.out_dir, f"{i:06d}.png"))
         print(f"wrote {len(u8)} PNGs to {args.out_dir}", flush=True)
     if args.npz:
-        os.makedirs(os.path.dirname(os.path.abspath(args.npz)), exist_ok=True)
         np.savez(args.npz, images=u8, codes=codes.cpu().numpy(),
                  labels=labels.cpu().numpy() if labels is not None else np.zeros(0, dtype=np.int64))
         print(f"wrote {args.npz}", flush=True)
@@ -182,6 +180,10 @@ def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> Non
 
 # -----------------------------------------------------------------------------
 # masked editing (Sec. 4.3)
+
+INPAINT_BATCH = 256    # completions per batch: small jobs run as one batch, large ones report progress
+SAMPLE_BATCH = 256     # the same for samples
+
 
 def inpaint(args, vq, chain, opts, g, device) -> None:
     """--inpaint: regenerate the --mask region of each input, --completions times, and write
@@ -195,6 +197,9 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         except ValueError:
             raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
         tokens = ib.load_tokens(args.run)
+        if not 1 <= n_img <= len(tokens["test"]):
+            raise ib.UserError(f"--inpaint test:N takes N in 1..{len(tokens['test'])} (this run's test images), "
+                               f"got {n_img}")
         x1 = tokens["test"][:n_img].long().to(device)
         x0 = vq.decode(x1)                             # the images as the first stage sees them
     else:
@@ -209,7 +214,8 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     if regen.all():
         raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
                            "run sample.py without --inpaint")
-    # --- the completions: every input repeated once per completion, all in one batch
+    # --- the completions: every input repeated once per completion, in batches of INPAINT_BATCH
+    # (a progress line after each when there is more than one)
     reps = args.completions
     # a list of classes, or several prompts, cycle over the completions
     cond, _ = parse_condition(args, chain, 1 if args.prompts else B * reps, device)
@@ -217,7 +223,11 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
     given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
     keep = (~regen).expand(B * reps, -1, -1)
-    completions = chain.inpaint(given, keep, refine=args.refine, context=args.context, generator=g, **cond, **opts)
+    completions = []
+    for sl in ib.batches(B * reps, INPAINT_BATCH, "inpainting" if B * reps > INPAINT_BATCH else None):
+        completions.append(chain.inpaint(given[sl], keep[sl], refine=args.refine, context=args.context,
+                                         generator=g, **{k: v[sl] for k, v in cond.items()}, **opts))
+    completions = torch.cat(completions)
     assert (completions[keep] == given[keep]).all(), "kept tokens changed"
     images = vq.decode(completions).view(B, reps, 3, H, H)
     # the masked input: regenerated region shown grey, on the pixel mask's exact shape
@@ -279,8 +289,6 @@ def evaluate(args, device) -> None:
     ib.check_judge_options(args.eval_n, args.judge_steps)
     if args.guidance < 0:
         raise ib.UserError("--guidance must be >= 0")
-    if args.out:   # checked (and its folder made) now, not after minutes of sampling
-        ib.ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
                                 n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
                                 judge_steps=args.judge_steps, seed=args.seed, device=device,
@@ -300,6 +308,12 @@ def main():
         raise ib.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
     if args.n < 1 or args.completions < 1 or args.refine < 0:
         raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
+    # --- outputs: their folders made (and checked writable) now, not after minutes of sampling
+    for path in (args.out, args.npz):
+        if path:
+            ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
+    if args.out_dir:
+        ib.ensure_writable_dir(args.out_dir)
     if args.evaluate:
         return evaluate(args, device)
     # --- the run: first stage and chain, EMA weights
@@ -315,7 +329,9 @@ def main():
 
     n = len(next(iter(cond.values()))) if cond else args.n
     t0 = time.time()
-    trajectory = chain.sample_chain(n, generator=g, **cond, **opts)
+    parts = [chain.sample_chain(sl.stop - sl.start, generator=g, **{k: v[sl] for k, v in cond.items()}, **opts)
+             for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None)]
+    trajectory = [torch.cat(x_t) for x_t in zip(*parts)]       # [x_T, ..., x_1], each (n, h, w)
     x1 = trajectory[-1]
     print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
     if args.trajectory:
