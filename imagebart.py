@@ -2110,7 +2110,7 @@ DEFAULT_EVAL_GUIDANCE = 0.5               # w of the guided samples row, unless 
                                           # shapes run w = 0.5 judged best (98 %; w = 1: 94 %, w = 2: 80 %, README)
 
 
-def _batches(n: int, batch: int, what: str | None = None, log=say):
+def batches(n: int, batch: int, what: str | None = None, log=say):
     """Slices of range(n), `batch` at a time; with `what`, a progress line after each."""
     t0 = time.time()
     for i in range(0, n, batch):
@@ -2118,7 +2118,7 @@ def _batches(n: int, batch: int, what: str | None = None, log=say):
         done, spent = min(n, i + batch), time.time() - t0
         if what:
             eta = spent / done * (n - done)
-            log(f"eval {what}: {done}/{n} images | {spent:.0f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+            log(f"{what}: {done}/{n} images | {spent:.0f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def _as_saved(x: torch.Tensor) -> torch.Tensor:
@@ -2163,7 +2163,7 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
 
     # --- first stage: x_1 = E(A) (the codes completions start from) and G(x_1), rounded to 8 bits
     x1_a, recon = [], []
-    for sl in _batches(n, batch):
+    for sl in batches(n, batch):
         x1_a.append(vq.encode(to_float(real_a[sl].to(device))))
         recon.append(_as_saved(vq.decode(x1_a[-1])).cpu())
     x1_a, recon = torch.cat(x1_a), torch.cat(recon)
@@ -2204,7 +2204,7 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
         keep = ~regen.to(device)                                           # (n, h, w), True = given
         g = torch.Generator(device).manual_seed(seed)
         images = []
-        for sl in _batches(n, batch, f"completions ({kind})", log):
+        for sl in batches(n, batch, f"eval completions ({kind})", log):
             images.append(_as_saved(vq.decode(chain.inpaint(x1_a[sl], keep[sl], generator=g, **inpaint))).cpu())
         result[f"completions_{kind.replace('-', '_')}"] = judged(torch.cat(images), y_a)
 
@@ -2221,7 +2221,7 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
     for key, w in rows:
         g = torch.Generator(device).manual_seed(seed)
         images = []
-        for sl in _batches(n, batch, key.replace("_", " ") + (f" (w = {w:g})" if w else ""), log):
+        for sl in batches(n, batch, "eval " + key.replace("_", " ") + (f" (w = {w:g})" if w else ""), log):
             x1 = chain.sample(sl.stop - sl.start, labels[sl].to(device) if labels is not None else None,
                               guidance=w, generator=g)
             images.append(_as_saved(vq.decode(x1)).cpu())
@@ -2261,7 +2261,7 @@ def _prompt_rows(vq: VQGAN, chain: ImageBART, data: dict, judged, n: int, guidan
             g = torch.Generator(device).manual_seed(seed)
             row = f"{key}_guidance_0" if w == 0 else f"{key}_guided"
             images = []
-            for sl in _batches(m, batch, row.replace("_", " ") + (f" (w = {w:g})" if w else ""), log):
+            for sl in batches(m, batch, "eval " + row.replace("_", " ") + (f" (w = {w:g})" if w else ""), log):
                 x1 = chain.sample(sl.stop - sl.start, text=prompts[sl], guidance=w, generator=g)   # a prompt per sample
                 images.append(_as_saved(vq.decode(x1)).cpu())
             images = torch.cat(images)
