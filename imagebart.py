@@ -94,6 +94,15 @@ class VQConfig:
     def factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    def check(self) -> None:
+        """One clear line for a value no first stage can train with (checked before any work)."""
+        check_ranges(self, positive=("resolution", "ch", "embed_dim", "codebook_size", "steps", "batch_size", "lr",
+                                     "disc_layers", "disc_ch", "log_every", "ckpt_every", "train_size", "test_size"),
+                     non_negative=("num_res_blocks", "beta", "perceptual_weight", "perceptual_batch", "disc_start",
+                                   "disc_weight", "restart_every"))
+        if self.resolution % self.factor:
+            raise UserError(f"--resolution {self.resolution} is not divisible by the downsampling factor {self.factor}")
+
 
 VQ_PRESETS = {
     # 2-core CPU in minutes on shapes: 32x32 -> 8x8 codes
@@ -681,10 +690,15 @@ CHAIN_PRESETS = {
 class Attention(nn.Module):
     """Multi-head attention: self-attention when `context` is None, else cross-attention.
 
-    `cache` (a dict, one per layer, kept across decoding steps) is the key/value cache:
-    self-attention appends this step's key and value to those of all earlier positions, so
-    a new token costs O(i) instead of re-running the whole prefix (O(i^2) over a sequence);
-    cross-attention computes the encoder output's keys and values once per scale."""
+    Without a cache (training, and the reference every cached result is tested against) the
+    whole sequence is processed at once. With `cache` (a dict per layer, kept across decoding
+    steps: the key/value cache) a new token costs O(i) instead of re-running the whole prefix:
+      self-attention   keys and values of all earlier positions sit in buffers allocated once
+                       (cache["size"] positions) and written in place; q, k and v come from one
+                       fused matrix product (the weights of to_q and to_kv stacked once per decode)
+      cross-attention  the encoder output's keys and values are computed once per scale
+    and the heads are split with views, not per-step rearranges: a decoding step is small, so
+    the number of kernels it launches, not their arithmetic, sets its speed."""
 
     def __init__(self, d: int, n_head: int, dropout: float):
         super().__init__()
@@ -692,24 +706,46 @@ class Attention(nn.Module):
         self.to_q, self.to_kv, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
     def forward(self, x, context=None, causal=False, cache=None):
+        if cache is not None:
+            return self.cached(x, context, causal, cache)
         # x: (B, L, C) queries; keys/values from x (self) or context (B, S, C) (cross)
         heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)   # (B, nh, L, hs)
         q = heads(self.to_q(x))
-        past = cache is not None and context is None and "k" in cache       # earlier positions cached
-        if cache is not None and context is not None and "k" in cache:
-            k, v = cache["k"], cache["v"]                       # fixed encoder output: reuse
-        else:
-            k, v = map(heads, self.to_kv(x if context is None else context).chunk(2, dim=-1))
-            if cache is not None:
-                if context is None and "k" in cache:            # append this step to the past
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-                cache["k"], cache["v"] = k, v
-        # once positions are cached, the query is the newest one and every key is in its past,
-        # so no mask is needed; otherwise (no cache, or the first call filling it with several
-        # positions, e.g. a text prefix) the causal mask hides the future
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and not past,
+        k, v = map(heads, self.to_kv(x if context is None else context).chunk(2, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
+
+    def cached(self, x, context, causal: bool, cache: dict):
+        """The decoding path: x (B, L, C) holds the next L positions (L = 1, or a text prefix
+        on the first call) -> (B, L, C), as forward() gives for them."""
+        B, L, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        split = lambda z, n: z.view(B, -1, n, nh, hs).permute(2, 0, 3, 1, 4)     # -> (n, B, nh, L', hs)
+        if context is not None:                                # cross-attention
+            if "k" not in cache:                               # the encoder output: once per scale
+                cache["k"], cache["v"] = split(self.to_kv(context), 2)
+            q, k, v = split(self.to_q(x), 1)[0], cache["k"], cache["v"]
+            is_causal = False
+        else:                                                  # self-attention
+            if "w" not in cache:                               # first call: fuse, allocate
+                cache["w"] = torch.cat([self.to_q.weight, self.to_kv.weight])     # (3C, C): q, k, v
+                cache["b"] = torch.cat([self.to_q.bias, self.to_kv.bias])
+                cache["k"] = x.new_empty(B, nh, cache["size"], hs)
+                cache["v"] = x.new_empty(B, nh, cache["size"], hs)
+                cache["len"] = 0
+            q, k_new, v_new = split(F.linear(x, cache["w"], cache["b"]), 3)      # each (B, nh, L, hs)
+            start, end = cache["len"], cache["len"] + L
+            cache["k"][:, :, start:end] = k_new                # written in place: no torch.cat
+            cache["v"][:, :, start:end] = v_new
+            cache["len"] = end
+            k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]
+            # once positions are cached, the query is the newest one and every key is in its
+            # past, so no mask is needed; the first call (several positions, e.g. a text
+            # prefix) masks the future as forward() does
+            is_causal = causal and start == 0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
 class Block(nn.Module):
@@ -723,10 +759,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
 
     def forward(self, x, context=None, causal=False, cache=None):
-        x = x + self.attn(self.ln1(x), causal=causal, cache=None if cache is None else cache.setdefault("self", {}))
+        x = x + self.attn(self.ln1(x), causal=causal, cache=None if cache is None else cache["self"])
         if self.cross is not None:
             x = x + self.cross(self.ln2(x), context=context,
-                               cache=None if cache is None else cache.setdefault("cross", {}))
+                               cache=None if cache is None else cache["cross"])
         return x + self.mlp(self.ln3(x))
 
 
@@ -748,10 +784,11 @@ class ScaleTransformer(nn.Module):
     def __init__(self, cfg: ChainConfig, t: int, beta_t: float):
         super().__init__()
         d, K, N = cfg.n_embd, cfg.num_codes, cfg.N
-        self.t, self.K = t, K
+        self.t, self.K, self.N = t, K, N
         self.has_encoder = t < cfg.T
         self.conditional = cfg.num_labels > 0          # class labels
         self.text_len = cfg.text_len                   # a caption of text_len tokens (0 = none)
+        self.text_prefix_len = cfg.text_len if t == cfg.T else 0   # the decoder-only scale's prefix
         self.START = K  # the start token has its own embedding row, after the K codes
         self.dec_tok = nn.Embedding(K + 1, d)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(1, N, d))
@@ -849,6 +886,10 @@ class ScaleTransformer(nn.Module):
         """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)."""
         return self.decode(self.encode(x_t, c), x_t, x_tm1, c)
 
+    def new_caches(self) -> list[dict]:
+        """Empty key/value caches, one per decoder block, for a sequence of text prefix + N."""
+        return [{"self": {"size": self.text_prefix_len + self.N}, "cross": {}} for _ in self.decoder]
+
     def step(self, token_in, i: int, memory, x_t, c, caches: list[dict]):
         """One cached decoding step: token_in (B,) = x^{i-1}_{t-1} (or START) -> logits (B, K) at i.
         A text prefix enters the cache with the first step, in one causal pass."""
@@ -859,6 +900,30 @@ class ScaleTransformer(nn.Module):
         for block, cache in zip(self.decoder, caches):
             h = block(h, memory, causal=True, cache=cache)
         return self.logits(h[:, -1:], x_t, i)[:, 0]
+
+
+def scale_flops(cfg: ChainConfig, t: int) -> int:
+    """Forward FLOPs of ScaleTransformer t on one sequence, counted from the architecture: the
+    matrix products only (2 per multiply-add), which is all but a few percent of the work.
+    Training costs about three times this (the backward pass twice the forward). The benchmarks'
+    MFU divides it by the time a step took; a test checks it against torch's own FLOP counter."""
+    d, N, K = cfg.n_embd, cfg.N, cfg.num_codes
+    cond = cfg.text_len or (1 if cfg.num_labels else 0)         # condition tokens before x_t (encoder)
+
+    def block(L: int, keys: int, memory: int = 0) -> int:
+        """L query positions attending over `keys` positions [and cross-attending `memory` ones]."""
+        f = L * 2 * 4 * d * d + L * 2 * 2 * keys * d + L * 2 * 8 * d * d   # q,k,v,out; scores, sum; MLP
+        if memory:
+            f += L * 2 * 2 * d * d + memory * 2 * 2 * d * d + L * 2 * 2 * memory * d  # q,out; k,v; attention
+        return f
+
+    if t < cfg.T:                                               # encoder over [c, x_t], decoder over x_{t-1}
+        S = N + cond
+        body = cfg.n_layer_enc * block(S, S) + cfg.n_layer_dec * block(N, N, S)
+    else:                                                       # decoder-only: [text prefix,] x_{t-1}
+        L = N + cfg.text_len
+        body = (cfg.n_layer_enc + cfg.n_layer_dec) * block(L, L)
+    return body + N * 2 * d * K                                 # + the output head
 
 
 # =====================================================================================
@@ -969,18 +1034,19 @@ class ImageBART(nn.Module):
 
     # ----- training (Eq. 7-8) ----------------------------------------------------------
 
-    def scale_terms(self, x1, t: int, labels=None, generator=None, text=None):
+    def scale_terms(self, x1, t: int, labels=None, generator=None, text=None, net=None):
         """One Monte-Carlo draw of scale t's term, per position:
         x_t ~ q(x_t | x_1) (Eq. 6), x_{t-1} ~ q(x_{t-1} | x_t, x_1), decoder teacher-forced on
-        that x_{t-1}. -> (posterior q (B, N, K), sampled x_{t-1} (B, N), logits (B, N, K))."""
+        that x_{t-1}. -> (posterior q (B, N, K), sampled x_{t-1} (B, N), logits (B, N, K)).
+        `net` runs scale t instead of self.scale(t): its DistributedDataParallel wrapper."""
         x1 = rearrange(x1.long(), "b h w -> b (h w)") if x1.dim() == 3 else x1.long()   # raster order
         x_t = self.diffusion.q_sample(x1, t, generator)
         q = self.diffusion.q_posterior(x_t, x1, t)
         x_tm1 = self.diffusion.draw(q, generator)
-        logits = self.scale(t)(x_t, x_tm1, self.condition(labels, text, x1.shape[0], x1.device))
+        logits = (net or self.scale(t))(x_t, x_tm1, self.condition(labels, text, x1.shape[0], x1.device))
         return q, x_tm1, logits
 
-    def loss(self, x1, t: int, labels=None, kind: str = "kl", text=None) -> torch.Tensor:
+    def loss(self, x1, t: int, labels=None, kind: str = "kl", text=None, net=None) -> torch.Tensor:
         """Scale t's training loss in nats per token.
 
         "kl" (Eq. 7): sum over positions i of KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
@@ -991,7 +1057,7 @@ class ImageBART(nn.Module):
         "ce": cross-entropy of the sampled x_{t-1} only (the official 4-scale FFHQ config trains
         most scales so; its other configs, and the paper's T = 3 FFHQ chain, use the KL for
         t > 2): same expectation up to a constant, more variance."""
-        q, x_tm1, logits = self.scale_terms(x1, t, labels, text=text)
+        q, x_tm1, logits = self.scale_terms(x1, t, labels, text=text, net=net)
         if kind == "kl":
             per_position = self.diffusion.kl(q, logits)
         elif kind == "ce":
@@ -1043,7 +1109,7 @@ class ImageBART(nn.Module):
         x_t = both(x_t)                                   # (B or 2B, N)
         memory = model.encode(x_t, c)                     # the encoder runs once per scale
         out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
-        caches = [{} for _ in model.decoder]
+        caches = model.new_caches()
         token_in = torch.full((x_t.shape[0],), model.START, dtype=torch.long, device=x_t.device)
         for i in range(N):
             if use_cache:
@@ -1196,11 +1262,46 @@ FORMAT = 2
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file.
-    Stamps the file with this code's FORMAT."""
+    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file, and a
+    write that fails (a full disk) leaves the previous file as it was. Stamps the file with
+    this code's FORMAT."""
     tmp = path + ".tmp"
-    torch.save({**obj, "format": FORMAT}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({**obj, "format": FORMAT}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = f"; the previous {os.path.basename(path)} is kept" if os.path.exists(path) else ""
+        raise UserError(f"could not write {path}: {e.strerror or e}{kept}") from None
+
+
+def remove_stale_tmp(run: str) -> None:
+    """A run killed inside save_atomic leaves its `.tmp` file behind: never read, removed here."""
+    for name in os.listdir(run):
+        if name.endswith((".pt.tmp", ".json.tmp")):
+            os.remove(os.path.join(run, name))
+
+
+def trim_log(run: str, drop) -> None:
+    """Rewrite log.jsonl without a torn last line (a run killed mid-write) and without the
+    records for which drop(record) is true: the steps after the checkpoint a run resumes
+    from, which it is about to log again. So no step is ever logged twice."""
+    path = log_path(run)
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not drop(record):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def save_json_atomic(obj: dict, path: str) -> None:
@@ -1216,6 +1317,9 @@ def load_checkpoint(path: str, kind: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
+    except pickle.UnpicklingError:   # weights_only refuses anything but tensors and plain values
+        raise UserError(f"{path} holds Python objects, whose loading could run code: refused unread "
+                        f"(checkpoints of this project hold tensors and plain values only)") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     if isinstance(ckpt, dict) and ckpt.get("format", 1) != FORMAT:
@@ -1238,7 +1342,7 @@ def vq_checkpoint(vq: VQGAN, disc: dict, opt_g: dict, opt_d: dict, step: int, da
 
 
 def tokens_checkpoint(train: torch.Tensor, test: torch.Tensor, num_codes: int, dataset: dict,
-                      train_labels=None, test_labels=None, num_labels: int = 0,
+                      train_labels=None, test_labels=None, num_labels: int = 0, class_names: list | None = None,
                       train_captions: list | None = None, test_captions: list | None = None) -> dict:
     """tokens.pt: the codes of every training and test image, int16 (N, h, w) to keep it small,
     with their labels and captions where the data set has them (one per code grid), and then
@@ -1246,7 +1350,7 @@ def tokens_checkpoint(train: torch.Tensor, test: torch.Tensor, num_codes: int, d
     tokens = {"kind": "tokens", "train": train.to(torch.int16), "test": test.to(torch.int16),
               "num_codes": num_codes, "num_labels": num_labels, "dataset": dataset}
     if train_labels is not None:
-        tokens.update(train_labels=train_labels, test_labels=test_labels)
+        tokens.update(train_labels=train_labels, test_labels=test_labels, class_names=list(class_names or []))
     if train_captions is not None:
         # the tokenizer of a text chain: the words of the training captions, and the longest
         # caption of either split as the length, so that no caption is ever cut short
@@ -1496,6 +1600,7 @@ def mirror_caption(caption: str) -> str:
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def load_cifar(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1575,12 +1680,11 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
     there are neither, else "" for an image without one."""
     if not os.path.isdir(path):
         raise UserError(f"image folder {path} does not exist")
-    files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    files = _image_files(path)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-    classes = sorted({os.path.relpath(p, path).split(os.sep)[0] for p in files})
-    labeled = all(os.sep in os.path.relpath(p, path) for p in files) and len(classes) > 1
+    classes = _folder_classes(path, files)
+    labeled = bool(classes)
     listed = _read_captions_txt(path)
     images, labels, captions, bad = [], [], [], 0
     for p in files:
@@ -1590,7 +1694,8 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
         except Exception:
             bad += 1
             continue
-        labels.append(classes.index(os.path.relpath(p, path).split(os.sep)[0]))
+        if labeled:
+            labels.append(classes.index(os.path.relpath(p, path).split(os.sep)[0]))
         beside = os.path.splitext(p)[0] + ".txt"
         if os.path.relpath(p, path).replace(os.sep, "/") in listed:
             captions.append(listed[os.path.relpath(p, path).replace(os.sep, "/")])
@@ -1611,6 +1716,30 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
     return x, (torch.tensor(labels) if labeled else None), (captions if has_captions else None)
 
 
+def _image_files(path: str) -> list[str]:
+    return sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                  if p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _folder_classes(path: str, files: list[str]) -> list[str]:
+    """The sorted subfolder names when every image sits in one of two or more subfolders
+    (each subfolder a class), else [] (an unlabelled folder)."""
+    classes = sorted({os.path.relpath(p, path).split(os.sep)[0] for p in files})
+    labeled = all(os.sep in os.path.relpath(p, path) for p in files) and len(classes) > 1
+    return classes if labeled else []
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of a data set, in label order ([] when it has no labels): what
+    sample.py --class accepts besides an index."""
+    if name == "shapes":
+        return list(SHAPE_CLASSES)
+    if name == "cifar":
+        return list(CIFAR_CLASSES)
+    path = name[len("folder:"):]
+    return _folder_classes(path, _image_files(path))
+
+
 def _read_captions_txt(path: str) -> dict:
     """{file relative to path: caption} from path/captions.txt, or {} without one."""
     listed = {}
@@ -1624,6 +1753,15 @@ def _read_captions_txt(path: str) -> dict:
                 name, caption = line.rstrip("\n").split("\t", 1)
                 listed[name.strip().replace(os.sep, "/")] = " ".join(caption.split())
     return listed
+
+
+def check_dataset(name: str) -> None:
+    """shapes, cifar or folder:PATH with PATH a folder; one clear line otherwise (before any work)."""
+    if name.startswith("folder:"):
+        if not os.path.isdir(name[len("folder:"):]):
+            raise UserError(f"image folder {name[len('folder:'):]} does not exist")
+    elif name not in ("shapes", "cifar"):
+        raise UserError(f"unknown data set {name!r}; use shapes, cifar or folder:PATH")
 
 
 def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "data",
@@ -1676,11 +1814,70 @@ def run_main(main):
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU")
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device, else cuda when there is one. On a GPU, fp32 matrix products may use TF32
+    (10-bit mantissa, tensor cores): training runs in bf16 autocast anyway."""
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU")
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+# ----- Several processes: torchrun and DistributedDataParallel ----------------------------
+# `torchrun --nproc_per_node=N script.py ...` starts N copies of a script, each with RANK,
+# WORLD_SIZE and LOCAL_RANK in its environment. Each copy trains on its own batches; DDP
+# averages the gradients over the copies in backward(), so every copy takes the same step and
+# the weights stay identical. Rank 0 alone logs, evaluates and writes files. Plain `python
+# script.py` is a world of one, and none of this runs.
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device_name: str | None) -> tuple[World, torch.device]:
+    """The process group (NCCL on GPUs, gloo on CPUs) when started by torchrun, and this
+    process's device (its own GPU, cuda:LOCAL_RANK). A world of one without torchrun."""
+    if "RANK" not in os.environ:
+        return World(), pick_device(device_name)
+    import torch.distributed as dist
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size()), device
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def leave_world(world: World) -> None:
+    """Wait for every process, then leave the process group (the training is over)."""
+    if world.size > 1:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def agree(world: World, value: torch.Tensor) -> bool:
+    """Whether every process holds the same `value` (a tensor): a check, not a repair."""
+    if world.size == 1:
+        return True
+    import torch.distributed as dist
+    gathered = [torch.zeros_like(value) for _ in range(world.size)]
+    dist.all_gather(gathered, value)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
 def autocast(device: torch.device):
@@ -1732,12 +1929,24 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
 
 
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """--compile and --benchmark, shared by train_vq.py and train_chain.py."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (worth it on a GPU)")
+    speed = p.add_argument_group("--benchmark: time training steps of random weights on random data, no data set")
+    speed.add_argument("--benchmark", action="store_true",
+                       help="time --bench-steps training steps of --preset; one JSON line with the MFU")
+    speed.add_argument("--bench-steps", type=int, default=20, help="timed steps (per scale for the chain)")
+    speed.add_argument("--peak-tflops", type=float, default=None,
+                       help="the device's dense bf16 peak for mfu_datasheet (default: a table of known GPUs)")
+
+
 def choose_preset(args: argparse.Namespace) -> None:
     """`--dataset cifar` means the one-GPU `cifar` presets unless --preset says otherwise: the
     data set's name picks the preset when one has that name, anything else gets `tiny`."""
     if args.preset is None:
         args.preset = args.dataset if args.dataset in VQ_PRESETS else "tiny"
-        print(f"preset {args.preset!r} (from --dataset {args.dataset}; --preset overrides)", flush=True)
+        if os.environ.get("RANK", "0") == "0":        # under torchrun, rank 0 alone says so
+            print(f"preset {args.preset!r} (from --dataset {args.dataset}; --preset overrides)", flush=True)
 
 
 def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
@@ -1752,6 +1961,16 @@ def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
             value = parse_number_list(value, f.name)  # "--betas 0.15,0.25,1" -> [0.15, 0.25, 1.0]
         changes[f.name] = value
     return dataclasses.replace(cfg, **changes)
+
+
+def check_ranges(cfg, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Every field in `positive` must be a finite number > 0, every one in `non_negative` >= 0:
+    one clear line naming the flag otherwise (argparse lets through 0, -5 and nan)."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            v = getattr(cfg, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
+                raise UserError(f"--{name} must be a number {what}, got {v}")
 
 
 def check_same_config(saved, wanted, resumable: set, path: str) -> None:
@@ -1799,6 +2018,77 @@ class Progress:
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
         parts += [f"{rate:.2f} it/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]
         print(" | ".join(parts), flush=True)
+
+
+# ----- Speed: the machine's own matmul peak, and MFU -------------------------------------
+# Model FLOPs utilisation (MFU) = the model's FLOPs per second / the device's peak. The peak is
+# measured by the same run on the same device (a large dense matrix product), so the figure
+# means the same on a laptop and on a GPU; on a GPU the datasheet's dense bf16 peak is given too.
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A10G": 125.0,
+                         "L4": 121.0, "L40S": 362.0, "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of n x n matrix products (n = 8192 on a GPU, 1024 on a CPU) in `dtype`, after a warm-up."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or count < 3:
+        a @ b
+        sync()                                     # sync per product: each is long enough not to mind
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+def datasheet_peak(device: torch.device, given: float | None = None) -> tuple[float | None, str | None]:
+    """The dense bf16 peak (FLOP/s) of a known GPU, or `given` (TFLOP/s); (None, None) otherwise."""
+    if given:
+        return given * 1e12, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in DATASHEET_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{key} datasheet, dense bf16"
+    return None, None
+
+
+def speed_report(device: torch.device, flops_per_step: float, step_seconds: float, dtype: torch.dtype,
+                 peak_tflops: float | None = None) -> dict:
+    """The JSON fields both --benchmark modes share: FLOPs, FLOP/s, measured peaks, MFU."""
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    used = "bf16" if dtype == torch.bfloat16 else "fp32"
+    achieved = flops_per_step / step_seconds
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+              "model_gflops_per_step": round(flops_per_step / 1e9, 3), "achieved_tflops": round(achieved / 1e12, 4),
+              "peak_tflops_measured": {k: round(v / 1e12, 4) for k, v in peaks.items()}, "compute_dtype": used,
+              "mfu": round(achieved / peaks[used], 4)}
+    sheet, source = datasheet_peak(device, peak_tflops)
+    if sheet:
+        report.update(mfu_datasheet=round(achieved / sheet, 4), datasheet_peak=source)
+    if device.type == "cuda":
+        report["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    else:
+        import resource
+        report["peak_memory_MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return report
+
+
+def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
+    """Seconds per call of step(), the mean of n calls after `warmup` (synchronised on a GPU)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / n
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: float = 0.1) -> float:

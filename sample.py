@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", default=None, help="one value, or one per scale t = T..2")
     p.add_argument("--top-p", default=None, help="one value, or one per scale t = T..2")
     p.add_argument("--class", dest="classes", default=None,
-                   help="class index, comma list (one per sample, cycled) or 'all' (one row per class)")
+                   help="class index or name, comma list (one per sample, cycled) or 'all' (one row per class)")
     p.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                    help="a text-conditional run's prompt, e.g. 'a red star'; repeat it for more rows "
                         "(with --inpaint: cycled over the completions)")
@@ -132,15 +132,23 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, in
         raise ib.UserError("this run's chain is unconditional; it takes no --class")
     if args.classes == "all":
         return {"labels": torch.arange(chain.num_labels, device=device).repeat_interleave(n)}, n
-    try:
-        classes = [int(c) for c in args.classes.split(",")]
-    except ValueError:
-        raise ib.UserError(f"--class takes an index, a comma list or 'all', got {args.classes!r}") from None
+    classes = [class_index(c.strip(), args.run) for c in args.classes.split(",")]
     bad = [c for c in classes if not 0 <= c < chain.num_labels]
     if bad:
         raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
     # a list is cycled: "--class 1,2 --n 5" gives 1, 2, 1, 2, 1
     return {"labels": torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n].to(device)}, None
+
+
+def class_index(text: str, run: str) -> int:
+    """A class given by index ("6") or by name ("star"), the names being those tokens.pt records."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    names = ib.load_tokens(run).get("class_names") or []
+    if text not in names:
+        known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
+        raise ib.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
+    return names.index(text)
 
 
 # -----------------------------------------------------------------------------

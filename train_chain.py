@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
     p.add_argument("--judge-steps", type=int, default=None,
                    help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
+    ib.add_speed_args(p)
     ib.add_config_args(p, ib.ChainConfig)
     return p
 
@@ -85,25 +86,17 @@ def first_stage(args, out: str) -> dict:
     return tokens
 
 
-def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
-    """The chain's config: the preset, the flags the user gave, and what only the codes can
-    say (K after shrinking, the grid, the number of labels). Every check that can fail is
-    made here, before any training."""
+def check_options(args) -> ib.ChainConfig:
+    """The chain's config from the preset and the flags, with every check that needs no data.
+    main() runs it before any work, so a bad flag fails in a second, not after a first stage
+    has trained for minutes."""
     cfg = ib.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
-    # --- the condition: class-conditional when the data set has labels, unless --condition says
-    condition = args.condition or ("class" if "train_labels" in tokens else "none")
-    if condition == "class" and "train_labels" not in tokens:
-        raise ib.UserError("--condition class: this data set has no labels (use one subfolder per class)")
-    if condition == "text" and "train_captions" not in tokens:
-        raise ib.UserError(f"--condition text: {ib.tokens_path(out)} has no captions: it was made before captions "
-                           f"existed (remake it: delete it and run train_vq.py with the run's settings), or its "
-                           f"data set has none (a folder needs captions.txt or a .txt beside each image)")
-    holdout = parse_holdout(args.holdout, tokens) if args.holdout else []
-    num_labels = int(tokens["num_labels"]) if condition == "class" else 0
-    cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
-                              num_labels=num_labels, holdout=holdout)
-    if condition == "text":   # the tokenizer made with tokens.pt, which every scale then carries
-        cfg = dataclasses.replace(cfg, vocab=list(tokens["vocab"]), text_len=int(tokens["text_len"]))
+    ib.check_ranges(cfg, positive=("T", "n_embd", "n_head", "n_layer_enc", "steps", "batch_size", "lr",
+                                   "grad_clip", "log_every", "ckpt_every", "eval_batches"),
+                    non_negative=("n_layer_dec", "dropout", "warmup", "weight_decay", "ema_decay", "label_dropout"))
+    for name in ("dropout", "ema_decay", "label_dropout"):
+        if getattr(cfg, name) >= 1:
+            raise ib.UserError(f"--{name} must be below 1, got {getattr(cfg, name)}")
     if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T
         if args.T is not None and args.T != len(cfg.betas) + 1:
             raise ib.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
@@ -117,6 +110,28 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
         raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if args.scale is not None and not 2 <= args.scale <= cfg.T:
         raise ib.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
+    return dataclasses.replace(cfg, holdout=parse_holdout(args.holdout) if args.holdout else [])
+
+
+def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
+    """The chain's config: check_options's, and what only the codes can say (K after shrinking,
+    the grid, the number of labels, the tokenizer), checked against a run being resumed."""
+    cfg = check_options(args)
+    # --- the condition: class-conditional when the data set has labels, unless --condition says
+    condition = args.condition or ("class" if "train_labels" in tokens else "none")
+    if condition == "class" and "train_labels" not in tokens:
+        raise ib.UserError("--condition class: this data set has no labels (use one subfolder per class)")
+    if condition == "text" and "train_captions" not in tokens:
+        raise ib.UserError(f"--condition text: {ib.tokens_path(out)} has no captions: it was made before captions "
+                           f"existed (remake it: delete it and run train_vq.py with the run's settings), or its "
+                           f"data set has none (a folder needs captions.txt or a .txt beside each image)")
+    if cfg.holdout and ib.shape_caption_parts((tokens.get("train_captions") or ["-"])[0]) is None:
+        raise ib.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
+    num_labels = int(tokens["num_labels"]) if condition == "class" else 0
+    cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
+                              num_labels=num_labels)
+    if condition == "text":   # the tokenizer made with tokens.pt, which every scale then carries
+        cfg = dataclasses.replace(cfg, vocab=list(tokens["vocab"]), text_len=int(tokens["text_len"]))
     # a resumed run must describe the same model
     for t in ib.trained_scales(out):
         saved = ib.ChainConfig(**ib.load_checkpoint(ib.scale_path(out, t), "scale")["config"])
@@ -124,12 +139,9 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     return cfg
 
 
-def parse_holdout(text: str, tokens: dict) -> list[str]:
+def parse_holdout(text: str) -> list[str]:
     """--holdout 'green star,blue ring' -> ["green star", "blue ring"], each a palette colour and
-    a shape class; only shapes runs know what drew each image."""
-    captions = tokens.get("train_captions")
-    if not captions or ib.shape_caption_parts(captions[0]) is None:
-        raise ib.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
+    a shape class (only shapes runs know what drew each image: resolve_config checks that)."""
     pairs = []
     for item in text.split(","):
         words = item.split()
@@ -204,31 +216,59 @@ def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, 
     return torch.cat(out)
 
 
-def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> None:
+def make_optimizer(net: torch.nn.Module, cfg: ib.ChainConfig, device) -> torch.optim.Optimizer:
+    """AdamW (beta2 = 0.95, as is usual for transformers); its fused kernel on a GPU."""
+    return torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dict, device, ddp=None):
+    """One training step of scale t on the batch x1 (B, h, w): the loss of Eq. 7 (bf16 autocast
+    on a GPU), backward, gradient clipping, AdamW. Training and --benchmark both run this.
+    `ddp`: the scale's DistributedDataParallel wrapper under torchrun, which averages the
+    gradients over the processes in backward().
+    -> (loss in nats per token, gradient norm), as tensors: reading them waits for the device."""
+    net = model.scale(t)
+    with ib.autocast(device):
+        loss = model.loss(x1, t, kind=model.cfg.loss, net=ddp, **cond)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), model.cfg.grad_clip)
+    opt.step()
+    return loss, grad_norm
+
+
+def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: ib.World = ib.World()) -> None:
     """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 3.3: the
-    scales share nothing, so each can run on its own GPU), and save it as scale_<t>.pt."""
+    scales share nothing, so each can run on its own GPU), and save it as scale_<t>.pt. Under
+    torchrun every process runs this on its share of each batch (DistributedDataParallel)."""
     cfg = model.cfg
+    say = print if world.main else (lambda *args, **kwargs: None)     # rank 0 alone speaks
     path = ib.scale_path(out, t)
     net = model.scale(t)
     # the EMA copy is what gets evaluated, saved for sampling and reported
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(net, cfg, device)
 
     # --- resume: weights, EMA and optimizer state of the last checkpoint
     step = 0
     if os.path.exists(path):
         ckpt = ib.load_checkpoint(path, "scale")
         if ckpt["step"] >= cfg.steps:
-            print(f"scale t={t}: finished ({ckpt['step']} steps), skipping", flush=True)
+            say(f"scale t={t}: finished ({ckpt['step']} steps), skipping", flush=True)
             return
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step = ckpt["step"]
-        print(f"scale t={t}: resuming from step {step}", flush=True)
-    # one seed per (run, scale, step): each scale draws its own batches, and a resumed run the
-    # same ones every time it is resumed from that step
-    torch.manual_seed(cfg.seed * 1000 + t * 100003 + step)
+        say(f"scale t={t}: resuming from step {step}", flush=True)
+    # one seed per (run, scale, step, process): each scale and each process draws its own
+    # batches, and a resumed run the same ones every time it is resumed from that step
+    torch.manual_seed(cfg.seed * 1000 + t * 100003 + step + 7919 * world.rank)
+    ddp = None                          # several processes: DDP averages the gradients in backward()
+    if world.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     # --- data: the whole code data set lives on the device; a batch is one index
     rows = training_rows(tokens, cfg)                          # all, less the held-out combinations
@@ -240,13 +280,15 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         captions = [tokens["train_captions"][i] for i in rows.tolist()]
         parts = [ib.shape_caption_parts(c) for c in captions]  # None for a caption of another kind
     if cfg.holdout:
-        print(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} "
+        say(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} "
               f"held out", flush=True)
     n_params = sum(p.numel() for p in net.parameters())
     kind = "encoder-decoder" if net.has_encoder else "decoder-only"
-    print(f"scale t={t} ({kind}, p(x_{t - 1} | x_{t}), beta_t = {model.diffusion.beta(t):.3g}, "
-          f"alpha_bar_t = {model.diffusion.alpha_bar(t):.3g}): {n_params / 1e6:.2f}M parameters, "
-          f"{len(train)} training code grids, device {device}", flush=True)
+    say(f"scale t={t} ({kind}, p(x_{t - 1} | x_{t}), beta_t = {model.diffusion.beta(t):.3g}, "
+        f"alpha_bar_t = {model.diffusion.alpha_bar(t):.3g}): {n_params / 1e6:.2f}M parameters, "
+        f"{len(train)} training code grids, device {device}"
+        + (f", {world.size} processes of {cfg.batch_size // world.size} sequences each" if world.size > 1 else ""),
+        flush=True)
 
     def evaluate() -> float:
         """This scale's term of the bound on (part of) the test codes, with the EMA weights."""
@@ -260,7 +302,11 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         ib.save_atomic(ib.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict()), path)
 
     progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
-    log = open(ib.log_path(out), "a")
+    log = None
+    if world.main:
+        # steps logged after the checkpoint we resume from are about to run again: drop them
+        ib.trim_log(out, lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
+        log = open(ib.log_path(out), "a")
     while step < cfg.steps:
         net.train()
 
@@ -272,7 +318,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
         # --- batch: random code grids x_1 and their conditions (a caption at a random level of
         # detail); a label_dropout share of the conditions becomes the null class or the empty
         # caption, so the same network also learns the unconditional model (guidance)
-        idx = torch.randint(0, len(train), (cfg.batch_size,), device=device)
+        idx = torch.randint(0, len(train), (cfg.batch_size // world.size,), device=device)   # this process's share
         cond = {}
         if y_train is not None:
             cond["labels"] = model.drop_condition(y_train[idx], cfg.label_dropout)
@@ -281,15 +327,10 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
             cond["text"] = model.drop_condition(text, cfg.label_dropout)       # (B, text_len)
 
         # --- step: the loss of Eq. 7 (Eq. 8 at t = 2), x_t and x_{t-1} drawn inside from q
-        with ib.autocast(device):
-            loss = model.loss(train[idx], t, kind=cfg.loss, **cond)      # nats per token
-        if not torch.isfinite(loss):
+        loss, grad_norm = optimizer_step(model, t, opt, train[idx], cond, device, ddp)
+        if not torch.isfinite(loss):   # stop before a NaN reaches a checkpoint
             raise ib.UserError(f"scale t={t}: the loss became {loss.item()} at step {step}; "
                                f"stopped, the last good checkpoint is kept in {path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
 
         # --- EMA of the weights, for evaluation and sampling; its decay ramps up so early
         # averages are not dominated by the random initialisation
@@ -301,19 +342,25 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device) -> 
 
         # --- logging: a progress line with ETA; log.jsonl every log_every steps
         bits = loss.item() / math.log(2)
-        progress(step - 1, loss_bits=bits, lr=lr)
+        if world.main:
+            progress(step - 1, loss_bits=bits, lr=lr)
         record = {"stage": "chain", "t": t, "step": step, "loss_bits": bits, "grad_norm": grad_norm.item(), "lr": lr}
 
         # --- evaluate and checkpoint: the test term of the bound, then scale_<t>.pt
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if not ib.agree(world, torch.stack([p.detach().double().sum() for p in net.parameters()])):
+                raise ib.UserError(f"scale t={t}: the processes' weights differ at step {step}")
+            if not world.main:
+                continue
             record["test_bits"] = evaluate()
             print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token"
                   f"{given(model)} (EMA weights)", flush=True)
             checkpoint()
-        if step % cfg.log_every == 0 or "test_bits" in record:
+        if world.main and (step % cfg.log_every == 0 or "test_bits" in record):
             log.write(json.dumps(record) + "\n")
             log.flush()
-    log.close()
+    if log is not None:
+        log.close()
 
 
 @torch.no_grad()
@@ -334,6 +381,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "condition": condition_name(chain),
               "test_grids": len(test), "exact": chain.T == 2}
     ib.save_json_atomic(report, ib.bound_path(out))
+    ib.trim_log(out, lambda r: r.get("stage") == "bound")              # one bound record
     with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
     what = ("exact NLL" if chain.T == 2 else "upper bound on NLL") + given(chain)
@@ -377,25 +425,67 @@ def given(chain: ib.ImageBART) -> str:
     return {"class": " given the class", "text": " given the caption", "none": ""}[condition_name(chain)]
 
 
+def benchmark(args) -> None:
+    """--benchmark: training steps of every scale of a randomly initialised chain of --preset
+    on random codes (K = 512 for cifar, else 256; 8x8 grids; 10 classes), timed after a
+    warm-up, and the MFU against the peak this run measures. One JSON line."""
+    device = ib.pick_device(args.device)
+    cfg = check_options(args)
+    cfg = dataclasses.replace(cfg, num_codes=512 if args.preset == "cifar" else 256, grid=[8, 8], num_labels=10)
+    torch.manual_seed(cfg.seed)
+    model = ib.ImageBART(cfg).to(device)
+    x1 = torch.randint(0, cfg.num_codes, (cfg.batch_size, 8, 8), device=device)       # resident on the device
+    labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    seconds, flops = 0.0, 0
+    for t in range(cfg.T, 1, -1):
+        if args.compile:
+            model.scale(t).compile()
+        opt = make_optimizer(model.scale(t), cfg, device)
+        seconds += ib.time_steps(lambda: optimizer_step(model, t, opt, x1, {"labels": labels}, device),
+                                 args.bench_steps, device)
+        flops += 3 * ib.scale_flops(cfg, t) * cfg.batch_size   # forward + backward (twice the forward)
+    step = seconds / (cfg.T - 1)                                  # a mean step over the scales
+    result = {"benchmark": "train_chain", "preset": args.preset, "compile": args.compile, "T": cfg.T,
+              "batch_size": cfg.batch_size, "tokens_per_step": cfg.batch_size * cfg.N,
+              "params_per_scale_M": round(sum(p.numel() for p in model.parameters()) / (cfg.T - 1) / 1e6, 3),
+              "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
+              **ib.speed_report(device, flops / (cfg.T - 1), step,
+                                torch.bfloat16 if device.type == "cuda" else torch.float32, args.peak_tflops)}
+    print(json.dumps(result), flush=True)
+
+
 def main():
     # --- command line: everything that can be refused is refused before any work
     args = build_parser().parse_args()
     ib.choose_preset(args)
+    if args.benchmark:
+        return benchmark(args)
     ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     out = ib.run_dir(args.dataset, args.out)
-    ib.ensure_writable_dir(out)
-    device = ib.pick_device(args.device)
+    world, device = ib.init_world(args.device)         # torchrun: one process of several
+    say = print if world.main else (lambda *a, **k: None)
     if args.first_stage and not os.path.isdir(args.first_stage):
         raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
-
-    # --- the first stage and its codes x_1 (trained here when the run folder has none)
-    tokens = first_stage(args, out)
+    if check_options(args).batch_size % world.size:
+        raise ib.UserError(f"--batch_size (the global batch) must be divisible by the {world.size} processes")
+    if not args.first_stage and not os.path.exists(ib.tokens_path(out)):   # a first stage will be trained
+        ib.preset_config(ib.VQ_PRESETS, args.preset).check()
+        ib.check_dataset(args.dataset)
+    # --- the first stage and its codes x_1 (trained here when the run folder has none; under
+    # torchrun by rank 0 alone, the others waiting for it)
+    tokens = None
+    if world.main:
+        ib.ensure_writable_dir(out)
+        ib.remove_stale_tmp(out)
+        tokens = first_stage(args, out)
+    ib.barrier(world)
+    tokens = tokens or ib.load_tokens(out)
     cfg = resolve_config(args, tokens, out)
     # the weights' initialisation is part of the run: seeded, so that a rerun (or a resumed run
     # whose first stage was trained in another process) starts every scale from the same weights
     torch.manual_seed(cfg.seed)
     model = ib.ImageBART(cfg).to(device)
-    print(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
+    say(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
           f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
           f"N = {cfg.N} tokens, {condition_name(model)}-conditioned"
           + (f" ({len(cfg.vocab)} words, captions of up to {cfg.text_len})" if cfg.text_len else ""), flush=True)
@@ -403,8 +493,14 @@ def main():
     # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
     t0 = time.time()
     for t in ([args.scale] if args.scale else range(cfg.T, 1, -1)):
-        train_scale(model, t, tokens, out, device)
-    print(f"chain training took {time.time() - t0:.0f}s", flush=True)
+        if args.compile:
+            model.scale(t).compile()       # in place: the state dict keeps its keys
+        train_scale(model, t, tokens, out, device, world)
+    say(f"chain training took {time.time() - t0:.0f}s", flush=True)
+    if world.size > 1:                 # the other processes are done: rank 0 reports alone
+        ib.leave_world(world)
+        if not world.main:
+            return
     done = all(t in ib.trained_scales(out) and ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] >= cfg.steps
                for t in range(2, cfg.T + 1))
     # --- once every scale is trained (by this process or by others, one --scale each):

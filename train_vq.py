@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ib.add_run_args(p)
+    ib.add_speed_args(p)
     ib.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
     return p
 
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
     """The config to train with, and the checkpoint to resume from (or None). A resumed run
     keeps its saved config; only the RESUMABLE fields may be given new values."""
-    if cfg.resolution % cfg.factor:
-        raise ib.UserError(f"--resolution {cfg.resolution} is not divisible by the downsampling factor {cfg.factor}")
+    cfg.check()
     path = ib.vq_path(out)
     if not os.path.exists(path):
         return cfg, None
@@ -110,14 +110,53 @@ def checkpoint(gan: GAN, out: str, dataset: dict) -> None:
 # -----------------------------------------------------------------------------
 # the GAN loop (Eq. 3-4)
 
+def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool) -> dict:
+    """One step of the GAN on the images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then
+    (from cfg.disc_start on, gan_on) the discriminator's. Training and --benchmark both run it.
+    -> the losses (tensors), lambda, the batch's codes and encoder outputs z (for restarts)."""
+    cfg, vq, disc, opt_g, opt_d, lpips = gan.cfg, gan.vq, gan.disc, gan.opt_g, gan.opt_d, gan.lpips
+    device = x.device
+    last_layer = vq.decoder.conv_out.weight                 # where the adaptive weight compares gradients
+    # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term
+    # (Eq. 3-4; the adaptive lambda and the hinge form are Taming Transformers')
+    with ib.autocast(device):
+        z = vq.encoder(x)                                                # E(x): (B, D, h, w)
+        z_q, q_loss, codes = vq.quantizer(z)                             # L_cb (Eq. 4), codes (B, h, w)
+        x_rec = vq.decoder(z_q)                                          # G(z_q)
+        rec_loss = (x - x_rec).abs().mean()                              # L1 reconstruction
+        p_loss = torch.zeros((), device=device)
+        if lpips is not None and cfg.perceptual_weight > 0:
+            n = cfg.perceptual_batch or cfg.batch_size                   # LPIPS on part of the batch
+            p_loss = lpips(x[:n], x_rec[:n]).mean()
+        nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
+        g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
+    lam = ib.adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight if gan_on else torch.zeros(())
+    loss = nll + lam * g_loss + q_loss
+    opt_g.zero_grad(set_to_none=True)
+    loss.backward()
+    opt_g.step()
+
+    # --- discriminator step: hinge loss on real images vs. the (detached) reconstructions
+    d_loss = torch.zeros(())
+    if gan_on:
+        with ib.autocast(device):
+            d_loss = ib.hinge_d_loss(disc(x), disc(x_rec.detach()))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+    return {"loss": loss, "rec": rec_loss, "lpips": p_loss, "q": q_loss, "g": g_loss, "d": d_loss,
+            "lambda": lam, "codes": codes, "z": z}
+
+
 def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, dataset: dict) -> ib.VQGAN:
     """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images."""
-    cfg, vq, disc, opt_g, opt_d, lpips = gan.cfg, gan.vq, gan.disc, gan.opt_g, gan.opt_d, gan.lpips
+    cfg, vq, opt_g = gan.cfg, gan.vq, gan.opt_g
     device = next(vq.parameters()).device
     fixed = ib.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
     progress = ib.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
+    # steps logged after the checkpoint we resume from are about to run again: drop them
+    ib.trim_log(out, lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
     log = open(ib.log_path(out), "a")
-    last_layer = vq.decoder.conv_out.weight                 # where the adaptive weight compares gradients
     while gan.step < cfg.steps:
         step = gan.step
         vq.train()
@@ -133,53 +172,27 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         x = ib.random_flip(ib.to_float(x_train[idx].to(device)))
         gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
-        # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term
-        # (Eq. 3-4; the adaptive lambda and the hinge form are Taming Transformers')
-        with ib.autocast(device):
-            z = vq.encoder(x)                                                # E(x): (B, D, h, w)
-            z_q, q_loss, codes = vq.quantizer(z)                             # L_cb (Eq. 4), codes (B, h, w)
-            x_rec = vq.decoder(z_q)                                          # G(z_q)
-            rec_loss = (x - x_rec).abs().mean()                              # L1 reconstruction
-            p_loss = torch.zeros((), device=device)
-            if lpips is not None and cfg.perceptual_weight > 0:
-                n = cfg.perceptual_batch or cfg.batch_size                   # LPIPS on part of the batch
-                p_loss = lpips(x[:n], x_rec[:n]).mean()
-            nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
-            g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
-        lam = ib.adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight if gan_on else torch.zeros(())
-        loss = nll + lam * g_loss + q_loss
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-
-        # --- discriminator step: hinge loss on real images vs. the (detached) reconstructions
-        d_loss = torch.zeros(())
-        if gan_on:
-            with ib.autocast(device):
-                d_loss = ib.hinge_d_loss(disc(x), disc(x_rec.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+        # --- the GAN step: the autoencoder (generator), then the discriminator
+        m = gan_step(gan, x, gan_on)
 
         # --- dead-code restarts onto this batch's encoder outputs; none late on, so the
         # codes can settle before the codebook is shrunk
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
-            restarted = vq.quantizer.restart_dead_codes(z.detach())
+            restarted = vq.quantizer.restart_dead_codes(m["z"].detach())
         gan.step = step = step + 1
-        if not torch.isfinite(loss):
-            raise ib.UserError(f"the loss became {loss.item()} at step {step}; the last good "
+        if not torch.isfinite(m["loss"]):
+            raise ib.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
                                f"checkpoint is kept in {ib.vq_path(out)}")
 
         # --- logging: a progress line with ETA, and log.jsonl every log_every steps
-        used, ppl = codebook_stats(codes, cfg.codebook_size)
-        progress(step - 1, rec=rec_loss.item(), lpips=p_loss.item(), q=q_loss.item(),
-                 g=g_loss.item(), d=d_loss.item(), codes=used)
+        used, ppl = codebook_stats(m["codes"], cfg.codebook_size)
+        losses = {k: m[k].item() for k in ("rec", "lpips", "q", "g", "d")}
+        progress(step - 1, **losses, codes=used)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.write(json.dumps({"stage": "vq", "step": step, "rec": rec_loss.item(), "lpips": p_loss.item(),
-                                  "q": q_loss.item(), "g": g_loss.item(), "d": d_loss.item(),
-                                  "lambda": float(lam), "batch_codes": used, "batch_perplexity": ppl,
-                                  "restarted": restarted, "lr": lr, "time": time.time()}) + "\n")
+            log.write(json.dumps({"stage": "vq", "step": step, **losses, "lambda": float(m["lambda"]),
+                                  "batch_codes": used, "batch_perplexity": ppl, "restarted": restarted,
+                                  "lr": lr, "time": time.time()}) + "\n")
             log.flush()
 
         # --- checkpoint, and a picture of how the reconstructions look now
@@ -279,11 +292,13 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
         num_codes=vq.num_codes, dataset=dataset,            # so that sample.py --evaluate finds the images
         train_labels=torch.cat([y_train, y_train]) if labelled else None,      # the mirrored copies too
         test_labels=y_test, num_labels=num_classes if labelled else 0,
+        class_names=ib.class_names(dataset["spec"]) if labelled else None,      # sample.py --class NAME
         # captions (shapes, folders with captions) for text-conditional chains; a mirrored
         # image's caption has left and right swapped
         train_captions=c_train + [ib.mirror_caption(c) for c in c_train] if c_train is not None else None,
         test_captions=c_test)
     ib.save_atomic(tokens, ib.tokens_path(out))
+    ib.trim_log(out, lambda r: r.get("stage") == "vq_eval")          # one evaluation record
     with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "vq_eval", **metrics}) + "\n")
     print(f"wrote {ib.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
@@ -297,7 +312,10 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
                       lpips_weights: str | None = None, device: str | None = None) -> None:
     """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then
     shrink and tokenize. A finished first stage is left as it is."""
+    cfg.check()
+    ib.check_dataset(dataset)
     ib.ensure_writable_dir(out)
+    ib.remove_stale_tmp(out)
     device = ib.pick_device(device)
     cfg, ckpt = resolve_config(cfg, out)
     if ckpt is not None and ckpt["shrunk"] and os.path.exists(ib.tokens_path(out)):
@@ -328,10 +346,40 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
     finish(vq, out, device, data, record, lpips_weights)
 
 
+def benchmark(args, cfg: ib.VQConfig) -> None:
+    """--benchmark: GAN steps (generator and discriminator, LPIPS included when its weights are
+    found) of a randomly initialised first stage of --preset on random images, timed after a
+    warm-up, and the MFU against the peak this run measures. One JSON line. The FLOPs are
+    counted by torch's FlopCounterMode over one real step: the convolutions and matrix
+    products, forward and backward (the attention inside scaled_dot_product_attention, a
+    small part here, is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg.check()
+    device = ib.pick_device(args.device)
+    torch.manual_seed(cfg.seed)
+    gan = setup(cfg, None, device, args.lpips_weights)
+    if args.compile:
+        gan.vq.compile()
+        gan.disc.compile()
+    x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        gan_step(gan, x, gan_on=True)
+    seconds = ib.time_steps(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
+    result = {"benchmark": "train_vq", "preset": args.preset, "compile": args.compile, "batch_size": cfg.batch_size,
+              "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
+              "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
+              "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
+              **ib.speed_report(device, counter.get_total_flops(), seconds,
+                                torch.bfloat16 if device.type == "cuda" else torch.float32, args.peak_tflops)}
+    print(json.dumps(result), flush=True)
+
+
 def main():
     args = build_parser().parse_args()
     ib.choose_preset(args)
     cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
+    if args.benchmark:
+        return benchmark(args, cfg)
     train_first_stage(cfg, args.dataset, ib.run_dir(args.dataset, args.out), args.data_root,
                       args.lpips_weights, args.device)
 
