@@ -1836,6 +1836,7 @@ def pick_device(name: str | None = None) -> torch.device:
 class World:
     rank: int = 0
     size: int = 1
+    started: bool = False           # a process group was set up (torchrun), to be left at the end
 
     @property
     def main(self) -> bool:
@@ -1853,7 +1854,7 @@ def init_world(device_name: str | None) -> tuple[World, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size()), device
+    return World(dist.get_rank(), dist.get_world_size(), started=True), device
 
 
 def barrier(world: World) -> None:
@@ -1864,7 +1865,7 @@ def barrier(world: World) -> None:
 
 def leave_world(world: World) -> None:
     """Wait for every process, then leave the process group (the training is over)."""
-    if world.size > 1:
+    if world.started:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()

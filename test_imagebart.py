@@ -6,6 +6,10 @@ the models' invariants, and the scripts end to end at a size a 2-core CPU runs i
 Sections: data, first stage, diffusion, transformers, the chain
 (training, likelihood, sampling, editing), then the scripts end to end. Each test's
 docstring says what it checks and what it is checked against.
+
+The suite is defined on the CPU: its exact-equality oracles assume fp32 CPU arithmetic (on a
+GPU, TF32 and bf16 change last bits and so some codes), and its torchrun test uses gloo. The
+GPU's checks are .ci/gpu-check's.
 """
 import dataclasses
 import hashlib
@@ -15,6 +19,7 @@ import io
 import json
 import math
 import os
+os.environ["CUDA_VISIBLE_DEVICES"] = ""        # before torch first looks for a GPU (see above)
 import pickle
 import re
 import shlex

@@ -497,10 +497,9 @@ def main():
             model.scale(t).compile()       # in place: the state dict keeps its keys
         train_scale(model, t, tokens, out, device, world)
     say(f"chain training took {time.time() - t0:.0f}s", flush=True)
-    if world.size > 1:                 # the other processes are done: rank 0 reports alone
-        ib.leave_world(world)
-        if not world.main:
-            return
+    ib.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
+    if not world.main:
+        return
     done = all(t in ib.trained_scales(out) and ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] >= cfg.steps
                for t in range(2, cfg.T + 1))
     # --- once every scale is trained (by this process or by others, one --scale each):

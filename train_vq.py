@@ -376,6 +376,9 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
 
 def main():
     args = build_parser().parse_args()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # every process would train and write the same files
+        raise ib.UserError("train_vq.py runs in one process; under torchrun, train the chain "
+                           "(train_chain.py trains a missing first stage on rank 0)")
     ib.choose_preset(args)
     cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
     if args.benchmark:
