@@ -1341,6 +1341,44 @@ def test_e2e_resume_after_kill(tmp_path):
     assert os.path.exists(os.path.join(out, "tokens.pt"))
 
 
+def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
+    """SIGKILL at seeded random moments of a micro first stage (training steps, checkpoint
+    writes, tokenizing) and a micro chain (both scales, their checkpoints, the bound): after
+    every kill each checkpoint in the folder loads, and the same command resumes. The run
+    finishes with no .tmp file left, and log.jsonl parses line by line and logs no
+    (stage, scale, step) twice."""
+    out = str(tmp_path / "killed")
+    vq_cmd = [sys.executable, "train_vq.py", "--out", out, *VQ_MICRO, "--ckpt_every", "5", "--log_every", "5"]
+    chain_cmd = [sys.executable, "train_chain.py", "--out", out, *CHAIN_MICRO, "--ckpt_every", "5",
+                 "--log_every", "5", "--eval-n", "0"]
+    rng = np.random.default_rng(0)
+    kinds = {"vq.pt": "vq", "tokens.pt": "tokens"}
+    # kill moments drawn over each command's run time on this machine (about 4 and 3 s, of
+    # which starting python and torch takes the first 1.5)
+    for cmd, latest in ((vq_cmd, 4.5), (chain_cmd, 3.5)):
+        for attempt in range(4):                          # 3 kills, then the run to its end
+            p = subprocess.Popen(cmd, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if attempt < 3:
+                try:
+                    p.wait(timeout=rng.uniform(1.5, latest))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            output = p.communicate(timeout=300)[0].decode()
+            assert p.returncode in (0, -9), output[-2000:]
+            for name in os.listdir(out):
+                if name.endswith(".pt"):
+                    ib.load_checkpoint(os.path.join(out, name), kinds.get(name, "scale"))
+            if attempt == 3:
+                assert p.returncode == 0, output[-2000:]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    assert ib.load_checkpoint(ib.vq_path(out), "vq")["shrunk"] and os.path.exists(ib.bound_path(out))
+    with open(ib.log_path(out)) as f:
+        records = [json.loads(line) for line in f]
+    keys = [(r["stage"], r.get("t"), r["step"]) for r in records if r["stage"] in ("vq", "chain")]
+    assert len(keys) == len(set(keys)) and ("vq", None, 30) in keys and ("chain", 2, 20) in keys
+    assert [r["stage"] for r in records].count("bound") == 1
+
+
 # ----- Bad input: one line 'error: ...' on stderr, exit code 2, no traceback ---------
 
 def test_cifar_presets_take_one_step_on_a_micro_cifar(tmp_path, monkeypatch, capsys):
