@@ -1871,6 +1871,28 @@ def leave_world(world: World) -> None:
         dist.destroy_process_group()
 
 
+def mean_over(world: World, value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over the processes (itself in a world of one)."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world.size
+
+
+def average_gradients(world: World, module: nn.Module) -> None:
+    """What DistributedDataParallel does in backward(), written out: every gradient becomes its
+    mean over the processes, so that every process takes the same optimizer step."""
+    if world.size == 1:
+        return
+    import torch.distributed as dist
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world.size
+
+
 def agree(world: World, value: torch.Tensor) -> bool:
     """Whether every process holds the same `value` (a tensor): a check, not a repair."""
     if world.size == 1:

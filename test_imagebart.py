@@ -1244,21 +1244,24 @@ def test_e2e_text_chain_prompts_and_bad_prompts(trained_run, tmp_path, monkeypat
         assert_user_error(code, err, fragment)
 
 
-def test_torchrun_two_processes_train_one_run(trained_run, tmp_path):
-    """torchrun --nproc_per_node=2 (gloo on the CPU) trains the micro chain with
-    DistributedDataParallel: both processes finish, their weights agree at every checkpoint
-    (train_scale checks it), rank 0 alone writes one set of checkpoints and one log with each
-    step once, and the run loads and samples."""
+def test_torchrun_two_processes_train_one_run(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on the CPU) trains a micro first stage (gradients and
+    lambda averaged by hand, dead codes decided on every process's counts and sent from rank 0)
+    and then the micro chain (DistributedDataParallel): both processes finish, their weights
+    agree at every checkpoint (the training loops check it), rank 0 alone writes one set of
+    files and one log with each step once, and the run loads and samples."""
     out = str(tmp_path / "ddp")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train_chain.py",
-                        "--out", out, "--first-stage", trained_run.dir, *CHAIN_MICRO, "--eval-n", "0"],
-                       cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "2 processes of 4 sequences each" in r.stdout and r.stdout.count("chain: T = 3") == 1
+    for script, argv in (("train_vq.py", [*VQ_MICRO, "--restart_every", "10"]), ("train_chain.py", [*CHAIN_MICRO, "--eval-n", "0"])):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", script,
+                            "--out", out, *argv], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "2 processes of" in r.stdout
+    assert r.stdout.count("chain: T = 3") == 1
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["scale_2.pt", "scale_3.pt", "tokens.pt", "vq.pt"]
     with open(ib.log_path(out)) as f:
-        steps = [(r["t"], r["step"]) for r in map(json.loads, f) if r.get("stage") == "chain"]
-    assert sorted(steps) == [(2, 10), (2, 20), (3, 10), (3, 20)]
+        steps = [(r["stage"], r.get("t"), r["step"]) for r in map(json.loads, f) if r.get("stage") in ("vq", "chain")]
+    assert sorted(steps, key=str) == sorted([("vq", None, s) for s in (10, 20, 30)] +
+                                            [("chain", t, s) for t in (2, 3) for s in (10, 20)], key=str)
     vq, chain = ib.load_run(out)
     assert chain.sample(2, torch.tensor([0, 1]), generator=gen(0)).shape == (2, 8, 8)
 

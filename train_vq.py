@@ -110,9 +110,12 @@ def checkpoint(gan: GAN, out: str, dataset: dict) -> None:
 # -----------------------------------------------------------------------------
 # the GAN loop (Eq. 3-4)
 
-def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool) -> dict:
+def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: ib.World = ib.World()) -> dict:
     """One step of the GAN on the images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then
     (from cfg.disc_start on, gan_on) the discriminator's. Training and --benchmark both run it.
+    Under torchrun x is this process's share of the batch; the gradients (and lambda) are
+    averaged over the processes by hand, since the step calls the autoencoder's parts one by
+    one and needs the last layer's gradients for lambda, which DDP's wrapper does not fit.
     -> the losses (tensors), lambda, the batch's codes and encoder outputs z (for restarts)."""
     cfg, vq, disc, opt_g, opt_d, lpips = gan.cfg, gan.vq, gan.disc, gan.opt_g, gan.opt_d, gan.lpips
     device = x.device
@@ -131,9 +134,11 @@ def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool) -> dict:
         nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
         g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
     lam = ib.adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight if gan_on else torch.zeros(())
+    lam = ib.mean_over(world, lam)                      # one lambda for every process
     loss = nll + lam * g_loss + q_loss
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
+    ib.average_gradients(world, vq)
     opt_g.step()
 
     # --- discriminator step: hinge loss on real images vs. the (detached) reconstructions
@@ -143,20 +148,25 @@ def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool) -> dict:
             d_loss = ib.hinge_d_loss(disc(x), disc(x_rec.detach()))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
+        ib.average_gradients(world, disc)
         opt_d.step()
     return {"loss": loss, "rec": rec_loss, "lpips": p_loss, "q": q_loss, "g": g_loss, "d": d_loss,
             "lambda": lam, "codes": codes, "z": z}
 
 
-def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, dataset: dict) -> ib.VQGAN:
-    """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images."""
+def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, dataset: dict,
+          world: ib.World = ib.World()) -> ib.VQGAN:
+    """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images.
+    Under torchrun every process runs this on its share of each batch; rank 0 writes."""
     cfg, vq, opt_g = gan.cfg, gan.vq, gan.opt_g
     device = next(vq.parameters()).device
     fixed = ib.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
     progress = ib.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
-    # steps logged after the checkpoint we resume from are about to run again: drop them
-    ib.trim_log(out, lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
-    log = open(ib.log_path(out), "a")
+    log = None
+    if world.main:
+        # steps logged after the checkpoint we resume from are about to run again: drop them
+        ib.trim_log(out, lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
+        log = open(ib.log_path(out), "a")
     while gan.step < cfg.steps:
         step = gan.step
         vq.train()
@@ -168,18 +178,25 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
             group["lr"] = lr
 
         # --- batch: random images, half of them mirrored
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,))
+        idx = torch.randint(0, len(x_train), (cfg.batch_size // world.size,))     # this process's share
         x = ib.random_flip(ib.to_float(x_train[idx].to(device)))
         gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
         # --- the GAN step: the autoencoder (generator), then the discriminator
-        m = gan_step(gan, x, gan_on)
+        m = gan_step(gan, x, gan_on, world)
 
         # --- dead-code restarts onto this batch's encoder outputs; none late on, so the
         # codes can settle before the codebook is shrunk
+        # (under torchrun: dead by every process's counts, moved by rank 0, sent to the others)
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
-            restarted = vq.quantizer.restart_dead_codes(m["z"].detach())
+            if world.size > 1:
+                import torch.distributed as dist
+                dist.all_reduce(vq.quantizer.hits)
+            restarted = vq.quantizer.restart_dead_codes(m["z"].detach()) if world.main else 0
+            if world.size > 1:
+                vq.quantizer.hits.zero_()
+                dist.broadcast(vq.quantizer.codebook.weight.data, src=0)
         gan.step = step = step + 1
         if not torch.isfinite(m["loss"]):
             raise ib.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
@@ -188,8 +205,9 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         # --- logging: a progress line with ETA, and log.jsonl every log_every steps
         used, ppl = codebook_stats(m["codes"], cfg.codebook_size)
         losses = {k: m[k].item() for k in ("rec", "lpips", "q", "g", "d")}
-        progress(step - 1, **losses, codes=used)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if world.main:
+            progress(step - 1, **losses, codes=used)
+        if world.main and (step % cfg.log_every == 0 or step == cfg.steps):
             log.write(json.dumps({"stage": "vq", "step": step, **losses, "lambda": float(m["lambda"]),
                                   "batch_codes": used, "batch_perplexity": ppl, "restarted": restarted,
                                   "lr": lr, "time": time.time()}) + "\n")
@@ -197,9 +215,13 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
 
         # --- checkpoint, and a picture of how the reconstructions look now
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint(gan, out, dataset)
-            save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
-    log.close()
+            if not ib.agree(world, torch.stack([p.detach().double().sum() for p in vq.parameters()])):
+                raise ib.UserError(f"the processes' first-stage weights differ at step {step}")
+            if world.main:
+                checkpoint(gan, out, dataset)
+                save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
+    if log is not None:
+        log.close()
     vq.eval()
     return vq
 
@@ -309,17 +331,24 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
 # the whole first stage, as train_chain.py calls it
 
 def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str = "data",
-                      lpips_weights: str | None = None, device: str | None = None) -> None:
+                      lpips_weights: str | None = None, device=None, world: ib.World = ib.World()) -> None:
     """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then
-    shrink and tokenize. A finished first stage is left as it is."""
+    shrink and tokenize. A finished first stage is left as it is. `device`: a name ("cuda",
+    "cpu"), a torch.device, or None for the default. Under torchrun (`world`) every process
+    trains on its share of each batch; rank 0 alone writes, shrinks and tokenizes."""
+    say = print if world.main else (lambda *args, **kwargs: None)     # rank 0 alone speaks
     cfg.check()
     ib.check_dataset(dataset)
-    ib.ensure_writable_dir(out)
-    ib.remove_stale_tmp(out)
-    device = ib.pick_device(device)
+    if cfg.batch_size % world.size:
+        raise ib.UserError(f"--batch_size (the global batch) must be divisible by the {world.size} processes")
+    if world.main:
+        ib.ensure_writable_dir(out)
+        ib.remove_stale_tmp(out)
+    ib.barrier(world)
+    device = device if isinstance(device, torch.device) else ib.pick_device(device)
     cfg, ckpt = resolve_config(cfg, out)
     if ckpt is not None and ckpt["shrunk"] and os.path.exists(ib.tokens_path(out)):
-        print(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
+        say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
         return
     record = ib.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
     data = load_data(dataset, cfg, data_root)
@@ -335,15 +364,25 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
                                f"invalidate them. Use another --out")
         t0 = time.time()
         gan = setup(cfg, ckpt, device, lpips_weights)
+        if world.size > 1:
+            # the same initial weights everywhere (seeded alike above); from here each process
+            # draws its own batches. On GPUs the discriminator's BatchNorm normalises over the
+            # whole batch (SyncBatchNorm); on CPUs, where that does not exist, over each share.
+            torch.manual_seed(cfg.seed + gan.step + 7919 * world.rank)
+            if device.type == "cuda":
+                gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
         if ckpt is not None:
-            print(f"resuming {ib.vq_path(out)} from step {gan.step}", flush=True)
+            say(f"resuming {ib.vq_path(out)} from step {gan.step}", flush=True)
         x_train = data["train"][0]
-        print(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
-              f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
-              f"codes, K = {cfg.codebook_size}, {len(x_train)} training images, device {device}", flush=True)
-        vq = train(gan, x_train, data["test"][0], out, record)
-        print(f"first stage trained in {time.time() - t0:.0f}s", flush=True)
-    finish(vq, out, device, data, record, lpips_weights)
+        say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
+            f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
+            f"codes, K = {cfg.codebook_size}, {len(x_train)} training images, device {device}"
+            + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else ""),
+            flush=True)
+        vq = train(gan, x_train, data["test"][0], out, record, world)
+        say(f"first stage trained in {time.time() - t0:.0f}s", flush=True)
+    if world.main:
+        finish(vq, out, device, data, record, lpips_weights)
 
 
 def benchmark(args, cfg: ib.VQConfig) -> None:
@@ -376,15 +415,15 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
 
 def main():
     args = build_parser().parse_args()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:   # every process would train and write the same files
-        raise ib.UserError("train_vq.py runs in one process; under torchrun, train the chain "
-                           "(train_chain.py trains a missing first stage on rank 0)")
     ib.choose_preset(args)
     cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
     if args.benchmark:
         return benchmark(args, cfg)
+    cfg.check()                                  # before any process group is set up
+    world, device = ib.init_world(args.device)   # torchrun: one process of several
     train_first_stage(cfg, args.dataset, ib.run_dir(args.dataset, args.out), args.data_root,
-                      args.lpips_weights, args.device)
+                      args.lpips_weights, device, world)
+    ib.leave_world(world)
 
 
 if __name__ == "__main__":
