@@ -160,6 +160,7 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
     Under torchrun every process runs this on its share of each batch; rank 0 writes."""
     cfg, vq, opt_g = gan.cfg, gan.vq, gan.opt_g
     device = next(vq.parameters()).device
+    x_train = x_train.to(device)                            # uint8 images resident on the device
     fixed = ib.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
     progress = ib.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
     log = None
@@ -179,7 +180,7 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
 
         # --- batch: random images, half of them mirrored
         idx = torch.randint(0, len(x_train), (cfg.batch_size // world.size,))     # this process's share
-        x = ib.random_flip(ib.to_float(x_train[idx].to(device)))
+        x = ib.random_flip(ib.to_float(x_train[idx.to(device)]))
         gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
         # --- the GAN step: the autoencoder (generator), then the discriminator
