@@ -1842,6 +1842,24 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
+    def say(self, *args, **kwargs) -> None:
+        """print, on rank 0 alone (the others would repeat it)."""
+        if self.main:
+            print(*args, **kwargs)
+
+    def share(self, batch_size: int) -> int:
+        """This process's part of the global --batch_size."""
+        if batch_size % self.size:
+            raise UserError(f"--batch_size {batch_size} (the global batch) must be divisible by the "
+                            f"{self.size} processes")
+        return batch_size // self.size
+
+    def check_same_weights(self, module: nn.Module, where: str) -> None:
+        """Every process must hold the same weights (the gradients were averaged): checked on a
+        sum per tensor, so a process that drifted stops the run instead of going on unseen."""
+        if not agree(self, torch.stack([p.detach().double().sum() for p in module.parameters()])):
+            raise UserError(f"{where}: the processes' weights differ")
+
 
 def init_world(device_name: str | None) -> tuple[World, torch.device]:
     """The process group (NCCL on GPUs, gloo on CPUs) when started by torchrun, and this
@@ -2078,11 +2096,12 @@ def datasheet_peak(device: torch.device, given: float | None = None) -> tuple[fl
     return None, None
 
 
-def speed_report(device: torch.device, flops_per_step: float, step_seconds: float, dtype: torch.dtype,
+def speed_report(device: torch.device, flops_per_step: float, step_seconds: float,
                  peak_tflops: float | None = None) -> dict:
-    """The JSON fields both --benchmark modes share: FLOPs, FLOP/s, measured peaks, MFU."""
+    """The JSON fields both --benchmark modes share: FLOPs, FLOP/s, measured peaks, MFU against
+    the peak of the dtype training computes in (bf16 autocast on a GPU, fp32 on a CPU: autocast)."""
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
-    used = "bf16" if dtype == torch.bfloat16 else "fp32"
+    used = "bf16" if device.type == "cuda" else "fp32"
     achieved = flops_per_step / step_seconds
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "model_gflops_per_step": round(flops_per_step / 1e9, 3), "achieved_tflops": round(achieved / 1e12, 4),

@@ -243,7 +243,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     scales share nothing, so each can run on its own GPU), and save it as scale_<t>.pt. Under
     torchrun every process runs this on its share of each batch (DistributedDataParallel)."""
     cfg = model.cfg
-    say = print if world.main else (lambda *args, **kwargs: None)     # rank 0 alone speaks
+    say = world.say                                    # rank 0 alone speaks
     path = ib.scale_path(out, t)
     net = model.scale(t)
     # the EMA copy is what gets evaluated, saved for sampling and reported
@@ -287,7 +287,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     say(f"scale t={t} ({kind}, p(x_{t - 1} | x_{t}), beta_t = {model.diffusion.beta(t):.3g}, "
         f"alpha_bar_t = {model.diffusion.alpha_bar(t):.3g}): {n_params / 1e6:.2f}M parameters, "
         f"{len(train)} training code grids, device {device}"
-        + (f", {world.size} processes of {cfg.batch_size // world.size} sequences each" if world.size > 1 else ""),
+        + (f", {world.size} processes of {world.share(cfg.batch_size)} sequences each" if world.size > 1 else ""),
         flush=True)
 
     def evaluate() -> float:
@@ -318,7 +318,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         # --- batch: random code grids x_1 and their conditions (a caption at a random level of
         # detail); a label_dropout share of the conditions becomes the null class or the empty
         # caption, so the same network also learns the unconditional model (guidance)
-        idx = torch.randint(0, len(train), (cfg.batch_size // world.size,), device=device)   # this process's share
+        idx = torch.randint(0, len(train), (world.share(cfg.batch_size),), device=device)   # this process's share
         cond = {}
         if y_train is not None:
             cond["labels"] = model.drop_condition(y_train[idx], cfg.label_dropout)
@@ -348,8 +348,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
 
         # --- evaluate and checkpoint: the test term of the bound, then scale_<t>.pt
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if not ib.agree(world, torch.stack([p.detach().double().sum() for p in net.parameters()])):
-                raise ib.UserError(f"scale t={t}: the processes' weights differ at step {step}")
+            world.check_same_weights(net, f"scale t={t}, step {step}")
             if not world.main:
                 continue
             record["test_bits"] = evaluate()
@@ -449,8 +448,7 @@ def benchmark(args) -> None:
               "batch_size": cfg.batch_size, "tokens_per_step": cfg.batch_size * cfg.N,
               "params_per_scale_M": round(sum(p.numel() for p in model.parameters()) / (cfg.T - 1) / 1e6, 3),
               "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
-              **ib.speed_report(device, flops / (cfg.T - 1), step,
-                                torch.bfloat16 if device.type == "cuda" else torch.float32, args.peak_tflops)}
+              **ib.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops)}
     print(json.dumps(result), flush=True)
 
 
@@ -463,11 +461,10 @@ def main():
     ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     out = ib.run_dir(args.dataset, args.out)
     world, device = ib.init_world(args.device)         # torchrun: one process of several
-    say = print if world.main else (lambda *a, **k: None)
+    say = world.say
     if args.first_stage and not os.path.isdir(args.first_stage):
         raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
-    if check_options(args).batch_size % world.size:
-        raise ib.UserError(f"--batch_size (the global batch) must be divisible by the {world.size} processes")
+    world.share(check_options(args).batch_size)       # a global batch that the processes can split
     if not args.first_stage and not os.path.exists(ib.tokens_path(out)):   # a first stage will be trained
         ib.preset_config(ib.VQ_PRESETS, args.preset).check()
         ib.check_dataset(args.dataset)

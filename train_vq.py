@@ -179,7 +179,7 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
             group["lr"] = lr
 
         # --- batch: random images, half of them mirrored
-        idx = torch.randint(0, len(x_train), (cfg.batch_size // world.size,))     # this process's share
+        idx = torch.randint(0, len(x_train), (world.share(cfg.batch_size),))     # this process's share
         x = ib.random_flip(ib.to_float(x_train[idx.to(device)]))
         gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
@@ -216,8 +216,7 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
 
         # --- checkpoint, and a picture of how the reconstructions look now
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if not ib.agree(world, torch.stack([p.detach().double().sum() for p in vq.parameters()])):
-                raise ib.UserError(f"the processes' first-stage weights differ at step {step}")
+            world.check_same_weights(vq, f"first stage, step {step}")
             if world.main:
                 checkpoint(gan, out, dataset)
                 save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
@@ -337,11 +336,10 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
     shrink and tokenize. A finished first stage is left as it is. `device`: a name ("cuda",
     "cpu"), a torch.device, or None for the default. Under torchrun (`world`) every process
     trains on its share of each batch; rank 0 alone writes, shrinks and tokenizes."""
-    say = print if world.main else (lambda *args, **kwargs: None)     # rank 0 alone speaks
+    say = world.say                                    # rank 0 alone speaks
     cfg.check()
     ib.check_dataset(dataset)
-    if cfg.batch_size % world.size:
-        raise ib.UserError(f"--batch_size (the global batch) must be divisible by the {world.size} processes")
+    world.share(cfg.batch_size)                     # a global batch that the processes can split
     if world.main:
         ib.ensure_writable_dir(out)
         ib.remove_stale_tmp(out)
@@ -378,7 +376,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
         say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
             f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
             f"codes, K = {cfg.codebook_size}, {len(x_train)} training images, device {device}"
-            + (f", {world.size} processes of {cfg.batch_size // world.size} images each" if world.size > 1 else ""),
+            + (f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""),
             flush=True)
         vq = train(gan, x_train, data["test"][0], out, record, world)
         say(f"first stage trained in {time.time() - t0:.0f}s", flush=True)
@@ -409,8 +407,7 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
               "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
               "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
               "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
-              **ib.speed_report(device, counter.get_total_flops(), seconds,
-                                torch.bfloat16 if device.type == "cuda" else torch.float32, args.peak_tflops)}
+              **ib.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops)}
     print(json.dumps(result), flush=True)
 
 
