@@ -2133,6 +2133,18 @@ def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def batches(n: int, batch: int, what: str | None = None, log=lambda line: print(line, flush=True)):
+    """Slices of range(n), `batch` at a time; with `what`, a progress line after each (sampling
+    and the judge's rows: jobs of many batches)."""
+    t0 = time.time()
+    for i in range(0, n, batch):
+        yield slice(i, min(n, i + batch))
+        done, spent = min(n, i + batch), time.time() - t0
+        if what:
+            eta = spent / done * (n - done)
+            log(f"{what}: {done}/{n} images | {spent:.0f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: float = 0.1) -> float:
     """Linear warm-up for `warmup` steps, then cosine decay from `base` to `final_frac * base`."""
     if step < warmup:
@@ -2440,17 +2452,6 @@ def check_judge_options(eval_n: int, judge_steps: int | None, zero_skips: bool =
 
 DEFAULT_EVAL_GUIDANCE = 0.5               # w of the guided samples row, unless one is given: on the tiny
                                           # shapes run w = 0.5 judged best (98 %; w = 1: 94 %, w = 2: 80 %, README)
-
-
-def batches(n: int, batch: int, what: str | None = None, log=say):
-    """Slices of range(n), `batch` at a time; with `what`, a progress line after each."""
-    t0 = time.time()
-    for i in range(0, n, batch):
-        yield slice(i, min(n, i + batch))
-        done, spent = min(n, i + batch), time.time() - t0
-        if what:
-            eta = spent / done * (n - done)
-            log(f"{what}: {done}/{n} images | {spent:.0f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def _as_saved(x: torch.Tensor) -> torch.Tensor:
