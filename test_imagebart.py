@@ -1596,6 +1596,66 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     assert not (tmp_path / "marker").exists()
 
 
+# ----- The README: every command parses, every picture exists --------------------------
+
+SCRIPTS = {"train_vq.py": train_vq, "train_chain.py": train_chain, "sample.py": sample}
+
+
+def readme_commands() -> list[str]:
+    """Every command of README.md: the lines of its code blocks and its inline code (tables
+    included), cut at the shell's separators (&&, ;, |, &, do, done), with leading VAR=value
+    assignments dropped and shell variables ($t, $((t - 2))) read as 2."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
+    spans = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
+    lines = [line.split("#")[0] if not line.lstrip().startswith("python -c") else ""
+             for block in blocks for line in block.splitlines()] + spans
+    commands = []
+    for line in lines:
+        line = re.sub(r"\$\(\([^)]*\)\)|\$\w+", "2", line)
+        for part in re.split(r"&&|;|\||&(?!\w)|\bdo\b|\bdone\b", line):
+            words = part.split()
+            while words and re.fullmatch(r"\w+=\S*", words[0]):
+                words.pop(0)
+            if words and words[0] in ("python", "torchrun", "bash"):
+                commands.append(" ".join(words))
+    return commands
+
+
+def test_every_readme_command_names_a_script_and_flags_it_accepts(capsys):
+    """Each python, torchrun and bash command of the README (code blocks, inline code, tables,
+    the quickstart's pip line) names a script of this repository, and that script's argument
+    parser accepts every flag and value the command gives (parsed, not run)."""
+    commands = readme_commands()
+    scripts = [c for c in commands if re.search(r"\b(train_vq|train_chain|sample)\.py\b", c)]
+    assert len(scripts) >= 50 and any(c.startswith("torchrun") for c in commands)
+    assert any(c.startswith("python train_chain.py --dataset shapes --preset tiny") for c in commands)  # the quickstart
+    for command in commands:
+        words = shlex.split(command)
+        if words[0] == "bash":
+            assert os.path.exists(os.path.join(REPO, words[1])), command
+            continue
+        if len(words) == 1 or words[1] == "-m":   # the word `torchrun` in prose; python -m pytest ...
+            assert all(os.path.exists(os.path.join(REPO, w)) for w in words if w.endswith(".py")), command
+            continue
+        script = next(w for w in words if w.endswith(".py"))
+        assert script in SCRIPTS, f"{command}: no script {script}"
+        argv = words[words.index(script) + 1:]
+        try:
+            SCRIPTS[script].build_parser().parse_args(argv)
+        except SystemExit as e:                 # -h exits 0; a flag argparse rejects exits 2
+            assert e.code == 0, f"the README's command does not parse: {command}"
+
+
+def test_every_readme_picture_exists():
+    with open(os.path.join(REPO, "README.md")) as f:
+        pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", f.read())
+    assert len(pictures) >= 8
+    missing = [p for p in pictures if not os.path.exists(os.path.join(REPO, p))]
+    assert not missing, missing
+
+
 # =====================================================================================
 # 7. The judge of samples (imagebart.py's appendix: evaluation, not the paper)
 # =====================================================================================
