@@ -2165,6 +2165,71 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     Image.fromarray(rearrange(canvas, "c h w -> h w c").numpy()).save(path)
 
 
+# ----- Loss curves, drawn with pillow (no plotting library) --------------------------------
+CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def draw_curves(series: dict, path: str, title: str, width: int = 640, height: int = 360) -> None:
+    """A line chart of {name: [(step, value), ...]} on shared axes, one colour per name with a
+    legend, written as a PNG. Axes are labelled with their ranges: enough to see a loss fall."""
+    series = {k: v for k, v in series.items() if v}
+    left, right, top, bottom = 70, 20, 40, 40
+    im = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((left, 12), title, fill="black")
+    xs = [x for v in series.values() for x, _ in v] or [0, 1]
+    ys = [y for v in series.values() for _, y in v if math.isfinite(y)] or [0, 1]
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for y in (y0, (y0 + y1) / 2, y1):                                   # y ticks: bottom, middle, top
+        draw.text((4, py(y) - 6), f"{y:.4g}", fill="black")
+        draw.line([left - 4, py(y), left, py(y)], fill="black")
+    draw.text((left, height - bottom + 6), f"{x0:g}", fill="black")
+    draw.text((width - right - 60, height - bottom + 6), f"step {x1:g}", fill="black")
+    for i, (name, points) in enumerate(series.items()):
+        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        points = sorted((x, y) for x, y in points if math.isfinite(y))
+        if len(points) > 1:
+            draw.line([(px(x), py(y)) for x, y in points], fill=colour, width=2)
+        for x, y in points if len(points) < 30 else []:                 # few points: mark them
+            draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
+        ly = top + 12 + 14 * i                                          # legend: a stroke, the name
+        draw.line([width - right - 170, ly, width - right - 152, ly], fill=colour, width=2)
+        draw.text((width - right - 146, ly - 6), name, fill=colour)
+    im.save(path)
+
+
+def plot_run(run: str) -> list[str]:
+    """The loss curves of a run folder from its log.jsonl: loss_vq.png (the first stage's terms)
+    and loss_t<t>.png per scale (training loss, test term of the bound). -> the files written."""
+    if not os.path.exists(log_path(run)):
+        raise UserError(f"{run} has no log.jsonl to plot")
+    records = []
+    with open(log_path(run)) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:      # a torn last line of a killed run
+                continue
+    written = []
+    vq = [r for r in records if r.get("stage") == "vq"]
+    if vq:
+        series = {k: [(r["step"], r[k]) for r in vq if k in r] for k in ("rec", "lpips", "q", "g", "d")}
+        written.append(os.path.join(run, "loss_vq.png"))
+        draw_curves(series, written[-1], "first stage: L1 (rec), LPIPS, codebook (q), generator (g), discriminator (d)")
+    for t in sorted({r["t"] for r in records if r.get("stage") == "chain"}, reverse=True):
+        chain = [r for r in records if r.get("stage") == "chain" and r["t"] == t]
+        series = {"training loss": [(r["step"], r["loss_bits"]) for r in chain],
+                  "test term (EMA)": [(r["step"], r["test_bits"]) for r in chain if "test_bits" in r]}
+        written.append(os.path.join(run, f"loss_t{t}.png"))
+        draw_curves(series, written[-1], f"scale t={t}: bits per token (Eq. 7)")
+    return written
+
+
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) in [0, 255] -> float in [-1, 1], the range x_0 lives in."""
     return x_uint8.float() / 127.5 - 1.0

@@ -8,6 +8,7 @@
     python sample.py --run runs/shapes_text --prompt "a red star" --prompt "a blue ring" --guidance 1
     python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
     python sample.py --run runs/shapes --evaluate               # the judge's figures -> runs/shapes/eval.json
+    python sample.py --run runs/shapes --plot                   # loss curves -> runs/shapes/loss_*.png
 
 Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c)
 (c a class, a prompt, or the null condition)
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", choices=("clean", "noised"), default="clean",
                    help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     p.add_argument("--device", default=None)
+    p.add_argument("--plot", action="store_true", help="draw the run's loss curves from its log.jsonl (loss_*.png)")
     p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
     p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
     p.add_argument("--batch", type=int, default=16, help="batch for --benchmark")
@@ -314,6 +316,8 @@ def main():
     device = ib.pick_device(args.device)
     if not os.path.isdir(args.run):
         raise ib.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
+    if args.plot:
+        return print(f"wrote {', '.join(ib.plot_run(args.run))}", flush=True)
     if args.n < 1 or args.completions < 1 or args.refine < 0:
         raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
     # --- outputs: their folders made (and checked writable) now, not after minutes of sampling

@@ -1306,6 +1306,22 @@ def test_training_benchmarks_print_json_with_mfu(monkeypatch, capsys):
     assert r["benchmark"] == "train_vq" and r["model_gflops_per_step"] > 0 and r["mfu"] > 0 and r["step_ms"] > 0
 
 
+def test_loss_curves_are_drawn_from_the_log(trained_run, tmp_path, monkeypatch, capsys):
+    """Training ends with loss_vq.png and loss_t<t>.png beside log.jsonl; sample.py --plot draws
+    them again (from a copy here) and a folder without a log is one line."""
+    assert {"loss_vq.png", "loss_t2.png", "loss_t3.png"} <= set(os.listdir(trained_run.dir))
+    run = tmp_path / "copy"
+    run.mkdir()
+    shutil.copyfile(ib.log_path(trained_run.dir), ib.log_path(str(run)))
+    code, out, err = run_script(sample, ["--run", str(run), "--plot"], monkeypatch, capsys)
+    assert code == 0, err
+    assert png_size(run / "loss_t2.png") == (640, 360) and "loss_vq.png" in out
+    with Image.open(run / "loss_t2.png") as im:
+        assert len(im.convert("RGB").getcolors(2 ** 16)) > 3             # lines drawn, not a blank canvas
+    code, _, err = run_script(sample, ["--run", str(tmp_path), "--plot"], monkeypatch, capsys)
+    assert_user_error(code, err, "no log.jsonl")
+
+
 def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
     """sample.py --benchmark (tiny preset, no run needed) prints one JSON line; cached and uncached
     decoding drew the same samples."""

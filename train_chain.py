@@ -494,6 +494,8 @@ def main():
             model.scale(t).compile()       # in place: the state dict keeps its keys
         train_scale(model, t, tokens, out, device, world)
     say(f"chain training took {time.time() - t0:.0f}s", flush=True)
+    if world.main:
+        say(f"wrote {', '.join(ib.plot_run(out))}", flush=True)            # the loss curves
     ib.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
     if not world.main:
         return

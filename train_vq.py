@@ -382,6 +382,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
         say(f"first stage trained in {time.time() - t0:.0f}s", flush=True)
     if world.main:
         finish(vq, out, device, data, record, lpips_weights)
+        say(f"wrote {', '.join(ib.plot_run(out))}", flush=True)            # the loss curves
 
 
 def benchmark(args, cfg: ib.VQConfig) -> None:
