@@ -1405,6 +1405,19 @@ def recorded_dataset(run: str) -> dict | None:
     return None
 
 
+def run_class_names(run: str) -> list[str]:
+    """The class names of a run's labels: those tokens.pt records, else those of the data set
+    the run records (a run tokenized before names were stored); [] when there are none."""
+    names = load_tokens(run).get("class_names") if os.path.exists(tokens_path(run)) else None
+    if names:
+        return list(names)
+    record = recorded_dataset(run)
+    try:
+        return class_names(record["spec"]) if record else []
+    except OSError:                     # a folder data set that has moved since
+        return []
+
+
 def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[VQGAN, ImageBART]:
     """The first stage and the chain of a run folder (EMA weights), ready to sample."""
     if not os.path.isdir(run):

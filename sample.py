@@ -9,6 +9,7 @@
     python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
     python sample.py --run runs/shapes --evaluate               # the judge's figures -> runs/shapes/eval.json
     python sample.py --run runs/shapes --plot                   # loss curves -> runs/shapes/loss_*.png
+    python sample.py --run runs/shapes --serve                  # a page to paint masks on: http://127.0.0.1:8000/
 
 Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c)
 (c a class, a prompt, or the null condition)
@@ -16,10 +17,14 @@ for t = T..2, then x_0 = G(x_1). --temperature, --top-k and --top-p take one val
 comma list with one value per scale, for t = T, T-1, ..., 2.
 """
 import argparse
+import base64
 import dataclasses
+import io
 import json
 import math
 import os
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -64,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     p.add_argument("--device", default=None)
     p.add_argument("--plot", action="store_true", help="draw the run's loss curves from its log.jsonl (loss_*.png)")
+    p.add_argument("--serve", action="store_true", help="serve a page to paint masks on and regenerate them")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="--serve: the port (0 = any free one)")
     p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
     p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
     p.add_argument("--batch", type=int, default=16, help="batch for --benchmark")
@@ -146,7 +154,7 @@ def class_index(text: str, run: str) -> int:
     """A class given by index ("6") or by name ("star"), the names being those tokens.pt records."""
     if text.lstrip("-").isdigit():
         return int(text)
-    names = ib.load_tokens(run).get("class_names") or []
+    names = ib.run_class_names(run)
     if text not in names:
         known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
         raise ib.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
@@ -307,6 +315,342 @@ def evaluate(args, device) -> None:
 
 
 # -----------------------------------------------------------------------------
+# the editing page (--serve): paint a mask, regenerate it (Sec. 4.3, Fig. 6 of the paper)
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>ImageBART: masked editing</title>
+<style>
+ body { font-family: sans-serif; margin: 1.5em; max-width: 1100px; }
+ canvas, img.big { image-rendering: pixelated; width: 256px; height: 256px; border: 1px solid #888; }
+ #stack { position: relative; width: 258px; height: 258px; display: inline-block; }
+ #stack canvas { position: absolute; left: 0; top: 0; }
+ #mask { opacity: 0.55; cursor: crosshair; }
+ img.small { image-rendering: pixelated; width: 128px; height: 128px; margin: 2px; border: 1px solid #aaa; }
+ img.step { image-rendering: pixelated; width: 96px; height: 96px; margin: 2px; }
+ fieldset { display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }
+ label { display: block; margin: 0.2em 0; }
+ #error { color: #b00; font-weight: bold; min-height: 1.2em; }
+ #status { color: #555; }
+</style></head><body>
+<h2>ImageBART: paint a region, regenerate it</h2>
+<p>Paint (red) the part of the image to regenerate; the chain keeps the rest clean at every scale
+and writes the painted tokens (Sec. 4.3). <span id="runinfo"></span></p>
+<div id="error"></div><div id="status"></div>
+<fieldset><legend>image</legend>
+ <button id="random">random test image</button>
+ <label>test image <input id="index" type="number" min="0" value="0" style="width:6em"> <button id="pick">load</button></label>
+ <label>or upload <input id="file" type="file" accept="image/*"></label>
+ <div id="stack"><canvas id="image" width="32" height="32"></canvas><canvas id="mask" width="32" height="32"></canvas></div>
+</fieldset>
+<fieldset><legend>mask</legend>
+ <label><input type="radio" name="tool" value="brush" checked> brush</label>
+ <label><input type="radio" name="tool" value="eraser"> eraser</label>
+ <label>size <input id="size" type="range" min="1" max="12" value="4"></label>
+ <div id="kinds"></div>
+ <button id="clear">clear</button>
+</fieldset>
+<fieldset><legend>sampling</legend>
+ <label id="condlabel"></label>
+ <label>guidance <input id="guidance" type="number" step="0.25" min="0" value="0" style="width:5em"></label>
+ <label>temperature <input id="temperature" type="number" step="0.1" min="0.1" value="1.0" style="width:5em"></label>
+ <label>top-k <input id="top_k" type="number" min="1" placeholder="all" style="width:5em"></label>
+ <label>top-p <input id="top_p" type="number" step="0.05" min="0.05" max="1" placeholder="1" style="width:5em"></label>
+ <label>refine <input id="refine" type="number" min="0" max="8" style="width:5em"></label>
+ <label>completions <input id="completions" type="number" min="1" value="6" style="width:5em"></label>
+ <label>seed <input id="seed" type="number" value="0" style="width:5em"></label>
+ <button id="go" style="font-size:1.2em">complete</button>
+</fieldset>
+<h3>completions</h3><div id="results"></div>
+<h3>trajectory of the first: x<sub>T</sub> ... x<sub>1</sub></h3><div id="trajectory"></div>
+<p><a id="download" download="completions.png" style="display:none">download the grid (PNG)</a></p>
+<script>
+const $ = id => document.getElementById(id);
+const image = $("image"), mask = $("mask"), ictx = image.getContext("2d"), mctx = mask.getContext("2d");
+let info = null, painting = false, alive = true;
+function error(msg) { $("error").textContent = msg || ""; }
+function status(msg) { $("status").textContent = msg || ""; }
+async function call(path, options) {
+  let r;
+  try { r = await fetch(path, options); } catch (e) { throw new Error("the server has gone away (is sample.py --serve still running?)"); }
+  const body = await r.json().catch(() => ({error: "the server answered " + r.status}));
+  if (!r.ok) throw new Error(body.error || ("the server answered " + r.status));
+  return body;
+}
+function show(url) {
+  const im = new Image();
+  im.onload = () => { image.width = mask.width = info.resolution; image.height = mask.height = info.resolution;
+                      ictx.drawImage(im, 0, 0); };
+  im.src = url;
+}
+async function loadTest(index) {
+  error(); const q = index === null ? "" : "?index=" + index;
+  try { const r = await call("/api/test" + q); $("index").value = r.index; show(r.image); } catch (e) { error(e.message); }
+}
+function paint(ev) {
+  if (!painting) return;
+  const rect = mask.getBoundingClientRect(), s = info.resolution / rect.width;
+  const x = (ev.clientX - rect.left) * s, y = (ev.clientY - rect.top) * s, r = +$("size").value / 2;
+  const erase = document.querySelector("input[name=tool]:checked").value === "eraser";
+  mctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
+  mctx.fillStyle = "red"; mctx.beginPath(); mctx.arc(x, y, r, 0, 2 * Math.PI); mctx.fill();
+}
+mask.onmousedown = ev => { painting = true; paint(ev); };
+window.onmouseup = () => { painting = false; };
+mask.onmousemove = paint;
+$("clear").onclick = () => mctx.clearRect(0, 0, mask.width, mask.height);
+function fillKind(kind) {  // the same regions as sample.py --mask (random-boxes: drawn by the server)
+  const n = info.resolution, h = n / 2, q = n / 4;
+  mctx.globalCompositeOperation = "source-over"; mctx.clearRect(0, 0, n, n); mctx.fillStyle = "red";
+  const boxes = {upper: [[0, 0, n, h]], lower: [[0, h, n, h]], left: [[0, 0, h, n]], right: [[h, 0, h, n]],
+                 center: [[q, q, n - 2 * q, n - 2 * q]], outer: [[0, 0, n, q], [0, n - q, n, q], [0, q, q, n - 2 * q], [n - q, q, q, n - 2 * q]]};
+  (boxes[kind] || []).forEach(b => mctx.fillRect(...b));
+  mask.dataset.kind = kind === "random-boxes" ? kind : "";
+  if (kind === "random-boxes") status("random boxes: drawn by the server from the seed");
+}
+function maskURL() {  // white = regenerate, black = keep
+  const c = document.createElement("canvas"); c.width = c.height = info.resolution;
+  const x = c.getContext("2d"); x.fillStyle = "black"; x.fillRect(0, 0, c.width, c.height);
+  const m = mctx.getImageData(0, 0, c.width, c.height), out = x.getImageData(0, 0, c.width, c.height);
+  for (let i = 0; i < m.data.length; i += 4) if (m.data[i + 3] > 0) out.data[i] = out.data[i + 1] = out.data[i + 2] = 255;
+  x.putImageData(out, 0, 0); return c.toDataURL("image/png");
+}
+$("random").onclick = () => loadTest(null);
+$("pick").onclick = () => loadTest(+$("index").value);
+$("file").onchange = async () => {
+  error(); const f = $("file").files[0]; if (!f) return;
+  try { const r = await call("/api/upload", {method: "POST", body: f}); show(r.image); } catch (e) { error(e.message); }
+};
+$("go").onclick = async () => {
+  error(); status("sampling... (one job at a time: others wait their turn)"); $("go").disabled = true;
+  const req = {image: image.toDataURL("image/png"), guidance: +$("guidance").value, temperature: $("temperature").value,
+               top_k: $("top_k").value, top_p: $("top_p").value, refine: +$("refine").value,
+               completions: +$("completions").value, seed: +$("seed").value};
+  if (mask.dataset.kind) req.kind = mask.dataset.kind; else req.mask = maskURL();
+  if ($("cond")) { if (info.text) req.prompt = $("cond").value; else req.class = $("cond").value; }
+  const t0 = performance.now();
+  try {
+    const r = await call("/api/complete", {method: "POST", body: JSON.stringify(req)});
+    $("results").innerHTML = '<img class="small" src="' + r.masked + '" title="masked input">' +
+      r.completions.map(u => '<img class="small" src="' + u + '">').join("");
+    $("trajectory").innerHTML = r.trajectory.map(u => '<img class="step" src="' + u + '">').join("");
+    $("download").href = r.grid; $("download").style.display = "inline";
+    status(r.regenerated_tokens + " of " + r.tokens + " tokens regenerated in " + ((performance.now() - t0) / 1000).toFixed(1) + " s");
+  } catch (e) { error(e.message); status(); }
+  $("go").disabled = false;
+};
+async function heartbeat() {
+  try { await call("/api/info"); if (!alive) error(); alive = true; }
+  catch (e) { alive = false; error(e.message); }
+}
+(async () => {
+  try { info = await call("/api/info"); } catch (e) { error(e.message); return; }
+  $("runinfo").textContent = "Run " + info.run + ": T = " + info.T + ", " + info.test_images + " test images.";
+  $("refine").value = info.refine; $("completions").max = info.max_completions;
+  $("kinds").innerHTML = info.mask_kinds.map(k => '<button data-k="' + k + '">' + k + '</button>').join(" ");
+  document.querySelectorAll("#kinds button").forEach(b => b.onclick = () => fillKind(b.dataset.k));
+  if (info.text) $("condlabel").innerHTML = 'prompt <input id="cond" placeholder="a red star" style="width:12em">';
+  else if (info.classes.length) $("condlabel").innerHTML = 'class <select id="cond"><option value="">none (unconditional)</option>' +
+      info.classes.map((c, i) => '<option value="' + i + '">' + i + ": " + c + '</option>').join("") + '</select>';
+  loadTest(null);
+  setInterval(heartbeat, 3000);
+})();
+</script></body></html>
+"""
+
+
+MAX_UPLOAD = 8 * 2 ** 20          # bytes: a larger upload is refused with a message
+MAX_COMPLETIONS = 16
+
+
+def data_url(images: torch.Tensor) -> list[str]:
+    """images (B, 3, H, W) in [-1, 1] -> PNG data URLs, one per image."""
+    urls = []
+    for img in ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+def read_image(data: bytes, resolution: int, what: str) -> torch.Tensor:
+    """Image bytes (any size and mode) -> x_0 (1, 3, H, W) in [-1, 1], resized as --inpaint does."""
+    if len(data) > MAX_UPLOAD:
+        raise ib.UserError(f"the {what} is {len(data) / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            pixels = ib.resize_center_crop(im, resolution)
+    except Exception:
+        raise ib.UserError(f"the {what} is not an image this server can read (PNG, JPEG, ...)") from None
+    return ib.to_float(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None])
+
+
+def from_data_url(url: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(url.split(",", 1)[1], validate=True)
+    except Exception:
+        raise ib.UserError(f"the {what} is not a data URL") from None
+
+
+class Editor:
+    """The model, loaded once, and the three things the page asks of it. One lock serialises
+    the model work: requests come on threads (the page stays responsive, and can tell when
+    the server has gone), but two completions never run at once."""
+
+    def __init__(self, run: str, device):
+        self.run, self.device = run, device
+        self.vq, self.chain = ib.load_run(run, device)
+        self.test, self.class_names = ib.load_tokens(run)["test"], ib.run_class_names(run)
+        self.lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
+                "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
+                "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
+                "refine": ib.INPAINT_REFINE, "max_completions": MAX_COMPLETIONS}
+
+    def test_image(self, index) -> dict:
+        """A test image as the first stage sees it (its codes decoded); a random one without index."""
+        n = len(self.test)
+        index = int(torch.randint(0, n, ()).item()) if index is None else index
+        if not 0 <= index < n:
+            raise ib.UserError(f"test image {index} does not exist; this run has 0..{n - 1}")
+        with self.lock:
+            image = self.vq.decode(self.test[index:index + 1].long().to(self.device))
+        return {"index": index, "image": data_url(image)[0]}
+
+    def upload(self, data: bytes) -> dict:
+        return {"image": data_url(read_image(data, self.vq.cfg.resolution, "upload"))[0]}
+
+    def complete(self, req: dict) -> dict:
+        """{"image": data URL, "mask": data URL (white = regenerate) or "kind": a mask kind,
+        "class" or "prompt", "guidance", "temperature", "top_k", "top_p", "refine",
+        "completions", "seed"} -> the completions, the trajectory x_T .. x_1 of the first, and
+        a grid to download, all as data URLs."""
+        H, f = self.vq.cfg.resolution, self.vq.cfg.factor
+        x0 = read_image(from_data_url(str(req.get("image", "")), "image"), H, "image").to(self.device)
+        if req.get("kind"):
+            regen_px = pixel_mask(str(req["kind"]), H, H, int(req.get("seed", 0)))
+        else:
+            mask = read_image(from_data_url(str(req.get("mask", "")), "mask"), H, "mask")
+            regen_px = mask.mean(1)[0] > 0                                  # white (> mid grey) = regenerate
+        regen = token_mask(regen_px, f)
+        if not regen.any():
+            raise ib.UserError("the mask selects nothing to regenerate: paint over part of the image")
+        if regen.all():
+            raise ib.UserError("the mask covers the whole image, so nothing is given: leave part of it")
+        n = int(req.get("completions", 4))
+        if not 1 <= n <= MAX_COMPLETIONS:
+            raise ib.UserError(f"completions must lie in 1..{MAX_COMPLETIONS}")
+        refine = int(req.get("refine", ib.INPAINT_REFINE))
+        if not 0 <= refine <= 8:
+            raise ib.UserError("refine must lie in 0..8")
+        # the command line's own checks, on a namespace that looks like its arguments
+        opts = argparse.Namespace(temperature=str(req.get("temperature") or "1.0"), top_k=req.get("top_k") or None,
+                                  top_p=req.get("top_p") or None, guidance=float(req.get("guidance") or 0),
+                                  no_cache=False, run=self.run,
+                                  classes=str(req["class"]) if req.get("class") not in (None, "") else None,
+                                  prompts=[str(req["prompt"])] if req.get("prompt") else None)
+        sampling = sampling_options(opts, self.chain.T)
+        with self.lock:
+            cond, _ = parse_condition(opts, self.chain, n, self.device)
+            if opts.prompts:
+                cond["text"] = cond["text"][:n]
+            x1 = self.vq.encode(x0).expand(n, -1, -1)
+            keep = (~regen).to(self.device).expand(n, -1, -1)
+            g = torch.Generator(self.device).manual_seed(int(req.get("seed", 0)))
+            trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, generator=g, **cond, **sampling)
+            images = self.vq.decode(trajectory[-1])
+            steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
+        shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
+        with tempfile.TemporaryDirectory() as tmp:          # the grid to download: input, masked, completions
+            ib.save_image_grid(torch.cat([x0, shown, images]), os.path.join(tmp, "grid.png"), nrow=n + 2)
+            with open(os.path.join(tmp, "grid.png"), "rb") as fh:
+                grid = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
+        return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
+                "grid": grid, "regenerated_tokens": int(regen.sum()), "tokens": regen.numel()}
+
+
+def make_handler(editor: Editor):
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, urlparse
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self, code: int, body: bytes, kind: str = "application/json") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def answer(self, work) -> None:
+            """Run `work`; a UserError is a 400 with its line, anything else a 500 that says the job failed."""
+            try:
+                self.reply(200, json.dumps(work()).encode())
+            except ib.UserError as e:
+                self.reply(400, json.dumps({"error": str(e)}).encode())
+            except Exception as e:
+                self.reply(500, json.dumps({"error": f"the job failed: {type(e).__name__}: {e}"}).encode())
+
+        def body(self) -> bytes:
+            length = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(length)           # read whole even when refused: the client is still sending
+            if length > MAX_UPLOAD:
+                raise ib.UserError(f"the upload is {length / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
+            return data
+
+        def do_GET(self):
+            url = urlparse(self.path)
+            query = parse_qs(url.query)
+            if url.path == "/":
+                self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
+            elif url.path == "/api/info":
+                self.answer(editor.info)
+            elif url.path == "/api/test":
+                index = query.get("index", [""])[0]
+                self.answer(lambda: editor.test_image(int(index) if index.lstrip("-").isdigit() else None))
+            else:
+                self.reply(404, json.dumps({"error": f"no page {url.path}"}).encode())
+
+        def do_POST(self):
+            if self.path == "/api/upload":
+                self.answer(lambda: editor.upload(self.body()))
+            elif self.path == "/api/complete":
+                def work():
+                    try:
+                        req = json.loads(self.body() or b"{}")
+                    except json.JSONDecodeError:
+                        raise ib.UserError("the request is not JSON") from None
+                    return editor.complete(req)
+                self.answer(work)
+            else:
+                self.reply(404, json.dumps({"error": f"no endpoint {self.path}"}).encode())
+
+        def log_message(self, *args):     # one line per job is printed by serve(), not per request
+            pass
+
+    return Handler
+
+
+def serve(args, device) -> None:
+    """--serve: the editing page on http://HOST:PORT (127.0.0.1 unless --host says otherwise)."""
+    from http.server import ThreadingHTTPServer
+    if not 0 <= args.port <= 65535:
+        raise ib.UserError(f"--port must lie in 0..65535, got {args.port}")
+    editor = Editor(args.run, device)
+    try:
+        server = ThreadingHTTPServer((args.host, args.port), make_handler(editor))
+    except OSError as e:
+        raise ib.UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") from None
+    print(f"serving {args.run} on http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+
+
+# -----------------------------------------------------------------------------
 # main: benchmark, evaluate, inpaint, or sample (with --trajectory: every x_t)
 
 def main():
@@ -318,6 +662,8 @@ def main():
         raise ib.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
     if args.plot:
         return print(f"wrote {', '.join(ib.plot_run(args.run))}", flush=True)
+    if args.serve:
+        return serve(args, device)
     if args.n < 1 or args.completions < 1 or args.refine < 0:
         raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
     # --- outputs: their folders made (and checked writable) now, not after minutes of sampling

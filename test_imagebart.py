@@ -11,6 +11,7 @@ The suite is defined on the CPU: its exact-equality oracles assume fp32 CPU arit
 GPU, TF32 and bf16 change last bits and so some codes), and its torchrun test uses gloo. The
 GPU's checks are .ci/gpu-check's.
 """
+import base64
 import dataclasses
 import hashlib
 import importlib.util
@@ -28,6 +29,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import types
 
@@ -1320,6 +1322,75 @@ def test_loss_curves_are_drawn_from_the_log(trained_run, tmp_path, monkeypatch, 
         assert len(im.convert("RGB").getcolors(2 ** 16)) > 3             # lines drawn, not a blank canvas
     code, _, err = run_script(sample, ["--run", str(tmp_path), "--plot"], monkeypatch, capsys)
     assert_user_error(code, err, "no log.jsonl")
+
+
+def test_serve_endpoints(trained_run):
+    """sample.py --serve's handler on a free port, against the micro run: the page, the run's
+    info (class names), test images, uploads (resized; not an image and too large refused),
+    completions by mask kind with a class name and by a painted mask (PNG), the trajectory of
+    the first, a grid to download; an empty mask and bad JSON are 400s with their line; two
+    requests at once both complete (the lock queues them)."""
+    from http.server import ThreadingHTTPServer
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+    editor = sample.Editor(trained_run.dir, torch.device("cpu"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(editor))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def get(path, data=None):
+        try:
+            with urlopen(Request(base + path, data=data), timeout=120) as r:
+                return r.status, r.read()
+        except HTTPError as e:
+            return e.code, e.read()
+
+    def png(url):
+        return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    try:
+        code, page = get("/")
+        assert code == 200 and b"<canvas" in page and b"/api/complete" in page
+        info = json.loads(get("/api/info")[1])
+        assert info["classes"] == ib.SHAPE_CLASSES and info["text"] is False and "upper" in info["mask_kinds"]
+        code, body = get("/api/test?index=3")
+        assert code == 200 and png(json.loads(body)["image"]).size == (32, 32)
+        code, body = get("/api/test?index=999")
+        assert code == 400 and "does not exist" in json.loads(body)["error"]
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
+        code, body = get("/api/upload", buf.getvalue())
+        assert code == 200 and png(json.loads(body)["image"]).size == (32, 32)
+        assert json.loads(get("/api/upload", b"not an image")[1])["error"].startswith("the upload is not an image")
+        assert "limit is 8 MB" in json.loads(get("/api/upload", b"x" * (sample.MAX_UPLOAD + 1))[1])["error"]
+
+        image = json.loads(get("/api/test?index=1")[1])["image"]
+        req = {"image": image, "kind": "upper", "class": "circle", "guidance": 0.5, "completions": 3, "seed": 1}
+        code, body = get("/api/complete", json.dumps(req).encode())
+        assert code == 200, body
+        result = json.loads(body)
+        assert len(result["completions"]) == 3 and len(result["trajectory"]) == 3 and result["regenerated_tokens"] == 32
+        assert png(result["grid"]).size == (5 * 33 + 1, 33 + 1)
+        painted = Image.new("L", (32, 32), 0)
+        painted.paste(255, (0, 0, 12, 12))                           # the upper left corner: regenerate
+        buf = io.BytesIO()
+        painted.save(buf, format="PNG")
+        req = {"image": image, "mask": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "completions": 2}
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(get("/api/complete", json.dumps(req).encode())))
+                   for _ in range(2)]
+        [th.start() for th in threads]
+        [th.join() for th in threads]
+        assert [c for c, _ in results] == [200, 200]
+        assert json.loads(results[0][1])["regenerated_tokens"] == 9       # 12 pixels reach into 3 x 3 tokens
+        black = req | {"mask": "data:image/png;base64," + base64.b64encode(
+            (lambda b: (Image.new("L", (32, 32), 0).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())).decode()}
+        code, body = get("/api/complete", json.dumps(black).encode())
+        assert code == 400 and "selects nothing" in json.loads(body)["error"]
+        code, body = get("/api/complete", b"{not json")
+        assert code == 400 and "not JSON" in json.loads(body)["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
