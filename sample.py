@@ -317,6 +317,10 @@ def evaluate(args, device) -> None:
 # -----------------------------------------------------------------------------
 # the editing page (--serve): paint a mask, regenerate it (Sec. 4.3, Fig. 6 of the paper)
 
+# The page: one HTML document with its script inline. It keeps two canvases over each other,
+# the image (the run's resolution, shown 8x) and the mask the user paints (red = regenerate),
+# sends the image and the mask as PNG data URLs to /api/complete, and shows what comes back.
+# Every three seconds it asks /api/info, so it can say when the server has gone away.
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>ImageBART: masked editing</title>
 <style>
@@ -459,11 +463,12 @@ async function heartbeat() {
 
 
 MAX_UPLOAD = 8 * 2 ** 20          # bytes: a larger upload is refused with a message
-MAX_COMPLETIONS = 16
+MAX_COMPLETIONS = 16              # per request: a larger batch would hold the lock for long
 
 
 def data_url(images: torch.Tensor) -> list[str]:
     """images (B, 3, H, W) in [-1, 1] -> PNG data URLs, one per image."""
+    # PNG in memory, base64 in the JSON: the page can show it at once, nothing touches the disk
     urls = []
     for img in ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy():
         buf = io.BytesIO()
@@ -503,6 +508,7 @@ class Editor:
         self.lock = threading.Lock()
 
     def info(self) -> dict:
+        """What the page needs to build its controls: classes or a prompt box, mask kinds, limits."""
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
@@ -511,6 +517,7 @@ class Editor:
     def test_image(self, index) -> dict:
         """A test image as the first stage sees it (its codes decoded); a random one without index."""
         n = len(self.test)
+        # a random pick uses torch's global generator: the seed of a completion is the page's own
         index = int(torch.randint(0, n, ()).item()) if index is None else index
         if not 0 <= index < n:
             raise ib.UserError(f"test image {index} does not exist; this run has 0..{n - 1}")
@@ -519,6 +526,7 @@ class Editor:
         return {"index": index, "image": data_url(image)[0]}
 
     def upload(self, data: bytes) -> dict:
+        """An uploaded file, resized and center-cropped to the run's resolution, shown back."""
         return {"image": data_url(read_image(data, self.vq.cfg.resolution, "upload"))[0]}
 
     def complete(self, req: dict) -> dict:
@@ -527,7 +535,10 @@ class Editor:
         "completions", "seed"} -> the completions, the trajectory x_T .. x_1 of the first, and
         a grid to download, all as data URLs."""
         H, f = self.vq.cfg.resolution, self.vq.cfg.factor
+        # --- the input: the page sends the image it shows, at the run's resolution
         x0 = read_image(from_data_url(str(req.get("image", "")), "image"), H, "image").to(self.device)
+        # --- the mask: a kind (random boxes need the seed, so the server draws them), or the
+        # painted PNG; a token is regenerated when any pixel of its f x f patch is painted
         if req.get("kind"):
             regen_px = pixel_mask(str(req["kind"]), H, H, int(req.get("seed", 0)))
         else:
@@ -551,6 +562,8 @@ class Editor:
                                   classes=str(req["class"]) if req.get("class") not in (None, "") else None,
                                   prompts=[str(req["prompt"])] if req.get("prompt") else None)
         sampling = sampling_options(opts, self.chain.T)
+        # --- the model work, one request at a time: the input's codes x_1, repeated once per
+        # completion, go through the chain with the painted tokens regenerated (Sec. 4.3)
         with self.lock:
             cond, _ = parse_condition(opts, self.chain, n, self.device)
             if opts.prompts:
@@ -582,6 +595,7 @@ def make_handler(editor: Editor):
             self.end_headers()
             self.wfile.write(body)
 
+        # every endpoint answers JSON: the result, or {"error": one line} that the page shows
         def answer(self, work) -> None:
             """Run `work`; a UserError is a 400 with its line, anything else a 500 that says the job failed."""
             try:
@@ -599,6 +613,7 @@ def make_handler(editor: Editor):
             return data
 
         def do_GET(self):
+            # the page itself, the run's description, and test images (as the first stage sees them)
             url = urlparse(self.path)
             query = parse_qs(url.query)
             if url.path == "/":
@@ -612,6 +627,7 @@ def make_handler(editor: Editor):
                 self.reply(404, json.dumps({"error": f"no page {url.path}"}).encode())
 
         def do_POST(self):
+            # an uploaded image to resize, or a completion job
             if self.path == "/api/upload":
                 self.answer(lambda: editor.upload(self.body()))
             elif self.path == "/api/complete":
@@ -634,6 +650,8 @@ def make_handler(editor: Editor):
 def serve(args, device) -> None:
     """--serve: the editing page on http://HOST:PORT (127.0.0.1 unless --host says otherwise)."""
     from http.server import ThreadingHTTPServer
+    # a thread per request (the page's heartbeat is answered while a job runs); the model
+    # itself is loaded once, here, before the first request
     if not 0 <= args.port <= 65535:
         raise ib.UserError(f"--port must lie in 0..65535, got {args.port}")
     editor = Editor(args.run, device)
