@@ -142,7 +142,9 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, in
         raise ib.UserError("this run's chain is unconditional; it takes no --class")
     if args.classes == "all":
         return {"labels": torch.arange(chain.num_labels, device=device).repeat_interleave(n)}, n
-    classes = [class_index(c.strip(), args.run) for c in args.classes.split(",")]
+    words = [c.strip() for c in args.classes.split(",")]
+    names = ib.run_class_names(args.run) if not all(w.lstrip("-").isdigit() for w in words) else []
+    classes = [class_index(w, names) for w in words]
     bad = [c for c in classes if not 0 <= c < chain.num_labels]
     if bad:
         raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
@@ -150,11 +152,10 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, in
     return {"labels": torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n].to(device)}, None
 
 
-def class_index(text: str, run: str) -> int:
-    """A class given by index ("6") or by name ("star"), the names being those tokens.pt records."""
+def class_index(text: str, names: list[str]) -> int:
+    """A class given by index ("6") or by name ("star"), `names` being the run's (run_class_names)."""
     if text.lstrip("-").isdigit():
         return int(text)
-    names = ib.run_class_names(run)
     if text not in names:
         known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
         raise ib.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
