@@ -381,15 +381,17 @@ async function call(path, options) {
   if (!r.ok) throw new Error(body.error || ("the server answered " + r.status));
   return body;
 }
-function show(url) {
-  const im = new Image();
-  im.onload = () => { image.width = mask.width = info.resolution; image.height = mask.height = info.resolution;
-                      ictx.drawImage(im, 0, 0); };
-  im.src = url;
+function show(url) {  // -> a promise, resolved once the image is on the canvas
+  return new Promise(done => {
+    const im = new Image();
+    im.onload = () => { image.width = mask.width = info.resolution; image.height = mask.height = info.resolution;
+                        ictx.drawImage(im, 0, 0); done(); };
+    im.src = url;
+  });
 }
 async function loadTest(index) {
   error(); const q = index === null ? "" : "?index=" + index;
-  try { const r = await call("/api/test" + q); $("index").value = r.index; show(r.image); } catch (e) { error(e.message); }
+  try { const r = await call("/api/test" + q); $("index").value = r.index; await show(r.image); } catch (e) { error(e.message); }
 }
 function paint(ev) {
   if (!painting) return;
@@ -432,14 +434,14 @@ $("go").onclick = async () => {
                completions: +$("completions").value, seed: +$("seed").value};
   if (mask.dataset.kind) req.kind = mask.dataset.kind; else req.mask = maskURL();
   if ($("cond")) { if (info.text) req.prompt = $("cond").value; else req.class = $("cond").value; }
-  const t0 = performance.now();
   try {
     const r = await call("/api/complete", {method: "POST", body: JSON.stringify(req)});
     $("results").innerHTML = '<img class="small" src="' + r.masked + '" title="masked input">' +
       r.completions.map(u => '<img class="small" src="' + u + '">').join("");
     $("trajectory").innerHTML = r.trajectory.map(u => '<img class="step" src="' + u + '">').join("");
     $("download").href = r.grid; $("download").style.display = "inline";
-    status(r.regenerated_tokens + " of " + r.tokens + " tokens regenerated in " + ((performance.now() - t0) / 1000).toFixed(1) + " s");
+    status(r.regenerated_tokens + " of " + r.tokens + " tokens regenerated, " + r.completions.length +
+           " completions in " + r.seconds.toFixed(1) + " s");
   } catch (e) { error(e.message); status(); }
   $("go").disabled = false;
 };
@@ -456,8 +458,14 @@ async function heartbeat() {
   if (info.text) $("condlabel").innerHTML = 'prompt <input id="cond" placeholder="a red star" style="width:12em">';
   else if (info.classes.length) $("condlabel").innerHTML = 'class <select id="cond"><option value="">none (unconditional)</option>' +
       info.classes.map((c, i) => '<option value="' + i + '">' + i + ": " + c + '</option>').join("") + '</select>';
-  loadTest(null);
+  // a link can fill the form and press "complete": ?index=5&kind=upper&class=6&guidance=0.5&go=1
+  const p = new URLSearchParams(location.search);
+  await loadTest(p.has("index") ? +p.get("index") : null);
+  if (p.get("kind")) fillKind(p.get("kind"));
+  if ($("cond") && (p.get("class") || p.get("prompt"))) $("cond").value = p.get("class") || p.get("prompt");
+  ["guidance", "temperature", "refine", "completions", "seed"].forEach(k => { if (p.has(k)) $(k).value = p.get(k); });
   setInterval(heartbeat, 3000);
+  if (p.has("go")) await $("go").onclick();
 })();
 </script></body></html>
 """
@@ -565,6 +573,7 @@ class Editor:
         sampling = sampling_options(opts, self.chain.T)
         # --- the model work, one request at a time: the input's codes x_1, repeated once per
         # completion, go through the chain with the painted tokens regenerated (Sec. 4.3)
+        t0 = time.time()
         with self.lock:
             cond, _ = parse_condition(opts, self.chain, n, self.device)
             if opts.prompts:
@@ -581,7 +590,8 @@ class Editor:
             with open(os.path.join(tmp, "grid.png"), "rb") as fh:
                 grid = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
         return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
-                "grid": grid, "regenerated_tokens": int(regen.sum()), "tokens": regen.numel()}
+                "grid": grid, "regenerated_tokens": int(regen.sum()), "tokens": regen.numel(),
+                "seconds": round(time.time() - t0, 2)}
 
 
 def make_handler(editor: Editor):

@@ -1393,6 +1393,34 @@ def test_serve_endpoints(trained_run):
         server.server_close()
 
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed")
+def test_serve_page_in_headless_chromium(trained_run, tmp_path):
+    """The page itself, in headless Chromium against the micro run: a link that fills the form
+    (test image 3, the upper half, class "star", three completions) and presses "complete";
+    the page's script loads the image, draws the mask, sends the job and shows three
+    completions after the masked input, the trajectory's three images, and no error."""
+    from http.server import ThreadingHTTPServer
+    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(sample.Editor(trained_run.dir, torch.device("cpu"))))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/?index=3&kind=upper&class=star&completions=3&go=1"
+    try:
+        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    dom = r.stdout
+    results = dom.split('id="results"')[1].split("</div>")[0]
+    assert results.count('class="small"') == 4, dom[-3000:]                # masked input + 3 completions
+    assert dom.split('id="trajectory"')[1].split("</div>")[0].count('class="step"') == 3
+    assert re.search(r'<div id="error">\s*</div>', dom) and "32 of 64 tokens regenerated, 3 completions" in dom
+
+
 def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
     """sample.py --benchmark (tiny preset, no run needed) prints one JSON line; cached and uncached
     decoding drew the same samples."""
