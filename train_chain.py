@@ -483,9 +483,9 @@ def main():
     torch.manual_seed(cfg.seed)
     model = ib.ImageBART(cfg).to(device)
     say(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
-          f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
-          f"N = {cfg.N} tokens, {condition_name(model)}-conditioned"
-          + (f" ({len(cfg.vocab)} words, captions of up to {cfg.text_len})" if cfg.text_len else ""), flush=True)
+        f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
+        f"N = {cfg.N} tokens, {condition_name(model)}-conditioned"
+        + (f" ({len(cfg.vocab)} words, captions of up to {cfg.text_len})" if cfg.text_len else ""), flush=True)
 
     # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
     t0 = time.time()
