@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -1879,7 +1880,6 @@ def init_world(device_name: str | None) -> tuple[World, torch.device]:
     process's device (its own GPU, cuda:LOCAL_RANK). A world of one without torchrun."""
     if "RANK" not in os.environ:
         return World(), pick_device(device_name)
-    import torch.distributed as dist
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -1890,26 +1890,35 @@ def init_world(device_name: str | None) -> tuple[World, torch.device]:
 
 def barrier(world: World) -> None:
     if world.size > 1:
-        import torch.distributed as dist
         dist.barrier()
 
 
 def leave_world(world: World) -> None:
     """Wait for every process, then leave the process group (the training is over)."""
     if world.started:
-        import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
+
+
+def sum_over_(world: World, value: torch.Tensor) -> torch.Tensor:
+    """`value` becomes, in place, its sum over the processes (unchanged in a world of one)."""
+    if world.size > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def from_rank_0_(world: World, value: torch.Tensor) -> torch.Tensor:
+    """`value` becomes, in place, rank 0's (unchanged in a world of one)."""
+    if world.size > 1:
+        dist.broadcast(value, src=0)
+    return value
 
 
 def mean_over(world: World, value: torch.Tensor) -> torch.Tensor:
     """The mean of `value` over the processes (itself in a world of one)."""
     if world.size == 1:
         return value
-    import torch.distributed as dist
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / world.size
+    return sum_over_(world, value.detach().clone()) / world.size
 
 
 def average_gradients(world: World, module: nn.Module) -> None:
@@ -1917,18 +1926,15 @@ def average_gradients(world: World, module: nn.Module) -> None:
     mean over the processes, so that every process takes the same optimizer step."""
     if world.size == 1:
         return
-    import torch.distributed as dist
     for p in module.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world.size
+            sum_over_(world, p.grad).div_(world.size)
 
 
 def agree(world: World, value: torch.Tensor) -> bool:
     """Whether every process holds the same `value` (a tensor): a check, not a repair."""
     if world.size == 1:
         return True
-    import torch.distributed as dist
     gathered = [torch.zeros_like(value) for _ in range(world.size)]
     dist.all_gather(gathered, value)
     return all(torch.equal(g, gathered[0]) for g in gathered)

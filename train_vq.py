@@ -191,13 +191,10 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         # (under torchrun: dead by every process's counts, moved by rank 0, sent to the others)
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
-            if world.size > 1:
-                import torch.distributed as dist
-                dist.all_reduce(vq.quantizer.hits)
+            ib.sum_over_(world, vq.quantizer.hits)
             restarted = vq.quantizer.restart_dead_codes(m["z"].detach()) if world.main else 0
-            if world.size > 1:
-                vq.quantizer.hits.zero_()
-                dist.broadcast(vq.quantizer.codebook.weight.data, src=0)
+            vq.quantizer.hits.zero_()                      # (rank 0's restart zeroed its own already)
+            ib.from_rank_0_(world, vq.quantizer.codebook.weight.data)
         gan.step = step = step + 1
         if not torch.isfinite(m["loss"]):
             raise ib.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
