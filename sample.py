@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--completions", type=int, default=6, help="completions per inpainted image")
     p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
                    help="forward-backward rounds per scale when inpainting (none at t = T)")
+    p.add_argument("--particles", type=int, default=ib.INPAINT_PARTICLES,
+                   help="inpainting: draws per image and scale, resampled by how well they fit the given tokens")
     p.add_argument("--context", choices=("clean", "noised"), default="clean",
                    help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     p.add_argument("--device", default=None)
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="shapes | cifar | folder:PATH, instead of the data set the run recorded")
     judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
     judge.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
+    judge.add_argument("--fresh-judges", action="store_true",
+                       help="train the judges into --judge-dir even where assets/judges ships them")
     judge.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
     judge.add_argument("--judge-steps", type=int, default=None,
                        help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
@@ -200,7 +204,7 @@ def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> Non
 # -----------------------------------------------------------------------------
 # masked editing (Sec. 4.3)
 
-INPAINT_BATCH = 256    # completions per batch: small jobs run as one batch, large ones report progress
+INPAINT_BATCH = 256    # rows per batch (completions x particles): small jobs run as one batch, large ones report progress
 SAMPLE_BATCH = 256     # the same for samples
 
 
@@ -243,8 +247,10 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
     keep = (~regen).expand(B * reps, -1, -1)
     completions = []
-    for sl in ib.batches(B * reps, INPAINT_BATCH, "inpainting" if B * reps > INPAINT_BATCH else None):
+    per_batch = max(1, INPAINT_BATCH // args.particles)             # each completion decodes `particles` rows
+    for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
         completions.append(chain.inpaint(given[sl], keep[sl], refine=args.refine, context=args.context,
+                                         particles=args.particles,
                                          generator=g, **{k: v[sl] for k, v in cond.items()}, **opts))
     completions = torch.cat(completions)
     assert (completions[keep] == given[keep]).all(), "kept tokens changed"
@@ -311,7 +317,8 @@ def evaluate(args, device) -> None:
     result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
                                 n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
                                 judge_steps=args.judge_steps, seed=args.seed, device=device,
-                                inpaint=dict(refine=args.refine, context=args.context), out=args.out)
+                                inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
+                                out=args.out, shipped_judges=not args.fresh_judges)
     print(json.dumps(result), flush=True)
 
 
@@ -361,6 +368,7 @@ and writes the painted tokens (Sec. 4.3). <span id="runinfo"></span></p>
  <label>top-k <input id="top_k" type="number" min="1" placeholder="all" style="width:5em"></label>
  <label>top-p <input id="top_p" type="number" step="0.05" min="0.05" max="1" placeholder="1" style="width:5em"></label>
  <label>refine <input id="refine" type="number" min="0" max="8" style="width:5em"></label>
+ <label>particles <input id="particles" type="number" min="1" max="32" style="width:5em"></label>
  <label>completions <input id="completions" type="number" min="1" value="6" style="width:5em"></label>
  <label>seed <input id="seed" type="number" value="0" style="width:5em"></label>
  <button id="go" style="font-size:1.2em">complete</button>
@@ -430,7 +438,7 @@ $("file").onchange = async () => {
 $("go").onclick = async () => {
   error(); status("sampling... (one job at a time: others wait their turn)"); $("go").disabled = true;
   const req = {image: image.toDataURL("image/png"), guidance: +$("guidance").value, temperature: $("temperature").value,
-               top_k: $("top_k").value, top_p: $("top_p").value, refine: +$("refine").value,
+               top_k: $("top_k").value, top_p: $("top_p").value, refine: +$("refine").value, particles: +$("particles").value,
                completions: +$("completions").value, seed: +$("seed").value};
   if (mask.dataset.kind) req.kind = mask.dataset.kind; else req.mask = maskURL();
   if ($("cond")) { if (info.text) req.prompt = $("cond").value; else req.class = $("cond").value; }
@@ -452,7 +460,7 @@ async function heartbeat() {
 (async () => {
   try { info = await call("/api/info"); } catch (e) { error(e.message); return; }
   $("runinfo").textContent = "Run " + info.run + ": T = " + info.T + ", " + info.test_images + " test images.";
-  $("refine").value = info.refine; $("completions").max = info.max_completions;
+  $("refine").value = info.refine; $("particles").value = info.particles; $("completions").max = info.max_completions;
   $("kinds").innerHTML = info.mask_kinds.map(k => '<button data-k="' + k + '">' + k + '</button>').join(" ");
   document.querySelectorAll("#kinds button").forEach(b => b.onclick = () => fillKind(b.dataset.k));
   if (info.text) $("condlabel").innerHTML = 'prompt <input id="cond" placeholder="a red star" style="width:12em">';
@@ -463,7 +471,7 @@ async function heartbeat() {
   await loadTest(p.has("index") ? +p.get("index") : null);
   if (p.get("kind")) fillKind(p.get("kind"));
   if ($("cond") && (p.get("class") || p.get("prompt"))) $("cond").value = p.get("class") || p.get("prompt");
-  ["guidance", "temperature", "refine", "completions", "seed"].forEach(k => { if (p.has(k)) $(k).value = p.get(k); });
+  ["guidance", "temperature", "refine", "particles", "completions", "seed"].forEach(k => { if (p.has(k)) $(k).value = p.get(k); });
   setInterval(heartbeat, 3000);
   if (p.has("go")) await $("go").onclick();
 })();
@@ -521,7 +529,7 @@ class Editor:
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
-                "refine": ib.INPAINT_REFINE, "max_completions": MAX_COMPLETIONS}
+                "refine": ib.INPAINT_REFINE, "particles": ib.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS}
 
     def test_image(self, index) -> dict:
         """A test image as the first stage sees it (its codes decoded); a random one without index."""
@@ -540,7 +548,7 @@ class Editor:
 
     def complete(self, req: dict) -> dict:
         """{"image": data URL, "mask": data URL (white = regenerate) or "kind": a mask kind,
-        "class" or "prompt", "guidance", "temperature", "top_k", "top_p", "refine",
+        "class" or "prompt", "guidance", "temperature", "top_k", "top_p", "refine", "particles",
         "completions", "seed"} -> the completions, the trajectory x_T .. x_1 of the first, and
         a grid to download, all as data URLs."""
         H, f = self.vq.cfg.resolution, self.vq.cfg.factor
@@ -564,6 +572,9 @@ class Editor:
         refine = int(req.get("refine", ib.INPAINT_REFINE))
         if not 0 <= refine <= 8:
             raise ib.UserError("refine must lie in 0..8")
+        particles = int(req.get("particles", ib.INPAINT_PARTICLES))
+        if not 1 <= particles <= 32:
+            raise ib.UserError("particles must lie in 1..32")
         # the command line's own checks, on a namespace that looks like its arguments
         opts = argparse.Namespace(temperature=str(req.get("temperature") or "1.0"), top_k=req.get("top_k") or None,
                                   top_p=req.get("top_p") or None, guidance=float(req.get("guidance") or 0),
@@ -581,7 +592,8 @@ class Editor:
             x1 = self.vq.encode(x0).expand(n, -1, -1)
             keep = (~regen).to(self.device).expand(n, -1, -1)
             g = torch.Generator(self.device).manual_seed(int(req.get("seed", 0)))
-            trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, generator=g, **cond, **sampling)
+            trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, particles=particles, generator=g,
+                                                 **cond, **sampling)
             images = self.vq.decode(trajectory[-1])
             steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
         shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
@@ -693,8 +705,8 @@ def main():
         return print(f"wrote {', '.join(ib.plot_run(args.run))}", flush=True)
     if args.serve:
         return serve(args, device)
-    if args.n < 1 or args.completions < 1 or args.refine < 0:
-        raise ib.UserError("--n and --completions must be >= 1, --refine >= 0")
+    if args.n < 1 or args.completions < 1 or args.refine < 0 or args.particles < 1:
+        raise ib.UserError("--n, --completions and --particles must be >= 1, --refine >= 0")
     # --- outputs: their folders made (and checked writable) now, not after minutes of sampling
     for path in (args.out, args.npz):
         if path:

@@ -12,6 +12,7 @@ GPU, TF32 and bf16 change last bits and so some codes), and its torchrun test us
 GPU's checks are .ci/gpu-check's.
 """
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -647,6 +648,21 @@ def test_q_sample_frequencies_match_q_marginal():
         assert (freq - d.q_marginal(torch.arange(d.K), t)).abs().max() < 0.015, t
 
 
+def test_draw_inverts_the_cdf_with_the_right_frequencies():
+    """MultinomialDiffusion.draw (inverse CDF, one uniform per position): the frequencies of
+    100000 draws match the probabilities within 0.006, a class of probability 0 is never drawn
+    (at either end, or between two others), a one-hot row gives its class every time, the same
+    generator gives the same draws, and any leading shape (..., K) is kept."""
+    d = K5_T4
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    draws = d.draw(probs[:, None].expand(3, 100000, 5), gen(0))                 # (3, 100000)
+    freq = torch.stack([torch.bincount(row, minlength=5) for row in draws]).double() / 100000
+    assert (freq - probs.double()).abs().max() < 0.006
+    assert (freq[probs == 0] == 0).all() and (draws[2] == 2).all()
+    assert torch.equal(d.draw(probs, gen(3)), d.draw(probs, gen(3)))
+    assert d.draw(torch.full((2, 3, 4, 5), 0.2), gen(1)).shape == (2, 3, 4)
+
+
 def test_linear_schedule_and_check_betas():
     """linear_alpha_bar_betas(5) gives alpha_bar 1, .75, .5, .25, 0 (the official FFHQ chain);
     check_betas rejects a last beta != 1, a beta of 1 before t = T and betas outside (0, 1] with ib.UserError."""
@@ -714,21 +730,26 @@ def test_encoder_is_bidirectional():
 @pytest.mark.parametrize("aligned_input", [False, True], ids=["unaligned", "aligned"])
 @pytest.mark.parametrize("condition", ["none", "class", "text"])
 def test_cached_step_equals_full_forward(t, residual_logits, aligned_input, condition):
-    """Decoding token by token with the key/value cache (scale.step) gives, at every position,
-    the logits of the uncached teacher-forced forward pass scale(x_t, x_{t-1}, c)."""
+    """Decoding with the key/value cache (scale.step) gives, at every position, the logits of
+    the uncached teacher-forced forward pass scale(x_t, x_{t-1}, c): token by token, and in
+    blocks of several positions at once (a run of given tokens in masked editing), the first
+    block included (where a text prefix enters the cache)."""
     chain = make_chain(num_labels=3 if condition == "class" else 0, text=condition == "text",
                        residual_logits=residual_logits, aligned_input=aligned_input, n_layer_dec=2)
     scale = chain.scale(t)
     x_t, x_tm1, labels = random_pair(chain, B=3)
+    N = chain.cfg.N
+    tokens_in = torch.cat([torch.full((3, 1), scale.START), x_tm1[:, :-1]], dim=1)   # shifted right
     with torch.no_grad():
         full = scale(x_t, x_tm1, labels)
-        memory = scale.encode(x_t, labels)
-        caches = scale.new_caches()
-        token_in = torch.full((3,), scale.START)
-        for i in range(chain.cfg.N):
-            step = scale.step(token_in, i, memory, x_t, labels, caches)
-            assert torch.allclose(step, full[:, i], atol=1e-4), i
-            token_in = x_tm1[:, i]
+        for sizes in ([1] * N, [3, 1, 1, 4] + [1] * (N - 12) + [3]):
+            memory = scale.encode(x_t, labels)
+            caches, i = scale.new_caches(), 0
+            for L in sizes:
+                step = scale.step(tokens_in[:, i:i + L], i, memory, x_t, labels, caches)     # (B, L, K)
+                assert torch.allclose(step, full[:, i:i + L], atol=1e-4), (sizes, i)
+                i += L
+            assert i == N
     assert full.std() > 0.5                               # logits far from uniform: the check has teeth
 
 
@@ -842,6 +863,47 @@ def test_decode_scale_cached_equals_uncached(t, guidance, text):
     cached = chain.decode_scale(t, x_t, labels, use_cache=True, generator=gen(5), **kw)
     uncached = chain.decode_scale(t, x_t, labels, use_cache=False, generator=gen(5), **kw)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
+@pytest.mark.parametrize("mask", ["upper", "per-row"])
+def test_decode_scale_forced_tokens_blocks_and_weights(t, mask):
+    """With force_mask, decode_scale keeps every forced token, draws the same tokens with and
+    without the cache (runs that every row is given are decoded as one block on both paths),
+    and its log w is the log-probability that the teacher-forced forward pass of its own output
+    gives the forced tokens, under the same temperature and guidance."""
+    chain = make_chain(K=16, grid=(4, 4))
+    x_t, forced, labels = random_pair(chain, B=3, seed=4)
+    force_mask = torch.zeros(3, 16, dtype=torch.bool)
+    if mask == "upper":
+        force_mask[:, 8:] = True                         # one block at the end, for every row
+    else:
+        force_mask[0, 2:7] = force_mask[1, 5:] = force_mask[2, ::3] = True
+    kw = dict(forced=forced, force_mask=force_mask, guidance=1.0, temperature=1.2, weights=True)
+    out, log_w = chain.decode_scale(t, x_t, labels, use_cache=True, generator=gen(5), **kw)
+    out_u, log_w_u = chain.decode_scale(t, x_t, labels, use_cache=False, generator=gen(5), **kw)
+    assert torch.equal(out, out_u) and torch.allclose(log_w, log_w_u, atol=1e-4)
+    assert torch.equal(out[force_mask], forced[force_mask])
+    with torch.no_grad():
+        scale = chain.scale(t)
+        cond = scale(x_t, out, labels).float()
+        uncond = scale(x_t, out, chain.null_condition(labels)).float()
+        log_p = (((2 * cond - uncond) / 1.2).log_softmax(-1)).gather(-1, out[..., None])[..., 0]
+    assert torch.allclose(log_w, (log_p * force_mask).sum(1), atol=1e-4)
+    assert (log_w < 0).all()
+
+
+def test_resample_follows_the_weights():
+    """ImageBART.resample keeps each image's rows among its own M particles, never one of weight
+    0 (log w = -inf), draws the rest in proportion to their weights, and treats an image whose
+    particles all have weight 0 as uniform."""
+    chain = make_chain()
+    w = torch.tensor([[0.0, 0.25, 0.75, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    rows = torch.stack([chain.resample(w.log().flatten(), 4, gen(s)) for s in range(5000)])   # (5000, 12)
+    picked = rows.view(5000, 3, 4) - torch.arange(3)[None, :, None] * 4                  # particle index 0..3
+    assert ((picked >= 0) & (picked < 4)).all()
+    freq = torch.stack([torch.bincount(picked[:, b].flatten(), minlength=4) for b in range(3)]).double() / 20000
+    assert (freq - torch.tensor([[0, 0.25, 0.75, 0], [0.25] * 4, [0.25] * 4])).abs().max() < 0.015
 
 
 def test_guidance():
@@ -1000,6 +1062,41 @@ def test_inpaint_keeps_the_given_tokens(inpaint_chain, kind):
         assert out.shape == x1.shape
         assert torch.equal(out[keep], x1[keep])
         assert (out[~keep] != x1[~keep]).any()
+
+
+def test_particles_keep_the_given_tokens_and_follow_the_weights(inpaint_chain, monkeypatch):
+    """inpaint with particles = M: the given tokens come back as given in every state of the
+    trajectory; M = 1 is plain forced decoding (the same draws as by hand); with M particles each image's
+    rows are decoded M times per scale, and the survivor of an image is the particle the
+    weights pick. Here one particle per image gets all the weight (the others' log w set to
+    -inf), so the result is that particle's draw. With no class named, the particles of an
+    image try the classes in turn (the class is a latent variable of the edit)."""
+    keep = (~sample.token_mask(sample.pixel_mask("upper", 32, 32, seed=0), 4)).expand(3, 8, 8)
+    x1 = torch.randint(0, 16, (3, 8, 8), generator=gen(3))
+    for M in (1, 4):
+        trajectory = inpaint_chain.sample_chain(3, None, x1=x1, keep=keep, particles=M, generator=gen(1))
+        assert len(trajectory) == inpaint_chain.T and all(x.shape == (3, 8, 8) for x in trajectory)
+        assert all(torch.equal(x_t[keep], x1[keep]) for x_t in trajectory)
+    g, x1f, keepf = gen(2), x1.flatten(1), keep.flatten(1)     # M = 1 by hand: forced decoding, scale by scale
+    x_t = torch.where(keepf, x1f, torch.randint(0, 16, (3, 64), generator=g))
+    null = inpaint_chain.condition(None, None, 3, "cpu")
+    for t in range(inpaint_chain.T, 1, -1):
+        x_t = inpaint_chain.decode_scale(t, x_t, null, forced=x1f, force_mask=keepf, generator=g)
+    assert torch.equal(inpaint_chain.inpaint(x1, keep, refine=0, particles=1, generator=gen(2)), x_t.view(3, 8, 8))
+    real, seen, classes = inpaint_chain.decode_scale, [], []
+
+    def one_particle_counts(t, x_t, c, **kw):          # particle 2 of each image alone has weight
+        out, log_w = real(t, x_t, c, **kw)
+        seen.append(out)
+        classes.append(c)
+        return out, torch.where(torch.arange(len(out)) % 4 == 2, log_w, torch.tensor(float("-inf")))
+    monkeypatch.setattr(inpaint_chain, "decode_scale", one_particle_counts)
+    result = inpaint_chain.inpaint(x1, keep, refine=0, particles=4, generator=gen(5))
+    assert len(seen) == inpaint_chain.T - 1 and seen[-1].shape == (12, 64)
+    assert torch.equal(result.flatten(1), seen[-1][2::4])
+    # no class named: the 4 particles of an image try the 3 classes in turn from a random one
+    for c in classes:
+        assert all(set(row.tolist()) == {0, 1, 2} and (row.diff() % 3 == 1).all() for row in c.view(3, 4))
 
 
 def test_clean_context_keeps_given_tokens_clean_in_every_x_t(inpaint_chain):
@@ -1283,29 +1380,130 @@ def test_train_chain_is_reproducible(trained_run, tmp_path, monkeypatch, capsys)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_scales_side_by_side_train_what_one_after_the_other_trains(trained_run, tmp_path, monkeypatch, capsys):
+    """--workers 2 trains the two scales at once, each in a spawned process of one thread; it
+    gives bitwise the weights of --workers 1 on one thread (each scale's initialisation and
+    batches are seeded per scale), every step is logged once, and the bound and the judge's
+    figures follow as usual. --workers 0 is one clear line."""
+    weights = {}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)       # a "2-core" machine: one thread each
+        for workers in ("1", "2"):
+            out = str(tmp_path / workers)
+            code, log, err = run_script(train_chain, ["--out", out, "--first-stage", trained_run.dir, "--workers", workers,
+                                                      *CHAIN_MICRO, *judge_micro(trained_run.judges)], monkeypatch, capsys)
+            assert code == 0, err
+            assert ("2 at a time, in processes of 1 thread each" in log) == (workers == "2")
+            assert "where the time went" in log and os.path.exists(ib.eval_path(out))
+            weights[workers] = {t: ib.load_checkpoint(ib.scale_path(out, t), "scale")["ema"] for t in (2, 3)}
+            with open(ib.log_path(out)) as f:
+                steps = [(r["t"], r["step"]) for r in map(json.loads, f) if r.get("stage") == "chain"]
+            assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * 2
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+    for t in (2, 3):
+        assert all(torch.equal(weights["1"][t][k], weights["2"][t][k]) for k in weights["1"][t]), t
+    code, _, err = run_script(train_chain, ["--out", str(tmp_path / "x"), "--workers", "0"], monkeypatch, capsys)
+    assert_user_error(code, err, "--workers must be >= 1")
+
+
+def test_dtype_auto_follows_the_cpu_flags(monkeypatch):
+    """--dtype auto is bf16 on a GPU and on a CPU whose flags name bf16 instructions
+    (avx512_bf16 or amx_bf16), fp32 on any other CPU (or where no flags can be read); fp32 and
+    bf16 are taken as given; anything else is one clear line."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for flags, expected in (({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16", "amx_tile"}, "bf16"),
+                            ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")):
+        monkeypatch.setattr(ib, "cpu_flags", lambda flags=flags: flags)
+        assert ib.resolve_dtype("auto", cpu) == expected, flags
+        assert ib.resolve_dtype("fp32", cpu) == "fp32" and ib.resolve_dtype("bf16", cpu) == "bf16"
+        assert ib.resolve_dtype("auto", cuda) == "bf16"
+    with pytest.raises(ib.UserError, match="--dtype"):
+        ib.resolve_dtype("fp16", cpu)
+
+
+def test_fp32_training_steps_are_bitwise_steps_without_autocast():
+    """--dtype fp32 computes exactly what the same code computes with no autocast context at
+    all (every operation in fp32): one chain step and one GAN step of the first stage give
+    bitwise the same weights. A bf16 step gives other weights and a loss within 1 %: it did run
+    in bf16."""
+    def chain_weights(context):
+        chain = make_chain(K=16, grid=(4, 4), std=0)
+        opt = torch.optim.AdamW(chain.scale(2).parameters(), lr=1e-2)
+        torch.manual_seed(0)
+        x1 = torch.randint(0, 16, (8, 4, 4))
+        with context:
+            loss = chain.loss(x1, 2, labels=torch.arange(8) % 3)
+        loss.backward()
+        opt.step()
+        return loss.item(), torch.cat([p.detach().flatten() for p in chain.scale(2).parameters()])
+
+    def vq_weights(dtype):
+        cfg = ib.VQConfig(ch=8, embed_dim=4, codebook_size=16, batch_size=4, perceptual_batch=2, dtype=dtype)
+        torch.manual_seed(0)
+        gan = train_vq.setup(cfg, None, torch.device("cpu"), None)
+        x = torch.rand(4, 3, 32, 32, generator=gen(0)) * 2 - 1
+        train_vq.gan_step(gan, x, gan_on=True)
+        return torch.cat([p.detach().flatten() for p in gan.vq.parameters()])
+
+    cpu = torch.device("cpu")
+    loss, plain = chain_weights(contextlib.nullcontext())
+    loss_fp32, fp32 = chain_weights(ib.autocast(cpu, "fp32"))
+    assert torch.equal(fp32, plain) and loss_fp32 == loss
+    loss_bf16, bf16 = chain_weights(ib.autocast(cpu, "bf16"))
+    assert not torch.equal(bf16, plain) and loss_bf16 == pytest.approx(loss, rel=0.01)
+    real_autocast = ib.autocast
+    try:   # the GAN step without any autocast context, against the same step under --dtype fp32
+        ib.autocast = lambda device, dtype="fp32": contextlib.nullcontext()
+        plain = vq_weights("fp32")
+    finally:
+        ib.autocast = real_autocast
+    assert torch.equal(vq_weights("fp32"), plain)
+    assert not torch.equal(vq_weights("bf16"), plain)
+
+
+def test_the_dtype_is_recorded_in_every_checkpoint(trained_run):
+    """The trained run (--dtype auto) records what auto resolved to on this machine in vq.pt's
+    and every scale_<t>.pt's config; the judge, always fp32, has no dtype in its config."""
+    expected = ib.resolve_dtype("auto", torch.device("cpu"))
+    assert ib.load_checkpoint(ib.vq_path(trained_run.dir), "vq")["config"]["dtype"] == expected
+    for t in ib.trained_scales(trained_run.dir):
+        assert ib.load_checkpoint(ib.scale_path(trained_run.dir, t), "scale")["config"]["dtype"] == expected
+    assert "dtype" not in dataclasses.asdict(ib.JudgeConfig())
+
+
 def test_training_benchmarks_print_json_with_mfu(monkeypatch, capsys):
     """train_chain.py and train_vq.py --benchmark (random weights and data, micro sizes, one timed
     step) each print one JSON line: step time, the model's FLOPs per step (the chain's: three
     times scale_flops per sequence, averaged over the scales), the measured peaks and the MFU
-    against the fp32 peak on a CPU. matmul_peak itself is timed once, briefly."""
+    against the peak of the --dtype the step computed in, and each part of a step in fp32 and bf16.
+    matmul_peak itself is timed once, briefly."""
     assert ib.matmul_peak(torch.device("cpu"), torch.float32, seconds=0.01) > 1e8
     monkeypatch.setattr(ib, "matmul_peak", lambda device, dtype, seconds=1.0: 2e9 if dtype == torch.float32 else 4e9)
-    argv = ["--benchmark", "--bench-steps", "1", "--n_embd", "32", "--n_layer_enc", "1", "--n_layer_dec", "1",
-            "--batch_size", "4"]
-    code, out, err = run_script(train_chain, argv, monkeypatch, capsys)
-    assert code == 0, err
-    r = json.loads(out.strip().splitlines()[-1])
     cfg = dataclasses.replace(ib.CHAIN_PRESETS["tiny"], n_embd=32, n_layer_enc=1, n_layer_dec=1, batch_size=4,
                               num_codes=256, grid=[8, 8], num_labels=10)
     flops = 3 * 4 * (ib.scale_flops(cfg, 2) + ib.scale_flops(cfg, 3)) / 2
-    assert r["model_gflops_per_step"] == round(flops / 1e9, 3) and r["compute_dtype"] == "fp32"
-    assert r["peak_tflops_measured"] == {"fp32": 0.002, "bf16": 0.004}
-    assert r["mfu"] == pytest.approx(flops / (r["step_ms"] / 1e3) / 2e9, rel=0.01)   # step_ms is rounded
+    for dtype, peak in (("fp32", 2e9), ("bf16", 4e9)):
+        argv = ["--benchmark", "--bench-steps", "1", "--n_embd", "32", "--n_layer_enc", "1", "--n_layer_dec", "1",
+                "--batch_size", "4", "--dtype", dtype]
+        code, out, err = run_script(train_chain, argv, monkeypatch, capsys)
+        assert code == 0, err
+        r = json.loads(out.strip().splitlines()[-1])
+        assert r["model_gflops_per_step"] == round(flops / 1e9, 3) and r["compute_dtype"] == r["dtype"] == dtype
+        assert r["peak_tflops_measured"] == {"fp32": 0.002, "bf16": 0.004}
+        assert r["mfu"] == pytest.approx(flops / (r["step_ms"] / 1e3) / peak, rel=0.01)   # step_ms is rounded
+        assert set(r["parts_ms"]) == {"self-attention (causal)", "cross-attention", "MLP", "head and KL (Eq. 7)"}
+        assert all(set(v) == {"fp32", "bf16"} and min(v.values()) > 0 for v in r["parts_ms"].values())
     code, out, err = run_script(train_vq, ["--benchmark", "--bench-steps", "1", "--ch", "8", "--batch_size", "2",
-                                           "--perceptual_batch", "1"], monkeypatch, capsys)
+                                           "--perceptual_batch", "1", "--dtype", "bf16"], monkeypatch, capsys)
     assert code == 0, err
     r = json.loads(out.strip().splitlines()[-1])
     assert r["benchmark"] == "train_vq" and r["model_gflops_per_step"] > 0 and r["mfu"] > 0 and r["step_ms"] > 0
+    assert r["dtype"] == r["compute_dtype"] == "bf16"
+    assert {"autoencoder", "discriminator", "tokenizing (encoder only)"} <= set(r["parts_ms"])
 
 
 def test_loss_curves_are_drawn_from_the_log(trained_run, tmp_path, monkeypatch, capsys):
@@ -1869,15 +2067,16 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
         assert result[row] == first[row], row
     assert 0 < result["reconstructions"]["psnr"] < 60
     assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
-    assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean"}
+    assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": ib.INPAINT_PARTICLES}
     # other inpainting options go to another file (--out); the run's eval.json stays as it was
     other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
     before = os.stat(os.path.join(run, "eval.json")).st_mtime_ns
     code, out, err = run_script(sample, ["--run", run, "--evaluate", "--context", "noised", "--refine", "0",
-                                         "--out", other, *judge_micro(trained_run.judges)], monkeypatch, capsys)
+                                         "--particles", "2", "--out", other, *judge_micro(trained_run.judges)],
+                                monkeypatch, capsys)
     assert code == 0, err
     with open(other) as f:
-        assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised"}
+        assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised", "particles": 2}
     assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
 
 

@@ -31,7 +31,7 @@ import imagebart as ib
 from train_vq import train_first_stage
 
 # Fields that may change when a run is resumed; the others define the model and must match.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches"}
+RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches", "dtype"}   # dtype: a run may resume elsewhere
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,12 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", default=None, metavar="'COLOUR SHAPE,...'",
                    help="shapes: leave out of the chain's training every image of these colour-shape "
                         "combinations, e.g. 'green star,blue ring' (matched on what drew the image)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="on a CPU: processes that train scales at the same time (default: one per core, up to "
+                        "one per scale); 1 = one scale after the other")
     p.add_argument("--first-stage", default=None, metavar="RUN",
                    help="reuse the first stage (vq.pt, tokens.pt) of another run folder")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
     p.add_argument("--eval-n", type=int, default=1000,
                    help="at the end, judge N images per row (sample.py --evaluate; labelled data only); 0 = skip")
     p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
+    p.add_argument("--fresh-judges", action="store_true",
+                   help="train the judges into --judge-dir even where assets/judges ships them")
     p.add_argument("--judge-steps", type=int, default=None,
                    help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
     ib.add_speed_args(p)
@@ -58,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def first_stage(args, out: str) -> dict:
-    """Make sure `out` has vq.pt and tokens.pt (copied, or trained); return the tokens."""
+def first_stage(args, out: str) -> tuple[dict, dict]:
+    """Make sure `out` has vq.pt and tokens.pt (copied, or trained); -> (the tokens, the seconds
+    the first stage's parts took when it was trained here)."""
+    times = {}
     # --first-stage RUN: copy its vq.pt and tokens.pt (each once; a copy is never overwritten)
     for path in (ib.vq_path, ib.tokens_path):
         if args.first_stage:
@@ -73,7 +80,8 @@ def first_stage(args, out: str) -> dict:
     if not os.path.exists(ib.tokens_path(out)):
         vq_cfg = ib.preset_config(ib.VQ_PRESETS, args.preset)    # an unknown name: one line, before any work
         print(f"{out} has no first stage yet: training one with preset {args.preset!r}", flush=True)
-        train_first_stage(vq_cfg, args.dataset, out, args.data_root, args.lpips_weights, args.device)
+        times = train_first_stage(vq_cfg, args.dataset, out, args.data_root, args.lpips_weights, args.device,
+                                  dtype=args.dtype)
     # the codes must be the ones this vq.pt writes: same K after shrinking, same grid
     tokens = ib.load_tokens(out)
     vq_ckpt = ib.load_checkpoint(ib.vq_path(out), "vq")
@@ -83,7 +91,7 @@ def first_stage(args, out: str) -> dict:
     if tokens["num_codes"] != K_vq or tuple(tokens["train"].shape[1:]) != (grid, grid):
         raise ib.UserError(f"{ib.tokens_path(out)} (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
                            f"does not match {ib.vq_path(out)} (K = {K_vq}, grid {(grid, grid)})")
-    return tokens
+    return tokens, times
 
 
 def check_options(args) -> ib.ChainConfig:
@@ -108,9 +116,11 @@ def check_options(args) -> ib.ChainConfig:
         raise ib.UserError(f"--loss must be kl or ce, got {cfg.loss!r}")
     if cfg.n_embd % cfg.n_head:
         raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    if args.workers is not None and args.workers < 1:
+        raise ib.UserError(f"--workers must be >= 1, got {args.workers}")
     if args.scale is not None and not 2 <= args.scale <= cfg.T:
         raise ib.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
-    return dataclasses.replace(cfg, holdout=parse_holdout(args.holdout) if args.holdout else [])
+    return dataclasses.replace(cfg, holdout=parse_holdout(args.holdout) if args.holdout else [], dtype=args.dtype)
 
 
 def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
@@ -229,7 +239,7 @@ def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dic
     gradients over the processes in backward().
     -> (loss in nats per token, gradient norm), as tensors: reading them waits for the device."""
     net = model.scale(t)
-    with ib.autocast(device):
+    with ib.autocast(device, model.cfg.dtype):
         loss = model.loss(x1, t, kind=model.cfg.loss, net=ddp, **cond)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -238,10 +248,12 @@ def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dic
     return loss, grad_norm
 
 
-def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: ib.World = ib.World()) -> None:
+def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: ib.World = ib.World(),
+                trim_log: bool = True) -> None:
     """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 3.3: the
-    scales share nothing, so each can run on its own GPU), and save it as scale_<t>.pt. Under
-    torchrun every process runs this on its share of each batch (DistributedDataParallel)."""
+    scales share nothing, so each can run in a process or on a GPU of its own), and save it as
+    scale_<t>.pt. Under torchrun every process runs this on its share of each batch
+    (DistributedDataParallel). trim_log=False: the caller has trimmed the log (train_scales)."""
     cfg = model.cfg
     say = world.say                                    # rank 0 alone speaks
     path = ib.scale_path(out, t)
@@ -304,8 +316,8 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
     log = None
     if world.main:
-        # steps logged after the checkpoint we resume from are about to run again: drop them
-        ib.trim_log(out, lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
+        if trim_log:   # steps logged after the checkpoint we resume from are about to run again: drop them
+            ib.trim_log(out, lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
         log = open(ib.log_path(out), "a")
     while step < cfg.steps:
         net.train()
@@ -362,6 +374,63 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         log.close()
 
 
+# -----------------------------------------------------------------------------
+# the scales at the same time: one process each on a CPU
+
+def scale_workers(requested: int | None, device, world: ib.World, scales: int) -> tuple[int, int]:
+    """(processes that train the scales at once, threads each). The scales share nothing (Sec.
+    3.3), and a tiny scale's small matrix products barely use a second core: on a 2-core CPU
+    one scale on two threads was measured at 77 ms a step, two scales side by side on one
+    thread each at 89 ms a step each, 1.7x the throughput. So on a CPU each core (up to one per
+    scale) trains a scale of its own; on a GPU, or under torchrun, the scales take turns."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or world.size > 1 or scales < 2:
+        return 1, threads
+    workers = max(1, min(requested or threads, scales))
+    return workers, max(1, threads // workers)
+
+
+def _scale_worker(out: str, config: dict, t: int, threads: int, compile: bool) -> float:
+    """One scale in a process of its own (train_scales): the chain built as main() builds it
+    (same seed, so the same initial weights), then scale t trained with `threads` threads.
+    -> seconds."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    cfg = ib.ChainConfig(**config)
+    torch.manual_seed(cfg.seed)
+    model = ib.ImageBART(cfg)
+    if compile:
+        model.scale(t).compile()
+    try:
+        train_scale(model, t, ib.load_tokens(out), out, torch.device("cpu"), trim_log=False)
+    except KeyboardInterrupt:           # Ctrl-C reaches every process: the parent says what to do
+        pass
+    return time.time() - t0
+
+
+def train_scales(cfg: ib.ChainConfig, scales: list[int], out: str, workers: int, threads: int,
+                 compile: bool) -> dict:
+    """Train `scales`, `workers` of them at a time, each in a process of its own (spawned, so
+    that none inherits this process's threads). Each writes its own scale_<t>.pt; their log
+    lines are appended to one log.jsonl, trimmed here first, once, for all of them.
+    -> {t: seconds}."""
+    import concurrent.futures
+    import multiprocessing
+    for t in scales:
+        step = ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] if os.path.exists(ib.scale_path(out, t)) else 0
+        ib.trim_log(out, lambda r, t=t, step=step: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
+    print(f"training scales {', '.join(f't={t}' for t in scales)}: {workers} at a time, in processes of "
+          f"{threads} thread{'s' if threads > 1 else ''} each", flush=True)
+    config = dataclasses.asdict(cfg)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {t: pool.submit(_scale_worker, out, config, t, threads, compile) for t in scales}
+        try:
+            return {t: f.result() for t, f in futures.items()}
+        except KeyboardInterrupt:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
 @torch.no_grad()
 def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     """Once every scale is trained: the bound on all test codes, per scale, and a sample grid."""
@@ -415,6 +484,11 @@ def sample_prompts(chain: ib.ImageBART, tokens: dict) -> list[str]:
     return list(dict.fromkeys(c for c in tokens["test_captions"] if c))[:8]
 
 
+def scale_done(out: str, t: int, steps: int) -> bool:
+    """Whether scale_<t>.pt exists and has trained `steps` steps (its weights are not read)."""
+    return os.path.exists(ib.scale_path(out, t)) and ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] >= steps
+
+
 def condition_name(chain: ib.ImageBART) -> str:
     return "class" if chain.num_labels else "text" if chain.tokenizer is not None else "none"
 
@@ -429,6 +503,7 @@ def benchmark(args) -> None:
     on random codes (K = 512 for cifar, else 256; 8x8 grids; 10 classes), timed after a
     warm-up, and the MFU against the peak this run measures. One JSON line."""
     device = ib.pick_device(args.device)
+    args.dtype = ib.resolve_dtype(args.dtype, device)
     cfg = check_options(args)
     cfg = dataclasses.replace(cfg, num_codes=512 if args.preset == "cifar" else 256, grid=[8, 8], num_labels=10)
     torch.manual_seed(cfg.seed)
@@ -444,16 +519,29 @@ def benchmark(args) -> None:
                                  args.bench_steps, device)
         flops += 3 * ib.scale_flops(cfg, t) * cfg.batch_size   # forward + backward (twice the forward)
     step = seconds / (cfg.T - 1)                                  # a mean step over the scales
-    result = {"benchmark": "train_chain", "preset": args.preset, "compile": args.compile, "T": cfg.T,
+    # --- the parts of a step, in fp32 and bf16: one layer's attentions and MLP, the head + KL
+    B, N, d = cfg.batch_size, cfg.N, cfg.n_embd
+    h = torch.randn(B, N, d, device=device, requires_grad=True)
+    memory = torch.randn(B, N + 1, d, device=device)
+    block = ib.Block(d, cfg.n_head, 0.0, cross=True).to(device)
+    head = torch.nn.Linear(d, cfg.num_codes, bias=False).to(device)
+    q = model.diffusion.q_posterior(x1.flatten(1), torch.randint_like(x1.flatten(1), cfg.num_codes), 2)  # one-hot: t = 2
+    parts = {"self-attention (causal)": lambda: block.attn(h, causal=True).float().sum().backward(),
+             "cross-attention": lambda: block.cross(h, context=memory).float().sum().backward(),
+             "MLP": lambda: block.mlp(h).float().sum().backward(),
+             "head and KL (Eq. 7)": lambda: model.diffusion.kl(q, head(h)).mean().backward()}
+    result = {"benchmark": "train_chain", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype, "T": cfg.T,
               "batch_size": cfg.batch_size, "tokens_per_step": cfg.batch_size * cfg.N,
               "params_per_scale_M": round(sum(p.numel() for p in model.parameters()) / (cfg.T - 1) / 1e6, 3),
               "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
-              **ib.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops)}
+              **ib.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops, cfg.dtype),
+              "parts_ms": ib.time_parts(parts, device, args.bench_steps)}
     print(json.dumps(result), flush=True)
 
 
 def main():
     # --- command line: everything that can be refused is refused before any work
+    started = time.time()
     args = build_parser().parse_args()
     ib.choose_preset(args)
     if args.benchmark:
@@ -461,6 +549,7 @@ def main():
     ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     out = ib.run_dir(args.dataset, args.out)
     world, device = ib.init_world(args.device)         # torchrun: one process of several
+    args.dtype = ib.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
     say = world.say
     if args.first_stage and not os.path.isdir(args.first_stage):
         raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
@@ -470,11 +559,11 @@ def main():
         ib.check_dataset(args.dataset)
     # --- the first stage and its codes x_1 (trained here when the run folder has none; under
     # torchrun by rank 0 alone, the others waiting for it)
-    tokens = None
+    tokens, times = None, {}                          # times: where this command's minutes went
     if world.main:
         ib.ensure_writable_dir(out)
         ib.remove_stale_tmp(out)
-        tokens = first_stage(args, out)
+        tokens, times = first_stage(args, out)
     ib.barrier(world)
     tokens = tokens or ib.load_tokens(out)
     cfg = resolve_config(args, tokens, out)
@@ -489,32 +578,53 @@ def main():
 
     # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
     t0 = time.time()
-    for t in ([args.scale] if args.scale else range(cfg.T, 1, -1)):
-        if args.compile:
-            model.scale(t).compile()       # in place: the state dict keeps its keys
-        train_scale(model, t, tokens, out, device, world)
-    say(f"chain training took {time.time() - t0:.0f}s", flush=True)
+    scales = [args.scale] if args.scale else list(range(cfg.T, 1, -1))
+    todo = [t for t in scales if not scale_done(out, t, cfg.steps)]
+    workers, threads = scale_workers(args.workers, device, world, len(todo))
+    if workers > 1:                        # one process per scale, side by side (a CPU)
+        for t in sorted(set(scales) - set(todo), reverse=True):
+            say(f"scale t={t}: finished, skipping", flush=True)
+        scale_times = train_scales(cfg, todo, out, workers, threads, args.compile)
+    else:                                  # one scale after the other, in this process
+        scale_times = {}
+        for t in scales:
+            if args.compile:
+                model.scale(t).compile()       # in place: the state dict keeps its keys
+            t_scale = time.time()
+            train_scale(model, t, tokens, out, device, world)
+            scale_times[t] = time.time() - t_scale
+    times["chain"] = time.time() - t0
+    say(f"chain training took {times['chain']:.0f}s", flush=True)
     if world.main:
         say(f"wrote {', '.join(ib.plot_run(out))}", flush=True)            # the loss curves
     ib.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
     if not world.main:
         return
-    done = all(t in ib.trained_scales(out) and ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] >= cfg.steps
-               for t in range(2, cfg.T + 1))
+    done = all(scale_done(out, t, cfg.steps) for t in range(2, cfg.T + 1))
     # --- once every scale is trained (by this process or by others, one --scale each):
     # the bound, samples, and the judge's figures
     if done:
+        t_report = time.time()
         final_report(out, tokens, device, args.samples)
+        times["bound and samples"] = time.time() - t_report
         if args.eval_n and "train_labels" in tokens:   # the judge's figures (imagebart.py, appendix C)
             if ib.recorded_dataset(out) is None:
                 print(f"no judge: {out}'s first stage does not record its data set; "
                       f"run sample.py --run {out} --evaluate --dataset ...", flush=True)
             else:
+                t_eval = time.time()
                 result = ib.evaluate_folder(out, judge_dir=args.judge_dir, n=args.eval_n,
-                                            judge_steps=args.judge_steps, device=device)
+                                            judge_steps=args.judge_steps, device=device,
+                                            shipped_judges=not args.fresh_judges)
                 print(json.dumps(result), flush=True)
+                times["evaluation"] = result["eval_seconds"]
+                times["judges and real images"] = time.time() - t_eval - result["eval_seconds"]
     else:
         print("not every scale is trained yet: the bound and samples come once they are", flush=True)
+    times["total"] = time.time() - started
+    chain = ", ".join(f"t={t} {s:.0f}s" for t, s in scale_times.items()) + ("; side by side" if workers > 1 else "")
+    print("where the time went: " + " | ".join(f"{k} {v:.0f}s" + (f" ({chain})" if k == "chain" else "")
+                                             for k, v in times.items()), flush=True)
 
 
 if __name__ == "__main__":
