@@ -1243,11 +1243,14 @@ class ImageBART(nn.Module):
         trajectory = [x_t]
 
         def resample(x_tm1, log_w):
-            """The M particles of each image drawn anew ∝ exp(log w); the trajectory follows them."""
+            """The M particles of each image drawn anew ∝ exp(log w); their conditions (a latent
+            class) and the trajectory follow them."""
+            nonlocal c
             if M == 1:
                 return x_tm1
             rows = self.resample(log_w, M, generator)                        # (n * M,)
             trajectory[:] = [x[rows] for x in trajectory]
+            c = c[rows] if c is not None else None
             return x_tm1[rows]
 
         for t in range(T, 1, -1):

@@ -1094,9 +1094,12 @@ def test_particles_keep_the_given_tokens_and_follow_the_weights(inpaint_chain, m
     result = inpaint_chain.inpaint(x1, keep, refine=0, particles=4, generator=gen(5))
     assert len(seen) == inpaint_chain.T - 1 and seen[-1].shape == (12, 64)
     assert torch.equal(result.flatten(1), seen[-1][2::4])
-    # no class named: the 4 particles of an image try the 3 classes in turn from a random one
-    for c in classes:
-        assert all(set(row.tolist()) == {0, 1, 2} and (row.diff() % 3 == 1).all() for row in c.view(3, 4))
+    # no class named: the 4 particles of an image try the 3 classes in turn from a random one,
+    # and a particle's class goes with it when it is resampled: at the next scale every row of
+    # an image carries the class of its particle 2, the one that survived
+    first, second = (c.view(3, 4) for c in classes)
+    assert all(set(row.tolist()) == {0, 1, 2} and (row.diff() % 3 == 1).all() for row in first)
+    assert torch.equal(second, first[:, 2:3].expand(3, 4))
 
 
 def test_clean_context_keeps_given_tokens_clean_in_every_x_t(inpaint_chain):
