@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -1125,6 +1126,45 @@ class ImageBART(nn.Module):
 
     # ----- sampling and masked editing (Sec. 3.3, 4.3) ---------------------------------
 
+    # The per-token step, shared by decode_scale (the training grid) and decode_window (a larger
+    # one): the logits of every condition a row runs with are combined into one distribution,
+    # filtered, and a token is drawn from it (or forced, where it is given).
+
+    def condition_rows(self, c, guidance: float):
+        """The conditions each row of a batch runs with, stacked: c itself; for a condition that
+        changes across the image (decode_window), the pair (left, right); with guidance, the null
+        condition last. -> (the stacked c (G B, ...) or None, G)."""
+        conds = list(c) if isinstance(c, tuple) else [c]
+        if guidance:
+            if conds[0] is None or all((x == self.null_condition(x)).all() for x in conds):
+                raise ValueError("guidance needs a condition: class labels or text")
+            conds.append(self.null_condition(conds[0]))
+        return (torch.cat(conds) if conds[0] is not None else None), len(conds)
+
+    @staticmethod
+    def combine(logits: torch.Tensor, B: int, guidance: float, right: float | None = None) -> torch.Tensor:
+        """logits (G B, L, K) of G stacked conditions (condition_rows) -> (B, L, K): classifier-free
+        guidance (1 + w) cond - w uncond; for a condition that changes across the image, cond is
+        (1 - a) cond_left + a cond_right, a = `right` (decode_window explains it)."""
+        g = logits.float().view(-1, B, *logits.shape[1:])                       # (G, B, L, K)
+        cond = g[0] if right is None else (1 - right) * g[0] + right * g[1]
+        return (1 + guidance) * cond - guidance * g[-1] if guidance else cond
+
+    def choose(self, logits, forced, given, temperature, top_k, top_p, generator, log_p: bool):
+        """logits (B, L, K) of L positions -> (tokens (B, L), their log-probabilities (B, L) or
+        None) under temperature, top-k and top-p. Where every row is given (a run of given
+        tokens) nothing is drawn; otherwise L = 1, and the token is drawn, or forced where the
+        row is given (forced, given: (B, L), or None)."""
+        B, L, K = logits.shape
+        logits = filter_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, L, K)
+        if given is not None and bool(given.all()):
+            tokens = forced
+        else:
+            tokens = self.diffusion.draw(logits[:, 0].softmax(-1), generator)[:, None]   # (B, 1)
+            if given is not None:
+                tokens = torch.where(given, forced, tokens)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0] if log_p else None
+
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
     def decode_scale(self, t: int, x_t, c, *, temperature=1.0, top_k=None, top_p=None,
                      guidance: float = 0.0, use_cache: bool = True, forced=None, force_mask=None,
@@ -1144,13 +1184,10 @@ class ImageBART(nn.Module):
         model = self.scale(t)
         B, N = x_t.shape
         # With guidance every row runs twice: rows 0..B-1 with c (conditional), rows B..2B-1
-        # with the null condition (unconditional). `both` stacks a (B, ...) tensor so.
-        both = (lambda z: torch.cat([z, z])) if guidance else (lambda z: z)
-        if guidance:
-            if c is None or (c == self.null_condition(c)).all():
-                raise ValueError("guidance needs a condition: class labels or text")
-            c = torch.cat([c, self.null_condition(c)])    # (2B,) or (2B, text_len)
-        x_t = both(x_t)                                   # (B or 2B, N)
+        # with the null condition (unconditional). `rows` stacks a (B, ...) tensor so.
+        c, G = self.condition_rows(c, guidance)
+        rows = lambda z: z.repeat(G, *[1] * (z.dim() - 1))                     # (G B, ...)
+        x_t = rows(x_t)
         memory = model.encode(x_t, c)                     # the encoder runs once per scale
         out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
         log_w = torch.zeros(B, device=x_t.device)
@@ -1166,31 +1203,119 @@ class ImageBART(nn.Module):
                     L += 1
                 out[:, i:i + L] = forced[:, i:i + L]
             if use_cache:
-                tokens_in = torch.cat([token_in, both(out[:, i:i + L - 1])], dim=1)     # (B', L): shifted right
-                logits = model.step(tokens_in, i, memory, x_t, c, caches)               # (B', L, K)
+                tokens_in = torch.cat([token_in, rows(out[:, i:i + L - 1])], dim=1)     # (G B, L): shifted right
+                logits = model.step(tokens_in, i, memory, x_t, c, caches)               # (G B, L, K)
             else:  # no cache: re-run the decoder over the whole prefix 0..i+L-1 for every step
-                logits = model.decode(memory, x_t, both(out[:, :i + L]), c)[:, i:i + L]
-            if guidance:
-                cond, uncond = logits.float().chunk(2)                                  # (B, L, K) each
-                logits = (1 + guidance) * cond - guidance * uncond
-            logits = filter_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, L, -1)
-            if not every_row_given[i]:
-                token = self.diffusion.draw(logits[:, 0].softmax(-1), generator)        # (B,)
-                if force_mask is not None:
-                    token = torch.where(force_mask[:, i], forced[:, i], token)
-                out[:, i] = token
+                logits = model.decode(memory, x_t, rows(out[:, :i + L]), c)[:, i:i + L]
+            here = slice(i, i + L)
+            tokens, log_p = self.choose(self.combine(logits, B, guidance), None if forced is None else forced[:, here],
+                                        None if force_mask is None else force_mask[:, here],
+                                        temperature, top_k, top_p, generator, weights)
+            out[:, here] = tokens
             if weights:
-                log_p = logits.log_softmax(-1).gather(-1, out[:, i:i + L, None])[..., 0]   # (B, L)
-                log_w += torch.where(force_mask[:, i:i + L], log_p, 0.0).sum(1)
-            token_in = both(out[:, i + L - 1:i + L])
+                log_w += torch.where(force_mask[:, here], log_p, 0.0).sum(1)
+            token_in = rows(out[:, i + L - 1:i + L])
             i += L
+        return (out, log_w) if weights else out
+
+    # ----- beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) ------------------
+    # The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we
+    # use the sliding attention window of [Taming Transformers] for each scale". Each scale's
+    # transformer only ever saw an h x w grid, so each token of a larger H x W grid is written
+    # through an h x w window of it: the encoder reads the window of x_t (known whole: noise,
+    # or what the scale above wrote), the decoder the window's tokens of x_{t-1} written so far,
+    # in the window's own raster order, and only the target is drawn. At the training size the
+    # window never moves, and this is decode_scale token for token.
+
+    def window_origin(self, i: int, j: int, H: int, W: int, stride: int = 1) -> tuple[int, int]:
+        """The top-left corner (top, left) of the h x w window through which the token (i, j)
+        of an H x W grid is written. Taming Transformers' rule (stride 1): l_i = i rows above the
+        target when i <= h/2, h - (H - i) when H - i < h/2, else h/2, and the same for columns;
+        that is i - h/2 clamped to the grid, so the target sits at the window's centre inside
+        the grid and the window stays inside at a border. stride = s > 1 (this code's own rule):
+        the window moves s columns at a time, centred on the middle of each block of s columns,
+        so that s neighbours in a row share a window and its key/value cache."""
+        h, w = self.cfg.grid
+        top = min(max(i - h // 2, 0), H - h)
+        left = min(max((j // stride) * stride + stride // 2 - w // 2, 0), W - w)
+        return top, left
+
+    @torch.inference_mode()
+    def decode_window(self, t: int, x_t, c, *, grid: tuple[int, int], stride: int = 1, temperature=1.0,
+                      top_k=None, top_p=None, guidance: float = 0.0, use_cache: bool = True, forced=None,
+                      force_mask=None, generator=None, weights: bool = False):
+        """decode_scale for a grid (H, W) at least the training grid (h, w): x_t (B, H W) -> (B, H W),
+        each token written through its window (window_origin), in the raster order of the large
+        grid. The encoder runs once per window position; the decoder's context for the target
+        is the window's tokens before it in the window's raster order (all written already: the
+        rows above, and the row's tokens to its left). With the cache a window that has not
+        moved since the last target goes on with one cached step; a moved one is rebuilt in
+        one block pass over its written tokens (Attention.cached). Without it (use_cache=False,
+        the reference) every target re-runs the decoder over its window's prefix.
+        c may be a pair (left, right): a condition that changes across the image. The logits of
+        the two are mixed, (1 - a) log p(. | left) + a log p(. | right), with a = j / (W - 1)
+        running from 0 at the left edge to 1 at the right: a product of experts whose weights
+        follow the target's column (Fig. 4 interpolates two prompts so). The passes run as one
+        batch: rows for left, for right, then (with guidance) for the null condition.
+        forced, force_mask, weights: as in decode_scale (masked editing on the large grid)."""
+        model = self.scale(t)
+        (H, W), (h, w) = grid, self.cfg.grid
+        B = x_t.shape[0]
+        across = isinstance(c, tuple)
+        c, G = self.condition_rows(c, guidance)
+        rows = lambda z: z.repeat(G, *[1] * (z.dim() - 1))                     # (G B, ...)
+        x_t = rows(x_t).view(G * B, H, W)
+        out = torch.zeros(B, H, W, dtype=torch.long, device=x_t.device)
+        log_w = torch.zeros(B, device=x_t.device)
+        forced = forced.view(B, H, W) if forced is not None else None
+        force_mask = force_mask.view(B, H, W) if force_mask is not None else None
+        windows, cached = {}, None   # origin -> (x_t's window, its encoder output); (origin, next place, caches)
+        prev = None                  # the token written last
+        for i in range(H):
+            for j in range(W):
+                top, left = self.window_origin(i, j, H, W, stride)
+                window = (slice(None), slice(top, top + h), slice(left, left + w))
+                if (top, left) not in windows:                                 # the encoder, once per window
+                    if windows and next(iter(windows))[0] != top:              # a new band of rows: forget the old
+                        windows = {}
+                    x_t_win = x_t[window].flatten(1)                           # (G B, h w), window raster order
+                    windows[top, left] = x_t_win, model.encode(x_t_win, c)
+                x_t_win, memory = windows[top, left]
+                p = (i - top) * w + (j - left)                                 # the target's place in its window
+                if not use_cache:    # the reference: the decoder over the window's prefix 0..p
+                    written = out[window].flatten(1)                           # (B, h w): valid before place p
+                    logits = model.decode(memory, x_t_win, rows(written[:, :p + 1]), c)[:, p:p + 1]
+                elif cached is not None and cached[:2] == ((top, left), p):    # the window has not moved: the
+                    logits = model.step(rows(prev[:, None]), p, memory, x_t_win, c, cached[2])   # last token was p - 1
+                else:                # a moved window: its written tokens in one block pass
+                    cached = (None, None, model.new_caches())
+                    written = out[window].flatten(1)[:, :p]                    # (B, p)
+                    start = torch.full((G * B, 1), model.START, dtype=torch.long, device=x_t.device)
+                    logits = model.step(torch.cat([start, rows(written)], 1), 0, memory, x_t_win, c,
+                                        cached[2])[:, p:p + 1]
+                if use_cache:
+                    cached = ((top, left), p + 1, cached[2])
+                right = j / max(W - 1, 1) if across else None                 # how far right the target is
+                given = force_mask[:, i, j:j + 1] if force_mask is not None else None
+                tokens, log_p = self.choose(self.combine(logits, B, guidance, right),
+                                            None if forced is None else forced[:, i, j:j + 1], given,
+                                            temperature, top_k, top_p, generator, weights)
+                out[:, i, j] = prev = tokens[:, 0]
+                if weights:
+                    log_w += torch.where(given[:, 0], log_p[:, 0], 0.0)
+        out = out.flatten(1)
         return (out, log_w) if weights else out
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
     def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, text=None, temperature=1.0, top_k=None,
                      top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
-                     context: str = "clean", particles: int = 1, generator=None) -> list[torch.Tensor]:
-        """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w).
+                     context: str = "clean", particles: int = 1, size: tuple[int, int] | None = None,
+                     stride: int = 1, across: bool = False, generator=None) -> list[torch.Tensor]:
+        """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w), or (n, H, W) with
+        size = (H, W) codes: a grid larger than the training grid, written patch-wise through
+        windows (decode_window, placed by window_origin with `stride`). across=True: labels or
+        text hold two conditions, left and right, and the condition changes from one to the
+        other across the image (decode_window).
 
         Masked editing (Sec. 4.3), with x1 (n, h, w) and keep (n, h, w) (True = given): every
         scale is conditioned on the given tokens, and the others are sampled.
@@ -1212,7 +1337,7 @@ class ImageBART(nn.Module):
         the trajectory is its ancestry.
         Then `refine` forward-backward rounds per scale (see `forward_backward`), except at
         t = T: that decoder-only scale ignores x_T, so more rounds would only resample it."""
-        h, w = self.cfg.grid
+        h, w = size or self.cfg.grid
         device = next(self.parameters()).device
         T, N = self.T, h * w
         opts = {name: option_per_scale(v, T, name) for name, v in
@@ -1220,8 +1345,18 @@ class ImageBART(nn.Module):
         M = particles if x1 is not None else 1
         if M < 1:
             raise ValueError(f"particles must be >= 1, got {particles}")
-        c = self.condition(labels, text, n, device)
-        if x1 is not None and M > 1 and self.num_labels and labels is None:
+        if size is not None and (size[0] < self.cfg.grid[0] or size[1] < self.cfg.grid[1]):
+            raise ValueError(f"size {tuple(size)} is smaller than the training grid {tuple(self.cfg.grid)}")
+        # the training grid, one decoder pass per scale; or through moving windows
+        decode = self.decode_scale if size is None and not across else \
+            functools.partial(self.decode_window, grid=(h, w), stride=stride)
+        if across:   # a pair of conditions, (left, right), each (n M, ...)
+            pair = labels if labels is not None else text
+            if pair is None or len(pair) != 2:
+                raise ValueError("across needs exactly two conditions (labels or text), left and right")
+            c = tuple(self.condition(pair[k] if labels is not None else None, [pair[k]] if text is not None else None,
+                                     n, device).repeat_interleave(M, 0) for k in range(2))
+        elif x1 is not None and M > 1 and self.num_labels and labels is None:
             # An edit that names no class on a class-conditional chain: the class of what is
             # given is unknown, so each particle draws one (the classes in turn from a random one
             # on, so that M particles try min(M, C) different classes), and the weights keep the
@@ -1230,8 +1365,9 @@ class ImageBART(nn.Module):
             # but each draw is made knowing what it is a draw of.
             first = torch.randint(0, self.num_labels, (n, 1), generator=generator, device=device)
             c = ((first + torch.arange(M, device=device)) % self.num_labels).flatten()      # (n * M,)
-        elif c is not None:
-            c = c.repeat_interleave(M, 0)                                    # (n * M, ...): M rows per image
+        else:
+            c = self.condition(labels, text, n, device)
+            c = c.repeat_interleave(M, 0) if c is not None else None          # (n * M, ...): M rows per image
         x_t = torch.randint(0, self.diffusion.K, (n * M, N), generator=generator, device=device)  # x_T ~ uniform
         if x1 is not None:
             if context not in ("clean", "noised"):
@@ -1250,21 +1386,21 @@ class ImageBART(nn.Module):
                 return x_tm1
             rows = self.resample(log_w, M, generator)                        # (n * M,)
             trajectory[:] = [x[rows] for x in trajectory]
-            c = c[rows] if c is not None else None
+            c = tuple(z[rows] for z in c) if isinstance(c, tuple) else c[rows] if c is not None else None
             return x_tm1[rows]
 
         for t in range(T, 1, -1):
             kw = dict(temperature=opts["temperature"][t], top_k=opts["top_k"][t], top_p=opts["top_p"][t],
                       guidance=guidance, use_cache=use_cache, generator=generator)
             if x1 is None:
-                x_t = self.decode_scale(t, x_t, c, **kw)
+                x_t = decode(t, x_t, c, **kw)
             else:
                 forced = x1 if context == "clean" else \
                     self.diffusion.draw(self.diffusion.q_posterior(x_t, x1, t), generator)
-                x_tm1 = resample(*self.decode_scale(t, x_t, c, forced=forced, force_mask=keep, weights=True, **kw))
+                x_tm1 = resample(*decode(t, x_t, c, forced=forced, force_mask=keep, weights=True, **kw))
                 rounds = refine if t < T else 0
                 for r in range(1, rounds + 1):
-                    x_tm1 = resample(*self.forward_backward(t, x_t, x_tm1, keep, forced, c, r, rounds, **kw))
+                    x_tm1 = resample(*self.forward_backward(t, x_t, x_tm1, keep, forced, c, r, rounds, decode, **kw))
                 x_t = x_tm1
             trajectory.append(x_t)
         # one particle per image: after resampling they are equally likely, so the first
@@ -1280,18 +1416,19 @@ class ImageBART(nn.Module):
         picks = self.diffusion.draw(w[:, None].expand(-1, M, -1), generator)    # (n, M) in [0, M)
         return (torch.arange(len(w), device=w.device)[:, None] * M + picks).flatten()
 
-    def forward_backward(self, t: int, x_t, x_tm1, keep, forced, c, r: int, rounds: int, **kw):
+    def forward_backward(self, t: int, x_t, x_tm1, keep, forced, c, r: int, rounds: int, decode=None, **kw):
         """Round r of `rounds` of masked forward-backward sampling at scale t (Sec. 4.3): go
         one step forward, x_t' ~ q(x_t | x_{t-1}) (Eq. 5) on the regenerated tokens only, then
         back, x_{t-1} ~ p^{t-1}(x_{t-1} | x_t', c), given tokens forced again. Tokens written
         early in raster order, before the decoder reached what is given after them, can so
         adapt to it. beta is annealed as in the official scripts/inpaint_imagebart.py:
         beta_t (1 - r / (rounds + 1)) for r = 1..rounds, so later rounds change less.
-        x_t, x_tm1, keep, forced: (B, N) -> (the new x_{t-1} (B, N), its log w (B,))."""
+        x_t, x_tm1, keep, forced: (B, N) -> (the new x_{t-1} (B, N), its log w (B,)). `decode`:
+        decode_scale, or decode_window on a larger grid."""
         beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
         noised = self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
         x_t_again = torch.where(keep, x_t, noised)           # the given positions keep x_t's tokens
-        return self.decode_scale(t, x_t_again, c, forced=forced, force_mask=keep, weights=True, **kw)
+        return (decode or self.decode_scale)(t, x_t_again, c, forced=forced, force_mask=keep, weights=True, **kw)
 
     def sample(self, n: int, labels=None, text=None, **sampling) -> torch.Tensor:
         """n samples x_1 (n, h, w) from the chain, given classes `labels` or prompts `text` (a
@@ -2822,6 +2959,78 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
     return result
 
 
+@torch.no_grad()
+def evaluate_canvas(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge, canvas: tuple[int, int], n: int = 500,
+                    stride: int = 1, batch: int = 16, seed: int = 0, log=say) -> dict:
+    """What patch-wise sampling buys (Sec. 4.2): n class-conditional panoramas of `canvas` codes
+    (one training image tall, wider), drawn through sliding windows (`stride`, window_origin),
+    against a baseline of as many independent training-size samples of the same class tiled
+    side by side, which has seams. Both are cut into training-size crops at every column
+    offset o (in codes), and each offset's n crops are judged:
+      fd        FD of the crops against n real test images (untiled: tiled real images would put
+                seams in the reference too)
+      accuracy  how often the judge sees the panorama's class in the crop
+    Summaries: at the offsets where the baseline's crops are whole tiles (o a multiple of the
+    width) and half-way between, where they straddle a seam. And outpainting to either side
+    (extend_right, extend_left, below). -> {"window": ..., "tiled": ..., "extend_*": ...}."""
+    device = next(vq.parameters()).device
+    (h, w), (H, W) = chain.cfg.grid, canvas
+    if H != h or W <= w:
+        raise UserError(f"the seams are measured on canvases one training image tall and wider ({h} codes high)")
+    x_test = data["test"][0]
+    n = min(n, len(x_test))
+    reference = feature_stats(judge_images(judge, x_test[:n])[0])
+    labels = torch.arange(n) % chain.num_labels                              # (n,) one class per panorama
+    tiles = math.ceil(W / w)
+    codes = {"window": [], "tiled": []}
+    g = torch.Generator(device).manual_seed(seed)
+    for sl in batches(n, batch, f"panoramas {H}x{W} codes, stride {stride}", log):
+        codes["window"].append(chain.sample(sl.stop - sl.start, labels[sl].to(device), size=canvas, stride=stride,
+                                            generator=g).cpu())
+    g = torch.Generator(device).manual_seed(seed)
+    for sl in batches(n, 256, "tiled baseline", log):
+        m = sl.stop - sl.start
+        x = chain.sample(m * tiles, labels[sl].repeat_interleave(tiles).to(device), generator=g)    # (m tiles, h, w)
+        codes["tiled"].append(rearrange(x, "(m k) h w -> m h (k w)", k=tiles)[..., :W].cpu())
+    result = {"n": n, "canvas_codes": [H, W], "stride": stride, "offsets": list(range(W - w + 1))}
+    # outpainting: a test image on a canvas two images wide, the other half drawn with inpaint's
+    # defaults, to its right ("extend_right") or to its left ("extend_left", which a left-to-right
+    # decoder writes before it reads the image). Judged on the drawn square: FD against real
+    # images, and how often its dominant colour is the given image's (the shape's colour)
+    x1_test = torch.cat([vq.encode(to_float(x_test[sl].to(device))) for sl in batches(n, 256)])
+    given_colour = dominant_colours(x_test[:n])
+    for name, given_at in (("extend_right", 0), ("extend_left", w)):
+        x1 = torch.zeros(n, h, 2 * w, dtype=torch.long, device=device)
+        keep = torch.zeros(n, h, 2 * w, dtype=torch.bool, device=device)
+        x1[:, :, given_at:given_at + w], keep[:, :, given_at:given_at + w] = x1_test, True
+        g = torch.Generator(device).manual_seed(seed)
+        drawn = []
+        for sl in batches(n, max(1, batch // INPAINT_PARTICLES), f"outpainting ({name.replace('_', ' ')})", log):
+            out = chain.inpaint(x1[sl], keep[sl], size=(h, 2 * w), stride=stride, generator=g)
+            square = out[:, :, w - given_at:2 * w - given_at]                          # (m, h, w), the drawn part
+            drawn.append(_as_saved(vq.decode(square)).cpu())
+        drawn = torch.cat(drawn)
+        features, _ = judge_images(judge, drawn)
+        result[name] = {"fd": round(frechet_distance(*feature_stats(features), *reference), 3),
+                        "same_colour": round((dominant_colours(to_uint8(drawn)) == given_colour).float().mean().item(), 4)}
+    for name, parts in codes.items():
+        images = torch.cat([_as_saved(vq.decode(x.to(device))).cpu() for x in torch.cat(parts).split(64)])
+        f, rows = vq.cfg.factor, {"fd": [], "accuracy": []}
+        for o in result["offsets"]:
+            features, predicted = judge_images(judge, images[..., o * f:(o + w) * f])
+            rows["fd"].append(round(frechet_distance(*feature_stats(features), *reference), 3))
+            rows["accuracy"].append(round((predicted == labels).float().mean().item(), 4))
+        whole = [k for k, o in enumerate(result["offsets"]) if o % w == 0]
+        seams = [k for k, o in enumerate(result["offsets"]) if o % w == w // 2]
+        mean = lambda v, ks: round(sum(v[k] for k in ks) / len(ks), 3)
+        result[name] = {**rows, "fd_whole_tiles": mean(rows["fd"], whole), "fd_across_seams": mean(rows["fd"], seams),
+                        "accuracy_whole_tiles": mean(rows["accuracy"], whole),
+                        "accuracy_across_seams": mean(rows["accuracy"], seams),
+                        "fd_mean": mean(rows["fd"], range(len(rows["fd"]))),
+                        "accuracy_mean": mean(rows["accuracy"], range(len(rows["fd"])))}
+    return result
+
+
 def _prompt_rows(vq: VQGAN, chain: ImageBART, data: dict, judged, n: int, guidance: float, batch: int,
                  seed: int, log) -> dict:
     """The sample rows of a text chain, at w = 0 and at `guidance`. On shapes the prompts are
@@ -2870,10 +3079,12 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
                     judge_dir: str = os.path.join("runs", "judges"), n: int = 1000,
                     guidance: float = DEFAULT_EVAL_GUIDANCE, judge_steps: int | None = None, seed: int = 0,
                     device="cpu", log=say, inpaint: dict | None = None, out: str | None = None,
-                    shipped_judges: bool = True) -> dict:
+                    shipped_judges: bool = True, canvas: tuple[int, int] | None = None, stride: int = 1) -> dict:
     """Judge a run folder: its data set (as recorded, or `dataset` instead), that data set's
     judges (cached in judge_dir), evaluate_run; -> the figures, also written to `out`
-    (default <run>/eval.json)."""
+    (default <run>/eval.json). With `canvas` (a grid of codes one training image tall and
+    wider), evaluate_canvas instead: the seams of patch-wise sampling (default out
+    <run>/eval_canvas_<H>x<W>.json, in pixels)."""
     vq, chain = load_run(run, device)
     if dataset is not None:
         record = dataset_record(dataset, vq.cfg.resolution, data_root, vq.cfg.train_size, vq.cfg.test_size)
@@ -2896,6 +3107,18 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
                 f"{record['spec']} may not be the data set this run was trained on")
     cfg = JudgeConfig() if judge_steps is None else dataclasses.replace(JudgeConfig(), steps=judge_steps)
     judge, judge_info = judge_for(data, record, judge_dir, cfg, device, log, shipped_judges)
+    if canvas is not None:
+        if judge is None or not chain.num_labels:
+            raise UserError("the seams are judged on class-conditional panoramas: this run needs labels")
+        t0 = time.time()
+        result = {"run": run, "dataset": record["spec"], "judge": judge_info,
+                  **evaluate_canvas(vq, chain, data, judge, canvas, n, stride, seed=seed, log=log)}
+        result["eval_seconds"] = round(time.time() - t0, 1)
+        f = vq.cfg.factor
+        path = out or os.path.join(run, f"eval_canvas_{canvas[0] * f}x{canvas[1] * f}.json")
+        save_json_atomic(result, path)
+        log(f"wrote {path}")
+        return result
     lower_half_judge = judge_for(data, record, judge_dir, dataclasses.replace(cfg, blank="upper"), device, log,
                                  shipped_judges)[0] \
         if judge is not None else None

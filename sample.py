@@ -61,8 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
     p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain (paper Fig. 5)")
     p.add_argument("--inpaint", default=None, help="image file(s), comma-separated, or test:N (N test images)")
-    p.add_argument("--mask", default="upper", help=f"region to regenerate: {', '.join(MASK_KINDS)}, or a PNG (white = regenerate)")
+    p.add_argument("--mask", default=None, help=f"region of the image to regenerate: {', '.join(MASK_KINDS)}, or a PNG "
+                                              f"(white = regenerate); default upper, or none with --size")
     p.add_argument("--completions", type=int, default=6, help="completions per inpainted image")
+    p.add_argument("--size", default=None, metavar="HxW",
+                   help="draw (or complete) images of H x W pixels, larger than the training size, patch-wise "
+                        "through sliding windows on every scale (Sec. 4.2)")
+    p.add_argument("--stride", type=int, default=1,
+                   help="--size: columns the window moves at a time; 1 = centred on every target (Taming "
+                        "Transformers' rule), larger = faster, a rule of its own")
+    p.add_argument("--place", choices=("left", "right", "center"), default=None,
+                   help="--inpaint with --size: where the given image goes on the canvas; the rest is drawn "
+                        "(default left: the image is extended to the right)")
+    p.add_argument("--across", action="store_true",
+                   help="two conditions (--class A,B or --prompt A --prompt B): the first on the left, the "
+                        "second on the right, mixed in between")
     p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
                    help="forward-backward rounds per scale when inpainting (none at t = T)")
     p.add_argument("--particles", type=int, default=ib.INPAINT_PARTICLES,
@@ -156,6 +169,24 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, in
     return {"labels": torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n].to(device)}, None
 
 
+def across_condition(args, chain: ib.ImageBART) -> dict:
+    """--across: the two conditions, left and right, as keyword arguments of sample_chain
+    ({"labels": [a, b]} or {"text": [A, B]}); checked as parse_condition checks them."""
+    if args.prompts:
+        if chain.tokenizer is None:
+            raise ib.UserError("this run's chain takes no --prompt (train one with --condition text)")
+        chain.tokenizer.encode(args.prompts)                 # a too-long prompt: one line, now
+        return {"text": list(args.prompts)}
+    if not chain.num_labels:
+        raise ib.UserError("this run's chain is unconditional; --across needs two classes or two prompts")
+    names = ib.run_class_names(args.run)
+    pair = [class_index(w.strip(), names) for w in args.classes.split(",")]
+    bad = [c for c in pair if not 0 <= c < chain.num_labels]
+    if bad:
+        raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
+    return {"labels": pair}
+
+
 def class_index(text: str, names: list[str]) -> int:
     """A class given by index ("6") or by name ("star"), `names` being the run's (run_class_names)."""
     if text.lstrip("-").isdigit():
@@ -164,6 +195,75 @@ def class_index(text: str, names: list[str]) -> int:
         known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
         raise ib.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
     return names.index(text)
+
+
+# -----------------------------------------------------------------------------
+# beyond the training canvas (Sec. 4.2): --size, --place, --across
+
+MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 run: 256 x 256 px)
+
+
+def parse_size(args, vq: ib.VQGAN) -> tuple[int, int] | None:
+    """--size HxW (pixels) -> the grid of codes (H / f, W / f), or None for the training size.
+    The canvas must be a multiple of the first stage's factor f and at least the training size
+    in both directions; larger than MAX_AREA times its area it is refused."""
+    if args.size is None:
+        return None
+    r, f = vq.cfg.resolution, vq.cfg.factor
+    try:
+        H, W = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ib.UserError(f"--size takes HxW in pixels, e.g. {r}x{4 * r}; got {args.size!r}") from None
+    if H < r or W < r:
+        raise ib.UserError(f"--size {H}x{W} is smaller than the training size {r}x{r}")
+    if H % f or W % f:
+        raise ib.UserError(f"--size {H}x{W}: both sides must be multiples of the first stage's factor {f}")
+    if H * W > MAX_AREA * r * r:
+        raise ib.UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
+                           f"the limit is {MAX_AREA * r * r} pixels")
+    if args.stride < 1:
+        raise ib.UserError(f"--stride must be >= 1, got {args.stride}")
+    return H // f, W // f
+
+
+def check_canvas_options(args) -> None:
+    """--place and --across, before any work: --place needs --inpaint and --size; --across
+    exactly two classes or two prompts."""
+    if args.place and not (args.inpaint and args.size):
+        raise ib.UserError("--place puts an --inpaint image on a larger --size canvas; give both")
+    if args.across:
+        classes = [c for c in (args.classes or "").split(",") if c.strip()]
+        count = len(args.prompts or []) or (len(classes) if args.classes not in (None, "all") else 0)
+        if count != 2 or (args.prompts and args.classes):
+            raise ib.UserError("--across takes exactly two conditions: --class A,B or --prompt A --prompt B")
+
+
+def canvas_origin(image: tuple[int, int], canvas: tuple[int, int], place: str) -> tuple[int, int]:
+    """Where an image of (h, w) codes goes on a canvas of (H, W): at the left, the right or the
+    centre, vertically centred. -> (top, left)."""
+    (h, w), (H, W) = image, canvas
+    return (H - h) // 2, {"left": 0, "right": W - w, "center": (W - w) // 2}[place]
+
+
+def place_on_canvas(x1: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], place: str):
+    """x1, keep (B, h, w) of the given image -> (x1, keep) (B, H, W) of the canvas: the image
+    placed (canvas_origin), the rest to be drawn (keep False)."""
+    B, h, w = x1.shape
+    top, left = canvas_origin((h, w), grid, place)
+    canvas = torch.zeros(B, *grid, dtype=x1.dtype, device=x1.device)
+    given = torch.zeros(B, *grid, dtype=torch.bool, device=x1.device)
+    canvas[:, top:top + h, left:left + w] = x1
+    given[:, top:top + h, left:left + w] = keep
+    return canvas, given
+
+
+def pixels_on_canvas(x0: torch.Tensor, grid: tuple[int, int], place: str, factor: int) -> torch.Tensor:
+    """Images (B, 3, r, r) on a grey canvas of grid * factor pixels, where place_on_canvas puts
+    their codes: how the given part of an outpainting is shown."""
+    top, left = canvas_origin((x0.shape[-2] // factor, x0.shape[-1] // factor), grid, place)
+    out = torch.zeros(x0.shape[0], 3, grid[0] * factor, grid[1] * factor, device=x0.device)
+    out[..., top * factor:top * factor + x0.shape[-2], left * factor:left * factor + x0.shape[-1]] = x0
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -229,10 +329,19 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         x0 = ib.to_float(load_images(args.inpaint, H).to(device))
         x1 = vq.encode(x0)
     B = len(x1)
+    size = parse_size(args, vq)                        # a larger canvas (Sec. 4.2), or None
+    place = args.place or "left"
+    if size is not None:
+        h, w = x1.shape[1:]
+        if (place in ("left", "right") and size[1] <= w) or (place == "center" and size == (h, w)):
+            raise ib.UserError(f"--place {place}: the canvas --size {args.size} is no larger than the image "
+                               f"in that direction, so there is nothing to draw beyond it")
     # --- the mask: drawn in pixels, then a token is regenerated when any of its f x f pixels is
-    regen_px = pixel_mask(args.mask, H, H, args.seed)
+    # (on a larger canvas no mask is needed: what lies beyond the image is drawn anyway)
+    mask = args.mask or ("upper" if size is None else None)
+    regen_px = pixel_mask(mask, H, H, args.seed) if mask else torch.zeros(H, H, dtype=torch.bool)
     regen = token_mask(regen_px, cfg.factor)
-    if not regen.any():
+    if size is None and not regen.any():
         raise ib.UserError("the mask selects nothing to regenerate (it is all black): the output would be the input")
     if regen.all():
         raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
@@ -245,22 +354,25 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     if args.prompts:
         cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
     given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
-    keep = (~regen).expand(B * reps, -1, -1)
+    keep = (~regen).to(device).expand(B * reps, -1, -1)
+    shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)   # regenerated: grey
+    if size is not None:   # outpainting: the image on the canvas, the rest drawn through windows
+        given, keep = place_on_canvas(given, keep, size, place)
+        x0, shown = (pixels_on_canvas(z, size, place, cfg.factor) for z in (x0, shown))
     completions = []
     per_batch = max(1, INPAINT_BATCH // args.particles)             # each completion decodes `particles` rows
     for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
         completions.append(chain.inpaint(given[sl], keep[sl], refine=args.refine, context=args.context,
-                                         particles=args.particles,
+                                         particles=args.particles, size=size, stride=args.stride,
                                          generator=g, **{k: v[sl] for k, v in cond.items()}, **opts))
     completions = torch.cat(completions)
     assert (completions[keep] == given[keep]).all(), "kept tokens changed"
-    images = vq.decode(completions).view(B, reps, 3, H, H)
-    # the masked input: regenerated region shown grey, on the pixel mask's exact shape
-    shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)
+    images = vq.decode(completions).view(B, reps, 3, *x0.shape[-2:])
+    # per row: the original, the masked input (on a canvas: what is given), the completions
     grid = torch.cat([x0[:, None], shown[:, None], images], dim=1).flatten(0, 1)
     path = args.out or os.path.join(args.run, "inpaint.png")
     ib.save_image_grid(grid, path, nrow=reps + 2)
-    print(f"wrote {path}: per row the original, the masked input ({int(regen.sum())} of {regen.numel()} "
+    print(f"wrote {path}: per row the original, the masked input ({int((~keep[0]).sum())} of {keep[0].numel()} "
           f"tokens regenerated), {reps} completions", flush=True)
     save_outputs(args, images.flatten(0, 1), completions, cond.get("labels"))
 
@@ -269,7 +381,8 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
 # the decoding benchmark and the judge
 
 def benchmark(args) -> None:
-    """Cached vs. uncached decoding of the same randomly initialised chain, batch and seed."""
+    """Cached vs. uncached decoding of the same randomly initialised chain, batch and seed; with
+    --size, the window sampler on that canvas against ordinary cached sampling of as many tokens."""
     device = ib.pick_device(args.device)
     base = ib.preset_config(ib.CHAIN_PRESETS, args.preset)
     K = 512 if args.preset == "cifar" else 256
@@ -278,23 +391,25 @@ def benchmark(args) -> None:
     chain = ib.ImageBART(cfg).to(device).eval()
     labels = torch.arange(args.batch, device=device) % 10
 
-    def run(use_cache: bool) -> float:
+    def run(**kw) -> tuple[float, torch.Tensor]:
         g = torch.Generator(device).manual_seed(args.seed)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x = chain.sample(args.batch, labels, use_cache=use_cache, generator=g)
+        x = chain.sample(args.batch, labels, generator=g, **kw)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0, x
 
+    if args.size:
+        return benchmark_windows(args, chain, run, device)
     # same seed on both paths: the key/value cache must not change a single sample
-    run(True)
-    run(False)                                       # warm-up both paths
+    run(use_cache=True)
+    run(use_cache=False)                             # warm-up both paths
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_cached, x_cached = run(True)
-    t_uncached, x_uncached = run(False)
+    t_cached, x_cached = run(use_cache=True)
+    t_uncached, x_uncached = run(use_cache=False)
     tokens = args.batch * cfg.N * (chain.T - 1)      # every scale writes N tokens per image
     result = {"preset": args.preset, "device": str(device), "batch": args.batch, "T": chain.T, "N": cfg.N,
               "K": K, "params_per_scale_M": round(sum(p.numel() for p in chain.scale(2).parameters()) / 1e6, 3),
@@ -308,17 +423,49 @@ def benchmark(args) -> None:
     print(json.dumps(result), flush=True)
 
 
+def benchmark_windows(args, chain: ib.ImageBART, run, device) -> None:
+    """--benchmark --size HxW: tokens per second of the window sampler on an H x W canvas (the
+    preset's first stage: f = 4) with Taming's rule (--stride 1) and with the window moving
+    --stride columns at a time (4 unless given), against ordinary cached sampling of as many
+    tokens (the canvas's area in training images, each a batch of --batch), in one process;
+    and whether the cached window path draws what its plain reference (no cache) draws."""
+    h, w = chain.cfg.grid
+    H, W = (int(v) // 4 for v in args.size.lower().split("x"))
+    tiles = H * W / (h * w)                           # the canvas in training grids
+    tokens = args.batch * H * W * (chain.T - 1)
+    run(use_cache=True)                               # warm-up
+    t0 = time.perf_counter()
+    for _ in range(math.ceil(tiles)):
+        run(use_cache=True)
+    ordinary = (time.perf_counter() - t0) / math.ceil(tiles) * tiles
+    result = {"preset": args.preset, "device": str(device), "batch": args.batch, "T": chain.T,
+              "canvas_codes": [H, W], "threads": torch.get_num_threads(),
+              "ordinary_tokens_per_s": round(tokens / ordinary, 1)}
+    for stride in sorted({1, args.stride if args.stride > 1 else w // 2}):
+        seconds, x = run(size=(H, W), stride=stride)
+        result[f"window_stride_{stride}_tokens_per_s"] = round(tokens / seconds, 1)
+        result[f"window_stride_{stride}_slowdown"] = round(seconds / ordinary, 2)
+        if stride == 1 or args.no_cache:              # the reference is slow: checked for one rule
+            result[f"window_stride_{stride}_same_as_reference"] = bool(
+                torch.equal(x, run(size=(H, W), stride=stride, use_cache=False)[1]))
+    print(json.dumps(result), flush=True)
+
+
 def evaluate(args, device) -> None:
     """--evaluate: the judge's figures (imagebart.py, appendix C), with the API's sampling
-    defaults apart from the guidance; progress lines, then the figures as one JSON line."""
+    defaults apart from the guidance; progress lines, then the figures as one JSON line. With
+    --size: the seams of patch-wise sampling on that canvas instead (ib.evaluate_canvas)."""
     ib.check_judge_options(args.eval_n, args.judge_steps)
+    size = parse_size(args, ib.vqgan_from_checkpoint(ib.load_checkpoint(ib.vq_path(args.run), "vq"))) \
+        if args.size else None
     if args.guidance < 0:
         raise ib.UserError("--guidance must be >= 0")
     result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
                                 n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
                                 judge_steps=args.judge_steps, seed=args.seed, device=device,
                                 inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
-                                out=args.out, shipped_judges=not args.fresh_judges)
+                                out=args.out, shipped_judges=not args.fresh_judges,
+                                canvas=size, stride=args.stride)
     print(json.dumps(result), flush=True)
 
 
@@ -713,22 +860,29 @@ def main():
             ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     if args.out_dir:
         ib.ensure_writable_dir(args.out_dir)
+    check_canvas_options(args)
     if args.evaluate:
         return evaluate(args, device)
     # --- the run: first stage and chain, EMA weights
     vq, chain = ib.load_run(args.run, device)
     opts = sampling_options(args, chain.T)
+    size = parse_size(args, vq)                  # a larger canvas, drawn through windows (Sec. 4.2)
     g = torch.Generator(device).manual_seed(args.seed)
     if args.inpaint:
         if args.classes == "all":
             raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
         return inpaint(args, vq, chain, opts, g, device)
     # --- sampling: x_T uniform, then the T - 1 scales in turn (Sec. 3.3)
-    cond, per_row = parse_condition(args, chain, args.n, device)
-
-    n = len(next(iter(cond.values()))) if cond else args.n
+    if args.across:     # one pair of conditions for every sample: left and right (Fig. 4)
+        cond, per_row = across_condition(args, chain), None
+        n = args.n
+    else:
+        cond, per_row = parse_condition(args, chain, args.n, device)
+        n = len(next(iter(cond.values()))) if cond else args.n
+    per_sample = lambda sl: {} if args.across else {k: v[sl] for k, v in cond.items()}
     t0 = time.time()
-    parts = [chain.sample_chain(sl.stop - sl.start, generator=g, **{k: v[sl] for k, v in cond.items()}, **opts)
+    parts = [chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride, across=args.across,
+                                **(cond if args.across else per_sample(sl)), **opts)
              for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None)]
     trajectory = [torch.cat(x_t) for x_t in zip(*parts)]       # [x_T, ..., x_1], each (n, h, w)
     x1 = trajectory[-1]
@@ -743,10 +897,11 @@ def main():
     else:
         images = vq.decode(x1)
         path = args.out or os.path.join(args.run, "sample.png")
-        ib.save_image_grid(images, path, nrow=per_row or int(math.ceil(math.sqrt(n))))
+        wide = images.shape[-1] / images.shape[-2]               # a squarish grid, also of panoramas
+        ib.save_image_grid(images, path, nrow=per_row or max(1, int(math.ceil(math.sqrt(n / wide)))))
         print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
               flush=True)
-    save_outputs(args, images, x1, cond.get("labels"))
+    save_outputs(args, images, x1, None if args.across else cond.get("labels"))
 
 
 if __name__ == "__main__":

@@ -906,6 +906,91 @@ def test_resample_follows_the_weights():
     assert (freq - torch.tensor([[0, 0.25, 0.75, 0], [0.25] * 4, [0.25] * 4])).abs().max() < 0.015
 
 
+# ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2) -----------------------
+
+def test_window_origin_at_every_border():
+    """window_origin against a table written by hand, for an 8 x 8 window on an 8 x 20 grid and
+    on a 12 x 8 grid: Taming Transformers' rule centres the target (4 tokens to its left and
+    above) inside the grid and stays inside at the borders; stride 4 moves the window 4
+    columns at a time, centred on each block of 4."""
+    chain = make_chain(K=16, grid=(8, 8))
+    left = [chain.window_origin(0, j, 8, 20)[1] for j in range(20)]
+    assert left == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 12, 12]
+    top = [chain.window_origin(i, 0, 12, 8)[0] for i in range(12)]
+    assert top == [0, 0, 0, 0, 0, 1, 2, 3, 4, 4, 4, 4]
+    left4 = [chain.window_origin(0, j, 8, 20, stride=4)[1] for j in range(20)]
+    assert left4 == [0] * 4 + [2] * 4 + [6] * 4 + [10] * 4 + [12] * 4   # block middle (2, 6, 10, ...) minus 4
+    assert all(chain.window_origin(i, j, 8, 8) == (0, 0) for i in range(8) for j in range(8))   # never moves
+
+
+def test_window_sampler_at_the_training_size_is_sample_chain():
+    """At the training size the window never moves: sample_chain through decode_window (size =
+    the training grid), cached or not, draws the tokens of the ordinary sampler for the same
+    seed and options (temperature, top-k, top-p, guidance), and likewise for masked editing
+    with particles (the latent class included)."""
+    chain = make_chain(K=16, grid=(4, 4))
+    labels = torch.tensor([0, 2, 1])
+    for kw in (dict(), dict(temperature=1.3, top_k=9, top_p=0.9, guidance=1.5)):
+        plain = chain.sample_chain(3, labels, generator=gen(1), **kw)
+        for cache in (True, False):
+            window = chain.sample_chain(3, labels, size=(4, 4), use_cache=cache, generator=gen(1), **kw)
+            assert all(torch.equal(a, b) for a, b in zip(plain, window)), (kw, cache)
+    x1 = torch.randint(0, 16, (3, 4, 4), generator=gen(2))
+    keep = torch.zeros(3, 4, 4, dtype=torch.bool)
+    keep[:, 2:] = True
+    assert torch.equal(chain.inpaint(x1, keep, particles=3, generator=gen(3)),
+                       chain.inpaint(x1, keep, particles=3, size=(4, 4), generator=gen(3)))
+
+
+def test_the_window_decoder_sees_only_the_windows_earlier_tokens(monkeypatch):
+    """In the plain window path every target is decoded from its own window: the encoder reads
+    x_t's window at window_origin, and the decoder is fed exactly the window's tokens before the
+    target in the window's raster order (the output's, once written), nothing outside it."""
+    chain = make_chain(K=16, grid=(4, 4))
+    H, W = 6, 9
+    x_t = torch.randint(0, 16, (2, H * W), generator=gen(0))
+    scale, seen = chain.scale(2), []
+    real_encode, real_decode = scale.encode, scale.decode
+    monkeypatch.setattr(scale, "encode", lambda x, c: seen.append(("enc", x.clone())) or real_encode(x, c))
+    monkeypatch.setattr(scale, "decode", lambda m, x, prefix, c: seen.append(("dec", x.clone(), prefix.clone()))
+                        or real_decode(m, x, prefix, c))
+    out = chain.decode_window(2, x_t, torch.tensor([0, 1]), grid=(H, W), use_cache=False, generator=gen(1))
+    grid_t, grid_out = x_t.view(2, H, W), out.view(2, H, W)
+    decodes = [s for s in seen if s[0] == "dec"]
+    assert len(decodes) == H * W
+    for (_, x_win, prefix), (i, j) in zip(decodes, [(i, j) for i in range(H) for j in range(W)]):
+        top, left = chain.window_origin(i, j, H, W)
+        window_t = grid_t[:, top:top + 4, left:left + 4].flatten(1)
+        p = (i - top) * 4 + (j - left)
+        assert torch.equal(x_win, window_t)
+        assert torch.equal(prefix[:, :p], grid_out[:, top:top + 4, left:left + 4].flatten(1)[:, :p])
+    assert 1 < sum(s[0] == "enc" for s in seen) < H * W     # once per window position, not per token
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_window_sampler_cached_equals_its_plain_reference(stride):
+    """On a larger grid the cached window path (a window that has not moved: one cached step; a
+    moved one: a block pass) draws what the plain reference (the decoder over every target's
+    window prefix) draws, token for token: for Taming's rule and a strided one, for a condition
+    that changes across the image with guidance, and for outpainting with particles."""
+    chain = make_chain(K=16, grid=(4, 4))
+    for kw in (dict(labels=torch.tensor([0, 1])), dict(labels=[0, 2], across=True, guidance=0.5, temperature=1.2)):
+        a = chain.sample_chain(2, size=(6, 10), stride=stride, generator=gen(1), **kw)
+        b = chain.sample_chain(2, size=(6, 10), stride=stride, use_cache=False, generator=gen(1), **kw)
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[-1].shape == (2, 6, 10)
+    x1 = torch.randint(0, 16, (2, 6, 10), generator=gen(2))
+    keep = torch.zeros(2, 6, 10, dtype=torch.bool)
+    keep[:, 1:5, 6:] = True
+    out = chain.inpaint(x1, keep, particles=2, size=(6, 10), stride=stride, generator=gen(3))
+    assert torch.equal(out, chain.inpaint(x1, keep, particles=2, size=(6, 10), stride=stride, use_cache=False,
+                                          generator=gen(3)))
+    assert torch.equal(out[keep], x1[keep])
+    with pytest.raises(ValueError, match="smaller"):
+        chain.sample(1, size=(3, 10))
+    with pytest.raises(ValueError, match="exactly two"):
+        chain.sample(1, labels=[0], across=True, size=(4, 8))
+
+
 def test_guidance():
     """guidance=0 with labels is plain conditional sampling (same seed, same samples); a
     positive weight changes them; guidance without labels raises (on both kinds of chain)."""
@@ -1262,6 +1347,46 @@ def test_e2e_sample_classes_with_guidance(trained_run, tmp_path):
     assert data["codes"].shape == (10, 8, 8) and data["codes"].max() < ib.load_run(trained_run.dir)[0].num_codes
     assert data["labels"].tolist() == list(range(10))
     assert np.array_equal(np.asarray(Image.open(os.path.join(pngs, "000003.png"))), data["images"][3])
+
+
+def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, monkeypatch, capsys):
+    """sample.py --size 32x64: panoramas with --class, their --trajectory, --out-dir and --npz at
+    the large size; --across between two classes; --inpaint test:2 --size 32x64 --place right
+    (extending to the left) keeps the given image's codes as they are, and --mask still edits
+    inside it; the seams' figures with --evaluate --size."""
+    run, png = trained_run.dir, str(tmp_path / "p.png")
+    code, out, err = run_script(sample, ["--run", run, "--class", "1", "--n", "2", "--size", "32x64", "--out", png,
+                                         "--npz", str(tmp_path / "p.npz"), "--out-dir", str(tmp_path / "d")],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    assert np.load(str(tmp_path / "p.npz"))["images"].shape == (2, 32, 64, 3)
+    assert Image.open(os.path.join(tmp_path, "d", "000001.png")).size == (64, 32)
+    code, out, err = run_script(sample, ["--run", run, "--n", "2", "--size", "32x64", "--trajectory", "--out", png],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    assert png_size(png) == (3 * 65 + 1, 2 * 33 + 1)          # T = 3 states per row, each 64 x 32
+    code, out, err = run_script(sample, ["--run", run, "--class", "0,2", "--across", "--n", "2", "--size", "32x64",
+                                         "--out", png], monkeypatch, capsys)
+    assert code == 0, err
+    tokens = ib.load_tokens(run)["test"][:2].long()
+    for mask, kept in ((None, 64), ("upper", 32)):
+        npz = str(tmp_path / f"o{kept}.npz")
+        code, out, err = run_script(sample, ["--run", run, "--inpaint", "test:2", "--size", "32x64", "--place", "right",
+                                             "--completions", "2", "--out", png, "--npz", npz]
+                                    + (["--mask", mask] if mask else []), monkeypatch, capsys)
+        assert code == 0, err
+        codes = torch.from_numpy(np.load(npz)["codes"])                     # (4, 8, 16)
+        given = codes[:, :, 8:].flatten(1)
+        same = (given == tokens.repeat_interleave(2, 0).flatten(1)).sum(1)
+        assert (same >= kept).all() and f"{128 - kept} of 128 tokens regenerated" in out
+    result_file = str(tmp_path / "seams.json")
+    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--size", "32x64", "--eval-n", "4", "--out",
+                                         result_file, *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    assert code == 0, err
+    with open(result_file) as f:
+        seams = json.load(f)
+    assert seams["offsets"] == list(range(9)) and len(seams["window"]["fd"]) == len(seams["tiled"]["fd"]) == 9
+    assert 0 <= seams["extend_left"]["same_colour"] <= 1 and seams["extend_right"]["fd"] >= 0
 
 
 def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch, capsys):
