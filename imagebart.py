@@ -760,10 +760,12 @@ class Attention(nn.Module):
             if "w" not in cache:                               # first call: fuse, allocate
                 cache["w"] = torch.cat([self.to_q.weight, self.to_kv.weight])     # (3C, C): q, k, v
                 cache["b"] = torch.cat([self.to_q.bias, self.to_kv.bias])
-                cache["k"] = x.new_empty(B, nh, cache["size"], hs)
-                cache["v"] = x.new_empty(B, nh, cache["size"], hs)
+                cache["k"] = x.new_zeros(B, nh, cache["size"], hs)
+                cache["v"] = x.new_zeros(B, nh, cache["size"], hs)
                 cache["len"] = 0
             q, k_new, v_new = split(F.linear(x, cache["w"], cache["b"]), 3)      # each (B, nh, L, hs)
+            if cache.get("static"):
+                return self.static_attention(q, k_new, v_new, cache)
             start, end = cache["len"], cache["len"] + L
             cache["k"][:, :, start:end] = k_new                # written in place: no torch.cat
             cache["v"][:, :, start:end] = v_new
@@ -782,6 +784,20 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # mask (L, L'): True = attend
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+    def static_attention(self, q, k_new, v_new, cache: dict):
+        """The same self-attention over a static cache (new_caches(static=True)), the shape CUDA
+        graphs need: the buffers keep their full length, the new keys and values are written at
+        cache["positions"] (a tensor, so a captured step can be replayed at any position), and
+        a mask over the whole buffer lets each query see the keys up to its own position (the
+        zeros not yet written are masked out). q, k_new, v_new (B, nh, L, hs) -> (B, L, C)."""
+        B, nh, L, hs = q.shape
+        positions = cache["positions"]                                         # (L,) long
+        cache["k"].index_copy_(2, positions, k_new)
+        cache["v"].index_copy_(2, positions, v_new)
+        mask = torch.arange(cache["size"], device=q.device)[None, :] <= positions[:, None]   # (L, size)
+        y = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, L, nh * hs))
 
 
 class Block(nn.Module):
@@ -885,14 +901,22 @@ class ScaleTransformer(nn.Module):
             h = block(h)                                                  # no mask: bidirectional
         return self.enc_ln(h)
 
-    def embed_decoder(self, tokens_in, x_t, c, offset: int):
+    @staticmethod
+    def span(z, offset, L: int):
+        """z[:, offset:offset + L] for an int offset, or for a 0-dim tensor one (a position a
+        CUDA graph is replayed at: a tensor index, not a slice the graph would freeze)."""
+        if isinstance(offset, int):
+            return z[:, offset:offset + L]
+        return z.index_select(1, offset + torch.arange(L, device=z.device))
+
+    def embed_decoder(self, tokens_in, x_t, c, offset):
         """Decoder input at positions offset .. offset+L-1. tokens_in (B, L) holds, for position
         i, the token x^{i-1}_{t-1} (START at i = 0): the right shift that makes it causal."""
         L = tokens_in.shape[1]
-        h = self.dec_tok(tokens_in) + self.dec_pos[:, offset:offset + L]   # (B, L, C)
+        h = self.dec_tok(tokens_in) + self.span(self.dec_pos, offset, L)  # (B, L, C)
         if self.align_tok is not None:
-            h = h + self.align_tok(x_t[:, offset:offset + L])              # x^i_t at position i
-        if self.conditional and offset == 0:                               # the class enters at START
+            h = h + self.align_tok(self.span(x_t, offset, L))              # x^i_t at position i
+        if self.conditional and isinstance(offset, int) and offset == 0:   # the class enters at START
             h = torch.cat([h[:, :1] + self.class_emb(c)[:, None], h[:, 1:]], dim=1)
         return h
 
@@ -900,7 +924,7 @@ class ScaleTransformer(nn.Module):
         out = self.head(self.ln_f(h))                                      # (B, L, K)
         if self.logit_scale is not None:
             # s * network + log q(x^i_t | x^i_{t-1} = k), the constant log(beta_t / K) dropped
-            x_here = x_t[:, offset:offset + h.shape[1]]
+            x_here = self.span(x_t, offset, h.shape[1])
             out = self.logit_scale * out + self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
         return out
 
@@ -922,22 +946,63 @@ class ScaleTransformer(nn.Module):
         """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)."""
         return self.decode(self.encode(x_t, c), x_t, x_tm1, c)
 
-    def new_caches(self) -> list[dict]:
-        """Empty key/value caches, one per decoder block, for a sequence of text prefix + N."""
-        return [{"self": {"size": self.text_prefix_len + self.N}, "cross": {}} for _ in self.decoder]
+    def new_caches(self, static: bool = False) -> list[dict]:
+        """Empty key/value caches, one per decoder block, for a sequence of text prefix + N.
+        static=True: full-length buffers written at tensor positions (Attention.static_attention),
+        for a step captured as a CUDA graph (GraphedStep)."""
+        return [{"self": {"size": self.text_prefix_len + self.N, "static": static}, "cross": {}} for _ in self.decoder]
 
-    def step(self, tokens_in, i: int, memory, x_t, c, caches: list[dict]):
+    def step(self, tokens_in, i, memory, x_t, c, caches: list[dict]):
         """Cached decoding of the L positions i..i+L-1: tokens_in (B, L) = x^{i-1..i+L-2}_{t-1}
         (START first at i = 0) -> logits (B, L, K). L = 1 when sampling; a run of given tokens
         in masked editing is one block. A text prefix enters the cache with the first step, in
-        one causal pass."""
+        one causal pass. i is an int, or (on a static cache) a 0-dim tensor."""
+        L = tokens_in.shape[1]
         h = self.embed_decoder(tokens_in, x_t, c, i)                      # (B, L, C)
-        prefix = self.text_prefix(c) if i == 0 else None
+        prefix = self.text_prefix(c) if isinstance(i, int) and i == 0 else None
         if prefix is not None:
             h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
+        if caches[0]["self"]["static"]:       # where the new positions go in the full buffers
+            positions = torch.arange(h.shape[1], device=h.device) + (i if prefix is None else 0) + \
+                (0 if prefix is not None else self.text_prefix_len)
+            for cache in caches:
+                cache["self"]["positions"] = positions
         for block, cache in zip(self.decoder, caches):
             h = block(h, memory, causal=True, cache=cache)
-        return self.logits(h[:, h.shape[1] - tokens_in.shape[1]:], x_t, i)
+        return self.logits(h[:, h.shape[1] - L:], x_t, i)
+
+
+class GraphedStep:
+    """ScaleTransformer.step for one new token (L = 1), captured once as a CUDA graph and replayed
+    for every later position: a decoding step is hundreds of small kernels, and on a GPU their
+    launches, not their arithmetic, set its speed. The graph needs tensors that stay put: the
+    static cache (new_caches(static=True)), the encoder output, x_t and c, and this object's
+    token and position inputs, copied in before each replay. Where CUDA is absent it is the
+    plain step. A thin wrapper: what is captured is step itself."""
+
+    def __init__(self, model: "ScaleTransformer", memory, x_t, c, caches: list[dict], batch: int):
+        self.model, self.fixed, self.graph = model, (memory, x_t, c, caches), None
+        if x_t.device.type != "cuda":
+            return
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=x_t.device)
+        self.position = torch.ones((), dtype=torch.long, device=x_t.device)
+        side = torch.cuda.Stream()                     # warm up outside the capture (torch's recipe);
+        side.wait_stream(torch.cuda.current_stream())  # it writes position 1, which the real step overwrites
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.step(self.token, self.position, *self.fixed)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.step(self.token, self.position, *self.fixed)
+
+    def __call__(self, tokens_in, i: int):
+        if self.graph is None:
+            return self.model.step(tokens_in, i, *self.fixed)
+        self.token.copy_(tokens_in)
+        self.position.fill_(i)
+        self.graph.replay()
+        return self.logits
 
 
 def scale_flops(cfg: ChainConfig, t: int) -> int:
@@ -1168,7 +1233,7 @@ class ImageBART(nn.Module):
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
     def decode_scale(self, t: int, x_t, c, *, temperature=1.0, top_k=None, top_p=None,
                      guidance: float = 0.0, use_cache: bool = True, forced=None, force_mask=None,
-                     generator=None, weights: bool = False):
+                     generator=None, weights: bool = False, graph: bool = False):
         """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), one token at a time.  x_t (B, N) -> (B, N).
 
         c: the condition of each row (see `condition`). Classifier-free guidance runs the batch
@@ -1180,7 +1245,9 @@ class ImageBART(nn.Module):
         the work of an upper-half completion. weights=True also returns log w (B,), the
         log-probability the decoder gave the forced tokens, sum over them of
         log p(x^i = forced^i | x^{<i}, x_t, c) (under the same temperature, top-k, top-p and
-        guidance as the draws): how well the drawn tokens fit the given ones (sample_chain)."""
+        guidance as the draws): how well the drawn tokens fit the given ones (sample_chain).
+        graph=True: a static cache, and every one-token step after the first replayed as a CUDA
+        graph (GraphedStep; on a CPU the same static cache, stepped plainly)."""
         model = self.scale(t)
         B, N = x_t.shape
         # With guidance every row runs twice: rows 0..B-1 with c (conditional), rows B..2B-1
@@ -1192,7 +1259,7 @@ class ImageBART(nn.Module):
         out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
         log_w = torch.zeros(B, device=x_t.device)
         every_row_given = force_mask.all(0).tolist() if force_mask is not None else [False] * N   # N bools
-        caches = model.new_caches()
+        caches, graphed = model.new_caches(static=graph), None
         token_in = torch.full((x_t.shape[0], 1), model.START, dtype=torch.long, device=x_t.device)
         i = 0
         while i < N:
@@ -1204,7 +1271,11 @@ class ImageBART(nn.Module):
                 out[:, i:i + L] = forced[:, i:i + L]
             if use_cache:
                 tokens_in = torch.cat([token_in, rows(out[:, i:i + L - 1])], dim=1)     # (G B, L): shifted right
-                logits = model.step(tokens_in, i, memory, x_t, c, caches)               # (G B, L, K)
+                if graph and L == 1 and i > 0:      # the same step, captured once, replayed
+                    graphed = graphed or GraphedStep(model, memory, x_t, c, caches, x_t.shape[0])
+                    logits = graphed(tokens_in, i)
+                else:
+                    logits = model.step(tokens_in, i, memory, x_t, c, caches)           # (G B, L, K)
             else:  # no cache: re-run the decoder over the whole prefix 0..i+L-1 for every step
                 logits = model.decode(memory, x_t, rows(out[:, :i + L]), c)[:, i:i + L]
             here = slice(i, i + L)
@@ -1310,7 +1381,8 @@ class ImageBART(nn.Module):
     def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, text=None, temperature=1.0, top_k=None,
                      top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
                      context: str = "clean", particles: int = 1, size: tuple[int, int] | None = None,
-                     stride: int = 1, across: bool = False, generator=None) -> list[torch.Tensor]:
+                     stride: int = 1, across: bool = False, graph: bool = False,
+                     generator=None) -> list[torch.Tensor]:
         """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w), or (n, H, W) with
         size = (H, W) codes: a grid larger than the training grid, written patch-wise through
         windows (decode_window, placed by window_origin with `stride`). across=True: labels or
@@ -1348,7 +1420,7 @@ class ImageBART(nn.Module):
         if size is not None and (size[0] < self.cfg.grid[0] or size[1] < self.cfg.grid[1]):
             raise ValueError(f"size {tuple(size)} is smaller than the training grid {tuple(self.cfg.grid)}")
         # the training grid, one decoder pass per scale; or through moving windows
-        decode = self.decode_scale if size is None and not across else \
+        decode = functools.partial(self.decode_scale, graph=graph) if size is None and not across else \
             functools.partial(self.decode_window, grid=(h, w), stride=stride)
         if across:   # a pair of conditions, (left, right), each (n M, ...)
             pair = labels if labels is not None else text
@@ -2274,9 +2346,18 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                         "with bf16 instructions (AVX512-BF16, AMX), else fp32. Sampling and evaluation are fp32")
 
 
+def compile_module(module: nn.Module, mode: str | None) -> None:
+    """--compile MODE: torch.compile `module` in place (its state dict keeps its keys); None = not."""
+    if mode:
+        module.compile(**({} if mode == "default" else {"mode": mode}))
+
+
 def add_speed_args(p: argparse.ArgumentParser) -> None:
     """--compile and --benchmark, shared by train_vq.py and train_chain.py."""
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (worth it on a GPU)")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile the networks (worth it on a GPU); reduce-overhead also captures each "
+                        "step as CUDA graphs, max-autotune searches kernels too")
     speed = p.add_argument_group("--benchmark: time training steps of random weights on random data, no data set")
     speed.add_argument("--benchmark", action="store_true",
                        help="time --bench-steps training steps of --preset; one JSON line with the MFU")

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image
 
 import imagebart as ib
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--place", choices=("left", "right", "center"), default=None,
                    help="--inpaint with --size: where the given image goes on the canvas; the rest is drawn "
                         "(default left: the image is extended to the right)")
+    p.add_argument("--tiled", action="store_true",
+                   help="--size: the baseline instead, independent samples of the training size side by side "
+                        "(with seams between them)")
     p.add_argument("--across", action="store_true",
                    help="two conditions (--class A,B or --prompt A --prompt B): the first on the left, the "
                         "second on the right, mixed in between")
@@ -236,6 +240,18 @@ def check_canvas_options(args) -> None:
         count = len(args.prompts or []) or (len(classes) if args.classes not in (None, "all") else 0)
         if count != 2 or (args.prompts and args.classes):
             raise ib.UserError("--across takes exactly two conditions: --class A,B or --prompt A --prompt B")
+
+
+def tiled_samples(args, chain: ib.ImageBART, cond: dict, n: int, size, g, opts) -> list[torch.Tensor]:
+    """--tiled: for each of n canvases, independent samples of the training size (same condition)
+    put side by side and one above the other, cut to the canvas: [x_T, ..., x_1], each (n, H, W)."""
+    if size is None or args.across:
+        raise ib.UserError("--tiled draws the baseline of a --size canvas (without --across)")
+    (h, w), (H, W) = chain.cfg.grid, size
+    rows, cols = math.ceil(H / h), math.ceil(W / w)
+    each = {k: v.repeat_interleave(rows * cols, 0) for k, v in cond.items()}
+    states = chain.sample_chain(n * rows * cols, generator=g, **each, **opts)
+    return [rearrange(x, "(n r c) h w -> n (r h) (c w)", r=rows, c=cols)[:, :H, :W] for x in states]
 
 
 def canvas_origin(image: tuple[int, int], canvas: tuple[int, int], place: str) -> tuple[int, int]:
@@ -410,6 +426,8 @@ def benchmark(args) -> None:
         torch.cuda.reset_peak_memory_stats()
     t_cached, x_cached = run(use_cache=True)
     t_uncached, x_uncached = run(use_cache=False)
+    run(graph=True)                                  # warm-up (and on a GPU the capture)
+    t_graph, x_graph = run(graph=True)               # static cache; on a GPU each step a CUDA graph
     tokens = args.batch * cfg.N * (chain.T - 1)      # every scale writes N tokens per image
     result = {"preset": args.preset, "device": str(device), "batch": args.batch, "T": chain.T, "N": cfg.N,
               "K": K, "params_per_scale_M": round(sum(p.numel() for p in chain.scale(2).parameters()) / 1e6, 3),
@@ -417,7 +435,14 @@ def benchmark(args) -> None:
               "cached_tokens_per_s": round(tokens / t_cached, 1), "cached_images_per_s": round(args.batch / t_cached, 3),
               "uncached_tokens_per_s": round(tokens / t_uncached, 1),
               "uncached_images_per_s": round(args.batch / t_uncached, 3),
-              "speedup": round(t_uncached / t_cached, 2), "same_samples": bool((x_cached == x_uncached).all())}
+              "speedup": round(t_uncached / t_cached, 2), "same_samples": bool((x_cached == x_uncached).all()),
+              "static_cache": "CUDA graph" if device.type == "cuda" else "no graph without CUDA: the static cache only",
+              "static_tokens_per_s": round(tokens / t_graph, 1), "static_speedup": round(t_uncached / t_graph, 2),
+              "static_same_samples": bool((x_graph == x_cached).all()),
+              # graph capture may change the arithmetic's order: then compare what is drawn
+              "static_token_frequency_gap": round(float((torch.bincount(x_graph.flatten(), minlength=K) -
+                                                         torch.bincount(x_cached.flatten(), minlength=K)).abs().sum()
+                                                        / x_cached.numel()), 4)}
     if device.type == "cuda":
         result["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print(json.dumps(result), flush=True)
@@ -881,10 +906,13 @@ def main():
         n = len(next(iter(cond.values()))) if cond else args.n
     per_sample = lambda sl: {} if args.across else {k: v[sl] for k, v in cond.items()}
     t0 = time.time()
-    parts = [chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride, across=args.across,
-                                **(cond if args.across else per_sample(sl)), **opts)
-             for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None)]
-    trajectory = [torch.cat(x_t) for x_t in zip(*parts)]       # [x_T, ..., x_1], each (n, h, w)
+    if args.tiled:      # the baseline of patch-wise sampling: training-size samples, side by side
+        trajectory = tiled_samples(args, chain, cond, n, size, g, opts)
+    else:
+        parts = [chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride, across=args.across,
+                                    **(cond if args.across else per_sample(sl)), **opts)
+                 for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None)]
+        trajectory = [torch.cat(x_t) for x_t in zip(*parts)]   # [x_T, ..., x_1], each (n, h, w)
     x1 = trajectory[-1]
     print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
     if args.trajectory:

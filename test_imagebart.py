@@ -991,6 +991,34 @@ def test_window_sampler_cached_equals_its_plain_reference(stride):
         chain.sample(1, labels=[0], across=True, size=(4, 8))
 
 
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_static_cache_and_graph_wrapper_equal_the_reference_cache(text):
+    """The static key/value cache (full-length buffers, positions as tensors, a mask: what a CUDA
+    graph needs) draws the tokens of the growing cache on both kinds of scale, with guidance and
+    with forced tokens; a step at a tensor position gives the logits of the same step at the int
+    position; and GraphedStep, where CUDA is absent, is the plain step."""
+    chain = make_chain(K=16, grid=(4, 4), text=text)
+    x_t, forced, c = random_pair(chain, B=3)
+    force_mask = torch.zeros(3, 16, dtype=torch.bool)
+    force_mask[:, 10:] = True
+    for t in (2, 3):
+        for kw in (dict(guidance=1.0), dict(forced=forced, force_mask=force_mask)):
+            assert torch.equal(chain.decode_scale(t, x_t, c, generator=gen(5), **kw),
+                               chain.decode_scale(t, x_t, c, graph=True, generator=gen(5), **kw)), (t, kw)
+        scale = chain.scale(t)
+        memory, start = scale.encode(x_t, c), torch.full((3, 1), scale.START)
+        logits = {}
+        for name, position in (("int", 1), ("tensor", torch.tensor(1))):
+            caches = scale.new_caches(static=True)
+            scale.step(start, 0, memory, x_t, c, caches)
+            logits[name] = scale.step(forced[:, :1], position, memory, x_t, c, caches)
+        assert torch.allclose(logits["int"], logits["tensor"], atol=1e-6)
+        caches = scale.new_caches(static=True)
+        scale.step(start, 0, memory, x_t, c, caches)
+        graphed = ib.GraphedStep(scale, memory, x_t, c, caches, 3)
+        assert graphed.graph is None and torch.allclose(graphed(forced[:, :1], 1), logits["int"], atol=1e-6)
+
+
 def test_guidance():
     """guidance=0 with labels is plain conditional sampling (same seed, same samples); a
     positive weight changes them; guidance without labels raises (on both kinds of chain)."""

@@ -319,6 +319,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         if trim_log:   # steps logged after the checkpoint we resume from are about to run again: drop them
             ib.trim_log(out, lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
         log = open(ib.log_path(out), "a")
+    first_bad, bad_loss = torch.tensor(-1, device=device), torch.tensor(0.0, device=device)
     while step < cfg.steps:
         net.train()
 
@@ -340,9 +341,11 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
 
         # --- step: the loss of Eq. 7 (Eq. 8 at t = 2), x_t and x_{t-1} drawn inside from q
         loss, grad_norm = optimizer_step(model, t, opt, train[idx], cond, device, ddp)
-        if not torch.isfinite(loss):   # stop before a NaN reaches a checkpoint
-            raise ib.UserError(f"scale t={t}: the loss became {loss.item()} at step {step}; "
-                               f"stopped, the last good checkpoint is kept in {path}")
+        # the first step whose loss is not finite, kept on the device: reading the loss every
+        # step would wait for the device every step (on a GPU, a sync per step); it is read
+        # when the step is logged or checkpointed, so a NaN never reaches a checkpoint
+        new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
+        first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss.detach(), bad_loss)
 
         # --- EMA of the weights, for evaluation and sampling; its decay ramps up so early
         # averages are not dominated by the random initialisation
@@ -352,14 +355,21 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
                 p_ema.lerp_(p, 1 - decay)
         step += 1
 
-        # --- logging: a progress line with ETA; log.jsonl every log_every steps
+        # --- logging: a progress line with ETA; log.jsonl every log_every steps (the only
+        # places, with checkpoints, where a step waits for the device)
+        at_checkpoint = step % cfg.ckpt_every == 0 or step == cfg.steps
+        if not (step % cfg.log_every == 0 or at_checkpoint):
+            continue
+        if first_bad.item() >= 0:      # stop before a NaN reaches a checkpoint
+            raise ib.UserError(f"scale t={t}: the loss became {bad_loss.item()} at step {first_bad.item()}; "
+                               f"stopped, the last good checkpoint is kept in {path}")
         bits = loss.item() / math.log(2)
         if world.main:
             progress(step - 1, loss_bits=bits, lr=lr)
         record = {"stage": "chain", "t": t, "step": step, "loss_bits": bits, "grad_norm": grad_norm.item(), "lr": lr}
 
         # --- evaluate and checkpoint: the test term of the bound, then scale_<t>.pt
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if at_checkpoint:
             world.check_same_weights(net, f"scale t={t}, step {step}")
             if not world.main:
                 continue
@@ -390,7 +400,7 @@ def scale_workers(requested: int | None, device, world: ib.World, scales: int) -
     return workers, max(1, threads // workers)
 
 
-def _scale_worker(out: str, config: dict, t: int, threads: int, compile: bool) -> float:
+def _scale_worker(out: str, config: dict, t: int, threads: int, compile: str | None) -> float:
     """One scale in a process of its own (train_scales): the chain built as main() builds it
     (same seed, so the same initial weights), then scale t trained with `threads` threads.
     -> seconds."""
@@ -399,8 +409,7 @@ def _scale_worker(out: str, config: dict, t: int, threads: int, compile: bool) -
     cfg = ib.ChainConfig(**config)
     torch.manual_seed(cfg.seed)
     model = ib.ImageBART(cfg)
-    if compile:
-        model.scale(t).compile()
+    ib.compile_module(model.scale(t), compile)
     try:
         train_scale(model, t, ib.load_tokens(out), out, torch.device("cpu"), trim_log=False)
     except KeyboardInterrupt:           # Ctrl-C reaches every process: the parent says what to do
@@ -409,7 +418,7 @@ def _scale_worker(out: str, config: dict, t: int, threads: int, compile: bool) -
 
 
 def train_scales(cfg: ib.ChainConfig, scales: list[int], out: str, workers: int, threads: int,
-                 compile: bool) -> dict:
+                 compile: str | None) -> dict:
     """Train `scales`, `workers` of them at a time, each in a process of its own (spawned, so
     that none inherits this process's threads). Each writes its own scale_<t>.pt; their log
     lines are appended to one log.jsonl, trimmed here first, once, for all of them.
@@ -512,8 +521,7 @@ def benchmark(args) -> None:
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
     seconds, flops = 0.0, 0
     for t in range(cfg.T, 1, -1):
-        if args.compile:
-            model.scale(t).compile()
+        ib.compile_module(model.scale(t), args.compile)
         opt = make_optimizer(model.scale(t), cfg, device)
         seconds += ib.time_steps(lambda: optimizer_step(model, t, opt, x1, {"labels": labels}, device),
                                  args.bench_steps, device)
@@ -588,8 +596,7 @@ def main():
     else:                                  # one scale after the other, in this process
         scale_times = {}
         for t in scales:
-            if args.compile:
-                model.scale(t).compile()       # in place: the state dict keeps its keys
+            ib.compile_module(model.scale(t), args.compile)       # in place: the state dict keeps its keys
             t_scale = time.time()
             train_scale(model, t, tokens, out, device, world)
             scale_times[t] = time.time() - t_scale

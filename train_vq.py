@@ -413,9 +413,8 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
     cfg = dataclasses.replace(cfg, dtype=ib.resolve_dtype(args.dtype, device))
     torch.manual_seed(cfg.seed)
     gan = setup(cfg, None, device, args.lpips_weights)
-    if args.compile:
-        gan.vq.compile()
-        gan.disc.compile()
+    ib.compile_module(gan.vq, args.compile)
+    ib.compile_module(gan.disc, args.compile)
     x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter:
         gan_step(gan, x, gan_on=True)
