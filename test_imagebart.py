@@ -1005,6 +1005,72 @@ def test_guidance():
         make_chain(num_labels=0).sample(3, guidance=1.0, generator=gen(3))
 
 
+# ----- Choosing among candidates: rejection (Table 2) and reranking (Fig. 3) -----------------
+
+def code_score(x1: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A stand-in score of candidates: a fixed function of their codes, with no ties to speak of."""
+    return (x1.float().flatten(1) * (torch.arange(x1[0].numel()) + 1)).sum(1).sin()
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_rejection_at_R_1_is_plain_sampling_and_keeps_the_top_scored(text):
+    """sample_best_of: at accept = 1 its samples are chain.sample's in batches of `batch`, same
+    generator. At R = 0.25 every condition of n_c asked rows draws
+    ceil(n_c / R) candidates under itself, the scores are the score function's of the candidates,
+    and the kept samples of each condition are exactly its n_c highest-scored candidates, in the
+    asked places; rerank K draws K per condition and keeps its n_c best. Accept outside (0, 1]
+    (nan included) and K below a group's size raise."""
+    chain = make_chain(text=text)
+    asked = ["a red star", "a blue ring", "a green star"] * 2 + ["a red star"] if text else \
+        torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    cond = {"text": asked} if text else {"labels": asked}
+    ids = chain.tokenizer.encode(asked) if text else asked
+    plain = torch.cat([chain.sample(sl.stop - sl.start, **({"text": asked[sl]} if text else {"labels": asked[sl]}),
+                                    generator=g) for g in [gen(3)] for sl in ib.batches(7, 4)])
+    best = ib.sample_best_of(chain, 7, code_score, **cond, accept=1.0, generator=gen(3), batch=4)
+    assert torch.equal(best.codes, plain) and len(best.candidates) == 7
+    best = ib.sample_best_of(chain, 7, code_score, **cond, accept=0.25, generator=gen(3), batch=4)
+    assert len(best.candidates) == 12 + 8 + 8                       # ceil(3 / 0.25) + 2 * ceil(2 / 0.25)
+    assert torch.allclose(best.candidate_scores, code_score(best.candidates, best.drawn_for))
+    assert torch.equal(best.codes, best.candidates[best.kept])
+    drawn_under = ids[best.drawn_for]                                 # each candidate's condition
+    for row in range(7):                                              # kept ones were drawn for their row's
+        assert torch.equal(drawn_under[best.kept[row]], ids[row])
+    for c in {tuple(torch.atleast_1d(r).tolist()) for r in ids}:
+        mine = torch.tensor([tuple(torch.atleast_1d(r).tolist()) == c for r in drawn_under])
+        asked_here = torch.tensor([tuple(torch.atleast_1d(r).tolist()) == c for r in ids])
+        top = best.candidate_scores.masked_fill(~mine, -math.inf).topk(int(asked_here.sum())).indices
+        assert set(best.kept[asked_here].tolist()) == set(top.tolist())
+        assert mine.sum() == math.ceil(asked_here.sum() / 0.25)
+    best = ib.sample_best_of(chain, 7, code_score, **cond, rerank=4, generator=gen(3), batch=4)
+    assert len(best.candidates) == 3 * 4
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="accept must lie"):
+            ib.sample_best_of(chain, 7, code_score, **cond, accept=bad)
+    with pytest.raises(ValueError, match="rerank 2"):
+        ib.sample_best_of(chain, 7, code_score, **cond, rerank=2)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_bayes_score_is_the_difference_of_two_bounds_with_common_random_numbers(text):
+    """bayes_score (the Bayes scorer of reranking) = nll(x_1 | null) - nll(x_1 | c), the two bounds
+    computed separately, each with a generator of the same seed; and those common random numbers
+    are what make it worth having: over 20 seeds its spread is well under that of the same
+    difference with independent draws."""
+    chain = make_chain(text=text)
+    x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(1))
+    cond = {"text": ["a red star", "a blue ring", "a green star", "a red star"]} if text else \
+        {"labels": torch.tensor([0, 1, 2, 0])}
+    score = chain.bayes_score(x1, **cond, generator=gen(5))
+    assert torch.equal(score, chain.nll(x1, generator=gen(5)) - chain.nll(x1, **cond, generator=gen(5)))
+    common = torch.stack([chain.bayes_score(x1, **cond, generator=gen(k)) for k in range(20)])
+    independent = torch.stack([chain.nll(x1, generator=gen(k)) - chain.nll(x1, **cond, generator=gen(k + 100))
+                               for k in range(20)])
+    assert common.std(0).mean() < 0.6 * independent.std(0).mean()
+    with pytest.raises(ValueError, match="null one"):
+        chain.bayes_score(x1)
+
+
 # ----- Text conditions (Sec. 4.2) ----------------------------------------------------
 
 def test_tokenizer_round_trip_unknown_words_and_length():
@@ -2206,6 +2272,40 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     with open(other) as f:
         assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised", "particles": 2}
     assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
+
+
+def test_the_rejection_classifier_is_not_the_judge(trained_run, tmp_path):
+    """The classifier that rejection and reranking choose with (Table 2, Fig. 3) is not the judge
+    that evaluates: another file of the cache, another network (an embedding of the first stage's
+    codes, not pixels, and two convolutions, not four) from another seed. Trained once, then
+    loaded from the cache (file untouched, same weights); the cache key includes the first stage:
+    the same codes and labels beside a changed vq.pt weight get another file."""
+    judges = str(tmp_path / "judges")
+    cfg = dataclasses.replace(ib.CodeClassifierConfig(), steps=20)
+    classifier, info = ib.classifier_for(trained_run.dir, judges, cfg)
+    with open(ib.eval_path(trained_run.dir)) as f:
+        judge_file = json.load(f)["judge"]["file"]
+    assert not info["cached"] and os.path.dirname(info["file"]) == judges and info["file"] != judge_file
+    judge = ib.Judge(ib.JudgeConfig(), 10)
+    assert isinstance(classifier, ib.CodeClassifier) and not isinstance(classifier, ib.Judge)
+    assert isinstance(classifier.embed, torch.nn.Embedding) and judge.net[0].in_channels == 3     # codes, pixels
+    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+    assert convs(classifier) == 2 and convs(judge) == 4 and cfg.seed != ib.JudgeConfig().seed
+    codes = ib.load_tokens(trained_run.dir)["test"][:4].long()
+    log_p = ib.classify_codes(classifier, codes)
+    assert log_p.shape == (4, 10) and torch.allclose(log_p.exp().sum(-1), torch.ones(4))
+    mtime = os.stat(info["file"]).st_mtime_ns
+    again, info_again = ib.classifier_for(trained_run.dir, judges, cfg)
+    assert info_again["cached"] and info_again["file"] == info["file"] and os.stat(info["file"]).st_mtime_ns == mtime
+    assert torch.equal(ib.classify_codes(again, codes), log_p)
+    other = tmp_path / "other"
+    shutil.copytree(trained_run.dir, other)
+    vq = torch.load(other / "vq.pt", weights_only=True)
+    name = next(k for k, v in vq["model"].items() if v.is_floating_point())
+    vq["model"][name] = vq["model"][name] + 1e-3
+    torch.save(vq, other / "vq.pt")
+    _, info_other = ib.classifier_for(str(other), judges, cfg)
+    assert info_other["file"] != info["file"] and not info_other["cached"]
 
 
 def test_evaluate_needs_a_recorded_or_named_data_set(trained_run, tmp_path, monkeypatch, capsys):
