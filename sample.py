@@ -6,7 +6,10 @@
     python sample.py --run runs/shapes --inpaint test:8 --mask upper   # regenerate the upper half
     python sample.py --run runs/shapes --inpaint my.png --mask mask.png --class 3
     python sample.py --run runs/shapes_text --prompt "a red star" --prompt "a blue ring" --guidance 1
+    python sample.py --run runs/shapes --class all --n 8 --accept 0.25   # rejection with a classifier (Table 2)
+    python sample.py --run runs/shapes_text --prompt "a red star" --n 2 --rerank 32   # best 2 of 32 (Fig. 3)
     python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
+    python sample.py --benchmark --cached-only --batch 50 --T 5 # seconds per image against T (Fig. 8)
     python sample.py --run runs/shapes --evaluate               # the judge's figures -> runs/shapes/eval.json
     python sample.py --run runs/shapes --plot                   # loss curves -> runs/shapes/loss_*.png
     python sample.py --run runs/shapes --serve                  # a page to paint masks on: http://127.0.0.1:8000/
@@ -91,9 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true", help="serve a page to paint masks on and regenerate them")
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
     p.add_argument("--port", type=int, default=8000, help="--serve: the port (0 = any free one)")
+    choose = p.add_argument_group("choosing among candidates: rejection (Table 2) and reranking (Fig. 3); "
+                                  "the classifier of codes that chooses is not the judge")
+    choose.add_argument("--accept", type=float, default=None, metavar="R",
+                        help="rejection sampling with a classifier: per class (or prompt) draw ceil(n / R) "
+                             "candidates, keep the n it finds most likely to show their class; R in (0, 1], "
+                             "1 = plain sampling")
+    choose.add_argument("--rerank", type=int, default=None, metavar="K",
+                        help="best of K: per class or prompt draw K candidates, keep the --n <= K best by --scorer "
+                             "(Fig. 3's best 2 of 32: --rerank 32 --n 2)")
+    choose.add_argument("--scorer", choices=("bayes", "classifier"), default=None,
+                        help="--rerank's score: bayes (default) = the chain's own log p(x|c) - log p(x|null), "
+                             "both from its bound; classifier = log p(class|x) of the classifier of codes")
+    choose.add_argument("--classifier-steps", type=int, default=None,
+                        help=f"training steps of a new classifier of codes (default {ib.CodeClassifierConfig.steps}); "
+                             f"it is cached in --judge-dir")
     p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
     p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
     p.add_argument("--batch", type=int, default=16, help="batch for --benchmark")
+    for name, what in BENCHMARK_FIELDS.items():
+        p.add_argument(f"--{name}", type=int, default=None, help=f"--benchmark: the random chain's {what} "
+                                                                 f"(default: --preset's)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="--benchmark: time the cached sampler alone, in seconds per image (Fig. 8), without "
+                        "the uncached reference")
     judge = p.add_argument_group("--evaluate: judge the run with a classifier trained on its data set (not FID)")
     judge.add_argument("--evaluate", action="store_true",
                        help="accuracy and Frechet distance of reconstructions, samples (guidance 0 and --guidance, "
@@ -101,13 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--dataset", default=None,
                        help="shapes | cifar | folder:PATH, instead of the data set the run recorded")
     judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
-    judge.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
+    judge.add_argument("--judge-dir", default="runs/judges",
+                       help="cache of judges, one per data set, and of the classifiers of codes (--accept)")
     judge.add_argument("--fresh-judges", action="store_true",
                        help="train the judges into --judge-dir even where assets/judges ships them")
     judge.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
     judge.add_argument("--judge-steps", type=int, default=None,
                        help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
     return p
+
+
+# the chain config fields that --benchmark takes: enough for the Table 3 runs' configs
+BENCHMARK_FIELDS = {"T": "number of scales T (x_1 .. x_T)", "n_embd": "width", "n_layer_enc": "encoder layers",
+                    "n_layer_dec": "decoder layers"}
 
 
 # -----------------------------------------------------------------------------
@@ -199,6 +229,85 @@ def class_index(text: str, names: list[str]) -> int:
         known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
         raise ib.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
     return names.index(text)
+
+
+# -----------------------------------------------------------------------------
+# choosing among candidates (Table 2, Fig. 3): --accept, --rerank, --scorer
+
+def check_selection_options(args) -> None:
+    """--accept, --rerank and --scorer, before any work (no run needed): their ranges, and
+    the modes they do not apply to. They choose among new samples of the training size, so not
+    among completions (--inpaint, --serve), trajectories, panoramas (--size, --across)."""
+    if args.scorer is not None and args.rerank is None:
+        raise ib.UserError("--scorer picks --rerank's score; --accept always scores with the classifier of codes")
+    if args.classifier_steps is not None and args.classifier_steps < 1:
+        raise ib.UserError(f"--classifier-steps must be >= 1, got {args.classifier_steps}")
+    if args.accept is None and args.rerank is None:
+        return
+    if args.accept is not None and args.rerank is not None:
+        raise ib.UserError("give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
+    if args.accept is not None and not 0 < args.accept <= 1:       # nan fails this too
+        raise ib.UserError(f"--accept must lie in (0, 1], got {args.accept:g}")
+    if args.rerank is not None and args.rerank < 1:
+        raise ib.UserError(f"--rerank must be >= 1, got {args.rerank}")
+    flag = "--accept" if args.accept is not None else "--rerank"
+    for other, given in (("--inpaint", args.inpaint), ("--serve", args.serve), ("--trajectory", args.trajectory),
+                         ("--size", args.size), ("--across", args.across), ("--plot", args.plot),
+                         ("--benchmark", args.benchmark)):
+        if given:
+            raise ib.UserError(f"{flag} chooses among new samples of the training size; it does not apply to {other}")
+    if args.rerank is not None and not args.evaluate and args.n > args.rerank:
+        raise ib.UserError(f"--rerank {args.rerank} keeps the best --n of {args.rerank} candidates per class or "
+                           f"prompt; --n {args.n} is more than {args.rerank}")
+
+
+def prompt_classes(args, per_prompt: int) -> torch.Tensor:
+    """The class each --prompt names (the one class name of the run among its words), each
+    repeated `per_prompt` times as parse_condition repeats the prompts: what the classifier of
+    codes scores, p(class | x_1), for a text chain's samples."""
+    names = ib.run_class_names(args.run)
+    classes = []
+    for prompt in args.prompts:
+        found = sorted({names.index(w) for w in ib.Tokenizer.words(prompt) if w in names})
+        if len(found) != 1:
+            raise ib.UserError(f"--prompt {prompt!r} names {'none' if not found else 'more than one'} of this run's "
+                               f"classes ({', '.join(names) or 'none recorded'}); the classifier scores the class a "
+                               f"prompt names, so name one (or --rerank with --scorer bayes)")
+        classes.append(found[0])
+    return torch.tensor(classes).repeat_interleave(per_prompt)
+
+
+def classifier_config(args) -> ib.CodeClassifierConfig:
+    base = ib.CodeClassifierConfig()
+    return base if args.classifier_steps is None else dataclasses.replace(base, steps=args.classifier_steps)
+
+
+def select(args, vq: ib.VQGAN, chain: ib.ImageBART, opts: dict, g, device) -> None:
+    """--accept or --rerank: the samples of every class or prompt chosen among more candidates
+    (ib.sample_best_of), by the classifier of codes or by the chain's Bayes score; then written
+    as plain samples are (grid, --out-dir, --npz)."""
+    flag = "--accept" if args.accept is not None else "--rerank"
+    if chain.num_labels is None and chain.tokenizer is None:
+        raise ib.UserError(f"this run's chain is unconditional: {flag} chooses samples by how well they show their "
+                           f"class or prompt, so it needs a conditional run")
+    cond, per_row = parse_condition(args, chain, args.n, device)
+    if not cond:
+        raise ib.UserError(f"{flag} needs --class (or --prompt): it keeps the candidates that best show what was asked")
+    n = len(next(iter(cond.values())))
+    scorer = "classifier" if args.accept is not None else args.scorer or "bayes"
+    if scorer == "bayes":   # its own generator: the bound's draws do not move the samples' random numbers
+        score = ib.bayes_scorer(chain, cond, torch.Generator(device).manual_seed(args.seed))
+    else:
+        targets = cond["labels"] if "labels" in cond else prompt_classes(args, per_row)
+        classifier, _ = ib.classifier_for(args.run, args.judge_dir, classifier_config(args), device)
+        score = ib.classifier_score(classifier, targets)
+    best = ib.sample_best_of(chain, n, score, **cond, accept=args.accept, rerank=args.rerank, generator=g,
+                             batch=SAMPLE_BATCH, what="sampling candidates", **opts)
+    how = f"rejection with the classifier, R = {args.accept:g}" if args.accept is not None else \
+        f"best of {args.rerank} per {'prompt' if args.prompts else 'class'} by the {scorer} score"
+    print(f"kept {n} of {len(best.candidates)} candidates ({how}): sampling {best.sample_seconds:.1f}s, "
+          f"scoring {best.score_seconds:.1f}s", flush=True)
+    write_samples(args, vq, best.codes, per_row, cond.get("labels"))
 
 
 # -----------------------------------------------------------------------------
@@ -317,6 +426,18 @@ def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> Non
         print(f"wrote {args.npz}", flush=True)
 
 
+def write_samples(args, vq: ib.VQGAN, x1: torch.Tensor, per_row: int | None, labels) -> None:
+    """Samples x_1 (n, h, w) decoded into a grid (--out, default <run>/sample.png; one row per class
+    or prompt when per_row is given), and --out-dir, --npz."""
+    images = vq.decode(x1)
+    path = args.out or os.path.join(args.run, "sample.png")
+    wide = images.shape[-1] / images.shape[-2]               # a squarish grid, also of panoramas
+    ib.save_image_grid(images, path, nrow=per_row or max(1, int(math.ceil(math.sqrt(len(x1) / wide)))))
+    print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
+          flush=True)
+    save_outputs(args, images, x1, labels)
+
+
 # -----------------------------------------------------------------------------
 # masked editing (Sec. 4.3)
 
@@ -398,14 +519,33 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
 
 def benchmark(args) -> None:
     """Cached vs. uncached decoding of the same randomly initialised chain, batch and seed; with
-    --size, the window sampler on that canvas against ordinary cached sampling of as many tokens."""
+    --cached-only, the cached sampler alone in seconds per image (Fig. 8, right: time against T);
+    with --size, the window sampler on that canvas against ordinary cached sampling of as many
+    tokens. --T, --n_embd, --n_layer_enc, --n_layer_dec change the preset's chain, so that the
+    Table 3 runs' configs are timed with random weights (no run needed)."""
     device = ib.pick_device(args.device)
     base = ib.preset_config(ib.CHAIN_PRESETS, args.preset)
     K = 512 if args.preset == "cifar" else 256
-    cfg = dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10)
+    changes = {name: getattr(args, name) for name in BENCHMARK_FIELDS if getattr(args, name) is not None}
+    cfg = dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10, **changes)
+    ib.check_ranges(cfg, positive=("T", "n_embd", "n_layer_enc"), non_negative=("n_layer_dec",))
+    if cfg.T < 2:
+        raise ib.UserError(f"--T must be at least 2, got {cfg.T}")
+    if cfg.n_embd % cfg.n_head:
+        raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by the preset's n_head {cfg.n_head}")
+    if args.batch < 1:
+        raise ib.UserError(f"--batch must be >= 1, got {args.batch}")
     torch.manual_seed(0)
     chain = ib.ImageBART(cfg).to(device).eval()
     labels = torch.arange(args.batch, device=device) % 10
+    # what is timed: the chain's size (Table 3's configs split about the same parameters over T - 1
+    # scales) and the device, by name on a GPU
+    size = {"params_M": round(sum(p.numel() for p in chain.parameters()) / 1e6, 3),
+            "params_by_scale_M": {t: round(sum(p.numel() for p in chain.scale(t).parameters()) / 1e6, 3)
+                                  for t in range(chain.T, 1, -1)},
+            "n_embd": cfg.n_embd, "n_layer_enc": cfg.n_layer_enc, "n_layer_dec": cfg.n_layer_dec}
+    if device.type == "cuda":
+        size["device_name"] = torch.cuda.get_device_name(device)
 
     def run(**kw) -> tuple[float, torch.Tensor]:
         g = torch.Generator(device).manual_seed(args.seed)
@@ -418,7 +558,9 @@ def benchmark(args) -> None:
         return time.perf_counter() - t0, x
 
     if args.size:
-        return benchmark_windows(args, chain, run, device)
+        return benchmark_windows(args, chain, run, device, size)
+    if args.cached_only:
+        return benchmark_seconds_per_image(args, chain, run, device, size)
     # same seed on both paths: the key/value cache must not change a single sample
     run(use_cache=True)
     run(use_cache=False)                             # warm-up both paths
@@ -442,18 +584,36 @@ def benchmark(args) -> None:
               # graph capture may change the arithmetic's order: then compare what is drawn
               "static_token_frequency_gap": round(float((torch.bincount(x_graph.flatten(), minlength=K) -
                                                          torch.bincount(x_cached.flatten(), minlength=K)).abs().sum()
-                                                        / x_cached.numel()), 4)}
+                                                        / x_cached.numel()), 4),
+              "cached_seconds_per_image": round(t_cached / args.batch, 5), **size}
     if device.type == "cuda":
         result["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     print(json.dumps(result), flush=True)
 
 
-def benchmark_windows(args, chain: ib.ImageBART, run, device) -> None:
+BENCHMARK_REPEATS = 3     # timed runs of --cached-only; the median is reported (a shared machine's noise)
+
+
+def benchmark_seconds_per_image(args, chain: ib.ImageBART, run, device, size: dict) -> None:
+    """--benchmark --cached-only: seconds per image of the cached sampler at --batch (Fig. 8,
+    right, times sampling at batch 50 against the number of scales), the median of
+    BENCHMARK_REPEATS runs after a warm-up, with the chain's size."""
+    run(use_cache=True)                               # warm-up
+    seconds = sorted(run(use_cache=True)[0] for _ in range(BENCHMARK_REPEATS))[BENCHMARK_REPEATS // 2]
+    tokens = args.batch * chain.cfg.N * (chain.T - 1)
+    result = {"preset": args.preset, "device": str(device), "batch": args.batch, "T": chain.T, "N": chain.cfg.N,
+              "threads": torch.get_num_threads(), "seconds_per_image": round(seconds / args.batch, 5),
+              "cached_tokens_per_s": round(tokens / seconds, 1), "repeats": BENCHMARK_REPEATS, **size}
+    print(json.dumps(result), flush=True)
+
+
+def benchmark_windows(args, chain: ib.ImageBART, run, device, size: dict) -> None:
     """--benchmark --size HxW: tokens per second of the window sampler on an H x W canvas (the
     preset's first stage: f = 4) with Taming's rule (--stride 1) and with the window moving
     --stride columns at a time (4 unless given), against ordinary cached sampling of as many
     tokens (the canvas's area in training images, each a batch of --batch), in one process;
-    and whether the cached window path draws what its plain reference (no cache) draws."""
+    and whether the cached window path draws what its plain reference (no cache) draws (not
+    with --cached-only). Also in seconds per canvas (per image of that size)."""
     h, w = chain.cfg.grid
     H, W = (int(v) // 4 for v in args.size.lower().split("x"))
     tiles = H * W / (h * w)                           # the canvas in training grids
@@ -465,12 +625,14 @@ def benchmark_windows(args, chain: ib.ImageBART, run, device) -> None:
     ordinary = (time.perf_counter() - t0) / math.ceil(tiles) * tiles
     result = {"preset": args.preset, "device": str(device), "batch": args.batch, "T": chain.T,
               "canvas_codes": [H, W], "threads": torch.get_num_threads(),
-              "ordinary_tokens_per_s": round(tokens / ordinary, 1)}
+              "ordinary_tokens_per_s": round(tokens / ordinary, 1),
+              "ordinary_seconds_per_canvas": round(ordinary / args.batch, 5), **size}
     for stride in sorted({1, args.stride if args.stride > 1 else w // 2}):
         seconds, x = run(size=(H, W), stride=stride)
         result[f"window_stride_{stride}_tokens_per_s"] = round(tokens / seconds, 1)
+        result[f"window_stride_{stride}_seconds_per_canvas"] = round(seconds / args.batch, 5)
         result[f"window_stride_{stride}_slowdown"] = round(seconds / ordinary, 2)
-        if stride == 1 or args.no_cache:              # the reference is slow: checked for one rule
+        if not args.cached_only and (stride == 1 or args.no_cache):   # the reference is slow: one rule
             result[f"window_stride_{stride}_same_as_reference"] = bool(
                 torch.equal(x, run(size=(H, W), stride=stride, use_cache=False)[1]))
     print(json.dumps(result), flush=True)
@@ -490,7 +652,9 @@ def evaluate(args, device) -> None:
                                 judge_steps=args.judge_steps, seed=args.seed, device=device,
                                 inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
                                 out=args.out, shipped_judges=not args.fresh_judges,
-                                canvas=size, stride=args.stride)
+                                canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
+                                scorer="classifier" if args.accept is not None else args.scorer or "bayes",
+                                classifier_steps=args.classifier_steps)
     print(json.dumps(result), flush=True)
 
 
@@ -868,6 +1032,11 @@ def serve(args, device) -> None:
 
 def main():
     args = build_parser().parse_args()
+    given = [f"--{name}" for name in BENCHMARK_FIELDS if getattr(args, name) is not None]
+    if not args.benchmark and (given or args.cached_only):
+        raise ib.UserError(f"{', '.join(given) or '--cached-only'}: for --benchmark's random chain; a run's chain "
+                           f"is read from its checkpoints")
+    check_selection_options(args)
     if args.benchmark:
         return benchmark(args)
     device = ib.pick_device(args.device)
@@ -897,6 +1066,8 @@ def main():
         if args.classes == "all":
             raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
         return inpaint(args, vq, chain, opts, g, device)
+    if args.accept is not None or args.rerank is not None:    # candidates, the best kept (Table 2, Fig. 3)
+        return select(args, vq, chain, opts, g, device)
     # --- sampling: x_T uniform, then the T - 1 scales in turn (Sec. 3.3)
     if args.across:     # one pair of conditions for every sample: left and right (Fig. 4)
         cond, per_row = across_condition(args, chain), None
@@ -922,14 +1093,9 @@ def main():
         ib.save_image_grid(strips.flatten(0, 1), path, nrow=chain.T)
         print(f"wrote {path}: each row decodes x_{chain.T} (left) ... x_1 (right)", flush=True)
         images = strips[:, -1]
+        save_outputs(args, images, x1, None if args.across else cond.get("labels"))
     else:
-        images = vq.decode(x1)
-        path = args.out or os.path.join(args.run, "sample.png")
-        wide = images.shape[-1] / images.shape[-2]               # a squarish grid, also of panoramas
-        ib.save_image_grid(images, path, nrow=per_row or max(1, int(math.ceil(math.sqrt(n / wide)))))
-        print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
-              flush=True)
-    save_outputs(args, images, x1, None if args.across else cond.get("labels"))
+        write_samples(args, vq, x1, per_row, None if args.across else cond.get("labels"))
 
 
 if __name__ == "__main__":

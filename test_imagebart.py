@@ -1033,6 +1033,72 @@ def test_guidance():
         make_chain(num_labels=0).sample(3, guidance=1.0, generator=gen(3))
 
 
+# ----- Choosing among candidates: rejection (Table 2) and reranking (Fig. 3) -----------------
+
+def code_score(x1: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A stand-in score of candidates: a fixed function of their codes, with no ties to speak of."""
+    return (x1.float().flatten(1) * (torch.arange(x1[0].numel()) + 1)).sum(1).sin()
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_rejection_at_R_1_is_plain_sampling_and_keeps_the_top_scored(text):
+    """sample_best_of: at accept = 1 its samples are chain.sample's in batches of `batch`, same
+    generator. At R = 0.25 every condition of n_c asked rows draws
+    ceil(n_c / R) candidates under itself, the scores are the score function's of the candidates,
+    and the kept samples of each condition are exactly its n_c highest-scored candidates, in the
+    asked places; rerank K draws K per condition and keeps its n_c best. Accept outside (0, 1]
+    (nan included) and K below a group's size raise."""
+    chain = make_chain(text=text)
+    asked = ["a red star", "a blue ring", "a green star"] * 2 + ["a red star"] if text else \
+        torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    cond = {"text": asked} if text else {"labels": asked}
+    ids = chain.tokenizer.encode(asked) if text else asked
+    plain = torch.cat([chain.sample(sl.stop - sl.start, **({"text": asked[sl]} if text else {"labels": asked[sl]}),
+                                    generator=g) for g in [gen(3)] for sl in ib.batches(7, 4)])
+    best = ib.sample_best_of(chain, 7, code_score, **cond, accept=1.0, generator=gen(3), batch=4)
+    assert torch.equal(best.codes, plain) and len(best.candidates) == 7
+    best = ib.sample_best_of(chain, 7, code_score, **cond, accept=0.25, generator=gen(3), batch=4)
+    assert len(best.candidates) == 12 + 8 + 8                       # ceil(3 / 0.25) + 2 * ceil(2 / 0.25)
+    assert torch.allclose(best.candidate_scores, code_score(best.candidates, best.drawn_for))
+    assert torch.equal(best.codes, best.candidates[best.kept])
+    drawn_under = ids[best.drawn_for]                                 # each candidate's condition
+    for row in range(7):                                              # kept ones were drawn for their row's
+        assert torch.equal(drawn_under[best.kept[row]], ids[row])
+    for c in {tuple(torch.atleast_1d(r).tolist()) for r in ids}:
+        mine = torch.tensor([tuple(torch.atleast_1d(r).tolist()) == c for r in drawn_under])
+        asked_here = torch.tensor([tuple(torch.atleast_1d(r).tolist()) == c for r in ids])
+        top = best.candidate_scores.masked_fill(~mine, -math.inf).topk(int(asked_here.sum())).indices
+        assert set(best.kept[asked_here].tolist()) == set(top.tolist())
+        assert mine.sum() == math.ceil(asked_here.sum() / 0.25)
+    best = ib.sample_best_of(chain, 7, code_score, **cond, rerank=4, generator=gen(3), batch=4)
+    assert len(best.candidates) == 3 * 4
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="accept must lie"):
+            ib.sample_best_of(chain, 7, code_score, **cond, accept=bad)
+    with pytest.raises(ValueError, match="rerank 2"):
+        ib.sample_best_of(chain, 7, code_score, **cond, rerank=2)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
+def test_bayes_score_is_the_difference_of_two_bounds_with_common_random_numbers(text):
+    """bayes_score (the Bayes scorer of reranking) = nll(x_1 | null) - nll(x_1 | c), the two bounds
+    computed separately, each with a generator of the same seed; and those common random numbers
+    are what make it worth having: over 20 seeds its spread is well under that of the same
+    difference with independent draws."""
+    chain = make_chain(text=text)
+    x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(1))
+    cond = {"text": ["a red star", "a blue ring", "a green star", "a red star"]} if text else \
+        {"labels": torch.tensor([0, 1, 2, 0])}
+    score = chain.bayes_score(x1, **cond, generator=gen(5))
+    assert torch.equal(score, chain.nll(x1, generator=gen(5)) - chain.nll(x1, **cond, generator=gen(5)))
+    common = torch.stack([chain.bayes_score(x1, **cond, generator=gen(k)) for k in range(20)])
+    independent = torch.stack([chain.nll(x1, generator=gen(k)) - chain.nll(x1, **cond, generator=gen(k + 100))
+                               for k in range(20)])
+    assert common.std(0).mean() < 0.6 * independent.std(0).mean()
+    with pytest.raises(ValueError, match="null one"):
+        chain.bayes_score(x1)
+
+
 # ----- Text conditions (Sec. 4.2) ----------------------------------------------------
 
 def test_tokenizer_round_trip_unknown_words_and_length():
@@ -1377,6 +1443,65 @@ def test_e2e_sample_classes_with_guidance(trained_run, tmp_path):
     assert np.array_equal(np.asarray(Image.open(os.path.join(pngs, "000003.png"))), data["images"][3])
 
 
+def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path, monkeypatch, capsys):
+    """sample.py --accept and --rerank on (a copy of) the micro run. --accept 1 draws exactly the
+    plain samples (same seed, --guidance 1); --accept 0.5 --class all keeps 2 of 4 candidates per
+    class and writes them like plain samples (grid of one row per class, --out-dir, --npz with the
+    labels in order); --rerank 3 --n 2 keeps 2 of 3 per class with either scorer. --evaluate
+    --accept 1 writes the rows of eval.json again (same accuracy and FD; the candidates and the
+    time added) to --out, with the classifier's agreement with the judge, and leaves eval.json as it
+    was; --evaluate --rerank 2 goes to eval_rerank_2_bayes.json, each sample the best of two."""
+    run = str(tmp_path / "run")
+    shutil.copytree(trained_run.dir, run)
+    common = ["--run", run, "--judge-dir", trained_run.judges, "--classifier-steps", "20"]
+    npz = {k: str(tmp_path / f"{k}.npz") for k in ("plain", "accept1", "accept05")}
+    code, _, err = run_script(sample, ["--run", run, "--class", "all", "--n", "2", "--guidance", "1",
+                                       "--npz", npz["plain"], "--out", str(tmp_path / "plain.png")], monkeypatch, capsys)
+    assert code == 0, err
+    code, out, err = run_script(sample, common + ["--class", "all", "--n", "2", "--guidance", "1", "--accept", "1",
+                                                  "--npz", npz["accept1"], "--out", str(tmp_path / "a.png")],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    assert "kept 20 of 20 candidates" in out
+    assert np.array_equal(np.load(npz["plain"])["codes"], np.load(npz["accept1"])["codes"])
+    pngs, grid = str(tmp_path / "pngs"), str(tmp_path / "g.png")
+    code, out, err = run_script(sample, common + ["--class", "all", "--n", "2", "--accept", "0.5", "--npz", npz["accept05"],
+                                                  "--out-dir", pngs, "--out", grid], monkeypatch, capsys)
+    assert code == 0, err
+    assert "kept 20 of 40 candidates" in out and "one row per class" in out
+    assert len(os.listdir(pngs)) == 20 and png_size(grid) == (2 * 33 + 1, 10 * 33 + 1)
+    assert np.load(npz["accept05"])["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    for scorer in ("bayes", "classifier"):
+        code, out, err = run_script(sample, common + ["--class", "0,1", "--n", "2", "--rerank", "3", "--scorer", scorer,
+                                                      "--out", grid], monkeypatch, capsys)
+        assert code == 0, err
+        assert "kept 2 of 6 candidates" in out and f"by the {scorer} score" in out
+    with open(ib.eval_path(run)) as f:
+        plain = json.load(f)
+    before = os.stat(ib.eval_path(run)).st_mtime_ns
+    other = str(tmp_path / "accept1.json")
+    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--accept", "1", "--out", other,
+                                         "--classifier-steps", "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    assert code == 0, err
+    with open(other) as f:
+        result = json.load(f)
+    assert result["selection"] == {"accept": 1.0} and result["real_test"] == plain["real_test"]
+    for row in ("samples_guidance_0", "samples_guided"):
+        assert {k: result[row][k] for k in plain[row]} == plain[row], row
+        assert result[row]["candidates"] == 16 and result[row]["score_seconds"] >= 0
+    assert 0 <= result["classifier"]["agrees_with_judge"] <= 1 and result["classifier"]["reads"] == "codes x_1"
+    assert result["classifier"]["file"] != result["judge"]["file"]
+    assert os.stat(ib.eval_path(run)).st_mtime_ns == before
+    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--rerank", "2", "--scorer", "bayes",
+                                         *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    assert code == 0, err
+    with open(os.path.join(run, "eval_rerank_2_bayes.json")) as f:
+        result = json.load(f)
+    assert result["selection"] == {"rerank": 2, "scorer": "bayes", "per": "sample"} and "classifier" not in result
+    assert result["samples_guidance_0"]["candidates"] == 32 and 0 <= result["samples_guided"]["accuracy"] <= 1
+    assert os.stat(ib.eval_path(run)).st_mtime_ns == before
+
+
 def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, monkeypatch, capsys):
     """sample.py --size 32x64: panoramas with --class, their --trajectory, --out-dir and --npz at
     the large size; --across between two classes; --inpaint test:2 --size 32x64 --place right
@@ -1490,7 +1615,27 @@ def test_e2e_text_chain_prompts_and_bad_prompts(trained_run, tmp_path, monkeypat
                                        "a purple star", "--completions", "2", "--out", png], monkeypatch, capsys)
     assert code == 0, err
     assert "warning" in o and "purple" in o and png_size(png) == (4 * 33 + 1, 2 * 33 + 1)
+    # choosing among candidates by prompt: rejection scores the shape a prompt names (the run's
+    # class names), the Bayes score the whole prompt; --evaluate --accept 1 repeats the prompt rows
+    choose = ["--judge-dir", trained_run.judges, "--classifier-steps", "20", "--out", png]
+    code, o, err = run_script(sample, ["--run", out, "--prompt", "a red star", "--prompt", "a blue ring", "--n", "2",
+                                       "--accept", "0.5", *choose], monkeypatch, capsys)
+    assert code == 0, err
+    assert "kept 4 of 8 candidates" in o and png_size(png) == (2 * 33 + 1, 2 * 33 + 1)
+    code, o, err = run_script(sample, ["--run", out, "--prompt", "a red star", "--n", "1", "--rerank", "2", *choose],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    assert "kept 1 of 2 candidates" in o and "by the bayes score" in o
+    accept_1 = str(tmp_path / "accept1.json")
+    code, o, err = run_script(sample, ["--run", out, "--evaluate", "--accept", "1", "--out", accept_1, "--classifier-steps",
+                                       "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    assert code == 0, err
+    with open(accept_1) as f:
+        chosen = json.load(f)
+    for row in ("prompts_guidance_0", "prompts_guided", "heldout_guided"):
+        assert {k: chosen[row][k] for k in result[row]} == result[row], row
     for run, argv, fragment in [(trained_run.dir, ["--prompt", "a red star"], "takes no --prompt"),
+                                (out, ["--prompt", "a red thing", "--accept", "0.5"], "names none of this run's classes"),
                                 (out, ["--class", "1"], "use --prompt"),
                                 (out, ["--prompt", "a very small red star in the upper left on a black background"],
                                  "at most 12"),
@@ -1785,6 +1930,26 @@ def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
     assert result["cached_tokens_per_s"] > 0 and result["uncached_tokens_per_s"] > 0
 
 
+def test_sample_benchmark_times_seconds_per_image_against_T(monkeypatch, capsys):
+    """--benchmark --cached-only with the chain's config flags (Fig. 8, right; Table 3's configs):
+    one JSON line with seconds per image of the cached sampler for the chain asked for (T = 2: one
+    decoder-only scale; T = 4: three scales, their parameters listed t = T..2); with --size, the
+    window sampler's seconds per canvas, without the slow uncached reference."""
+    micro = ["--benchmark", "--cached-only", "--batch", "2", "--n_embd", "32", "--n_layer_enc", "1", "--n_layer_dec", "1"]
+    for T, scales in (("2", ["2"]), ("4", ["4", "3", "2"])):
+        code, out, err = run_script(sample, micro + ["--T", T], monkeypatch, capsys)
+        assert code == 0, err
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["T"] == int(T) and list(result["params_by_scale_M"]) == scales and result["n_embd"] == 32
+        assert result["seconds_per_image"] > 0 and result["batch"] == 2
+        assert result["params_M"] == pytest.approx(sum(result["params_by_scale_M"].values()), abs=0.002)
+    code, out, err = run_script(sample, micro + ["--T", "2", "--size", "32x48"], monkeypatch, capsys)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["canvas_codes"] == [8, 12] and result["window_stride_1_seconds_per_canvas"] > 0
+    assert not any(k.endswith("same_as_reference") for k in result)
+
+
 def test_e2e_resume_after_kill(tmp_path):
     """train_vq.py killed (SIGKILL) after its first checkpoint resumes from that step when the
     same command is run again, and finishes: vq.pt ends shrunk at the last step."""
@@ -1837,7 +2002,7 @@ def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
                     p.kill()
             output = p.communicate(timeout=300)[0].decode()
             assert p.returncode in (0, -9), output[-2000:]
-            for name in os.listdir(out):
+            for name in os.listdir(out) if os.path.isdir(out) else []:      # (killed before it made the folder)
                 if name.endswith(".pt"):
                     ib.load_checkpoint(os.path.join(out, name), kinds.get(name, "scale"))
             if attempt == 3:
@@ -2035,9 +2200,19 @@ def test_the_readme_lists_at_least_twenty_bad_inputs():
 def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, command, fragment):
     """Every row of the README's "Bad input" table, run on (a copy of) the micro run: exit 2,
     one line holding the README's excerpt, no first stage trained, nothing written to the
-    run, NEW left without checkpoints."""
+    run, NEW left without checkpoints. UNCOND is a copy whose chain is unconditional (each
+    scale's config without labels, and weights of that shape)."""
     run = tmp_path / "run"
     shutil.copytree(trained_run.dir, run)
+    uncond = tmp_path / "uncond"
+    if "UNCOND" in command:
+        shutil.copytree(trained_run.dir, uncond)
+        for t in ib.trained_scales(str(uncond)):
+            ckpt = torch.load(uncond / f"scale_{t}.pt", weights_only=True)
+            ckpt["config"] = {**ckpt["config"], "num_labels": 0}
+            weights = ib.ImageBART(ib.ChainConfig(**ckpt["config"])).scale(t).state_dict()
+            ckpt["model"], ckpt["ema"] = weights, weights
+            torch.save(ckpt, uncond / f"scale_{t}.pt")
     evil = tmp_path / "evil"
     shutil.copytree(trained_run.dir, evil)
 
@@ -2049,18 +2224,19 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     (tmp_path / "NOTES.png").write_text("this is not an image")
     Image.new("L", (32, 32), 0).save(tmp_path / "BLACK.png")
     places = {"RUN": str(run), "NEW": str(tmp_path / "new"), "EVIL": str(evil), "FILE": str(tmp_path / "FILE"),
-              "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png")}
-    words = [re.sub(r"^(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png)", lambda m: places[m.group(1)], w)
+              "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png"), "UNCOND": str(uncond)}
+    words = [re.sub(r"^(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|UNCOND)", lambda m: places[m.group(1)], w)
              for w in shlex.split(command)]
     script = {"sample.py": sample, "train_chain.py": train_chain, "train_vq.py": train_vq}[words[1]]
 
     def no_work(*args, **kwargs):
         raise AssertionError("a first stage was trained before the options were checked")
     monkeypatch.setattr(train_chain, "train_first_stage", no_work)
-    before = snapshot(run)
+    before, before_uncond = snapshot(run), snapshot(uncond) if uncond.exists() else None
     code, _, err = run_script(script, words[2:], monkeypatch, capsys)
     assert_user_error(code, err, fragment)
     assert snapshot(run) == before
+    assert before_uncond is None or snapshot(uncond) == before_uncond
     assert not (tmp_path / "new").exists() or not os.listdir(tmp_path / "new")
     assert not (tmp_path / "marker").exists()
 
@@ -2234,6 +2410,40 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     with open(other) as f:
         assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised", "particles": 2}
     assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
+
+
+def test_the_rejection_classifier_is_not_the_judge(trained_run, tmp_path):
+    """The classifier that rejection and reranking choose with (Table 2, Fig. 3) is not the judge
+    that evaluates: another file of the cache, another network (an embedding of the first stage's
+    codes, not pixels, and two convolutions, not four) from another seed. Trained once, then
+    loaded from the cache (file untouched, same weights); the cache key includes the first stage:
+    the same codes and labels beside a changed vq.pt weight get another file."""
+    judges = str(tmp_path / "judges")
+    cfg = dataclasses.replace(ib.CodeClassifierConfig(), steps=20)
+    classifier, info = ib.classifier_for(trained_run.dir, judges, cfg)
+    with open(ib.eval_path(trained_run.dir)) as f:
+        judge_file = json.load(f)["judge"]["file"]
+    assert not info["cached"] and os.path.dirname(info["file"]) == judges and info["file"] != judge_file
+    judge = ib.Judge(ib.JudgeConfig(), 10)
+    assert isinstance(classifier, ib.CodeClassifier) and not isinstance(classifier, ib.Judge)
+    assert isinstance(classifier.embed, torch.nn.Embedding) and judge.net[0].in_channels == 3     # codes, pixels
+    convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+    assert convs(classifier) == 2 and convs(judge) == 4 and cfg.seed != ib.JudgeConfig().seed
+    codes = ib.load_tokens(trained_run.dir)["test"][:4].long()
+    log_p = ib.classify_codes(classifier, codes)
+    assert log_p.shape == (4, 10) and torch.allclose(log_p.exp().sum(-1), torch.ones(4))
+    mtime = os.stat(info["file"]).st_mtime_ns
+    again, info_again = ib.classifier_for(trained_run.dir, judges, cfg)
+    assert info_again["cached"] and info_again["file"] == info["file"] and os.stat(info["file"]).st_mtime_ns == mtime
+    assert torch.equal(ib.classify_codes(again, codes), log_p)
+    other = tmp_path / "other"
+    shutil.copytree(trained_run.dir, other)
+    vq = torch.load(other / "vq.pt", weights_only=True)
+    name = next(k for k, v in vq["model"].items() if v.is_floating_point())
+    vq["model"][name] = vq["model"][name] + 1e-3
+    torch.save(vq, other / "vq.pt")
+    _, info_other = ib.classifier_for(str(other), judges, cfg)
+    assert info_other["file"] != info["file"] and not info_other["cached"]
 
 
 def test_evaluate_needs_a_recorded_or_named_data_set(trained_run, tmp_path, monkeypatch, capsys):
