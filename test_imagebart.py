@@ -1203,6 +1203,7 @@ def test_e2e_first_stage_outputs(trained_run):
     assert torch.equal(tokens["train"][:128].long(), vq.encode(ib.to_float(x_train)))
     assert torch.equal(tokens["train"][128:].long(), vq.encode(ib.to_float(x_train.flip(-1))))
     assert os.path.exists(os.path.join(run, "vq_recon.png"))
+    assert "shapes: 128 training images, 32 test images" in trained_run.vq_log       # the split, said
 
 
 def test_e2e_chain_outputs_and_bound(trained_run):
@@ -1357,8 +1358,8 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
         assert "2 processes of" in r.stdout
     assert r.stdout.count("chain: T = 3") == 1
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["scale_2.pt", "scale_3.pt", "tokens.pt", "vq.pt"]
-    with open(ib.log_path(out)) as f:
-        steps = [(r["stage"], r.get("t"), r["step"]) for r in map(json.loads, f) if r.get("stage") in ("vq", "chain")]
+    assert not [f for f in os.listdir(out) if f.endswith(".lock")]              # rank 0's claims released
+    steps = [(r["stage"], r.get("t"), r["step"]) for r in ib.read_log(out) if r.get("stage") in ("vq", "chain")]
     assert sorted(steps, key=str) == sorted([("vq", None, s) for s in (10, 20, 30)] +
                                             [("chain", t, s) for t in (2, 3) for s in (10, 20)], key=str)
     vq, chain = ib.load_run(out)
@@ -1398,8 +1399,7 @@ def test_scales_side_by_side_train_what_one_after_the_other_trains(trained_run, 
             assert ("2 at a time, in processes of 1 thread each" in log) == (workers == "2")
             assert "where the time went" in log and os.path.exists(ib.eval_path(out))
             weights[workers] = {t: ib.load_checkpoint(ib.scale_path(out, t), "scale")["ema"] for t in (2, 3)}
-            with open(ib.log_path(out)) as f:
-                steps = [(r["t"], r["step"]) for r in map(json.loads, f) if r.get("stage") == "chain"]
+            steps = [(r["t"], r["step"]) for r in ib.read_log(out) if r.get("stage") == "chain"]
             assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * 2
     finally:
         monkeypatch.undo()
@@ -1407,7 +1407,7 @@ def test_scales_side_by_side_train_what_one_after_the_other_trains(trained_run, 
     for t in (2, 3):
         assert all(torch.equal(weights["1"][t][k], weights["2"][t][k]) for k in weights["1"][t]), t
     code, _, err = run_script(train_chain, ["--out", str(tmp_path / "x"), "--workers", "0"], monkeypatch, capsys)
-    assert_user_error(code, err, "--workers must be >= 1")
+    assert_user_error(code, err, "--workers must be a number >= 1, got 0")
 
 
 def test_dtype_auto_follows_the_cpu_flags(monkeypatch):
@@ -1507,12 +1507,13 @@ def test_training_benchmarks_print_json_with_mfu(monkeypatch, capsys):
 
 
 def test_loss_curves_are_drawn_from_the_log(trained_run, tmp_path, monkeypatch, capsys):
-    """Training ends with loss_vq.png and loss_t<t>.png beside log.jsonl; sample.py --plot draws
+    """Training ends with loss_vq.png and loss_t<t>.png beside the logs; sample.py --plot draws
     them again (from a copy here) and a folder without a log is one line."""
     assert {"loss_vq.png", "loss_t2.png", "loss_t3.png"} <= set(os.listdir(trained_run.dir))
     run = tmp_path / "copy"
     run.mkdir()
-    shutil.copyfile(ib.log_path(trained_run.dir), ib.log_path(str(run)))
+    for t in (None, 2, 3):                                   # log.jsonl, log_t2.jsonl, log_t3.jsonl
+        shutil.copyfile(ib.log_path(trained_run.dir, t), ib.log_path(str(run), t))
     code, out, err = run_script(sample, ["--run", str(run), "--plot"], monkeypatch, capsys)
     assert code == 0, err
     assert png_size(run / "loss_t2.png") == (640, 360) and "loss_vq.png" in out
@@ -1661,8 +1662,8 @@ def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
     """SIGKILL at seeded random moments of a micro first stage (training steps, checkpoint
     writes, tokenizing) and a micro chain (both scales, their checkpoints, the bound): after
     every kill each checkpoint in the folder loads, and the same command resumes. The run
-    finishes with no .tmp file left, and log.jsonl parses line by line and logs no
-    (stage, scale, step) twice."""
+    finishes with no .tmp file left, and every log (log.jsonl, log_t<t>.jsonl) parses line by
+    line and logs no (stage, scale, step) twice."""
     out = str(tmp_path / "killed")
     vq_cmd = [sys.executable, "train_vq.py", "--out", out, *VQ_MICRO, "--ckpt_every", "5", "--log_every", "5"]
     chain_cmd = [sys.executable, "train_chain.py", "--out", out, *CHAIN_MICRO, "--ckpt_every", "5",
@@ -1688,11 +1689,194 @@ def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
                 assert p.returncode == 0, output[-2000:]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert ib.load_checkpoint(ib.vq_path(out), "vq")["shrunk"] and os.path.exists(ib.bound_path(out))
-    with open(ib.log_path(out)) as f:
-        records = [json.loads(line) for line in f]
+    records = []
+    for log in [f for f in os.listdir(out) if f.endswith(".jsonl")]:
+        with open(os.path.join(out, log)) as f:
+            records += [json.loads(line) for line in f]              # every line parses
     keys = [(r["stage"], r.get("t"), r["step"]) for r in records if r["stage"] in ("vq", "chain")]
     assert len(keys) == len(set(keys)) and ("vq", None, 30) in keys and ("chain", 2, 20) in keys
     assert [r["stage"] for r in records].count("bound") == 1
+
+
+# ----- Several processes on one run: claims, one writer per file -------------------------
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped: no process of this host has it now."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def claim_in_a_process(path: str, seconds: float) -> subprocess.Popen:
+    """Another process that claims `path` as ib.Claim does (the lock created exclusively, with
+    its pid and host; without importing torch, to start fast), holds it `seconds` and removes
+    it; returned once it holds the claim."""
+    code = (f"import json, os, socket, time; fd = os.open({path!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY); "
+            f"os.write(fd, json.dumps({{'pid': os.getpid(), 'host': socket.gethostname(), 'what': 'a test claim', "
+            f"'files': ['x.pt'], 'since': time.time()}}).encode()); os.close(fd); print('held', flush=True); "
+            f"time.sleep({seconds}); os.remove({path!r})")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_check_number_says_which_option_and_value():
+    """ib.check_number, the one check of every number given: finite, in range (bounds included
+    or not), whole where asked, text and JSON values read; anything else one line that names the
+    option and the value."""
+    assert ib.check_number("0.5", "--top-p", 0, 1, above=True) == 0.5
+    assert ib.check_number(3.0, "seed", 0, whole=True) == 3 and isinstance(ib.check_number(3.0, "seed", 0, whole=True), int)
+    assert ib.check_number(0, "--refine", 0, whole=True) == 0
+    for value, rule, line in [
+            (float("nan"), dict(low=0), "--x must be a number >= 0, got nan"),
+            ("inf", dict(low=0, above=True), "--x must be a number > 0, got inf"),
+            (0, dict(low=0, above=True), "--x must be a number > 0, got 0"),
+            (1.0, dict(low=0, high=1, below=True), "--x must be a number in [0, 1), got 1"),
+            (1.5, dict(low=0, high=1, above=True), "--x must be a number in (0, 1], got 1.5"),
+            (70000, dict(low=0, high=65535, whole=True), "--x must be a number in 0..65535, got 70000"),
+            (2.5, dict(low=1, whole=True), "--x must be a whole number >= 1, got 2.5"),
+            ("abc", dict(low=0), "--x must be a number >= 0, got 'abc'"),
+            (None, dict(low=0), "--x must be a number >= 0, got None"),
+            (True, dict(low=0), "--x must be a number >= 0, got True"),
+            ([1], dict(low=0), "--x must be a number >= 0, got [1]")]:
+        with pytest.raises(ib.UserError) as e:
+            ib.check_number(value, "--x", **rule)
+        assert str(e.value) == line
+
+
+def test_claims_one_holder_a_dead_ones_lock_taken_over_another_hosts_left(tmp_path):
+    """ib.Claim between real processes: a lock held by a live process is refused with its pid
+    and host; take_waiting waits for it (one line), then holds it; a dead process's lock is
+    taken over with one line; a lock from another host is reported and left as it was; a
+    release removes only this process's own lock. The judge's cache waits for a judge another
+    process is training, and trains it once that one is gone."""
+    path, lines = str(tmp_path / "work.lock"), []
+    other = claim_in_a_process(path, 0.5)
+    claim = ib.Claim(path, "the work", ["x.pt"])
+    holder = claim.take(lines.append)
+    assert holder["pid"] == other.pid and holder["host"] == ib.HOST and holder["files"] == ["x.pt"]
+    assert f"the work is claimed by process {other.pid} on this host since" in claim.describe(holder)
+    assert claim.take_waiting(lines.append, poll=0.1) is True
+    other.wait()
+    assert lines[0].startswith("waiting: the work is claimed by process") and "free after" in lines[-1]
+    assert ib.read_lock(path)["pid"] == os.getpid()
+    claim.release()
+    assert not os.path.exists(path)
+
+    write_lock(path, dead_pid())
+    lines.clear()
+    assert claim.take(lines.append) is None and ib.read_lock(path)["pid"] == os.getpid()
+    assert len(lines) == 1 and "no longer running, is taken over" in lines[0]
+    claim.release()
+    write_lock(path, 1, host="elsewhere")
+    before = open(path).read()
+    holder = claim.take(lines.append)
+    assert holder["host"] == "elsewhere" and "on host elsewhere" in claim.describe(holder)
+    assert "delete it if that process is gone" in claim.describe(holder)
+    claim.release()                                  # not this process's: left alone
+    assert open(path).read() == before
+
+    x, y = ib.make_shapes(40, seed=3)[:2]
+    data = {"train": (x, y, 10, None), "test": (x[:8], y[:8], 10, None)}
+    record, cfg = ib.dataset_record("shapes", 32), ib.JudgeConfig(steps=3, batch_size=8)
+    judges = tmp_path / "judges"
+    judges.mkdir()
+    entry = os.path.join(str(judges), os.path.basename(ib.judge_for(data, record, str(tmp_path / "first"), cfg,
+                                                                    log=lines.append)[1]["file"]))  # its name
+    other = claim_in_a_process(entry + ".lock", 0.5)
+    lines.clear()
+    _, info = ib.judge_for(data, record, str(judges), cfg, log=lines.append)
+    other.wait()
+    assert lines[0].startswith("waiting: the judge ") and info["cached"] is False and os.path.exists(entry)
+    assert not os.path.exists(entry + ".lock")
+
+
+def test_remove_stale_tmp_leaves_a_claimed_files_tmp_alone(tmp_path):
+    """remove_stale_tmp removes the .tmp files of killed writes (checkpoints, reports, a log
+    being trimmed), but not the .tmp of a file that another live process has claimed, which is
+    that process's checkpoint being written; a dead process's claim guards nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("scale_2.pt.tmp", "scale_3.pt.tmp", "bound.json.tmp", "log_t3.jsonl.tmp", "notes.txt"):
+        (run / name).write_text("x")
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(run / "scale_3.lock", "w") as f:
+            json.dump({"pid": holder.pid, "host": ib.HOST, "files": ["scale_3.pt", "log_t3.jsonl"], "since": 0}, f)
+        with open(run / "scale_2.lock", "w") as f:
+            json.dump({"pid": dead_pid(), "host": ib.HOST, "files": ["scale_2.pt"], "since": 0}, f)
+        ib.remove_stale_tmp(str(run))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(run)) == ["log_t3.jsonl.tmp", "notes.txt", "scale_2.lock", "scale_3.lock", "scale_3.pt.tmp"]
+
+
+def test_two_processes_on_one_run(trained_run, tmp_path):
+    """Two real train_chain.py processes on one run folder: while the first trains, the same
+    command again, and one --scale of it, each exit 2 with one line naming the first's pid,
+    before any work. The first is then killed (SIGKILL): the same command takes over its dead
+    locks, saying so, resumes and finishes, doing the bound once. No .tmp or lock is left, every
+    log line parses, and each step of each scale is logged once, in that scale's own log."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "train_chain.py", "--out", out, "--first-stage", trained_run.dir, *CHAIN_MICRO,
+           "--steps", "150", "--eval-n", "0", "--workers", "1"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "scale_2.lock")):
+            assert first.poll() is None and time.time() < deadline, "the first process claimed nothing"
+            time.sleep(0.05)
+        others = [subprocess.Popen([sys.executable, *argv], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for argv in (cmd[1:], cmd[1:] + ["--scale", "2"])]
+        for p in others:
+            stdout, stderr = p.communicate(timeout=120)
+            assert_user_error(p.returncode, stderr, f"is claimed by process {first.pid} on this host")
+            assert "training code grids" not in stdout and "chain: T" not in stdout
+        assert first.poll() is None, "the first process ended before the others were refused"
+    finally:
+        first.kill()
+        first.wait()
+    r = run_py(*cmd[1:])
+    assert "no longer running, is taken over" in r.stdout and r.stdout.count("test upper bound on NLL") == 1
+    assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".lock"))]
+    for t in (2, 3):
+        with open(ib.log_path(out, t)) as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == sorted(set(steps)) and steps == list(range(10, 151, 10)), (t, steps)
+    assert [r["stage"] for r in ib.read_log(out)].count("bound") == 1
+
+
+def test_the_readme_per_scale_recipe_at_micro_size(trained_run, tmp_path):
+    """The README's per-scale recipe, `for t in 2 3 4 5; do ... --scale $t & done; wait`, as
+    written, at micro size (T = 5; the tiny first-stage preset shrunk to VQ_MICRO's fields) into
+    a folder with no first stage: all four processes exit 0; the first stage is trained once
+    (the others wait for it); each scale is trained once, by its own process; the bound,
+    samples and judge's figures are written once, by one of them; no lock is left."""
+    out = str(tmp_path / "recipe")
+    vq = dataclasses.asdict(ib.config_from_args(ib.VQ_PRESETS, "tiny", train_vq.build_parser().parse_args(VQ_MICRO)))
+    micro = {k: v for k, v in vq.items() if k in {VQ_MICRO[i][2:] for i in range(0, len(VQ_MICRO), 2)}}
+    wrapper = tmp_path / "micro_first_stage.py"
+    wrapper.write_text("import dataclasses, json, runpy, sys\nimport imagebart as ib\n"
+                       f"ib.VQ_PRESETS['tiny'] = dataclasses.replace(ib.VQ_PRESETS['tiny'], **{micro!r})\n"
+                       "sys.argv[0] = 'train_chain.py'\nrunpy.run_path('train_chain.py', run_name='__main__')\n")
+    argv = f"--out {out} --T 5 {' '.join(CHAIN_MICRO)} --steps 10 {' '.join(judge_micro(trained_run.judges))}"
+    script = f"for t in 2 3 4 5; do {sys.executable} {wrapper} {argv} --scale $t > {tmp_path}/t$t.log 2>&1 & done; wait"
+    subprocess.run(["bash", "-c", script], cwd=REPO, env={**SUBPROCESS_ENV, "PYTHONPATH": REPO}, timeout=300, check=True)
+    logs = {t: (tmp_path / f"t{t}.log").read_text() for t in (2, 3, 4, 5)}
+    everything = "".join(logs.values())
+    assert everything.count("has no first stage yet: training one") == 1, everything[-3000:]
+    assert everything.count("first stage trained in") == 1
+    for t, log in logs.items():
+        assert "Traceback" not in log and "error:" not in log, log[-2000:]
+        assert f"scale t={t} (" in log and log.count(" training code grids") == 1 and "where the time went" in log
+        assert ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] == 10
+    assert everything.count("test upper bound on NLL") == 1 and everything.count("wrote " + ib.eval_path(out)) == 1
+    vq_steps = [r["step"] for r in ib.read_log(out) if r.get("stage") == "vq"]
+    assert vq_steps == [10, 20, 30]
+    assert not [f for f in os.listdir(out) if f.endswith((".lock", ".tmp"))]
+    vq_model, chain = ib.load_run(out)
+    assert chain.T == 5
 
 
 # ----- Bad input: one line 'error: ...' on stderr, exit code 2, no traceback ---------
@@ -1831,14 +2015,14 @@ def test_a_failed_write_keeps_the_previous_checkpoint(trained_run, tmp_path, mon
 
 def test_resume_drops_a_torn_log_line_stale_tmp_and_steps_to_be_redone(trained_run, tmp_path, monkeypatch, capsys):
     """A run killed after logging step 20 of scale 3 but before checkpointing it (scale_3.pt at
-    step 10), with a torn last line in log.jsonl and a stale scale_3.pt.tmp: the same command
+    step 10), with a torn last line in its log_t3.jsonl and a stale scale_3.pt.tmp: the same command
     again removes the .tmp, drops the torn line and the steps past 10, resumes from step 10,
     and ends with every step of scale 3 logged once."""
     out = str(tmp_path / "killed")
     argv = ["--out", out, "--first-stage", trained_run.dir, "--scale", "3", *CHAIN_MICRO]
     code, _, err = run_script(train_chain, argv + ["--steps", "10"], monkeypatch, capsys)
     assert code == 0, err
-    with open(ib.log_path(out), "a") as log:
+    with open(ib.log_path(out, 3), "a") as log:
         log.write(json.dumps({"stage": "chain", "t": 3, "step": 20, "loss_bits": 9.0}) + "\n")
         log.write('{"stage": "chain", "t": 3, "st')
     with open(ib.scale_path(out, 3) + ".tmp", "wb") as f:
@@ -1847,7 +2031,7 @@ def test_resume_drops_a_torn_log_line_stale_tmp_and_steps_to_be_redone(trained_r
     assert code == 0, err
     assert "resuming from step 10" in printed
     assert not os.path.exists(ib.scale_path(out, 3) + ".tmp")
-    with open(ib.log_path(out)) as f:
+    with open(ib.log_path(out, 3)) as f:
         records = [json.loads(line) for line in f]               # every line parses
     steps = [r["step"] for r in records if r.get("stage") == "chain" and r["t"] == 3]
     assert sorted(steps) == [10, 20] and all(r.get("loss_bits") != 9.0 for r in records)
@@ -1875,11 +2059,19 @@ def test_the_readme_lists_at_least_twenty_bad_inputs():
     assert len(rows) >= 20 and {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py"}
 
 
+def write_lock(path, pid, host=ib.HOST):
+    """A claim's lock file as another process would have written it (ib.Claim.take)."""
+    with open(path, "w") as f:
+        json.dump({"pid": pid, "host": host, "what": "a test's", "files": [], "since": time.time()}, f)
+
+
 @pytest.mark.parametrize("command, fragment", readme_bad_inputs(), ids=[c[7:] for c, _ in readme_bad_inputs()])
 def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, command, fragment):
     """Every row of the README's "Bad input" table, run on (a copy of) the micro run: exit 2,
     one line holding the README's excerpt, no first stage trained, nothing written to the
-    run, NEW left without checkpoints."""
+    run (nor to any other folder of the table), NEW left without checkpoints. BUSY's and
+    TRAINING's claims are held by this test's parent process (alive, not this one) and by a
+    process on another host."""
     run = tmp_path / "run"
     shutil.copytree(trained_run.dir, run)
     evil = tmp_path / "evil"
@@ -1889,22 +2081,34 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
         def __reduce__(self):
             return (open, (str(tmp_path / "marker"), "w"))
     torch.save({"kind": "vq", "payload": Evil()}, evil / "vq.pt")
+    busy, training, small = tmp_path / "busy", tmp_path / "training", tmp_path / "small"
+    shutil.copytree(trained_run.dir, busy)
+    write_lock(busy / "scale_3.lock", os.getppid())
+    write_lock(busy / "final.lock", 1, host="elsewhere")
+    training.mkdir()
+    write_lock(training / "first_stage.lock", os.getppid())
+    small.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(small / f"{i}.png")
     (tmp_path / "FILE").write_text("a regular file")
     (tmp_path / "NOTES.png").write_text("this is not an image")
     Image.new("L", (32, 32), 0).save(tmp_path / "BLACK.png")
     places = {"RUN": str(run), "NEW": str(tmp_path / "new"), "EVIL": str(evil), "FILE": str(tmp_path / "FILE"),
-              "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png")}
-    words = [re.sub(r"^(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png)", lambda m: places[m.group(1)], w)
+              "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png"),
+              "BUSY": str(busy), "TRAINING": str(training), "SMALL": str(small)}
+    words = [re.sub(r"^(folder:)?(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|BUSY|TRAINING|SMALL)",
+                    lambda m: (m.group(1) or "") + places[m.group(2)], w)
              for w in shlex.split(command)]
     script = {"sample.py": sample, "train_chain.py": train_chain, "train_vq.py": train_vq}[words[1]]
 
     def no_work(*args, **kwargs):
         raise AssertionError("a first stage was trained before the options were checked")
     monkeypatch.setattr(train_chain, "train_first_stage", no_work)
-    before = snapshot(run)
+    folders = (run, evil, busy, training, small)
+    before = [snapshot(f) for f in folders]
     code, _, err = run_script(script, words[2:], monkeypatch, capsys)
     assert_user_error(code, err, fragment)
-    assert snapshot(run) == before
+    assert [snapshot(f) for f in folders] == before
     assert not (tmp_path / "new").exists() or not os.listdir(tmp_path / "new")
     assert not (tmp_path / "marker").exists()
 
@@ -2068,15 +2272,18 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     assert 0 < result["reconstructions"]["psnr"] < 60
     assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
     assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": ib.INPAINT_PARTICLES}
-    # other inpainting options go to another file (--out); the run's eval.json stays as it was
+    # other inpainting options go to another file (--out); the run's eval.json stays as it was.
+    # An --eval-n above half the 32 test images is said, with the N used
     other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
     before = os.stat(os.path.join(run, "eval.json")).st_mtime_ns
     code, out, err = run_script(sample, ["--run", run, "--evaluate", "--context", "noised", "--refine", "0",
-                                         "--particles", "2", "--out", other, *judge_micro(trained_run.judges)],
-                                monkeypatch, capsys)
+                                         "--particles", "2", "--out", other, *judge_micro(trained_run.judges),
+                                         "--eval-n", "1000"], monkeypatch, capsys)
     assert code == 0, err
+    assert "judging N = 16 images per row, not 1000: the test split holds 32" in out
     with open(other) as f:
-        assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised", "particles": 2}
+        result = json.load(f)
+    assert result["inpaint"] == {"refine": 0, "context": "noised", "particles": 2} and result["n"] == 16
     assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
 
 
