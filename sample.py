@@ -96,27 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
 # -----------------------------------------------------------------------------
 # sampling options and conditions, checked before any sampling
 
-def sampling_options(args, T: int) -> dict:
-    """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance."""
-    def parse(text, name, cast, ok, why):
-        """"0.9" -> 0.9, "1,0.9" -> [1.0, 0.9]; `ok` checks each value's range."""
+# The options' names as the command line spells them; the editing page passes its own fields'.
+OPTION_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "guidance": "--guidance"}
+
+
+def sampling_options(args, T: int, K: int | None = None, names: dict = OPTION_NAMES, log=print) -> dict:
+    """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance,
+    every number through ib.check_number. A top-k of at least K (the run's codes) keeps every
+    code: it filters nothing, which is said."""
+    def parse(text, key, **rule):
+        """"0.9" -> 0.9, "1,0.9" -> [1.0, 0.9]; each value checked against `rule`."""
         if text is None:
             return None
-        try:
-            values = [cast(v) for v in str(text).split(",")]
-        except ValueError:
-            raise ib.UserError(f"--{name} takes numbers, got {text!r}") from None
-        if not all(ok(v) for v in values):
-            raise ib.UserError(f"--{name} {text}: {why}")
+        values = [ib.check_number(v, names[key], **rule) for v in str(text).split(",")]
         value = values[0] if len(values) == 1 else values
-        ib.option_per_scale(value, T, f"--{name}")          # a list needs one value per scale: checked now
+        ib.option_per_scale(value, T, names[key])          # a list needs one value per scale: checked now
         return value
-    if args.guidance < 0:
-        raise ib.UserError("--guidance must be >= 0")
-    return dict(temperature=parse(args.temperature, "temperature", float, lambda v: v > 0, "must be > 0"),
-                top_k=parse(args.top_k, "top-k", int, lambda v: v >= 1, "must be >= 1"),
-                top_p=parse(args.top_p, "top-p", float, lambda v: 0 < v <= 1, "must lie in (0, 1]"),
-                guidance=args.guidance, use_cache=not args.no_cache)
+    top_k = parse(args.top_k, "top_k", low=1, whole=True)
+    if K is not None and top_k is not None and max(top_k if isinstance(top_k, list) else [top_k]) >= K:
+        log(f"note: {names['top_k']} {args.top_k}: a top-k of at least K = {K} (this run's codes) keeps every code, "
+            f"so it filters nothing there")
+    return dict(temperature=parse(args.temperature, "temperature", low=0, above=True), top_k=top_k,
+                top_p=parse(args.top_p, "top_p", low=0, high=1, above=True),
+                guidance=ib.check_number(args.guidance, names["guidance"], 0), use_cache=not args.no_cache)
 
 
 def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, int | None]:
@@ -186,19 +188,154 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
-    """--out-dir: one PNG per sample; --npz: uint8 NHWC images, codes, labels. Both are for
-    other tools (an FID tool reads the PNGs; numpy users the arrays), so pixels are stored
-    as 8-bit, exactly as the grids show them."""
-    u8 = ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()                # (B, H, W, 3)
+# What a grid may be saved as: the image formats pillow writes among those the loaders read.
+GRID_EXTENSIONS = tuple(e for e in ib.IMAGE_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE)
+SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
+
+
+def check_outputs(args) -> None:
+    """Every output, checked before any work: never a run's own file (vq.pt, tokens.pt,
+    scale_<t>.pt, a log, bound.json, eval.json, a lock) unless this command writes it by design
+    (--evaluate, the run's eval.json); its kind from its extension (a grid is an image,
+    --evaluate --out JSON, --npz .npz, which numpy would otherwise append); its folder writable
+    (made when missing)."""
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path is None:
+            continue
+        run = ib.run_file_of(path, args.run)
+        by_design = args.evaluate and flag == "--out" and os.path.realpath(path) == os.path.realpath(ib.eval_path(args.run))
+        if run is not None and not by_design:
+            raise ib.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in {run}); "
+                               f"choose another name")
+    if args.evaluate:
+        if args.out_dir or args.npz:
+            raise ib.UserError("--evaluate writes the judge's figures only (--out, JSON); --out-dir and --npz are for samples")
+        if args.out and not args.out.lower().endswith(".json"):
+            raise ib.UserError(f"--evaluate --out {args.out}: the judge's figures are JSON; give a name ending in .json")
+    elif args.out and not args.out.lower().endswith(GRID_EXTENSIONS):
+        raise ib.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(GRID_EXTENSIONS)}")
+    if args.npz and not args.npz.lower().endswith(".npz"):
+        raise ib.UserError(f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
+    for path in (args.out, args.npz):
+        if path:
+            ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     if args.out_dir:
-        for i, img in enumerate(u8):
-            Image.fromarray(img).save(os.path.join(args.out_dir, f"{i:06d}.png"))
-        print(f"wrote {len(u8)} PNGs to {args.out_dir}", flush=True)
-    if args.npz:
-        np.savez(args.npz, images=u8, codes=codes.cpu().numpy(),
-                 labels=labels.cpu().numpy() if labels is not None else np.zeros(0, dtype=np.int64))
-        print(f"wrote {args.npz}", flush=True)
+        ib.ensure_writable_dir(args.out_dir)
+
+
+class NpzWriter:
+    """--npz, written as the images come, so that memory stays flat at any --n. An .npz is a zip
+    of .npy files (np.savez's layout, uncompressed), and an .npy is a header (dtype, shape)
+    followed by the array's bytes in order: each array is written that way to a file of its own,
+    batch after batch, and the files are zipped at the end. All of it goes to .tmp files first,
+    so a job that stops half way leaves no half .npz. arrays: {name: (shape, dtype)}."""
+
+    def __init__(self, path: str, arrays: dict):
+        self.path, self.shapes = path, {k: shape for k, (shape, _) in arrays.items()}
+        self.parts = {k: f"{path}.{k}.npy.tmp" for k in arrays}
+        self.files, self.rows = {}, {k: 0 for k in arrays}
+        try:
+            for k, (shape, dtype) in arrays.items():
+                self.files[k] = open(self.parts[k], "wb")
+                np.lib.format.write_array_header_1_0(self.files[k], {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+        except OSError as e:
+            self.discard()
+            raise ib.UserError(f"could not write --npz {path}: {e.strerror or e}") from None
+
+    def write(self, **chunks) -> None:
+        """The next rows of each array (numpy, in order)."""
+        try:
+            for k, v in chunks.items():
+                self.files[k].write(np.ascontiguousarray(v).tobytes())
+                self.rows[k] += len(v)
+        except OSError as e:
+            self.discard()
+            raise ib.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        import zipfile
+        assert all(self.rows[k] == self.shapes[k][0] for k in self.rows), (self.rows, self.shapes)
+        try:
+            for f in self.files.values():
+                f.close()
+            with zipfile.ZipFile(self.path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                for k, part in self.parts.items():
+                    z.write(part, f"{k}.npy")
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as e:
+            raise ib.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        for f in self.files.values():
+            f.close()
+        for part in [*self.parts.values(), self.path + ".tmp"]:
+            if os.path.exists(part):
+                os.remove(part)
+
+
+class Outputs:
+    """Where one command's images go, batch by batch as they are made, so that memory stays flat
+    at any --n: --out-dir (one PNG each, what FID tools read), --npz (NpzWriter: uint8 NHWC
+    images, codes, labels), and the first cells of the grid, up to ib.MAX_GRID_PIXELS. A grid
+    over that cap shows the first cells that fit and says so, when every image also goes to
+    --out-dir or --npz; otherwise the job is refused before any work (`what`: the options that
+    make it that large). Pixels are stored as 8-bit, exactly as the grids show them."""
+
+    def __init__(self, args, n: int, cells: int, nrow: int, H: int, code_shape: tuple, labelled: bool, what: str):
+        self.args, self.n, self.cells = args, n, cells
+        self.shown, self.nrow = ib.grid_fit(cells, nrow, H, H)
+        if self.shown < cells:
+            width, height = ib.grid_size(cells, nrow, H, H)
+            over = (f"a grid of {cells} images would be {width} x {height} = {width * height} pixels, over the "
+                    f"cap of {ib.MAX_GRID_PIXELS} (MAX_GRID_PIXELS)")
+            if not (args.out_dir or args.npz):
+                raise ib.UserError(f"{what}: {over}; write the images with --out-dir DIR or --npz FILE, and the grid "
+                                   f"shows the first {self.shown}")
+            print(f"note: {over}: it shows the first {self.shown}; all {n} images go to "
+                  f"{' and '.join(p for p in (args.out_dir, args.npz) if p)}", flush=True)
+        self.kept, self.added, self.written = [], 0, 0
+        self.npz = None
+        if args.npz:
+            self.npz = NpzWriter(args.npz, {"images": ((n, H, H, 3), np.uint8), "codes": ((n, *code_shape), np.int64),
+                                            "labels": ((n if labelled else 0,), np.int64)})
+
+    def room(self) -> int:
+        """How many more cells the grid shows."""
+        return self.shown - self.added
+
+    def grid(self, cells: torch.Tensor) -> None:
+        """The next cells of the grid, uint8 (B, 3, H, W), in order; those past the cap are dropped."""
+        if self.room() > 0:
+            self.kept.append(cells[:self.room()].cpu())
+        self.added += len(cells)
+
+    def images(self, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
+        """The next images (uint8 (B, 3, H, W)), their codes x_1 and labels, to --out-dir and --npz."""
+        u8 = images.permute(0, 2, 3, 1).cpu().numpy()                     # (B, H, W, 3)
+        if self.args.out_dir:
+            for i, img in enumerate(u8):
+                Image.fromarray(img).save(os.path.join(self.args.out_dir, f"{self.written + i:06d}.png"))
+        if self.npz is not None:
+            self.npz.write(images=u8, codes=codes.cpu().numpy().astype(np.int64),
+                           **({"labels": labels.cpu().numpy().astype(np.int64)} if labels is not None else {}))
+        self.written += len(u8)
+
+    def finish(self, path: str) -> None:
+        """The grid to `path`, then --npz moved into place; what was written is said."""
+        ib.save_image_grid(torch.cat(self.kept), path, nrow=self.nrow)
+        if self.args.out_dir:
+            print(f"wrote {self.written} PNGs to {self.args.out_dir}", flush=True)
+        if self.npz is not None:
+            self.npz.close()
+            print(f"wrote {self.args.npz}", flush=True)
+
+    def discard(self) -> None:
+        """A job that stops half way: no half .npz."""
+        if self.npz is not None:
+            self.npz.discard()
 
 
 # -----------------------------------------------------------------------------
@@ -212,23 +349,19 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     """--inpaint: regenerate the --mask region of each input, --completions times, and write
     one row per input: the original, the masked input, the completions."""
     cfg = vq.cfg
-    # --- the inputs, as codes x_1: test codes straight from tokens.pt, or image files encoded
     H = cfg.resolution
+    # --- the inputs: test images (their codes in tokens.pt), or image files
     if args.inpaint.startswith("test:"):
         try:
-            n_img = int(args.inpaint[5:])
+            B = int(args.inpaint[5:])
         except ValueError:
             raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
         tokens = ib.load_tokens(args.run)
-        if not 1 <= n_img <= len(tokens["test"]):
+        if not 1 <= B <= len(tokens["test"]):
             raise ib.UserError(f"--inpaint test:N takes N in 1..{len(tokens['test'])} (this run's test images), "
-                               f"got {n_img}")
-        x1 = tokens["test"][:n_img].long().to(device)
-        x0 = vq.decode(x1)                             # the images as the first stage sees them
+                               f"got {B}")
     else:
-        x0 = ib.to_float(load_images(args.inpaint, H).to(device))
-        x1 = vq.encode(x0)
-    B = len(x1)
+        B = len(args.inpaint.split(","))
     # --- the mask: drawn in pixels, then a token is regenerated when any of its f x f pixels is
     regen_px = pixel_mask(args.mask, H, H, args.seed)
     regen = token_mask(regen_px, cfg.factor)
@@ -237,32 +370,52 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     if regen.all():
         raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
                            "run sample.py without --inpaint")
-    # --- the completions: every input repeated once per completion, in batches of INPAINT_BATCH
+    # --- the completions: every input once per completion, in batches of INPAINT_BATCH rows
     # (a progress line after each when there is more than one)
     reps = args.completions
     # a list of classes, or several prompts, cycle over the completions
     cond, _ = parse_condition(args, chain, 1 if args.prompts else B * reps, device)
     if args.prompts:
         cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
-    given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
-    keep = (~regen).expand(B * reps, -1, -1)
-    completions = []
+    # one row per input: the original, the masked input (the regenerated region grey, on the
+    # pixel mask's exact shape), its completions
+    outputs = Outputs(args, B * reps, B * (reps + 2), reps + 2, H, tuple(chain.cfg.grid), "labels" in cond,
+                      f"--inpaint {args.inpaint} with --completions {reps}")
+    keep_one = ~regen.to(device)                                    # (h, w), True = given
     per_batch = max(1, INPAINT_BATCH // args.particles)             # each completion decodes `particles` rows
-    for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
-        completions.append(chain.inpaint(given[sl], keep[sl], refine=args.refine, context=args.context,
-                                         particles=args.particles,
-                                         generator=g, **{k: v[sl] for k, v in cond.items()}, **opts))
-    completions = torch.cat(completions)
-    assert (completions[keep] == given[keep]).all(), "kept tokens changed"
-    images = vq.decode(completions).view(B, reps, 3, H, H)
-    # the masked input: regenerated region shown grey, on the pixel mask's exact shape
-    shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)
-    grid = torch.cat([x0[:, None], shown[:, None], images], dim=1).flatten(0, 1)
+    try:
+        # --- the inputs as codes x_1 (test codes straight from tokens.pt, files encoded) and as
+        # the first stage shows them, a batch at a time
+        if args.inpaint.startswith("test:"):
+            x1 = tokens["test"][:B].long().to(device)
+            x0 = torch.cat([vq.decode(x1[sl]) for sl in ib.batches(B, SAMPLE_BATCH)])
+        else:
+            x0 = ib.to_float(load_images(args.inpaint, H).to(device))
+            x1 = torch.cat([vq.encode(x0[sl]) for sl in ib.batches(B, SAMPLE_BATCH)])
+        originals = ib.to_uint8(x0).cpu()
+        masked = ib.to_uint8(torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)).cpu()
+        for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
+            rows = torch.arange(sl.start, sl.stop, device=device) // reps    # the input of each completion
+            given, keep = x1[rows], keep_one.expand(len(rows), -1, -1)
+            completions = chain.inpaint(given, keep, refine=args.refine, context=args.context,
+                                        particles=args.particles, generator=g,
+                                        **{k: v[sl] for k, v in cond.items()}, **opts)
+            assert (completions[keep] == given[keep]).all(), "kept tokens changed"
+            images = ib.to_uint8(vq.decode(completions)).cpu()
+            cells = []
+            for j, image in zip(range(sl.start, sl.stop), images):
+                if j % reps == 0:                                      # a new row: its input first
+                    cells += [originals[j // reps], masked[j // reps]]
+                cells.append(image)
+            outputs.grid(torch.stack(cells))
+            outputs.images(images, completions, cond["labels"][sl] if "labels" in cond else None)
+    except BaseException:
+        outputs.discard()
+        raise
     path = args.out or os.path.join(args.run, "inpaint.png")
-    ib.save_image_grid(grid, path, nrow=reps + 2)
+    outputs.finish(path)
     print(f"wrote {path}: per row the original, the masked input ({int(regen.sum())} of {regen.numel()} "
           f"tokens regenerated), {reps} completions", flush=True)
-    save_outputs(args, images.flatten(0, 1), completions, cond.get("labels"))
 
 
 # -----------------------------------------------------------------------------
@@ -311,14 +464,24 @@ def benchmark(args) -> None:
 def evaluate(args, device) -> None:
     """--evaluate: the judge's figures (imagebart.py, appendix C), with the API's sampling
     defaults apart from the guidance; progress lines, then the figures as one JSON line."""
-    ib.check_judge_options(args.eval_n, args.judge_steps)
-    if args.guidance < 0:
-        raise ib.UserError("--guidance must be >= 0")
-    result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
-                                n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
-                                judge_steps=args.judge_steps, seed=args.seed, device=device,
-                                inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
-                                out=args.out, shipped_judges=not args.fresh_judges)
+    # the run's own eval.json is part of the end of a run, which train_chain.py may be writing
+    # now: claimed, and refused before any work when another process holds it
+    claim = None
+    if os.path.realpath(args.out or ib.eval_path(args.run)) == os.path.realpath(ib.eval_path(args.run)):
+        claim = ib.final_claim(args.run)
+        holder = claim.take()
+        if holder is not None:
+            raise ib.UserError(f"{claim.describe(holder)}: let it finish, or write these figures elsewhere "
+                               f"with --out FILE.json")
+    try:
+        result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
+                                    n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
+                                    judge_steps=args.judge_steps, seed=args.seed, device=device,
+                                    inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
+                                    out=args.out, shipped_judges=not args.fresh_judges)
+    finally:
+        if claim is not None:
+            claim.release()
     print(json.dumps(result), flush=True)
 
 
@@ -675,8 +838,6 @@ def serve(args, device) -> None:
     from http.server import ThreadingHTTPServer
     # a thread per request (the page's heartbeat is answered while a job runs); the model
     # itself is loaded once, here, before the first request
-    if not 0 <= args.port <= 65535:
-        raise ib.UserError(f"--port must lie in 0..65535, got {args.port}")
     editor = Editor(args.run, device)
     try:
         server = ThreadingHTTPServer((args.host, args.port), make_handler(editor))
@@ -694,8 +855,67 @@ def serve(args, device) -> None:
 # -----------------------------------------------------------------------------
 # main: benchmark, evaluate, inpaint, or sample (with --trajectory: every x_t)
 
+def check_numbers(args) -> None:
+    """Every number of the command line, through ib.check_number, before any work (the float
+    options' and the lists' values in sampling_options, once the chain says how many scales)."""
+    ib.check_number(args.guidance, "--guidance", 0)
+    ib.check_number(args.seed, "--seed", 0, SEED_MAX, whole=True)
+    if args.benchmark:
+        ib.check_number(args.batch, "--batch", 1, whole=True)
+    elif args.serve:
+        ib.check_number(args.port, "--port", 0, 65535, whole=True)
+    elif args.evaluate:
+        ib.check_judge_options(args.eval_n, args.judge_steps)
+    if not args.benchmark:
+        ib.check_number(args.refine, "--refine", 0, whole=True)
+        ib.check_number(args.particles, "--particles", 1, whole=True)
+        if not args.evaluate:
+            ib.check_number(args.n, "--n", 1, whole=True)
+            ib.check_number(args.completions, "--completions", 1, whole=True)
+
+
+def sample(args, vq, chain, opts, g, device) -> None:
+    """Samples (Sec. 3.3): x_T uniform, then the T - 1 scales in turn, in batches of SAMPLE_BATCH,
+    each decoded and written as it comes (Outputs); with --trajectory one strip per sample,
+    x_T ... x_1 each decoded by the first stage."""
+    cond, per_row = parse_condition(args, chain, args.n, device)
+    n = len(next(iter(cond.values()))) if cond else args.n
+    H, T = vq.cfg.resolution, chain.T
+    nrow = T if args.trajectory else per_row or int(math.ceil(math.sqrt(n)))
+    what = f"--n {args.n}" + (f" with --class {args.classes}" if args.classes == "all" else "") + \
+        (" with --trajectory" if args.trajectory else "")
+    outputs = Outputs(args, n, n * T if args.trajectory else n, nrow, H, tuple(chain.cfg.grid), "labels" in cond, what)
+    t0 = time.time()
+    try:
+        for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None):
+            trajectory = chain.sample_chain(sl.stop - sl.start, generator=g, **{k: v[sl] for k, v in cond.items()},
+                                            **opts)                # [x_T, ..., x_1], each (b, h, w)
+            images = ib.to_uint8(vq.decode(trajectory[-1])).cpu()
+            if args.trajectory:
+                # the strips the grid still shows: x_T .. x_{2} decoded for those alone
+                k = min(len(images), math.ceil(outputs.room() / T))
+                if k:
+                    steps = [ib.to_uint8(vq.decode(x_t[:k])).cpu() for x_t in trajectory[:-1]] + [images[:k]]
+                    outputs.grid(torch.stack(steps, dim=1).flatten(0, 1))    # (k * T, 3, H, W), row by row
+            else:
+                outputs.grid(images)
+            outputs.images(images, trajectory[-1], cond["labels"][sl] if "labels" in cond else None)
+    except BaseException:
+        outputs.discard()
+        raise
+    print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
+    path = args.out or os.path.join(args.run, "trajectory.png" if args.trajectory else "sample.png")
+    outputs.finish(path)
+    if args.trajectory:
+        print(f"wrote {path}: each row decodes x_{T} (left) ... x_1 (right)", flush=True)
+    else:
+        print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
+              flush=True)
+
+
 def main():
     args = build_parser().parse_args()
+    check_numbers(args)
     if args.benchmark:
         return benchmark(args)
     device = ib.pick_device(args.device)
@@ -705,48 +925,21 @@ def main():
         return print(f"wrote {', '.join(ib.plot_run(args.run))}", flush=True)
     if args.serve:
         return serve(args, device)
-    if args.n < 1 or args.completions < 1 or args.refine < 0 or args.particles < 1:
-        raise ib.UserError("--n, --completions and --particles must be >= 1, --refine >= 0")
-    # --- outputs: their folders made (and checked writable) now, not after minutes of sampling
-    for path in (args.out, args.npz):
-        if path:
-            ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
-    if args.out_dir:
-        ib.ensure_writable_dir(args.out_dir)
+    if args.trajectory and (args.inpaint or args.evaluate):
+        raise ib.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint or --evaluate")
+    # --- outputs: checked, their folders made (and checked writable) now, not after minutes of sampling
+    check_outputs(args)
     if args.evaluate:
         return evaluate(args, device)
     # --- the run: first stage and chain, EMA weights
     vq, chain = ib.load_run(args.run, device)
-    opts = sampling_options(args, chain.T)
+    opts = sampling_options(args, chain.T, chain.diffusion.K)
     g = torch.Generator(device).manual_seed(args.seed)
     if args.inpaint:
         if args.classes == "all":
             raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
         return inpaint(args, vq, chain, opts, g, device)
-    # --- sampling: x_T uniform, then the T - 1 scales in turn (Sec. 3.3)
-    cond, per_row = parse_condition(args, chain, args.n, device)
-
-    n = len(next(iter(cond.values()))) if cond else args.n
-    t0 = time.time()
-    parts = [chain.sample_chain(sl.stop - sl.start, generator=g, **{k: v[sl] for k, v in cond.items()}, **opts)
-             for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None)]
-    trajectory = [torch.cat(x_t) for x_t in zip(*parts)]       # [x_T, ..., x_1], each (n, h, w)
-    x1 = trajectory[-1]
-    print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
-    if args.trajectory:
-        # one row per sample: x_T, x_{T-1}, ..., x_1, each decoded by the first stage
-        strips = torch.stack([vq.decode(x_t) for x_t in trajectory], dim=1)   # (n, T, 3, H, W)
-        path = args.out or os.path.join(args.run, "trajectory.png")
-        ib.save_image_grid(strips.flatten(0, 1), path, nrow=chain.T)
-        print(f"wrote {path}: each row decodes x_{chain.T} (left) ... x_1 (right)", flush=True)
-        images = strips[:, -1]
-    else:
-        images = vq.decode(x1)
-        path = args.out or os.path.join(args.run, "sample.png")
-        ib.save_image_grid(images, path, nrow=per_row or int(math.ceil(math.sqrt(n))))
-        print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
-              flush=True)
-    save_outputs(args, images, x1, cond.get("labels"))
+    sample(args, vq, chain, opts, g, device)
 
 
 if __name__ == "__main__":

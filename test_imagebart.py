@@ -1262,6 +1262,38 @@ def test_e2e_sample_classes_with_guidance(trained_run, tmp_path):
     assert np.array_equal(np.asarray(Image.open(os.path.join(pngs, "000003.png"))), data["images"][3])
 
 
+def test_grid_cap_out_dir_and_npz_stream_in_batches(trained_run, tmp_path, monkeypatch, capsys):
+    """Samples are made, decoded and written a batch at a time (SAMPLE_BATCH, here 4): with 10
+    samples every decode takes at most 4, --out-dir holds 10 PNGs and --npz the same pixels,
+    written without np.savez (no array of all of them). A grid over MAX_GRID_PIXELS (here
+    room for 2 rows of 4 images) shows its first rows and says so when --out-dir or --npz holds every
+    image, and is refused before any sampling (naming those flags) when nothing does; so is an
+    inpainting grid. A top-k of at least K is said to filter nothing."""
+    monkeypatch.setattr(sample, "SAMPLE_BATCH", 4)
+    monkeypatch.setattr(ib, "MAX_GRID_PIXELS", (4 * 33 + 1) * (2 * 33 + 1) + 50)    # 2 rows of 4 images of 32 px
+    decoded = []
+    real = ib.VQGAN.decode
+    monkeypatch.setattr(ib.VQGAN, "decode", lambda self, x1: (decoded.append(len(x1)), real(self, x1))[1])
+    png, pngs, npz = str(tmp_path / "grid.png"), str(tmp_path / "pngs"), str(tmp_path / "s.npz")
+    argv = ["--run", trained_run.dir, "--n", "10", "--out", png, "--top-k", "1000"]
+    code, out, err = run_script(sample, argv + ["--out-dir", pngs, "--npz", npz], monkeypatch, capsys)
+    assert code == 0, err
+    assert max(decoded) <= 4 and sum(decoded) == 10
+    assert "it shows the first 8; all 10 images go to" in out and "filters nothing" in out
+    assert png_size(png) == (4 * 33 + 1, 2 * 33 + 1)
+    assert sorted(os.listdir(pngs)) == [f"{i:06d}.png" for i in range(10)]
+    data = np.load(npz)
+    assert data["images"].shape == (10, 32, 32, 3) and data["codes"].shape == (10, 8, 8) and data["labels"].shape == (0,)
+    assert all(np.array_equal(np.asarray(Image.open(os.path.join(pngs, f"{i:06d}.png"))), data["images"][i])
+               for i in range(10))
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    decoded.clear()
+    for more in (["--n", "10"], ["--inpaint", "test:2", "--completions", "4"]):
+        code, _, err = run_script(sample, ["--run", trained_run.dir, "--out", png, *more], monkeypatch, capsys)
+        assert_user_error(code, err, "write the images with --out-dir DIR or --npz FILE")
+    assert not decoded                                             # refused before any work
+
+
 def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch, capsys):
     """Re-running train_vq.py's command on a finished run says so and rewrites nothing."""
     before = snapshot(trained_run.dir)
