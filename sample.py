@@ -26,6 +26,7 @@ import os
 import tempfile
 import threading
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -599,7 +600,8 @@ $("file").onchange = async () => {
   try { const r = await call("/api/upload", {method: "POST", body: f}); show(r.image); } catch (e) { error(e.message); }
 };
 $("go").onclick = async () => {
-  error(); status("sampling... (one job at a time: others wait their turn)"); $("go").disabled = true;
+  error(); status("sampling... (one job at a time: up to " + info.max_waiting + " others wait their turn, then the server is busy)");
+  $("go").disabled = true;
   const req = {image: image.toDataURL("image/png"), guidance: +$("guidance").value, temperature: $("temperature").value,
                top_k: $("top_k").value, top_p: $("top_p").value, refine: +$("refine").value, particles: +$("particles").value,
                completions: +$("completions").value, seed: +$("seed").value};
@@ -612,7 +614,7 @@ $("go").onclick = async () => {
     $("trajectory").innerHTML = r.trajectory.map(u => '<img class="step" src="' + u + '">').join("");
     $("download").href = r.grid; $("download").style.display = "inline";
     status(r.regenerated_tokens + " of " + r.tokens + " tokens regenerated, " + r.completions.length +
-           " completions in " + r.seconds.toFixed(1) + " s");
+           " completions in " + r.seconds.toFixed(1) + " s" + r.notes.map(n => "; " + n).join(""));
   } catch (e) { error(e.message); status(); }
   $("go").disabled = false;
 };
@@ -644,6 +646,19 @@ async function heartbeat() {
 
 MAX_UPLOAD = 8 * 2 ** 20          # bytes: a larger upload is refused with a message
 MAX_COMPLETIONS = 16              # per request: a larger batch would hold the lock for long
+MAX_WAITING = 4                   # completion jobs that may wait for the model behind the running one:
+                                  # past it a classroom's extra clicks get 503 "busy, try again", not a queue
+                                  # that outlives their patience (about 1 s a job on the 2-core CPU)
+
+
+class Busy(Exception):
+    """Too many completion jobs are waiting for the model: the page says "busy, try again" (503)."""
+
+
+def field(req: dict, key: str, default=None):
+    """A field of a page request; missing, null or "" (an empty input box) = `default`."""
+    value = req.get(key)
+    return default if value is None or value == "" else value
 
 
 def data_url(images: torch.Tensor) -> list[str]:
@@ -686,21 +701,22 @@ class Editor:
         self.vq, self.chain = ib.load_run(run, device)
         self.test, self.class_names = ib.load_tokens(run)["test"], ib.run_class_names(run)
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(1 + MAX_WAITING)      # the running job and those waiting
 
     def info(self) -> dict:
         """What the page needs to build its controls: classes or a prompt box, mask kinds, limits."""
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
-                "refine": ib.INPAINT_REFINE, "particles": ib.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS}
+                "refine": ib.INPAINT_REFINE, "particles": ib.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS,
+                "max_waiting": MAX_WAITING}
 
     def test_image(self, index) -> dict:
         """A test image as the first stage sees it (its codes decoded); a random one without index."""
         n = len(self.test)
         # a random pick uses torch's global generator: the seed of a completion is the page's own
-        index = int(torch.randint(0, n, ()).item()) if index is None else index
-        if not 0 <= index < n:
-            raise ib.UserError(f"test image {index} does not exist; this run has 0..{n - 1}")
+        index = int(torch.randint(0, n, ()).item()) if index is None else \
+            ib.check_number(index, "the test image", 0, n - 1, whole=True)
         with self.lock:
             image = self.vq.decode(self.test[index:index + 1].long().to(self.device))
         return {"index": index, "image": data_url(image)[0]}
@@ -715,12 +731,22 @@ class Editor:
         "completions", "seed"} -> the completions, the trajectory x_T .. x_1 of the first, and
         a grid to download, all as data URLs."""
         H, f = self.vq.cfg.resolution, self.vq.cfg.factor
+        if not isinstance(req, dict):
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(req), "a number")
+            raise ib.UserError(f"the request must be a JSON object (its fields by name), got {kind}")
+        # --- every number first, each through the command line's own check
+        seed = ib.check_number(field(req, "seed", 0), "seed", 0, SEED_MAX, whole=True)
+        n = ib.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
+        refine = ib.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
+        particles = ib.check_number(field(req, "particles", ib.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
         # --- the input: the page sends the image it shows, at the run's resolution
-        x0 = read_image(from_data_url(str(req.get("image", "")), "image"), H, "image").to(self.device)
+        x0 = read_image(from_data_url(str(field(req, "image", "")), "image"), H, "image").to(self.device)
         # --- the mask: a kind (random boxes need the seed, so the server draws them), or the
         # painted PNG; a token is regenerated when any pixel of its f x f patch is painted
-        if req.get("kind"):
-            regen_px = pixel_mask(str(req["kind"]), H, H, int(req.get("seed", 0)))
+        if field(req, "kind"):
+            if req["kind"] not in MASK_KINDS:     # never a path: pixel_mask would read a file of the server's
+                raise ib.UserError(f"kind must be one of {', '.join(MASK_KINDS)}, got {req['kind']!r}")
+            regen_px = pixel_mask(req["kind"], H, H, seed)
         else:
             mask = read_image(from_data_url(str(req.get("mask", "")), "mask"), H, "mask")
             regen_px = mask.mean(1)[0] > 0                                  # white (> mid grey) = regenerate
@@ -729,36 +755,37 @@ class Editor:
             raise ib.UserError("the mask selects nothing to regenerate: paint over part of the image")
         if regen.all():
             raise ib.UserError("the mask covers the whole image, so nothing is given: leave part of it")
-        n = int(req.get("completions", 4))
-        if not 1 <= n <= MAX_COMPLETIONS:
-            raise ib.UserError(f"completions must lie in 1..{MAX_COMPLETIONS}")
-        refine = int(req.get("refine", ib.INPAINT_REFINE))
-        if not 0 <= refine <= 8:
-            raise ib.UserError("refine must lie in 0..8")
-        particles = int(req.get("particles", ib.INPAINT_PARTICLES))
-        if not 1 <= particles <= 32:
-            raise ib.UserError("particles must lie in 1..32")
-        # the command line's own checks, on a namespace that looks like its arguments
-        opts = argparse.Namespace(temperature=str(req.get("temperature") or "1.0"), top_k=req.get("top_k") or None,
-                                  top_p=req.get("top_p") or None, guidance=float(req.get("guidance") or 0),
-                                  no_cache=False, run=self.run,
-                                  classes=str(req["class"]) if req.get("class") not in (None, "") else None,
-                                  prompts=[str(req["prompt"])] if req.get("prompt") else None)
-        sampling = sampling_options(opts, self.chain.T)
-        # --- the model work, one request at a time: the input's codes x_1, repeated once per
-        # completion, go through the chain with the painted tokens regenerated (Sec. 4.3)
-        t0 = time.time()
-        with self.lock:
-            cond, _ = parse_condition(opts, self.chain, n, self.device)
-            if opts.prompts:
-                cond["text"] = cond["text"][:n]
-            x1 = self.vq.encode(x0).expand(n, -1, -1)
-            keep = (~regen).to(self.device).expand(n, -1, -1)
-            g = torch.Generator(self.device).manual_seed(int(req.get("seed", 0)))
-            trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, particles=particles, generator=g,
-                                                 **cond, **sampling)
-            images = self.vq.decode(trajectory[-1])
-            steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
+        # the command line's own checks, on a namespace that looks like its arguments (an empty
+        # field is the option's default; any other value is checked, never silently replaced)
+        guidance = ib.check_number(field(req, "guidance", 0), "guidance", 0)
+        opts = argparse.Namespace(temperature=str(field(req, "temperature", "1.0")), top_k=field(req, "top_k"),
+                                  top_p=field(req, "top_p"), guidance=guidance, no_cache=False, run=self.run,
+                                  classes=str(req["class"]) if field(req, "class") is not None else None,
+                                  prompts=[str(req["prompt"])] if field(req, "prompt") else None)
+        notes = []
+        sampling = sampling_options(opts, self.chain.T, self.chain.diffusion.K,
+                                    names={k: k for k in OPTION_NAMES}, log=notes.append)
+        cond, _ = parse_condition(opts, self.chain, n, self.device)
+        if opts.prompts:
+            cond["text"] = cond["text"][:n]
+        # --- a place in the queue: the running job and MAX_WAITING waiting ones, or 503
+        if not self.slots.acquire(blocking=False):
+            raise Busy(f"busy, try again: {MAX_WAITING} jobs are already waiting for the model (the most the "
+                       f"server queues)")
+        try:
+            # --- the model work, one request at a time: the input's codes x_1, repeated once per
+            # completion, go through the chain with the painted tokens regenerated (Sec. 4.3)
+            with self.lock:
+                t0 = time.time()
+                x1 = self.vq.encode(x0).expand(n, -1, -1)
+                keep = (~regen).to(self.device).expand(n, -1, -1)
+                g = torch.Generator(self.device).manual_seed(seed)
+                trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, particles=particles,
+                                                     generator=g, **cond, **sampling)
+                images = self.vq.decode(trajectory[-1])
+                steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
+        finally:
+            self.slots.release()
         shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
         with tempfile.TemporaryDirectory() as tmp:          # the grid to download: input, masked, completions
             ib.save_image_grid(torch.cat([x0, shown, images]), os.path.join(tmp, "grid.png"), nrow=n + 2)
@@ -766,7 +793,7 @@ class Editor:
                 grid = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
         return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
                 "grid": grid, "regenerated_tokens": int(regen.sum()), "tokens": regen.numel(),
-                "seconds": round(time.time() - t0, 2)}
+                "seconds": round(time.time() - t0, 2), "notes": notes}
 
 
 def make_handler(editor: Editor):
@@ -783,20 +810,36 @@ def make_handler(editor: Editor):
 
         # every endpoint answers JSON: the result, or {"error": one line} that the page shows
         def answer(self, work) -> None:
-            """Run `work`; a UserError is a 400 with its line, anything else a 500 that says the job failed."""
+            """Run `work`: a client's mistake (a UserError) is a 400 with its line, a full queue a
+            503; anything else is a fault of the server's, a 500 that says the job failed, with
+            the traceback printed on the server's terminal (not sent to whoever asked)."""
             try:
                 self.reply(200, json.dumps(work()).encode())
             except ib.UserError as e:
                 self.reply(400, json.dumps({"error": str(e)}).encode())
+            except Busy as e:
+                self.reply(503, json.dumps({"error": str(e)}).encode())
             except Exception as e:
-                self.reply(500, json.dumps({"error": f"the job failed: {type(e).__name__}: {e}"}).encode())
+                traceback.print_exc()
+                self.reply(500, json.dumps({"error": f"the job failed ({type(e).__name__}); the server's terminal "
+                                                     f"shows why"}).encode())
 
         def body(self) -> bytes:
-            length = int(self.headers.get("Content-Length") or 0)
-            data = self.rfile.read(length)           # read whole even when refused: the client is still sending
+            """The request's body, by its Content-Length: none, a number >= 0 (-1 would read until
+            the client closes, holding a thread), at most MAX_UPLOAD."""
+            length = ib.check_number(self.headers.get("Content-Length") or 0, "Content-Length", 0, whole=True)
             if length > MAX_UPLOAD:
+                self.close_connection = True
+                # read (and drop) what a client is still sending, a piece at a time, so that it
+                # gets the answer; one that claims far more is answered at once
+                left = length if length <= 4 * MAX_UPLOAD else 0
+                while left > 0:
+                    chunk = self.rfile.read(min(2 ** 16, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
                 raise ib.UserError(f"the upload is {length / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
-            return data
+            return self.rfile.read(length)
 
         def do_GET(self):
             # the page itself, the run's description, and test images (as the first stage sees them)
@@ -807,8 +850,8 @@ def make_handler(editor: Editor):
             elif url.path == "/api/info":
                 self.answer(editor.info)
             elif url.path == "/api/test":
-                index = query.get("index", [""])[0]
-                self.answer(lambda: editor.test_image(int(index) if index.lstrip("-").isdigit() else None))
+                index = query.get("index", [""])[0]          # none: a random test image
+                self.answer(lambda: editor.test_image(index or None))
             else:
                 self.reply(404, json.dumps({"error": f"no page {url.path}"}).encode())
 
@@ -820,7 +863,7 @@ def make_handler(editor: Editor):
                 def work():
                     try:
                         req = json.loads(self.body() or b"{}")
-                    except json.JSONDecodeError:
+                    except ValueError:                   # not JSON, or not UTF-8
                         raise ib.UserError("the request is not JSON") from None
                     return editor.complete(req)
                 self.answer(work)
@@ -831,6 +874,15 @@ def make_handler(editor: Editor):
             pass
 
     return Handler
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine alone (127.x.x.x, ::1, localhost)."""
+    import ipaddress
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:                    # a host name: it may resolve to any interface
+        return False
 
 
 def serve(args, device) -> None:
@@ -844,6 +896,9 @@ def serve(args, device) -> None:
     except OSError as e:
         raise ib.UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") from None
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    if not is_loopback(args.host):
+        print(f"warning: --host {args.host}: anyone who can reach this address can use the page (and this "
+              f"machine's time); 127.0.0.1 keeps it to this machine", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

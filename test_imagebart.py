@@ -1586,7 +1586,7 @@ def test_serve_endpoints(trained_run):
         code, body = get("/api/test?index=3")
         assert code == 200 and png(json.loads(body)["image"]).size == (32, 32)
         code, body = get("/api/test?index=999")
-        assert code == 400 and "does not exist" in json.loads(body)["error"]
+        assert code == 400 and "the test image must be a number in 0..31, got 999" in json.loads(body)["error"]
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
         code, body = get("/api/upload", buf.getvalue())
@@ -1624,6 +1624,90 @@ def test_serve_endpoints(trained_run):
         server.server_close()
 
 
+def test_serve_answers_bad_requests_with_400_faults_500_and_a_full_queue_503(trained_run, monkeypatch, capsys):
+    """The editing page's server, on bad requests as a client might send them: a body that is JSON
+    but no object, numbers that are not numbers (a seed, a guidance), not finite (NaN, inf) or out
+    of range, a mask kind that is a path, and a Content-Length of -5, abc or -1 (answered at once,
+    not read until the client closes) are each a 400 with one plain line; a fault of the
+    server's is a 500 that says the job failed, its traceback on the server's terminal; past
+    MAX_WAITING waiting jobs a completion is a 503 "busy, try again" while the waiting ones
+    complete. --host other than 127.0.0.1 prints one warning line."""
+    import socket
+    from http.server import ThreadingHTTPServer
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+    editor = sample.Editor(trained_run.dir, torch.device("cpu"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(editor))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def post(body: bytes):
+        try:
+            with urlopen(Request(f"http://127.0.0.1:{port}/api/complete", data=body), timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def raw(length: str):
+        """A POST with this Content-Length header and no body, the connection left open."""
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"POST /api/complete HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):                  # the server closes after its answer
+                reply += chunk
+        head, body = reply.decode().split("\r\n\r\n", 1)
+        return int(head.split()[1]), json.loads(body)["error"]
+    try:
+        image = editor.test_image(1)["image"]
+        ok = {"image": image, "kind": "upper", "completions": 1, "particles": 1}
+        for body, line in [(b"[1, 2, 3]", "must be a JSON object (its fields by name), got an array"),
+                           (b"null", "got null"), (b"\xff\xfe", "the request is not JSON"),
+                           (json.dumps(ok | {"seed": "abc"}).encode(), "seed must be a number in 0..9223372036854775807, got 'abc'"),
+                           (json.dumps(ok | {"guidance": "abc"}).encode(), "guidance must be a number >= 0, got 'abc'"),
+                           (json.dumps(ok | {"class": 0, "guidance": float("nan")}).encode(), "guidance must be a number >= 0, got nan"),
+                           (json.dumps(ok | {"temperature": "inf"}).encode(), "temperature must be a number > 0, got inf"),
+                           (json.dumps(ok | {"temperature": 0}).encode(), "temperature must be a number > 0, got 0"),
+                           (json.dumps(ok | {"top_k": 0}).encode(), "top_k must be a number >= 1, got 0"),
+                           (json.dumps(ok | {"completions": 99}).encode(), "completions must be a number in 1..16, got 99"),
+                           (json.dumps(ok | {"kind": "/etc/passwd"}).encode(), "kind must be one of upper")]:
+            code, reply = post(body)
+            assert code == 400 and line in reply["error"] and "\n" not in reply["error"], (body[:60], reply)
+        for length, line in (("-5", "got -5"), ("abc", "got 'abc'"), ("-1", "got -1")):
+            t0 = time.time()
+            assert raw(length) == (400, f"Content-Length must be a number >= 0, {line}")
+            assert time.time() - t0 < 5
+        # a fault of the server's: 500, the traceback printed where the server runs
+        real = editor.chain.sample_chain
+        monkeypatch.setattr(editor.chain, "sample_chain", lambda *a, **k: 1 / 0)
+        code, reply = post(json.dumps(ok).encode())
+        assert code == 500 and reply["error"] == "the job failed (ZeroDivisionError); the server's terminal shows why"
+        assert "Traceback" in capsys.readouterr().err
+        monkeypatch.setattr(editor.chain, "sample_chain", real)
+        # a full queue: MAX_WAITING jobs wait behind one that holds the model, the next one is told so
+        results = []
+        with editor.lock:
+            threads = [threading.Thread(target=lambda: results.append(post(json.dumps(ok).encode())))
+                       for _ in range(sample.MAX_WAITING + 1)]
+            [th.start() for th in threads]
+            deadline = time.time() + 60
+            while editor.slots._value > 0:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            code, reply = post(json.dumps(ok).encode())
+            assert code == 503 and reply["error"].startswith("busy, try again")
+        [th.join() for th in threads]
+        assert [c for c, _ in results] == [200] * (sample.MAX_WAITING + 1)
+        assert json.loads(urlopen(f"http://127.0.0.1:{port}/api/info").read())["max_waiting"] == sample.MAX_WAITING
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setattr(ThreadingHTTPServer, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, err = run_script(sample, ["--run", trained_run.dir, "--serve", "--host", "0.0.0.0", "--port", "0"],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    assert "warning: --host 0.0.0.0: anyone who can reach this address can use the page" in out
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -1632,24 +1716,32 @@ def test_serve_page_in_headless_chromium(trained_run, tmp_path):
     """The page itself, in headless Chromium against the micro run: a link that fills the form
     (test image 3, the upper half, class "star", three completions) and presses "complete";
     the page's script loads the image, draws the mask, sends the job and shows three
-    completions after the masked input, the trajectory's three images, and no error."""
+    completions after the masked input, the trajectory's three images, and no error. With the
+    server's queue full, the same link shows "busy, try again" in the page's error line."""
     from http.server import ThreadingHTTPServer
-    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(sample.Editor(trained_run.dir, torch.device("cpu"))))
+    editor = sample.Editor(trained_run.dir, torch.device("cpu"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(editor))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/?index=3&kind=upper&class=star&completions=3&go=1"
+
+    def page() -> str:
+        return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom",
+                               url], capture_output=True, text=True, timeout=120).stdout
     try:
-        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url],
-                           capture_output=True, text=True, timeout=120)
+        dom = page()
+        for _ in range(1 + sample.MAX_WAITING):          # a running job and MAX_WAITING waiting ones
+            editor.slots.acquire()
+        busy = page()
     finally:
         server.shutdown()
         server.server_close()
-    dom = r.stdout
     results = dom.split('id="results"')[1].split("</div>")[0]
     assert results.count('class="small"') == 4, dom[-3000:]                # masked input + 3 completions
     assert dom.split('id="trajectory"')[1].split("</div>")[0].count('class="step"') == 3
     assert re.search(r'<div id="error">\s*</div>', dom) and "32 of 64 tokens regenerated, 3 completions" in dom
+    assert re.search(r'<div id="error">busy, try again', busy), busy[-3000:]
 
 
 def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
