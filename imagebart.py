@@ -27,6 +27,7 @@ into x_{t-1} is p^{t-1}(x_{t-1} | x_t), and it is stored under its `t`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -38,6 +39,7 @@ import math
 import os
 import pickle
 import re
+import socket
 import sys
 import tarfile
 import time
@@ -106,8 +108,12 @@ class VQConfig:
                                      "disc_layers", "disc_ch", "log_every", "ckpt_every", "train_size", "test_size"),
                      non_negative=("num_res_blocks", "beta", "perceptual_weight", "perceptual_batch", "disc_start",
                                    "disc_weight", "restart_every"))
+        for m in self.ch_mult:
+            check_number(m, "--ch_mult", 1, whole=True)
         if self.resolution % self.factor:
             raise UserError(f"--resolution {self.resolution} is not divisible by the downsampling factor {self.factor}")
+        if self.test_size < MIN_TEST_IMAGES:
+            raise UserError(f"--test_size {self.test_size}: {TOO_FEW_TEST_IMAGES}")
 
 
 VQ_PRESETS = {
@@ -514,11 +520,9 @@ def linear_alpha_bar_betas(T: int) -> list[float]:
 
 
 def check_betas(betas: Sequence[float]) -> list[float]:
-    betas = [float(b) for b in betas]
     if not betas:
         raise UserError("the schedule needs at least one beta (T >= 2)")
-    if any(not (0 < b <= 1) for b in betas):
-        raise UserError(f"every beta must lie in (0, 1], got {betas}")
+    betas = [check_number(b, "--betas", 0, 1, above=True) for b in betas]     # each in (0, 1], finite
     if abs(betas[-1] - 1) > 1e-6:
         raise UserError(f"the last beta must be 1, so that x_T is pure noise and p(x_T) is uniform; got {betas}")
     early = [t for t, b in zip(range(2, len(betas) + 1), betas[:-1]) if b >= 1]
@@ -1550,7 +1554,9 @@ class ImageBART(nn.Module):
 #   tokens.pt      the data set as codes x_1 (train with mirrored copies, test), labels and
 #                  captions where it has them, and the record of which data set it is
 #   scale_<t>.pt   p^{t-1}(x_{t-1} | x_t, c) for one t: config, betas, weights, EMA weights, optimizer
-#   log.jsonl      one JSON object per logged step, bound.json, eval.json, and pictures
+#   log.jsonl      one JSON object per logged step of the first stage, and the bound's record;
+#   log_t<t>.jsonl those of scale t (one log per writer: several processes may train at once)
+#   bound.json, eval.json, and pictures
 # Each file name is spelled once (the path helpers below) and each checkpoint kind is built by
 # one function, so the scripts and load_run cannot disagree about what a run folder holds.
 
@@ -1572,8 +1578,11 @@ def scale_path(run: str, t: int) -> str:
     return os.path.join(run, f"scale_{t}.pt")
 
 
-def log_path(run: str) -> str:
-    return os.path.join(run, "log.jsonl")
+def log_path(run: str, t: int | None = None) -> str:
+    """log.jsonl (the first stage, the bound), or with `t` scale t's own log_t<t>.jsonl: each
+    log has one writer, the process that holds the claim on what it logs (appendix B), so that
+    a log trimmed on resuming never loses a line another process is appending."""
+    return os.path.join(run, "log.jsonl" if t is None else f"log_t{t}.jsonl")
 
 
 def bound_path(run: str) -> str:
@@ -1582,6 +1591,38 @@ def bound_path(run: str) -> str:
 
 def eval_path(run: str) -> str:
     return os.path.join(run, "eval.json")
+
+
+# The files a run folder holds for itself: no output of sample.py may land on one of them.
+RUN_FILE = re.compile(r"vq\.pt|tokens\.pt|scale_\d+\.pt|log(_t\d+)?\.jsonl|bound\.json|eval\.json|.+\.lock")
+
+
+def run_file_of(path: str, run: str | None = None) -> str | None:
+    """The run folder whose own file `path` names (vq.pt, tokens.pt, scale_<t>.pt, a log,
+    bound.json, eval.json or a lock, in `run` or in any folder holding a vq.pt), else None."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not RUN_FILE.fullmatch(name):
+        return None
+    if run is not None and os.path.realpath(folder) == os.path.realpath(run):
+        return run
+    return folder if os.path.exists(vq_path(folder)) else None
+
+
+def read_log(run: str) -> list[dict]:
+    """Every record of a run's logs (log.jsonl, then log_t<t>.jsonl from t = T down), skipping a
+    torn last line (a process killed mid-write)."""
+    scales = sorted((int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(r"log_t(\d+)\.jsonl", f))),
+                    reverse=True)
+    records = []
+    for path in [log_path(run)] + [log_path(run, t) for t in scales]:
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+    return records
 
 
 def trained_scales(run: str) -> list[int]:
@@ -1615,17 +1656,25 @@ def save_atomic(obj: dict, path: str) -> None:
 
 
 def remove_stale_tmp(run: str) -> None:
-    """A run killed inside save_atomic leaves its `.tmp` file behind: never read, removed here."""
+    """A run killed inside save_atomic (or trim_log) leaves its `.tmp` file behind: never read,
+    removed here, unless another live process has claimed the file it belongs to (appendix B),
+    whose `.tmp` is the checkpoint that process is writing right now."""
+    busy = set()
+    for lock in glob.glob(os.path.join(glob.escape(run), "*.lock")):
+        holder = read_lock(lock)
+        if holder is not None and not held_here(holder) and lock_is_live(holder):
+            busy.update(holder.get("files", []))
     for name in os.listdir(run):
-        if name.endswith((".pt.tmp", ".json.tmp")):
-            os.remove(os.path.join(run, name))
+        if name.endswith((".pt.tmp", ".json.tmp", ".jsonl.tmp")) and name[:-len(".tmp")] not in busy:
+            with contextlib.suppress(FileNotFoundError):          # another process removed it first
+                os.remove(os.path.join(run, name))
 
 
-def trim_log(run: str, drop) -> None:
-    """Rewrite log.jsonl without a torn last line (a run killed mid-write) and without the
-    records for which drop(record) is true: the steps after the checkpoint a run resumes
-    from, which it is about to log again. So no step is ever logged twice."""
-    path = log_path(run)
+def trim_log(path: str, drop) -> None:
+    """Rewrite the log at `path` without a torn last line (a run killed mid-write) and without
+    the records for which drop(record) is true: the steps after the checkpoint a run resumes
+    from, which it is about to log again. So no step is ever logged twice. Only the one writer
+    of that log calls this (log_path): a line appended by anyone else meanwhile would be lost."""
     if not os.path.exists(path):
         return
     kept = []
@@ -1644,9 +1693,14 @@ def trim_log(run: str, drop) -> None:
 
 def save_json_atomic(obj: dict, path: str) -> None:
     """A JSON report (bound.json, eval.json), written like the checkpoints: tmp file, then rename."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
@@ -2024,6 +2078,11 @@ def resize_center_crop(im: Image.Image, resolution: int) -> np.ndarray:
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The fewest test images anything can be measured on: the judge compares two disjoint halves of
+# at least 2 images (evaluate_run), and the bound's standard error needs 2 grids.
+MIN_TEST_IMAGES = 4
+TOO_FEW_TEST_IMAGES = (f"the test split must hold at least {MIN_TEST_IMAGES} images to measure anything "
+                       f"(the judge compares two halves of at least 2)")
 
 
 def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
@@ -2109,11 +2168,23 @@ def _read_captions_txt(path: str) -> dict:
     return listed
 
 
+def check_folder_split(path: str, images: int) -> int:
+    """The size of a folder's test split (a fixed tenth of its `images`), refused with the number
+    of images needed when it is too small to measure anything on. -> that size."""
+    n_test = images // 10
+    if n_test < MIN_TEST_IMAGES:              # a "held-out" figure on no held-out image would mean nothing
+        raise UserError(f"{path} holds {images} image(s), so its test split (a fixed tenth) holds {n_test}; "
+                        f"{TOO_FEW_TEST_IMAGES}: give the folder at least {10 * MIN_TEST_IMAGES} images")
+    return n_test
+
+
 def check_dataset(name: str) -> None:
-    """shapes, cifar or folder:PATH with PATH a folder; one clear line otherwise (before any work)."""
+    """shapes, cifar or folder:PATH with PATH a folder of enough images; one clear line otherwise
+    (before any work; the images themselves are read, and counted again, when training starts)."""
     if name.startswith("folder:"):
         if not os.path.isdir(name[len("folder:"):]):
             raise UserError(f"image folder {name[len('folder:'):]} does not exist")
+        check_folder_split(name[len("folder:"):], len(_image_files(name[len("folder:"):])))
     elif name not in ("shapes", "cifar"):
         raise UserError(f"unknown data set {name!r}; use shapes, cifar or folder:PATH")
 
@@ -2136,10 +2207,8 @@ def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "
         x, y, captions = load_folder(name[len("folder:"):], resolution)
         g = torch.Generator().manual_seed(0)  # a fixed shuffle, so the split never changes
         order = torch.randperm(len(x), generator=g)
-        n_test = max(1, len(x) // 10) if len(x) > 1 else 0
+        n_test = check_folder_split(name[len("folder:"):], len(x))
         idx = order[n_test:] if split == "train" else order[:n_test]
-        if split == "test" and n_test == 0:
-            idx = order
         num_classes = int(y.max()) + 1 if y is not None else 0
         return (x[idx], (y[idx] if y is not None else None), num_classes,
                 [captions[i] for i in idx.tolist()] if captions is not None else None)
@@ -2280,6 +2349,218 @@ def agree(world: World, value: torch.Tensor) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def on_rank_0(world: World, work, share: bool = False):
+    """work() on rank 0 alone (claiming, the first stage, what is written once). Under torchrun
+    the other processes wait for it, and when rank 0 stops with a UserError they stop with its
+    line too, instead of waiting for it forever. -> work()'s result on rank 0; elsewhere None,
+    or with `share` rank 0's result (a small picklable value)."""
+    error, result = None, None
+    if world.main:
+        try:
+            result = work()
+        except UserError as e:
+            error = e
+    if world.size > 1:
+        box = [str(error) if error is not None else None, result if share and error is None else None]
+        dist.broadcast_object_list(box, src=0)
+        if not world.main:
+            if box[0] is not None:
+                raise UserError(f"rank 0 stopped: {box[0]}")
+            result = box[1]
+    if error is not None:
+        raise error
+    return result
+
+
+# ----- One writer per file: claims ---------------------------------------------------------
+# Several processes may work on one run folder at once: the README's recipe trains one scale
+# per process (or GPU) into one folder, a student may start the same command twice, and every
+# run on a data set shares its judge in runs/judges/. So every file has one writer. A process
+# claims what it is about to write before it starts the work: the first stage, a scale, the
+# final bound, samples and figures, an entry of the judges' cache. A claim is a lock file
+# beside what it covers, created exclusively (O_EXCL: of two processes, exactly one creates
+# it), holding the pid and the host of its process and the files it covers; it is removed when
+# the work is done, or at exit. A lock whose process has died on this host (killed, crashed)
+# is said in one line and taken over. One from another host (a shared disk) cannot be checked
+# from here: it is reported and left alone. Under torchrun rank 0 claims for the world.
+
+def say(line: str) -> None:
+    """A progress line (the judge's, a claim's): stdout, flushed (they are read through pipes and logs)."""
+    print(line, flush=True)
+
+
+HOST = socket.gethostname()
+_held: dict[str, "Claim"] = {}            # lock path -> the claim this process holds there
+
+
+def lock_path(run: str, work: str) -> str:
+    """The lock of one piece of work in a run folder: first_stage, scale_<t> or final."""
+    return os.path.join(run, f"{work}.lock")
+
+
+def read_lock(path: str) -> dict | None:
+    """A lock's record, or None when it is gone. A lock is written right after it is created:
+    one caught in between (or torn by a kill there) reads as {} for a moment."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def held_here(holder: dict) -> bool:
+    """Whether a lock's record is one this very process wrote (and still holds)."""
+    return holder.get("host") == HOST and holder.get("pid") == os.getpid()
+
+
+def lock_is_live(holder: dict) -> bool:
+    """Whether the process that wrote a lock may still be at work: any from another host (no
+    way to ask it from here), a running one on this host. Dead: no such process, or a zombie
+    (killed, and not yet reaped by its parent)."""
+    if holder.get("host") != HOST:
+        return True
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)                   # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:               # another user's process: alive
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):         # no /proc (macOS): the process exists
+        return True
+
+
+class Claim:
+    """The claim of this process on one piece of work: `path` (a .lock file), `what` it is in
+    words (for the lines that report it), the `files` (names in the lock's folder) it writes.
+    take() -> None once held, else the record of the process that holds it; release()."""
+
+    def __init__(self, path: str, what: str, files: Sequence[str] = ()):
+        self.path, self.what, self.files = path, what, list(files)
+        self.record = None
+
+    def describe(self, holder: dict) -> str:
+        """One line: who holds it, since when, and where its lock is."""
+        host = holder.get("host")
+        where = f"process {holder.get('pid', '?')} on " + ("this host" if host == HOST else f"host {host}")
+        since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", 0)))
+        unchecked = "; from another host, so not checked here: delete it if that process is gone" if host != HOST else ""
+        return f"{self.what} is claimed by {where} since {since} (lock {self.path}{unchecked})"
+
+    def take(self, log=say) -> dict | None:
+        """Claim it now, taking over a dead process's lock: None once this process holds it, else
+        the lock record of the live process (or other host) that does."""
+        record = {"pid": os.getpid(), "host": HOST, "what": self.what, "files": self.files,
+                  "since": round(time.time(), 3)}
+        if self.path in _held:
+            return None                                          # this process holds it already
+        for attempt in range(100):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = read_lock(self.path)
+                if holder is None:                               # released just now: try again
+                    continue
+                if holder == {}:                                 # being written: look again shortly,
+                    if attempt < 20:                             # else torn by a kill, so dead
+                        time.sleep(0.05)
+                        continue
+                elif lock_is_live(holder) and not held_here(holder):
+                    return holder
+                if self._take_over(holder, record, log):
+                    break
+                time.sleep(0.05)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            break
+        else:
+            raise UserError(f"could not claim {self.path}: it keeps changing; is another process taking it over?")
+        self.record = record
+        _held[self.path] = self
+        return None
+
+    def _take_over(self, stale: dict, record: dict, log) -> bool:
+        """Put this process's record in place of a dead process's lock. A second lock beside it
+        (.takeover, created exclusively) makes sure that of two processes that found the same
+        dead lock, one takes it over, and the other then finds the new holder."""
+        guard = self.path + ".takeover"
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            with contextlib.suppress(OSError):                   # left by a process killed right there
+                if time.time() - os.path.getmtime(guard) > 60:
+                    os.remove(guard)
+            return False
+        try:
+            if read_lock(self.path) != stale:                    # someone else took it over first
+                return False
+            with open(guard + ".new", "w") as f:
+                json.dump(record, f)
+            os.replace(guard + ".new", self.path)                # never a moment without a lock
+        finally:
+            os.remove(guard)
+        dead = f"process {stale.get('pid')}, which is no longer running" if stale else "a process killed while writing it"
+        log(f"{self.what}: the lock left by {dead}, is taken over ({self.path})")
+        return True
+
+    def take_waiting(self, log=say, poll: float = 0.5) -> bool:
+        """take(), waiting while another process holds it (said in one line), then taking it.
+        -> whether it had to wait (what the other process wrote may now be there)."""
+        holder = self.take(log)
+        if holder is None:
+            return False
+        log(f"waiting: {self.describe(holder)}")
+        t0 = time.time()
+        while self.take(log) is not None:
+            time.sleep(poll)
+        log(f"{self.what}: free after {time.time() - t0:.0f}s of waiting")
+        return True
+
+    def release(self) -> None:
+        """Remove the lock, if this process holds it (and it is still this process's)."""
+        if _held.get(self.path) is not self:
+            return
+        del _held[self.path]
+        if read_lock(self.path) == self.record:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+# The claims of a run folder, each spelled once: the lock, the work in words, the files it writes.
+def first_stage_claim(run: str) -> Claim:
+    return Claim(lock_path(run, "first_stage"), f"the first stage of {run}", ["vq.pt", "tokens.pt", "log.jsonl"])
+
+
+def scale_claim(run: str, t: int) -> Claim:
+    return Claim(lock_path(run, f"scale_{t}"), f"scale t={t} of {run}", [f"scale_{t}.pt", f"log_t{t}.jsonl"])
+
+
+def final_claim(run: str) -> Claim:
+    """The end of a run: the bound, the sample grid, the judge's figures (and the bound's log record)."""
+    return Claim(lock_path(run, "final"), f"the bound, samples and judge's figures of {run}",
+                 ["bound.json", "eval.json", "log.jsonl"])
+
+
+@atexit.register
+def _release_claims() -> None:
+    """A process that ends (an error, Ctrl-C, sys.exit) leaves no lock of its own behind."""
+    for claim in list(_held.values()):
+        claim.release()
+
+
 # ----- Number formats: fp32, or bf16 autocast where the hardware computes it faster ----------
 # bf16 keeps fp32's exponent with an 8-bit mantissa: matrix products and convolutions run in it
 # under autocast, and reductions (norms, softmax, the loss) stay fp32. On a GPU it is the
@@ -2390,6 +2671,13 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
                        help="the device's dense bf16 peak for mfu_datasheet (default: a table of known GPUs)")
 
 
+def check_speed_args(args: argparse.Namespace) -> None:
+    """--bench-steps and --peak-tflops, checked before a benchmark starts."""
+    check_number(args.bench_steps, "--bench-steps", 1, whole=True)
+    if args.peak_tflops is not None:
+        check_number(args.peak_tflops, "--peak-tflops", 0, above=True)
+
+
 def choose_preset(args: argparse.Namespace) -> None:
     """`--dataset cifar` means the one-GPU `cifar` presets unless --preset says otherwise: the
     data set's name picks the preset when one has that name, anything else gets `tiny`."""
@@ -2413,14 +2701,50 @@ def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
     return dataclasses.replace(cfg, **changes)
 
 
+def _number_text(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def check_number(value, name: str, low=None, high=None, *, above: bool = False, below: bool = False,
+                 whole: bool = False):
+    """The one check of every number a user gives: each float (and integer) option of the
+    scripts, each number of the editing page's requests. argparse lets through nan, inf, 0
+    and -5, and JSON brings strings, nulls and NaN: the value must be a finite number, a whole
+    one where `whole`, from `low` to `high` (each bound excluded where `above` / `below`), else
+    one line names the option (or field) and the value. `value` may be text. -> the number
+    (an int where `whole`)."""
+    if whole and low is not None and high is not None:
+        rule = f"in {_number_text(low)}..{_number_text(high)}"
+    elif low is not None and high is not None:
+        rule = f"in {'(' if above else '['}{_number_text(low)}, {_number_text(high)}{')' if below else ']'}"
+    elif low is not None:
+        rule = f"{'>' if above else '>='} {_number_text(low)}"
+    else:
+        rule = f"{'<' if below else '<='} {_number_text(high)}" if high is not None else "(finite)"
+    try:
+        if isinstance(value, bool) or value is None:       # JSON true/null are not numbers
+            raise TypeError
+        number = value if isinstance(value, int) else float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number {rule}, got {value!r}") from None
+    shown = value.strip() if isinstance(value, str) else _number_text(number)
+    if not math.isfinite(number) or (low is not None and (number <= low if above else number < low)) \
+            or (high is not None and (number >= high if below else number > high)):
+        raise UserError(f"{name} must be a number {rule}, got {shown}")
+    if whole:
+        if number != int(number):
+            raise UserError(f"{name} must be a whole number {rule}, got {shown}")
+        return int(number)
+    return number
+
+
 def check_ranges(cfg, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
-    """Every field in `positive` must be a finite number > 0, every one in `non_negative` >= 0:
-    one clear line naming the flag otherwise (argparse lets through 0, -5 and nan)."""
-    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            v = getattr(cfg, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and ok(v)):
-                raise UserError(f"--{name} must be a number {what}, got {v}")
+    """Every field in `positive` must be a finite number > 0, every one in `non_negative` >= 0
+    (check_number: one clear line naming the flag otherwise)."""
+    for name in positive:
+        check_number(getattr(cfg, name), f"--{name}", 0, above=True)
+    for name in non_negative:
+        check_number(getattr(cfg, name), f"--{name}", 0)
 
 
 def check_same_config(saved, wanted, resumable: set, path: str) -> None:
@@ -2434,8 +2758,15 @@ def check_same_config(saved, wanted, resumable: set, path: str) -> None:
 
 
 def parse_number_list(text: str, what: str) -> list:
+    """"0.15,0.25,1" -> [0.15, 0.25, 1]: ints where they are whole, floats otherwise (nan and inf
+    included: their field's own check names them)."""
+    def number(v: str):
+        try:
+            return int(v)
+        except ValueError:
+            return float(v)
     try:
-        return [float(v) if any(c in v for c in ".e") else int(v) for v in text.split(",") if v]
+        return [number(v) for v in text.split(",") if v]
     except ValueError:
         raise UserError(f"--{what} takes comma-separated numbers, got {text!r}") from None
 
@@ -2577,9 +2908,32 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: f
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# A grid image's size, at most (16.8 million pixels, 50 MB as RGB): it bounds the memory a
+# grid holds whatever the number of images or their size (the large canvases of sampling
+# beyond the training size included). Past it, sample.py shows the first images that fit and
+# says so, when every image is written elsewhere too (--out-dir, --npz), and refuses otherwise.
+MAX_GRID_PIXELS = 4096 * 4096
+
+
+def grid_size(cells: int, nrow: int, H: int, W: int) -> tuple[int, int]:
+    """(width, height) in pixels of save_image_grid's grid of `cells` images of H x W."""
+    return nrow * (W + 1) + 1, math.ceil(cells / nrow) * (H + 1) + 1
+
+
+def grid_fit(cells: int, nrow: int, H: int, W: int) -> tuple[int, int]:
+    """(images shown, images per row) of a grid of `cells` images, `nrow` per row, within
+    MAX_GRID_PIXELS: all of them when they fit, else the first rows that do (rows too wide for
+    the cap are cut to fewer images per row, and wrap)."""
+    cap = MAX_GRID_PIXELS
+    nrow = max(1, min(nrow, (cap // (H + 2) - 1) // (W + 1)))      # a row (of one image's height) fits
+    width = nrow * (W + 1) + 1
+    rows = max(1, (cap // width - 1) // (H + 1))
+    return min(cells, rows * nrow), nrow
+
+
 def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    """images: (B, 3, H, W) in [-1, 1] -> one PNG, `nrow` images per row, 1-pixel gaps."""
-    images = to_uint8(images).cpu()
+    """images: (B, 3, H, W) in [-1, 1] (or uint8) -> one PNG, `nrow` images per row, 1-pixel gaps."""
+    images = (images if images.dtype == torch.uint8 else to_uint8(images)).cpu()
     B, _, H, W = images.shape
     ncol = math.ceil(B / nrow)
     canvas = torch.full((3, ncol * (H + 1) + 1, nrow * (W + 1) + 1), 255, dtype=torch.uint8)
@@ -2627,25 +2981,23 @@ def draw_curves(series: dict, path: str, title: str, width: int = 640, height: i
     im.save(path)
 
 
-def plot_run(run: str) -> list[str]:
-    """The loss curves of a run folder from its log.jsonl: loss_vq.png (the first stage's terms)
-    and loss_t<t>.png per scale (training loss, test term of the bound). -> the files written."""
-    if not os.path.exists(log_path(run)):
-        raise UserError(f"{run} has no log.jsonl to plot")
-    records = []
-    with open(log_path(run)) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:      # a torn last line of a killed run
-                continue
+def plot_run(run: str, parts=None) -> list[str]:
+    """The loss curves of a run folder from its logs (read_log): loss_vq.png (the first stage's
+    terms) and loss_t<t>.png per scale (training loss, test term of the bound); `parts` ("vq"
+    and scales t) limits them to what the caller trained, so that each picture has one writer.
+    -> the files written."""
+    records = read_log(run)
+    if not records:
+        raise UserError(f"{run} has no log.jsonl (or log_t<t>.jsonl) to plot")
     written = []
     vq = [r for r in records if r.get("stage") == "vq"]
-    if vq:
+    if vq and (parts is None or "vq" in parts):
         series = {k: [(r["step"], r[k]) for r in vq if k in r] for k in ("rec", "lpips", "q", "g", "d")}
         written.append(os.path.join(run, "loss_vq.png"))
         draw_curves(series, written[-1], "first stage: L1 (rec), LPIPS, codebook (q), generator (g), discriminator (d)")
     for t in sorted({r["t"] for r in records if r.get("stage") == "chain"}, reverse=True):
+        if parts is not None and t not in parts:
+            continue
         chain = [r for r in records if r.get("stage") == "chain" and r["t"] == t]
         series = {"training loss": [(r["step"], r["loss_bits"]) for r in chain],
                   "test term (EMA)": [(r["step"], r["test_bits"]) for r in chain if "test_bits" in r]}
@@ -2683,11 +3035,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # classifier needs labels, and a self-supervised feature net would be one more thing to trust
 # blindly), so there only the reconstructions' PSNR is reported, which needs no network.
 
-def say(line: str) -> None:
-    """The judge's progress lines: stdout, flushed (they are read through pipes and logs)."""
-    print(line, flush=True)
-
-
 # ----- Masks for completions (sample.py --inpaint, and the judge) --------------------------
 
 MASK_KINDS = ("upper", "lower", "left", "right", "center", "outer", "random-boxes")
@@ -2721,6 +3068,8 @@ def pixel_mask(kind: str, H: int, W: int, seed: int) -> torch.Tensor:
             raise UserError(f"--mask {kind}: neither a mask kind ({', '.join(MASK_KINDS)}) nor a file")
         try:
             with Image.open(kind) as im:
+                if im.size != (W, H):
+                    say(f"note: --mask {kind} is {im.width}x{im.height}; resized to the image's {W}x{H}")
                 im = im.convert("L").resize((W, H), Image.NEAREST)
         except Exception:
             raise UserError(f"--mask {kind} is not a readable image") from None
@@ -2912,16 +3261,29 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
     h.update(np.ascontiguousarray(y_train.numpy().astype(np.int64)).tobytes())
     digest = h.hexdigest()[:12]
     file = f"{_cache_name(record)}-{x_train.shape[-1]}px-{digest}.pt"
-    path = os.path.join(judge_dir, file)
-    ckpt = None
-    for found in [path] + ([os.path.join(SHIPPED_JUDGES, file)] if shipped else []):
-        if ckpt is None and os.path.exists(found):
-            try:
-                ckpt = load_checkpoint(found, "judge")
-                path = found if found == path else os.path.join("assets", "judges", file)
-            except UserError as e:   # another version's (or a damaged) file: a cache, so train it again
-                log(f"judge: not using the cached file: {e}")
+    own = os.path.join(judge_dir, file)
+
+    def read_cached() -> tuple[dict | None, str]:
+        """(the cached or shipped judge's checkpoint, or None; the path it is reported under)."""
+        for found in [own] + ([os.path.join(SHIPPED_JUDGES, file)] if shipped else []):
+            if os.path.exists(found):
+                try:
+                    return load_checkpoint(found, "judge"), own if found == own else os.path.join("assets", "judges", file)
+                except UserError as e:   # another version's (or a damaged) file: a cache, so train it again
+                    log(f"judge: not using the cached file: {e}")
+        return None, own
+    ckpt, path = read_cached()
+    claim = None
+    if ckpt is None:
+        # one process trains a cache entry: another run on the same data waits for it, and
+        # then reads it (waiting is the point: it would have trained the same judge)
+        ensure_writable_dir(judge_dir)
+        claim = Claim(own + ".lock", f"the judge {file}", [file])
+        if claim.take_waiting(log):
+            ckpt, path = read_cached()
     if ckpt is not None:
+        if claim is not None:
+            claim.release()
         judge = Judge(JudgeConfig(**ckpt["config"]), ckpt["num_classes"])
         judge.load_state_dict(ckpt["model"])
         judge = judge.to(device).eval()
@@ -2929,16 +3291,18 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
             f"(test accuracy {ckpt['test_accuracy']:.2%})")
         cached = True
     else:
-        ensure_writable_dir(judge_dir)
         log(f"judge: training a classifier on the {len(x_train)} real training images of {record['spec']} "
             f"(once per data set; cached as {path})")
         t0 = time.time()
-        judge, accuracy = train_judge(cfg, train, test, device)
-        ckpt = {"kind": "judge", "config": dataclasses.asdict(cfg), "num_classes": num_classes,
-                "model": {k: v.cpu() for k, v in judge.state_dict().items()}, "dataset": record,
-                "digest": digest, "train_images": len(x_train), "test_images": len(test[0]),
-                "test_accuracy": accuracy, "train_seconds": round(time.time() - t0, 1)}
-        save_atomic(ckpt, path)
+        try:
+            judge, accuracy = train_judge(cfg, train, test, device)
+            ckpt = {"kind": "judge", "config": dataclasses.asdict(cfg), "num_classes": num_classes,
+                    "model": {k: v.cpu() for k, v in judge.state_dict().items()}, "dataset": record,
+                    "digest": digest, "train_images": len(x_train), "test_images": len(test[0]),
+                    "test_accuracy": accuracy, "train_seconds": round(time.time() - t0, 1)}
+            save_atomic(ckpt, path)
+        finally:
+            claim.release()
         log(f"judge: trained in {ckpt['train_seconds']:.0f}s, test accuracy {accuracy:.2%} -> {path}")
         cached = False
     return judge, {"file": path, "cached": cached, "test_accuracy": round(ckpt["test_accuracy"], 4),
@@ -3199,10 +3563,10 @@ def sample_best_of(chain: ImageBART, n: int, score, labels=None, text=None, *, a
 def check_judge_options(eval_n: int, judge_steps: int | None, zero_skips: bool = False) -> None:
     """--eval-n (images per row; 0 = no evaluation where zero_skips) and --judge-steps, checked
     before any work starts rather than after minutes of training or sampling."""
-    if eval_n < 2 and not (zero_skips and eval_n == 0):
-        raise UserError(f"--eval-n must be >= 2{' (or 0 to skip)' if zero_skips else ''}, got {eval_n}")
-    if judge_steps is not None and judge_steps < 1:
-        raise UserError(f"--judge-steps must be >= 1, got {judge_steps}")
+    if not (zero_skips and eval_n == 0):
+        check_number(eval_n, "--eval-n" + (" (0 skips the evaluation)" if zero_skips else ""), 2, whole=True)
+    if judge_steps is not None:
+        check_number(judge_steps, "--judge-steps", 1, whole=True)
 
 
 DEFAULT_EVAL_GUIDANCE = 0.5               # w of the guided samples row, unless one is given: on the tiny
@@ -3241,9 +3605,12 @@ def evaluate_run(vq: VQGAN, chain: ImageBART, data: dict, judge: Judge | None = 
     Without a judge (unlabelled data) only the reconstructions' PSNR is computed."""
     device = next(vq.parameters()).device
     x_test, y_test, *_ = data["test"]
-    n = min(n, len(x_test) // 2)
-    if n < 2:
-        raise UserError(f"the test split has {len(x_test)} image(s); the judge needs at least 4")
+    if len(x_test) < MIN_TEST_IMAGES:
+        raise UserError(f"the test split has {len(x_test)} image(s); {TOO_FEW_TEST_IMAGES}")
+    if n > len(x_test) // 2:              # the rows and the FD reference are disjoint halves of the split
+        log(f"judging N = {len(x_test) // 2} images per row, not {n}: the test split holds {len(x_test)}, "
+            f"and each row's images and the reference are disjoint halves of it")
+        n = len(x_test) // 2
     real_a, real_b = x_test[:n], x_test[n:2 * n]
     y_a = y_test[:n] if y_test is not None else None
     H, W = x_test.shape[-2:]
@@ -3438,14 +3805,18 @@ def _prompt_rows(vq: VQGAN, chain: ImageBART, data: dict, judged, n: int, guidan
     if captions is not None and shape_caption_parts(captions[0]) is not None:
         held = set(chain.cfg.holdout)
         combos = [(PALETTE_NAMES[c], SHAPE_CLASSES[k], c, k) for k in range(len(SHAPE_CLASSES)) for c in SHAPE_FOREGROUNDS]
+        heldout_n = min(n, 100 * len(held))   # 100 samples per held-out combination, at most n
+        if held and heldout_n < 100 * len(held):
+            log(f"eval heldout rows: {heldout_n} samples (N), not 100 for each of the {len(held)} held-out "
+                f"combinations")
         for key, chosen, m in (("prompts", [x for x in combos if f"{x[0]} {x[1]}" not in held], n),
-                               ("heldout", [x for x in combos if f"{x[0]} {x[1]}" in held], min(n, 100 * len(held)))):
+                               ("heldout", [x for x in combos if f"{x[0]} {x[1]}" in held], heldout_n)):
             if chosen:
                 chosen = [chosen[i % len(chosen)] for i in range(m)]                 # cycled over m samples
                 sets.append((key, [f"a {colour} {shape}" for colour, shape, _, _ in chosen],
                              torch.tensor([k for *_, k in chosen]), torch.tensor([c for _, _, c, _ in chosen])))
     else:   # the test images' own captions, judged against their labels
-        m = min(n, len(captions))
+        m = n                                 # n is at most half the test split whose captions these are
         sets.append(("prompts", captions[:m], data["test"][1][:m], None))
     result = {}
     for key, prompts, shapes, colours in sets:

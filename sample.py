@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -143,27 +144,29 @@ BENCHMARK_FIELDS = {"T": "number of scales T (x_1 .. x_T)", "n_embd": "width", "
 # -----------------------------------------------------------------------------
 # sampling options and conditions, checked before any sampling
 
-def sampling_options(args, T: int) -> dict:
-    """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance."""
-    def parse(text, name, cast, ok, why):
-        """"0.9" -> 0.9, "1,0.9" -> [1.0, 0.9]; `ok` checks each value's range."""
+# The options' names as the command line spells them; the editing page passes its own fields'.
+OPTION_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "guidance": "--guidance"}
+
+
+def sampling_options(args, T: int, K: int | None = None, names: dict = OPTION_NAMES, log=print) -> dict:
+    """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance,
+    every number through ib.check_number. A top-k of at least K (the run's codes) keeps every
+    code: it filters nothing, which is said."""
+    def parse(text, key, **rule):
+        """"0.9" -> 0.9, "1,0.9" -> [1.0, 0.9]; each value checked against `rule`."""
         if text is None:
             return None
-        try:
-            values = [cast(v) for v in str(text).split(",")]
-        except ValueError:
-            raise ib.UserError(f"--{name} takes numbers, got {text!r}") from None
-        if not all(ok(v) for v in values):
-            raise ib.UserError(f"--{name} {text}: {why}")
+        values = [ib.check_number(v, names[key], **rule) for v in str(text).split(",")]
         value = values[0] if len(values) == 1 else values
-        ib.option_per_scale(value, T, f"--{name}")          # a list needs one value per scale: checked now
+        ib.option_per_scale(value, T, names[key])          # a list needs one value per scale: checked now
         return value
-    if args.guidance < 0:
-        raise ib.UserError("--guidance must be >= 0")
-    return dict(temperature=parse(args.temperature, "temperature", float, lambda v: v > 0, "must be > 0"),
-                top_k=parse(args.top_k, "top-k", int, lambda v: v >= 1, "must be >= 1"),
-                top_p=parse(args.top_p, "top-p", float, lambda v: 0 < v <= 1, "must lie in (0, 1]"),
-                guidance=args.guidance, use_cache=not args.no_cache)
+    top_k = parse(args.top_k, "top_k", low=1, whole=True)
+    if K is not None and top_k is not None and max(top_k if isinstance(top_k, list) else [top_k]) >= K:
+        log(f"note: {names['top_k']} {args.top_k}: a top-k of at least K = {K} (this run's codes) keeps every code, "
+            f"so it filters nothing there")
+    return dict(temperature=parse(args.temperature, "temperature", low=0, above=True), top_k=top_k,
+                top_p=parse(args.top_p, "top_p", low=0, high=1, above=True),
+                guidance=ib.check_number(args.guidance, names["guidance"], 0), use_cache=not args.no_cache)
 
 
 def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, int | None]:
@@ -342,6 +345,8 @@ def parse_size(args, vq: ib.VQGAN) -> tuple[int, int] | None:
 def check_canvas_options(args) -> None:
     """--place and --across, before any work: --place needs --inpaint and --size; --across
     exactly two classes or two prompts."""
+    if args.tiled and (not args.size or args.across):
+        raise ib.UserError("--tiled draws the baseline of a --size canvas (without --across)")
     if args.place and not (args.inpaint and args.size):
         raise ib.UserError("--place puts an --inpaint image on a larger --size canvas; give both")
     if args.across:
@@ -411,31 +416,177 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
-def save_outputs(args, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
-    """--out-dir: one PNG per sample; --npz: uint8 NHWC images, codes, labels. Both are for
-    other tools (an FID tool reads the PNGs; numpy users the arrays), so pixels are stored
-    as 8-bit, exactly as the grids show them."""
-    u8 = ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()                # (B, H, W, 3)
+# What a grid may be saved as: the image formats pillow writes among those the loaders read.
+GRID_EXTENSIONS = tuple(e for e in ib.IMAGE_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE)
+SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
+
+
+def check_outputs(args) -> None:
+    """Every output, checked before any work: never a run's own file (vq.pt, tokens.pt,
+    scale_<t>.pt, a log, bound.json, eval.json, a lock) unless this command writes it by design
+    (--evaluate, the run's eval.json); its kind from its extension (a grid is an image,
+    --evaluate --out JSON, --npz .npz, which numpy would otherwise append); its folder writable
+    (made when missing)."""
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path is None:
+            continue
+        run = ib.run_file_of(path, args.run)
+        by_design = args.evaluate and flag == "--out" and os.path.realpath(path) == os.path.realpath(ib.eval_path(args.run))
+        if run is not None and not by_design:
+            raise ib.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in {run}); "
+                               f"choose another name")
+    if args.evaluate:
+        if args.out_dir or args.npz:
+            raise ib.UserError("--evaluate writes the judge's figures only (--out, JSON); --out-dir and --npz are for samples")
+        if args.out and not args.out.lower().endswith(".json"):
+            raise ib.UserError(f"--evaluate --out {args.out}: the judge's figures are JSON; give a name ending in .json")
+    elif args.out and not args.out.lower().endswith(GRID_EXTENSIONS):
+        raise ib.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(GRID_EXTENSIONS)}")
+    if args.npz and not args.npz.lower().endswith(".npz"):
+        raise ib.UserError(f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
+    for path in (args.out, args.npz):
+        if path:
+            ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     if args.out_dir:
-        for i, img in enumerate(u8):
-            Image.fromarray(img).save(os.path.join(args.out_dir, f"{i:06d}.png"))
-        print(f"wrote {len(u8)} PNGs to {args.out_dir}", flush=True)
-    if args.npz:
-        np.savez(args.npz, images=u8, codes=codes.cpu().numpy(),
-                 labels=labels.cpu().numpy() if labels is not None else np.zeros(0, dtype=np.int64))
-        print(f"wrote {args.npz}", flush=True)
+        ib.ensure_writable_dir(args.out_dir)
+
+
+class NpzWriter:
+    """--npz, written as the images come, so that memory stays flat at any --n. An .npz is a zip
+    of .npy files (np.savez's layout, uncompressed), and an .npy is a header (dtype, shape)
+    followed by the array's bytes in order: each array is written that way to a file of its own,
+    batch after batch, and the files are zipped at the end. All of it goes to .tmp files first,
+    so a job that stops half way leaves no half .npz. arrays: {name: (shape, dtype)}."""
+
+    def __init__(self, path: str, arrays: dict):
+        self.path, self.shapes = path, {k: shape for k, (shape, _) in arrays.items()}
+        self.parts = {k: f"{path}.{k}.npy.tmp" for k in arrays}
+        self.files, self.rows = {}, {k: 0 for k in arrays}
+        try:
+            for k, (shape, dtype) in arrays.items():
+                self.files[k] = open(self.parts[k], "wb")
+                np.lib.format.write_array_header_1_0(self.files[k], {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+        except OSError as e:
+            self.discard()
+            raise ib.UserError(f"could not write --npz {path}: {e.strerror or e}") from None
+
+    def write(self, **chunks) -> None:
+        """The next rows of each array (numpy, in order)."""
+        try:
+            for k, v in chunks.items():
+                self.files[k].write(np.ascontiguousarray(v).tobytes())
+                self.rows[k] += len(v)
+        except OSError as e:
+            self.discard()
+            raise ib.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
+
+    def close(self) -> None:
+        import zipfile
+        assert all(self.rows[k] == self.shapes[k][0] for k in self.rows), (self.rows, self.shapes)
+        try:
+            for f in self.files.values():
+                f.close()
+            with zipfile.ZipFile(self.path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                for k, part in self.parts.items():
+                    z.write(part, f"{k}.npy")
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as e:
+            raise ib.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        for f in self.files.values():
+            f.close()
+        for part in [*self.parts.values(), self.path + ".tmp"]:
+            if os.path.exists(part):
+                os.remove(part)
+
+
+class Outputs:
+    """Where one command's images go, batch by batch as they are made, so that memory stays flat
+    at any --n: --out-dir (one PNG each, what FID tools read), --npz (NpzWriter: uint8 NHWC
+    images, codes, labels), and the first cells of the grid, up to ib.MAX_GRID_PIXELS. A grid
+    over that cap shows the first cells that fit and says so, when every image also goes to
+    --out-dir or --npz; otherwise the job is refused before any work (`what`: the options that
+    make it that large). Pixels are stored as 8-bit, exactly as the grids show them."""
+
+    def __init__(self, args, n: int, cells: int, nrow: int, pixels: int | tuple, code_shape: tuple, labelled: bool,
+                 what: str):
+        self.args, self.n, self.cells = args, n, cells
+        H, W = (pixels, pixels) if isinstance(pixels, int) else pixels      # each image's height and width
+        self.shown, self.nrow = ib.grid_fit(cells, nrow, H, W)
+        if self.shown < cells:
+            width, height = ib.grid_size(cells, nrow, H, W)
+            over = (f"a grid of {cells} images would be {width} x {height} = {width * height} pixels, over the "
+                    f"cap of {ib.MAX_GRID_PIXELS} (MAX_GRID_PIXELS)")
+            if not (args.out_dir or args.npz):
+                raise ib.UserError(f"{what}: {over}; write the images with --out-dir DIR or --npz FILE, and the grid "
+                                   f"shows the first {self.shown}")
+            print(f"note: {over}: it shows the first {self.shown}; all {n} images go to "
+                  f"{' and '.join(p for p in (args.out_dir, args.npz) if p)}", flush=True)
+        self.kept, self.added, self.written = [], 0, 0
+        self.npz = None
+        if args.npz:
+            self.npz = NpzWriter(args.npz, {"images": ((n, H, W, 3), np.uint8), "codes": ((n, *code_shape), np.int64),
+                                            "labels": ((n if labelled else 0,), np.int64)})
+
+    def room(self) -> int:
+        """How many more cells the grid shows."""
+        return self.shown - self.added
+
+    def grid(self, cells: torch.Tensor) -> None:
+        """The next cells of the grid, uint8 (B, 3, H, W), in order; those past the cap are dropped."""
+        if self.room() > 0:
+            self.kept.append(cells[:self.room()].cpu())
+        self.added += len(cells)
+
+    def images(self, images: torch.Tensor, codes: torch.Tensor, labels) -> None:
+        """The next images (uint8 (B, 3, H, W)), their codes x_1 and labels, to --out-dir and --npz."""
+        u8 = images.permute(0, 2, 3, 1).cpu().numpy()                     # (B, H, W, 3)
+        if self.args.out_dir:
+            for i, img in enumerate(u8):
+                Image.fromarray(img).save(os.path.join(self.args.out_dir, f"{self.written + i:06d}.png"))
+        if self.npz is not None:
+            self.npz.write(images=u8, codes=codes.cpu().numpy().astype(np.int64),
+                           **({"labels": labels.cpu().numpy().astype(np.int64)} if labels is not None else {}))
+        self.written += len(u8)
+
+    def finish(self, path: str) -> None:
+        """The grid to `path`, then --npz moved into place; what was written is said."""
+        ib.save_image_grid(torch.cat(self.kept), path, nrow=self.nrow)
+        if self.args.out_dir:
+            print(f"wrote {self.written} PNGs to {self.args.out_dir}", flush=True)
+        if self.npz is not None:
+            self.npz.close()
+            print(f"wrote {self.args.npz}", flush=True)
+
+    def discard(self) -> None:
+        """A job that stops half way: no half .npz."""
+        if self.npz is not None:
+            self.npz.discard()
 
 
 def write_samples(args, vq: ib.VQGAN, x1: torch.Tensor, per_row: int | None, labels) -> None:
-    """Samples x_1 (n, h, w) decoded into a grid (--out, default <run>/sample.png; one row per class
-    or prompt when per_row is given), and --out-dir, --npz."""
-    images = vq.decode(x1)
+    """Samples x_1 (n, h, w) decoded a batch at a time into a grid (--out, default
+    <run>/sample.png; one row per class or prompt when per_row is given), --out-dir and --npz."""
+    n, f = len(x1), vq.cfg.factor
+    pixels = (x1.shape[1] * f, x1.shape[2] * f)
+    nrow = per_row or max(1, int(math.ceil(math.sqrt(n * pixels[0] / pixels[1]))))   # squarish, also of panoramas
+    outputs = Outputs(args, n, n, nrow, pixels, tuple(x1.shape[1:]), labels is not None, f"--n {args.n}")
+    try:
+        for sl in ib.batches(n, SAMPLE_BATCH):
+            images = ib.to_uint8(vq.decode(x1[sl])).cpu()
+            outputs.grid(images)
+            outputs.images(images, x1[sl], labels[sl] if labels is not None else None)
+    except BaseException:
+        outputs.discard()
+        raise
     path = args.out or os.path.join(args.run, "sample.png")
-    wide = images.shape[-1] / images.shape[-2]               # a squarish grid, also of panoramas
-    ib.save_image_grid(images, path, nrow=per_row or max(1, int(math.ceil(math.sqrt(len(x1) / wide)))))
+    outputs.finish(path)
     print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
           flush=True)
-    save_outputs(args, images, x1, labels)
 
 
 # -----------------------------------------------------------------------------
@@ -449,27 +600,23 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     """--inpaint: regenerate the --mask region of each input, --completions times, and write
     one row per input: the original, the masked input, the completions."""
     cfg = vq.cfg
-    # --- the inputs, as codes x_1: test codes straight from tokens.pt, or image files encoded
     H = cfg.resolution
+    # --- the inputs: test images (their codes in tokens.pt), or image files
     if args.inpaint.startswith("test:"):
         try:
-            n_img = int(args.inpaint[5:])
+            B = int(args.inpaint[5:])
         except ValueError:
             raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
         tokens = ib.load_tokens(args.run)
-        if not 1 <= n_img <= len(tokens["test"]):
+        if not 1 <= B <= len(tokens["test"]):
             raise ib.UserError(f"--inpaint test:N takes N in 1..{len(tokens['test'])} (this run's test images), "
-                               f"got {n_img}")
-        x1 = tokens["test"][:n_img].long().to(device)
-        x0 = vq.decode(x1)                             # the images as the first stage sees them
+                               f"got {B}")
     else:
-        x0 = ib.to_float(load_images(args.inpaint, H).to(device))
-        x1 = vq.encode(x0)
-    B = len(x1)
+        B = len(args.inpaint.split(","))
     size = parse_size(args, vq)                        # a larger canvas (Sec. 4.2), or None
     place = args.place or "left"
     if size is not None:
-        h, w = x1.shape[1:]
+        h, w = chain.cfg.grid
         if (place in ("left", "right") and size[1] <= w) or (place == "center" and size == (h, w)):
             raise ib.UserError(f"--place {place}: the canvas --size {args.size} is no larger than the image "
                                f"in that direction, so there is nothing to draw beyond it")
@@ -483,35 +630,59 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     if regen.all():
         raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
                            "run sample.py without --inpaint")
-    # --- the completions: every input repeated once per completion, in batches of INPAINT_BATCH
+    # --- the completions: every input once per completion, in batches of INPAINT_BATCH rows
     # (a progress line after each when there is more than one)
     reps = args.completions
     # a list of classes, or several prompts, cycle over the completions
     cond, _ = parse_condition(args, chain, 1 if args.prompts else B * reps, device)
     if args.prompts:
         cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
-    given = x1.repeat_interleave(reps, 0)                  # (B * reps, h, w): each input once per completion
-    keep = (~regen).to(device).expand(B * reps, -1, -1)
-    shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)   # regenerated: grey
-    if size is not None:   # outpainting: the image on the canvas, the rest drawn through windows
-        given, keep = place_on_canvas(given, keep, size, place)
-        x0, shown = (pixels_on_canvas(z, size, place, cfg.factor) for z in (x0, shown))
-    completions = []
+    # one row per input: the original, the masked input (the regenerated region grey, on the
+    # pixel mask's exact shape; on a larger canvas, the image where it is placed), its completions
+    f = cfg.factor
+    canvas = size or tuple(chain.cfg.grid)                          # (h, w) codes of what is drawn
+    outputs = Outputs(args, B * reps, B * (reps + 2), reps + 2, (canvas[0] * f, canvas[1] * f), canvas,
+                      "labels" in cond, f"--inpaint {args.inpaint} with --completions {reps}")
+    keep_one = ~regen.to(device)                                    # (h, w), True = given
     per_batch = max(1, INPAINT_BATCH // args.particles)             # each completion decodes `particles` rows
-    for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
-        completions.append(chain.inpaint(given[sl], keep[sl], refine=args.refine, context=args.context,
-                                         particles=args.particles, size=size, stride=args.stride,
-                                         generator=g, **{k: v[sl] for k, v in cond.items()}, **opts))
-    completions = torch.cat(completions)
-    assert (completions[keep] == given[keep]).all(), "kept tokens changed"
-    images = vq.decode(completions).view(B, reps, 3, *x0.shape[-2:])
-    # per row: the original, the masked input (on a canvas: what is given), the completions
-    grid = torch.cat([x0[:, None], shown[:, None], images], dim=1).flatten(0, 1)
+    try:
+        # --- the inputs as codes x_1 (test codes straight from tokens.pt, files encoded) and as
+        # the first stage shows them, a batch at a time
+        if args.inpaint.startswith("test:"):
+            x1 = tokens["test"][:B].long().to(device)
+            x0 = torch.cat([vq.decode(x1[sl]) for sl in ib.batches(B, SAMPLE_BATCH)])
+        else:
+            x0 = ib.to_float(load_images(args.inpaint, H).to(device))
+            x1 = torch.cat([vq.encode(x0[sl]) for sl in ib.batches(B, SAMPLE_BATCH)])
+        shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)
+        if size is not None:   # outpainting: the image on the canvas, the rest drawn through windows
+            x0, shown = (pixels_on_canvas(z, size, place, f) for z in (x0, shown))
+        originals, masked = ib.to_uint8(x0).cpu(), ib.to_uint8(shown).cpu()
+        for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
+            rows = torch.arange(sl.start, sl.stop, device=device) // reps    # the input of each completion
+            given, keep = x1[rows], keep_one.expand(len(rows), -1, -1)
+            if size is not None:
+                given, keep = place_on_canvas(given, keep, size, place)
+            completions = chain.inpaint(given, keep, refine=args.refine, context=args.context,
+                                        particles=args.particles, size=size, stride=args.stride, generator=g,
+                                        **{k: v[sl] for k, v in cond.items()}, **opts)
+            assert (completions[keep] == given[keep]).all(), "kept tokens changed"
+            images = ib.to_uint8(vq.decode(completions)).cpu()
+            cells = []
+            for j, image in zip(range(sl.start, sl.stop), images):
+                if j % reps == 0:                                      # a new row: its input first
+                    cells += [originals[j // reps], masked[j // reps]]
+                cells.append(image)
+            outputs.grid(torch.stack(cells))
+            outputs.images(images, completions, cond["labels"][sl] if "labels" in cond else None)
+    except BaseException:
+        outputs.discard()
+        raise
     path = args.out or os.path.join(args.run, "inpaint.png")
-    ib.save_image_grid(grid, path, nrow=reps + 2)
-    print(f"wrote {path}: per row the original, the masked input ({int((~keep[0]).sum())} of {keep[0].numel()} "
+    outputs.finish(path)
+    regenerated = canvas[0] * canvas[1] - int(keep_one.sum())
+    print(f"wrote {path}: per row the original, the masked input ({regenerated} of {canvas[0] * canvas[1]} "
           f"tokens regenerated), {reps} completions", flush=True)
-    save_outputs(args, images.flatten(0, 1), completions, cond.get("labels"))
 
 
 # -----------------------------------------------------------------------------
@@ -645,16 +816,28 @@ def evaluate(args, device) -> None:
     ib.check_judge_options(args.eval_n, args.judge_steps)
     size = parse_size(args, ib.vqgan_from_checkpoint(ib.load_checkpoint(ib.vq_path(args.run), "vq"))) \
         if args.size else None
-    if args.guidance < 0:
-        raise ib.UserError("--guidance must be >= 0")
-    result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
-                                n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
-                                judge_steps=args.judge_steps, seed=args.seed, device=device,
-                                inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
-                                out=args.out, shipped_judges=not args.fresh_judges,
-                                canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
-                                scorer="classifier" if args.accept is not None else args.scorer or "bayes",
-                                classifier_steps=args.classifier_steps)
+    # the run's own eval.json is part of the end of a run, which train_chain.py may be writing
+    # now: claimed, and refused before any work when another process holds it
+    claim = None
+    if os.path.realpath(args.out or ib.eval_path(args.run)) == os.path.realpath(ib.eval_path(args.run)) \
+            and size is None and args.accept is None and args.rerank is None:
+        claim = ib.final_claim(args.run)
+        holder = claim.take()
+        if holder is not None:
+            raise ib.UserError(f"{claim.describe(holder)}: let it finish, or write these figures elsewhere "
+                               f"with --out FILE.json")
+    try:
+        result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
+                                    n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
+                                    judge_steps=args.judge_steps, seed=args.seed, device=device,
+                                    inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
+                                    out=args.out, shipped_judges=not args.fresh_judges,
+                                    canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
+                                    scorer="classifier" if args.accept is not None else args.scorer or "bayes",
+                                    classifier_steps=args.classifier_steps)
+    finally:
+        if claim is not None:
+            claim.release()
     print(json.dumps(result), flush=True)
 
 
@@ -772,7 +955,8 @@ $("file").onchange = async () => {
   try { const r = await call("/api/upload", {method: "POST", body: f}); show(r.image); } catch (e) { error(e.message); }
 };
 $("go").onclick = async () => {
-  error(); status("sampling... (one job at a time: others wait their turn)"); $("go").disabled = true;
+  error(); status("sampling... (one job at a time: up to " + info.max_waiting + " others wait their turn, then the server is busy)");
+  $("go").disabled = true;
   const req = {image: image.toDataURL("image/png"), guidance: +$("guidance").value, temperature: $("temperature").value,
                top_k: $("top_k").value, top_p: $("top_p").value, refine: +$("refine").value, particles: +$("particles").value,
                completions: +$("completions").value, seed: +$("seed").value};
@@ -785,7 +969,7 @@ $("go").onclick = async () => {
     $("trajectory").innerHTML = r.trajectory.map(u => '<img class="step" src="' + u + '">').join("");
     $("download").href = r.grid; $("download").style.display = "inline";
     status(r.regenerated_tokens + " of " + r.tokens + " tokens regenerated, " + r.completions.length +
-           " completions in " + r.seconds.toFixed(1) + " s");
+           " completions in " + r.seconds.toFixed(1) + " s" + r.notes.map(n => "; " + n).join(""));
   } catch (e) { error(e.message); status(); }
   $("go").disabled = false;
 };
@@ -817,6 +1001,19 @@ async function heartbeat() {
 
 MAX_UPLOAD = 8 * 2 ** 20          # bytes: a larger upload is refused with a message
 MAX_COMPLETIONS = 16              # per request: a larger batch would hold the lock for long
+MAX_WAITING = 4                   # completion jobs that may wait for the model behind the running one:
+                                  # past it a classroom's extra clicks get 503 "busy, try again", not a queue
+                                  # that outlives their patience (about 1 s a job on the 2-core CPU)
+
+
+class Busy(Exception):
+    """Too many completion jobs are waiting for the model: the page says "busy, try again" (503)."""
+
+
+def field(req: dict, key: str, default=None):
+    """A field of a page request; missing, null or "" (an empty input box) = `default`."""
+    value = req.get(key)
+    return default if value is None or value == "" else value
 
 
 def data_url(images: torch.Tensor) -> list[str]:
@@ -859,21 +1056,22 @@ class Editor:
         self.vq, self.chain = ib.load_run(run, device)
         self.test, self.class_names = ib.load_tokens(run)["test"], ib.run_class_names(run)
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(1 + MAX_WAITING)      # the running job and those waiting
 
     def info(self) -> dict:
         """What the page needs to build its controls: classes or a prompt box, mask kinds, limits."""
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
-                "refine": ib.INPAINT_REFINE, "particles": ib.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS}
+                "refine": ib.INPAINT_REFINE, "particles": ib.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS,
+                "max_waiting": MAX_WAITING}
 
     def test_image(self, index) -> dict:
         """A test image as the first stage sees it (its codes decoded); a random one without index."""
         n = len(self.test)
         # a random pick uses torch's global generator: the seed of a completion is the page's own
-        index = int(torch.randint(0, n, ()).item()) if index is None else index
-        if not 0 <= index < n:
-            raise ib.UserError(f"test image {index} does not exist; this run has 0..{n - 1}")
+        index = int(torch.randint(0, n, ()).item()) if index is None else \
+            ib.check_number(index, "the test image", 0, n - 1, whole=True)
         with self.lock:
             image = self.vq.decode(self.test[index:index + 1].long().to(self.device))
         return {"index": index, "image": data_url(image)[0]}
@@ -888,12 +1086,22 @@ class Editor:
         "completions", "seed"} -> the completions, the trajectory x_T .. x_1 of the first, and
         a grid to download, all as data URLs."""
         H, f = self.vq.cfg.resolution, self.vq.cfg.factor
+        if not isinstance(req, dict):
+            kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(req), "a number")
+            raise ib.UserError(f"the request must be a JSON object (its fields by name), got {kind}")
+        # --- every number first, each through the command line's own check
+        seed = ib.check_number(field(req, "seed", 0), "seed", 0, SEED_MAX, whole=True)
+        n = ib.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
+        refine = ib.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
+        particles = ib.check_number(field(req, "particles", ib.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
         # --- the input: the page sends the image it shows, at the run's resolution
-        x0 = read_image(from_data_url(str(req.get("image", "")), "image"), H, "image").to(self.device)
+        x0 = read_image(from_data_url(str(field(req, "image", "")), "image"), H, "image").to(self.device)
         # --- the mask: a kind (random boxes need the seed, so the server draws them), or the
         # painted PNG; a token is regenerated when any pixel of its f x f patch is painted
-        if req.get("kind"):
-            regen_px = pixel_mask(str(req["kind"]), H, H, int(req.get("seed", 0)))
+        if field(req, "kind"):
+            if req["kind"] not in MASK_KINDS:     # never a path: pixel_mask would read a file of the server's
+                raise ib.UserError(f"kind must be one of {', '.join(MASK_KINDS)}, got {req['kind']!r}")
+            regen_px = pixel_mask(req["kind"], H, H, seed)
         else:
             mask = read_image(from_data_url(str(req.get("mask", "")), "mask"), H, "mask")
             regen_px = mask.mean(1)[0] > 0                                  # white (> mid grey) = regenerate
@@ -902,36 +1110,37 @@ class Editor:
             raise ib.UserError("the mask selects nothing to regenerate: paint over part of the image")
         if regen.all():
             raise ib.UserError("the mask covers the whole image, so nothing is given: leave part of it")
-        n = int(req.get("completions", 4))
-        if not 1 <= n <= MAX_COMPLETIONS:
-            raise ib.UserError(f"completions must lie in 1..{MAX_COMPLETIONS}")
-        refine = int(req.get("refine", ib.INPAINT_REFINE))
-        if not 0 <= refine <= 8:
-            raise ib.UserError("refine must lie in 0..8")
-        particles = int(req.get("particles", ib.INPAINT_PARTICLES))
-        if not 1 <= particles <= 32:
-            raise ib.UserError("particles must lie in 1..32")
-        # the command line's own checks, on a namespace that looks like its arguments
-        opts = argparse.Namespace(temperature=str(req.get("temperature") or "1.0"), top_k=req.get("top_k") or None,
-                                  top_p=req.get("top_p") or None, guidance=float(req.get("guidance") or 0),
-                                  no_cache=False, run=self.run,
-                                  classes=str(req["class"]) if req.get("class") not in (None, "") else None,
-                                  prompts=[str(req["prompt"])] if req.get("prompt") else None)
-        sampling = sampling_options(opts, self.chain.T)
-        # --- the model work, one request at a time: the input's codes x_1, repeated once per
-        # completion, go through the chain with the painted tokens regenerated (Sec. 4.3)
-        t0 = time.time()
-        with self.lock:
-            cond, _ = parse_condition(opts, self.chain, n, self.device)
-            if opts.prompts:
-                cond["text"] = cond["text"][:n]
-            x1 = self.vq.encode(x0).expand(n, -1, -1)
-            keep = (~regen).to(self.device).expand(n, -1, -1)
-            g = torch.Generator(self.device).manual_seed(int(req.get("seed", 0)))
-            trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, particles=particles, generator=g,
-                                                 **cond, **sampling)
-            images = self.vq.decode(trajectory[-1])
-            steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
+        # the command line's own checks, on a namespace that looks like its arguments (an empty
+        # field is the option's default; any other value is checked, never silently replaced)
+        guidance = ib.check_number(field(req, "guidance", 0), "guidance", 0)
+        opts = argparse.Namespace(temperature=str(field(req, "temperature", "1.0")), top_k=field(req, "top_k"),
+                                  top_p=field(req, "top_p"), guidance=guidance, no_cache=False, run=self.run,
+                                  classes=str(req["class"]) if field(req, "class") is not None else None,
+                                  prompts=[str(req["prompt"])] if field(req, "prompt") else None)
+        notes = []
+        sampling = sampling_options(opts, self.chain.T, self.chain.diffusion.K,
+                                    names={k: k for k in OPTION_NAMES}, log=notes.append)
+        cond, _ = parse_condition(opts, self.chain, n, self.device)
+        if opts.prompts:
+            cond["text"] = cond["text"][:n]
+        # --- a place in the queue: the running job and MAX_WAITING waiting ones, or 503
+        if not self.slots.acquire(blocking=False):
+            raise Busy(f"busy, try again: {MAX_WAITING} jobs are already waiting for the model (the most the "
+                       f"server queues)")
+        try:
+            # --- the model work, one request at a time: the input's codes x_1, repeated once per
+            # completion, go through the chain with the painted tokens regenerated (Sec. 4.3)
+            with self.lock:
+                t0 = time.time()
+                x1 = self.vq.encode(x0).expand(n, -1, -1)
+                keep = (~regen).to(self.device).expand(n, -1, -1)
+                g = torch.Generator(self.device).manual_seed(seed)
+                trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, particles=particles,
+                                                     generator=g, **cond, **sampling)
+                images = self.vq.decode(trajectory[-1])
+                steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
+        finally:
+            self.slots.release()
         shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
         with tempfile.TemporaryDirectory() as tmp:          # the grid to download: input, masked, completions
             ib.save_image_grid(torch.cat([x0, shown, images]), os.path.join(tmp, "grid.png"), nrow=n + 2)
@@ -939,7 +1148,7 @@ class Editor:
                 grid = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
         return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
                 "grid": grid, "regenerated_tokens": int(regen.sum()), "tokens": regen.numel(),
-                "seconds": round(time.time() - t0, 2)}
+                "seconds": round(time.time() - t0, 2), "notes": notes}
 
 
 def make_handler(editor: Editor):
@@ -956,20 +1165,36 @@ def make_handler(editor: Editor):
 
         # every endpoint answers JSON: the result, or {"error": one line} that the page shows
         def answer(self, work) -> None:
-            """Run `work`; a UserError is a 400 with its line, anything else a 500 that says the job failed."""
+            """Run `work`: a client's mistake (a UserError) is a 400 with its line, a full queue a
+            503; anything else is a fault of the server's, a 500 that says the job failed, with
+            the traceback printed on the server's terminal (not sent to whoever asked)."""
             try:
                 self.reply(200, json.dumps(work()).encode())
             except ib.UserError as e:
                 self.reply(400, json.dumps({"error": str(e)}).encode())
+            except Busy as e:
+                self.reply(503, json.dumps({"error": str(e)}).encode())
             except Exception as e:
-                self.reply(500, json.dumps({"error": f"the job failed: {type(e).__name__}: {e}"}).encode())
+                traceback.print_exc()
+                self.reply(500, json.dumps({"error": f"the job failed ({type(e).__name__}); the server's terminal "
+                                                     f"shows why"}).encode())
 
         def body(self) -> bytes:
-            length = int(self.headers.get("Content-Length") or 0)
-            data = self.rfile.read(length)           # read whole even when refused: the client is still sending
+            """The request's body, by its Content-Length: none, a number >= 0 (-1 would read until
+            the client closes, holding a thread), at most MAX_UPLOAD."""
+            length = ib.check_number(self.headers.get("Content-Length") or 0, "Content-Length", 0, whole=True)
             if length > MAX_UPLOAD:
+                self.close_connection = True
+                # read (and drop) what a client is still sending, a piece at a time, so that it
+                # gets the answer; one that claims far more is answered at once
+                left = length if length <= 4 * MAX_UPLOAD else 0
+                while left > 0:
+                    chunk = self.rfile.read(min(2 ** 16, left))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
                 raise ib.UserError(f"the upload is {length / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
-            return data
+            return self.rfile.read(length)
 
         def do_GET(self):
             # the page itself, the run's description, and test images (as the first stage sees them)
@@ -980,8 +1205,8 @@ def make_handler(editor: Editor):
             elif url.path == "/api/info":
                 self.answer(editor.info)
             elif url.path == "/api/test":
-                index = query.get("index", [""])[0]
-                self.answer(lambda: editor.test_image(int(index) if index.lstrip("-").isdigit() else None))
+                index = query.get("index", [""])[0]          # none: a random test image
+                self.answer(lambda: editor.test_image(index or None))
             else:
                 self.reply(404, json.dumps({"error": f"no page {url.path}"}).encode())
 
@@ -993,7 +1218,7 @@ def make_handler(editor: Editor):
                 def work():
                     try:
                         req = json.loads(self.body() or b"{}")
-                    except json.JSONDecodeError:
+                    except ValueError:                   # not JSON, or not UTF-8
                         raise ib.UserError("the request is not JSON") from None
                     return editor.complete(req)
                 self.answer(work)
@@ -1006,19 +1231,29 @@ def make_handler(editor: Editor):
     return Handler
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine alone (127.x.x.x, ::1, localhost)."""
+    import ipaddress
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:                    # a host name: it may resolve to any interface
+        return False
+
+
 def serve(args, device) -> None:
     """--serve: the editing page on http://HOST:PORT (127.0.0.1 unless --host says otherwise)."""
     from http.server import ThreadingHTTPServer
     # a thread per request (the page's heartbeat is answered while a job runs); the model
     # itself is loaded once, here, before the first request
-    if not 0 <= args.port <= 65535:
-        raise ib.UserError(f"--port must lie in 0..65535, got {args.port}")
     editor = Editor(args.run, device)
     try:
         server = ThreadingHTTPServer((args.host, args.port), make_handler(editor))
     except OSError as e:
         raise ib.UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") from None
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    if not is_loopback(args.host):
+        print(f"warning: --host {args.host}: anyone who can reach this address can use the page (and this "
+              f"machine's time); 127.0.0.1 keeps it to this machine", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -1030,8 +1265,79 @@ def serve(args, device) -> None:
 # -----------------------------------------------------------------------------
 # main: benchmark, evaluate, inpaint, or sample (with --trajectory: every x_t)
 
+def check_numbers(args) -> None:
+    """Every number of the command line, through ib.check_number, before any work (the float
+    options' and the lists' values in sampling_options, once the chain says how many scales)."""
+    ib.check_number(args.guidance, "--guidance", 0)
+    ib.check_number(args.seed, "--seed", 0, SEED_MAX, whole=True)
+    if args.benchmark:
+        ib.check_number(args.batch, "--batch", 1, whole=True)
+    elif args.serve:
+        ib.check_number(args.port, "--port", 0, 65535, whole=True)
+    elif args.evaluate:
+        ib.check_judge_options(args.eval_n, args.judge_steps)
+    if not args.benchmark:
+        ib.check_number(args.refine, "--refine", 0, whole=True)
+        ib.check_number(args.particles, "--particles", 1, whole=True)
+        if not args.evaluate:
+            ib.check_number(args.n, "--n", 1, whole=True)
+            ib.check_number(args.completions, "--completions", 1, whole=True)
+
+
+def sample(args, vq, chain, opts, g, device, size=None) -> None:
+    """Samples (Sec. 3.3): x_T uniform, then the T - 1 scales in turn, in batches of SAMPLE_BATCH,
+    each decoded and written as it comes (Outputs); with --trajectory one strip per sample,
+    x_T ... x_1 each decoded by the first stage. On a larger --size canvas through windows
+    (Sec. 4.2), with --across a condition changing from left to right, with --tiled the
+    baseline of training-size samples side by side."""
+    if args.across:     # one pair of conditions for every sample: left and right (Fig. 4)
+        cond, per_row, n = across_condition(args, chain), None, args.n
+    else:
+        cond, per_row = parse_condition(args, chain, args.n, device)
+        n = len(next(iter(cond.values()))) if cond else args.n
+    T, f = chain.T, vq.cfg.factor
+    canvas = size or tuple(chain.cfg.grid)
+    pixels = (canvas[0] * f, canvas[1] * f)
+    labels = None if args.across else cond.get("labels")
+    nrow = T if args.trajectory else per_row or max(1, int(math.ceil(math.sqrt(n * pixels[0] / pixels[1]))))
+    what = f"--n {args.n}" + (f" with --class {args.classes}" if args.classes == "all" else "") + \
+        (" with --trajectory" if args.trajectory else "") + (f" at --size {args.size}" if size else "")
+    outputs = Outputs(args, n, n * T if args.trajectory else n, nrow, pixels, canvas, labels is not None, what)
+    t0 = time.time()
+    try:
+        for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None):
+            here = cond if args.across else {k: v[sl] for k, v in cond.items()}
+            if args.tiled:      # the baseline of patch-wise sampling: training-size samples, side by side
+                trajectory = tiled_samples(args, chain, here, sl.stop - sl.start, size, g, opts)
+            else:               # [x_T, ..., x_1], each (b, h, w)
+                trajectory = chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride,
+                                                across=args.across, **here, **opts)
+            images = ib.to_uint8(vq.decode(trajectory[-1])).cpu()
+            if args.trajectory:
+                # the strips the grid still shows: x_T .. x_{2} decoded for those alone
+                k = min(len(images), math.ceil(outputs.room() / T))
+                if k:
+                    steps = [ib.to_uint8(vq.decode(x_t[:k])).cpu() for x_t in trajectory[:-1]] + [images[:k]]
+                    outputs.grid(torch.stack(steps, dim=1).flatten(0, 1))    # (k * T, 3, H, W), row by row
+            else:
+                outputs.grid(images)
+            outputs.images(images, trajectory[-1], labels[sl] if labels is not None else None)
+    except BaseException:
+        outputs.discard()
+        raise
+    print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
+    path = args.out or os.path.join(args.run, "trajectory.png" if args.trajectory else "sample.png")
+    outputs.finish(path)
+    if args.trajectory:
+        print(f"wrote {path}: each row decodes x_{T} (left) ... x_1 (right)", flush=True)
+    else:
+        print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
+              flush=True)
+
+
 def main():
     args = build_parser().parse_args()
+    check_numbers(args)
     given = [f"--{name}" for name in BENCHMARK_FIELDS if getattr(args, name) is not None]
     if not args.benchmark and (given or args.cached_only):
         raise ib.UserError(f"{', '.join(given) or '--cached-only'}: for --benchmark's random chain; a run's chain "
@@ -1046,20 +1352,16 @@ def main():
         return print(f"wrote {', '.join(ib.plot_run(args.run))}", flush=True)
     if args.serve:
         return serve(args, device)
-    if args.n < 1 or args.completions < 1 or args.refine < 0 or args.particles < 1:
-        raise ib.UserError("--n, --completions and --particles must be >= 1, --refine >= 0")
-    # --- outputs: their folders made (and checked writable) now, not after minutes of sampling
-    for path in (args.out, args.npz):
-        if path:
-            ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
-    if args.out_dir:
-        ib.ensure_writable_dir(args.out_dir)
+    if args.trajectory and (args.inpaint or args.evaluate):
+        raise ib.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint or --evaluate")
+    # --- outputs: checked, their folders made (and checked writable) now, not after minutes of sampling
+    check_outputs(args)
     check_canvas_options(args)
     if args.evaluate:
         return evaluate(args, device)
     # --- the run: first stage and chain, EMA weights
     vq, chain = ib.load_run(args.run, device)
-    opts = sampling_options(args, chain.T)
+    opts = sampling_options(args, chain.T, chain.diffusion.K)
     size = parse_size(args, vq)                  # a larger canvas, drawn through windows (Sec. 4.2)
     g = torch.Generator(device).manual_seed(args.seed)
     if args.inpaint:
@@ -1068,34 +1370,7 @@ def main():
         return inpaint(args, vq, chain, opts, g, device)
     if args.accept is not None or args.rerank is not None:    # candidates, the best kept (Table 2, Fig. 3)
         return select(args, vq, chain, opts, g, device)
-    # --- sampling: x_T uniform, then the T - 1 scales in turn (Sec. 3.3)
-    if args.across:     # one pair of conditions for every sample: left and right (Fig. 4)
-        cond, per_row = across_condition(args, chain), None
-        n = args.n
-    else:
-        cond, per_row = parse_condition(args, chain, args.n, device)
-        n = len(next(iter(cond.values()))) if cond else args.n
-    per_sample = lambda sl: {} if args.across else {k: v[sl] for k, v in cond.items()}
-    t0 = time.time()
-    if args.tiled:      # the baseline of patch-wise sampling: training-size samples, side by side
-        trajectory = tiled_samples(args, chain, cond, n, size, g, opts)
-    else:
-        parts = [chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride, across=args.across,
-                                    **(cond if args.across else per_sample(sl)), **opts)
-                 for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None)]
-        trajectory = [torch.cat(x_t) for x_t in zip(*parts)]   # [x_T, ..., x_1], each (n, h, w)
-    x1 = trajectory[-1]
-    print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
-    if args.trajectory:
-        # one row per sample: x_T, x_{T-1}, ..., x_1, each decoded by the first stage
-        strips = torch.stack([vq.decode(x_t) for x_t in trajectory], dim=1)   # (n, T, 3, H, W)
-        path = args.out or os.path.join(args.run, "trajectory.png")
-        ib.save_image_grid(strips.flatten(0, 1), path, nrow=chain.T)
-        print(f"wrote {path}: each row decodes x_{chain.T} (left) ... x_1 (right)", flush=True)
-        images = strips[:, -1]
-        save_outputs(args, images, x1, None if args.across else cond.get("labels"))
-    else:
-        write_samples(args, vq, x1, per_row, None if args.across else cond.get("labels"))
+    sample(args, vq, chain, opts, g, device, size)
 
 
 if __name__ == "__main__":

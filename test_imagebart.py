@@ -1385,6 +1385,7 @@ def test_e2e_first_stage_outputs(trained_run):
     assert torch.equal(tokens["train"][:128].long(), vq.encode(ib.to_float(x_train)))
     assert torch.equal(tokens["train"][128:].long(), vq.encode(ib.to_float(x_train.flip(-1))))
     assert os.path.exists(os.path.join(run, "vq_recon.png"))
+    assert "shapes: 128 training images, 32 test images" in trained_run.vq_log       # the split, said
 
 
 def test_e2e_chain_outputs_and_bound(trained_run):
@@ -1542,6 +1543,38 @@ def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, m
     assert 0 <= seams["extend_left"]["same_colour"] <= 1 and seams["extend_right"]["fd"] >= 0
 
 
+def test_grid_cap_out_dir_and_npz_stream_in_batches(trained_run, tmp_path, monkeypatch, capsys):
+    """Samples are made, decoded and written a batch at a time (SAMPLE_BATCH, here 4): with 10
+    samples every decode takes at most 4, --out-dir holds 10 PNGs and --npz the same pixels,
+    written without np.savez (no array of all of them). A grid over MAX_GRID_PIXELS (here
+    room for 2 rows of 4 images) shows its first rows and says so when --out-dir or --npz holds every
+    image, and is refused before any sampling (naming those flags) when nothing does; so is an
+    inpainting grid. A top-k of at least K is said to filter nothing."""
+    monkeypatch.setattr(sample, "SAMPLE_BATCH", 4)
+    monkeypatch.setattr(ib, "MAX_GRID_PIXELS", (4 * 33 + 1) * (2 * 33 + 1) + 50)    # 2 rows of 4 images of 32 px
+    decoded = []
+    real = ib.VQGAN.decode
+    monkeypatch.setattr(ib.VQGAN, "decode", lambda self, x1: (decoded.append(len(x1)), real(self, x1))[1])
+    png, pngs, npz = str(tmp_path / "grid.png"), str(tmp_path / "pngs"), str(tmp_path / "s.npz")
+    argv = ["--run", trained_run.dir, "--n", "10", "--out", png, "--top-k", "1000"]
+    code, out, err = run_script(sample, argv + ["--out-dir", pngs, "--npz", npz], monkeypatch, capsys)
+    assert code == 0, err
+    assert max(decoded) <= 4 and sum(decoded) == 10
+    assert "it shows the first 8; all 10 images go to" in out and "filters nothing" in out
+    assert png_size(png) == (4 * 33 + 1, 2 * 33 + 1)
+    assert sorted(os.listdir(pngs)) == [f"{i:06d}.png" for i in range(10)]
+    data = np.load(npz)
+    assert data["images"].shape == (10, 32, 32, 3) and data["codes"].shape == (10, 8, 8) and data["labels"].shape == (0,)
+    assert all(np.array_equal(np.asarray(Image.open(os.path.join(pngs, f"{i:06d}.png"))), data["images"][i])
+               for i in range(10))
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    decoded.clear()
+    for more in (["--n", "10"], ["--inpaint", "test:2", "--completions", "4"]):
+        code, _, err = run_script(sample, ["--run", trained_run.dir, "--out", png, *more], monkeypatch, capsys)
+        assert_user_error(code, err, "write the images with --out-dir DIR or --npz FILE")
+    assert not decoded                                             # refused before any work
+
+
 def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch, capsys):
     """Re-running train_vq.py's command on a finished run says so and rewrites nothing."""
     before = snapshot(trained_run.dir)
@@ -1658,8 +1691,8 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
         assert "2 processes of" in r.stdout
     assert r.stdout.count("chain: T = 3") == 1
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["scale_2.pt", "scale_3.pt", "tokens.pt", "vq.pt"]
-    with open(ib.log_path(out)) as f:
-        steps = [(r["stage"], r.get("t"), r["step"]) for r in map(json.loads, f) if r.get("stage") in ("vq", "chain")]
+    assert not [f for f in os.listdir(out) if f.endswith(".lock")]              # rank 0's claims released
+    steps = [(r["stage"], r.get("t"), r["step"]) for r in ib.read_log(out) if r.get("stage") in ("vq", "chain")]
     assert sorted(steps, key=str) == sorted([("vq", None, s) for s in (10, 20, 30)] +
                                             [("chain", t, s) for t in (2, 3) for s in (10, 20)], key=str)
     vq, chain = ib.load_run(out)
@@ -1699,8 +1732,7 @@ def test_scales_side_by_side_train_what_one_after_the_other_trains(trained_run, 
             assert ("2 at a time, in processes of 1 thread each" in log) == (workers == "2")
             assert "where the time went" in log and os.path.exists(ib.eval_path(out))
             weights[workers] = {t: ib.load_checkpoint(ib.scale_path(out, t), "scale")["ema"] for t in (2, 3)}
-            with open(ib.log_path(out)) as f:
-                steps = [(r["t"], r["step"]) for r in map(json.loads, f) if r.get("stage") == "chain"]
+            steps = [(r["t"], r["step"]) for r in ib.read_log(out) if r.get("stage") == "chain"]
             assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * 2
     finally:
         monkeypatch.undo()
@@ -1708,7 +1740,7 @@ def test_scales_side_by_side_train_what_one_after_the_other_trains(trained_run, 
     for t in (2, 3):
         assert all(torch.equal(weights["1"][t][k], weights["2"][t][k]) for k in weights["1"][t]), t
     code, _, err = run_script(train_chain, ["--out", str(tmp_path / "x"), "--workers", "0"], monkeypatch, capsys)
-    assert_user_error(code, err, "--workers must be >= 1")
+    assert_user_error(code, err, "--workers must be a number >= 1, got 0")
 
 
 def test_dtype_auto_follows_the_cpu_flags(monkeypatch):
@@ -1808,12 +1840,13 @@ def test_training_benchmarks_print_json_with_mfu(monkeypatch, capsys):
 
 
 def test_loss_curves_are_drawn_from_the_log(trained_run, tmp_path, monkeypatch, capsys):
-    """Training ends with loss_vq.png and loss_t<t>.png beside log.jsonl; sample.py --plot draws
+    """Training ends with loss_vq.png and loss_t<t>.png beside the logs; sample.py --plot draws
     them again (from a copy here) and a folder without a log is one line."""
     assert {"loss_vq.png", "loss_t2.png", "loss_t3.png"} <= set(os.listdir(trained_run.dir))
     run = tmp_path / "copy"
     run.mkdir()
-    shutil.copyfile(ib.log_path(trained_run.dir), ib.log_path(str(run)))
+    for t in (None, 2, 3):                                   # log.jsonl, log_t2.jsonl, log_t3.jsonl
+        shutil.copyfile(ib.log_path(trained_run.dir, t), ib.log_path(str(run), t))
     code, out, err = run_script(sample, ["--run", str(run), "--plot"], monkeypatch, capsys)
     assert code == 0, err
     assert png_size(run / "loss_t2.png") == (640, 360) and "loss_vq.png" in out
@@ -1854,7 +1887,7 @@ def test_serve_endpoints(trained_run):
         code, body = get("/api/test?index=3")
         assert code == 200 and png(json.loads(body)["image"]).size == (32, 32)
         code, body = get("/api/test?index=999")
-        assert code == 400 and "does not exist" in json.loads(body)["error"]
+        assert code == 400 and "the test image must be a number in 0..31, got 999" in json.loads(body)["error"]
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (200, 30, 30)).save(buf, format="PNG")
         code, body = get("/api/upload", buf.getvalue())
@@ -1892,6 +1925,90 @@ def test_serve_endpoints(trained_run):
         server.server_close()
 
 
+def test_serve_answers_bad_requests_with_400_faults_500_and_a_full_queue_503(trained_run, monkeypatch, capsys):
+    """The editing page's server, on bad requests as a client might send them: a body that is JSON
+    but no object, numbers that are not numbers (a seed, a guidance), not finite (NaN, inf) or out
+    of range, a mask kind that is a path, and a Content-Length of -5, abc or -1 (answered at once,
+    not read until the client closes) are each a 400 with one plain line; a fault of the
+    server's is a 500 that says the job failed, its traceback on the server's terminal; past
+    MAX_WAITING waiting jobs a completion is a 503 "busy, try again" while the waiting ones
+    complete. --host other than 127.0.0.1 prints one warning line."""
+    import socket
+    from http.server import ThreadingHTTPServer
+    from urllib.error import HTTPError
+    from urllib.request import Request, urlopen
+    editor = sample.Editor(trained_run.dir, torch.device("cpu"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(editor))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def post(body: bytes):
+        try:
+            with urlopen(Request(f"http://127.0.0.1:{port}/api/complete", data=body), timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def raw(length: str):
+        """A POST with this Content-Length header and no body, the connection left open."""
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(f"POST /api/complete HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+            reply = b""
+            while chunk := sock.recv(65536):                  # the server closes after its answer
+                reply += chunk
+        head, body = reply.decode().split("\r\n\r\n", 1)
+        return int(head.split()[1]), json.loads(body)["error"]
+    try:
+        image = editor.test_image(1)["image"]
+        ok = {"image": image, "kind": "upper", "completions": 1, "particles": 1}
+        for body, line in [(b"[1, 2, 3]", "must be a JSON object (its fields by name), got an array"),
+                           (b"null", "got null"), (b"\xff\xfe", "the request is not JSON"),
+                           (json.dumps(ok | {"seed": "abc"}).encode(), "seed must be a number in 0..9223372036854775807, got 'abc'"),
+                           (json.dumps(ok | {"guidance": "abc"}).encode(), "guidance must be a number >= 0, got 'abc'"),
+                           (json.dumps(ok | {"class": 0, "guidance": float("nan")}).encode(), "guidance must be a number >= 0, got nan"),
+                           (json.dumps(ok | {"temperature": "inf"}).encode(), "temperature must be a number > 0, got inf"),
+                           (json.dumps(ok | {"temperature": 0}).encode(), "temperature must be a number > 0, got 0"),
+                           (json.dumps(ok | {"top_k": 0}).encode(), "top_k must be a number >= 1, got 0"),
+                           (json.dumps(ok | {"completions": 99}).encode(), "completions must be a number in 1..16, got 99"),
+                           (json.dumps(ok | {"kind": "/etc/passwd"}).encode(), "kind must be one of upper")]:
+            code, reply = post(body)
+            assert code == 400 and line in reply["error"] and "\n" not in reply["error"], (body[:60], reply)
+        for length, line in (("-5", "got -5"), ("abc", "got 'abc'"), ("-1", "got -1")):
+            t0 = time.time()
+            assert raw(length) == (400, f"Content-Length must be a number >= 0, {line}")
+            assert time.time() - t0 < 5
+        # a fault of the server's: 500, the traceback printed where the server runs
+        real = editor.chain.sample_chain
+        monkeypatch.setattr(editor.chain, "sample_chain", lambda *a, **k: 1 / 0)
+        code, reply = post(json.dumps(ok).encode())
+        assert code == 500 and reply["error"] == "the job failed (ZeroDivisionError); the server's terminal shows why"
+        assert "Traceback" in capsys.readouterr().err
+        monkeypatch.setattr(editor.chain, "sample_chain", real)
+        # a full queue: MAX_WAITING jobs wait behind one that holds the model, the next one is told so
+        results = []
+        with editor.lock:
+            threads = [threading.Thread(target=lambda: results.append(post(json.dumps(ok).encode())))
+                       for _ in range(sample.MAX_WAITING + 1)]
+            [th.start() for th in threads]
+            deadline = time.time() + 60
+            while editor.slots._value > 0:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            code, reply = post(json.dumps(ok).encode())
+            assert code == 503 and reply["error"].startswith("busy, try again")
+        [th.join() for th in threads]
+        assert [c for c, _ in results] == [200] * (sample.MAX_WAITING + 1)
+        assert json.loads(urlopen(f"http://127.0.0.1:{port}/api/info").read())["max_waiting"] == sample.MAX_WAITING
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setattr(ThreadingHTTPServer, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, out, err = run_script(sample, ["--run", trained_run.dir, "--serve", "--host", "0.0.0.0", "--port", "0"],
+                                monkeypatch, capsys)
+    assert code == 0, err
+    assert "warning: --host 0.0.0.0: anyone who can reach this address can use the page" in out
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
@@ -1900,24 +2017,32 @@ def test_serve_page_in_headless_chromium(trained_run, tmp_path):
     """The page itself, in headless Chromium against the micro run: a link that fills the form
     (test image 3, the upper half, class "star", three completions) and presses "complete";
     the page's script loads the image, draws the mask, sends the job and shows three
-    completions after the masked input, the trajectory's three images, and no error."""
+    completions after the masked input, the trajectory's three images, and no error. With the
+    server's queue full, the same link shows "busy, try again" in the page's error line."""
     from http.server import ThreadingHTTPServer
-    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(sample.Editor(trained_run.dir, torch.device("cpu"))))
+    editor = sample.Editor(trained_run.dir, torch.device("cpu"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), sample.make_handler(editor))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/?index=3&kind=upper&class=star&completions=3&go=1"
+
+    def page() -> str:
+        return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom",
+                               url], capture_output=True, text=True, timeout=120).stdout
     try:
-        r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url],
-                           capture_output=True, text=True, timeout=120)
+        dom = page()
+        for _ in range(1 + sample.MAX_WAITING):          # a running job and MAX_WAITING waiting ones
+            editor.slots.acquire()
+        busy = page()
     finally:
         server.shutdown()
         server.server_close()
-    dom = r.stdout
     results = dom.split('id="results"')[1].split("</div>")[0]
     assert results.count('class="small"') == 4, dom[-3000:]                # masked input + 3 completions
     assert dom.split('id="trajectory"')[1].split("</div>")[0].count('class="step"') == 3
     assert re.search(r'<div id="error">\s*</div>', dom) and "32 of 64 tokens regenerated, 3 completions" in dom
+    assert re.search(r'<div id="error">busy, try again', busy), busy[-3000:]
 
 
 def test_sample_benchmark_cached_equals_uncached(monkeypatch, capsys):
@@ -1982,8 +2107,8 @@ def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
     """SIGKILL at seeded random moments of a micro first stage (training steps, checkpoint
     writes, tokenizing) and a micro chain (both scales, their checkpoints, the bound): after
     every kill each checkpoint in the folder loads, and the same command resumes. The run
-    finishes with no .tmp file left, and log.jsonl parses line by line and logs no
-    (stage, scale, step) twice."""
+    finishes with no .tmp file left, and every log (log.jsonl, log_t<t>.jsonl) parses line by
+    line and logs no (stage, scale, step) twice."""
     out = str(tmp_path / "killed")
     vq_cmd = [sys.executable, "train_vq.py", "--out", out, *VQ_MICRO, "--ckpt_every", "5", "--log_every", "5"]
     chain_cmd = [sys.executable, "train_chain.py", "--out", out, *CHAIN_MICRO, "--ckpt_every", "5",
@@ -2009,11 +2134,194 @@ def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
                 assert p.returncode == 0, output[-2000:]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     assert ib.load_checkpoint(ib.vq_path(out), "vq")["shrunk"] and os.path.exists(ib.bound_path(out))
-    with open(ib.log_path(out)) as f:
-        records = [json.loads(line) for line in f]
+    records = []
+    for log in [f for f in os.listdir(out) if f.endswith(".jsonl")]:
+        with open(os.path.join(out, log)) as f:
+            records += [json.loads(line) for line in f]              # every line parses
     keys = [(r["stage"], r.get("t"), r["step"]) for r in records if r["stage"] in ("vq", "chain")]
     assert len(keys) == len(set(keys)) and ("vq", None, 30) in keys and ("chain", 2, 20) in keys
     assert [r["stage"] for r in records].count("bound") == 1
+
+
+# ----- Several processes on one run: claims, one writer per file -------------------------
+
+def dead_pid() -> int:
+    """The pid of a process that has run and been reaped: no process of this host has it now."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def claim_in_a_process(path: str, seconds: float) -> subprocess.Popen:
+    """Another process that claims `path` as ib.Claim does (the lock created exclusively, with
+    its pid and host; without importing torch, to start fast), holds it `seconds` and removes
+    it; returned once it holds the claim."""
+    code = (f"import json, os, socket, time; fd = os.open({path!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY); "
+            f"os.write(fd, json.dumps({{'pid': os.getpid(), 'host': socket.gethostname(), 'what': 'a test claim', "
+            f"'files': ['x.pt'], 'since': time.time()}}).encode()); os.close(fd); print('held', flush=True); "
+            f"time.sleep({seconds}); os.remove({path!r})")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_check_number_says_which_option_and_value():
+    """ib.check_number, the one check of every number given: finite, in range (bounds included
+    or not), whole where asked, text and JSON values read; anything else one line that names the
+    option and the value."""
+    assert ib.check_number("0.5", "--top-p", 0, 1, above=True) == 0.5
+    assert ib.check_number(3.0, "seed", 0, whole=True) == 3 and isinstance(ib.check_number(3.0, "seed", 0, whole=True), int)
+    assert ib.check_number(0, "--refine", 0, whole=True) == 0
+    for value, rule, line in [
+            (float("nan"), dict(low=0), "--x must be a number >= 0, got nan"),
+            ("inf", dict(low=0, above=True), "--x must be a number > 0, got inf"),
+            (0, dict(low=0, above=True), "--x must be a number > 0, got 0"),
+            (1.0, dict(low=0, high=1, below=True), "--x must be a number in [0, 1), got 1"),
+            (1.5, dict(low=0, high=1, above=True), "--x must be a number in (0, 1], got 1.5"),
+            (70000, dict(low=0, high=65535, whole=True), "--x must be a number in 0..65535, got 70000"),
+            (2.5, dict(low=1, whole=True), "--x must be a whole number >= 1, got 2.5"),
+            ("abc", dict(low=0), "--x must be a number >= 0, got 'abc'"),
+            (None, dict(low=0), "--x must be a number >= 0, got None"),
+            (True, dict(low=0), "--x must be a number >= 0, got True"),
+            ([1], dict(low=0), "--x must be a number >= 0, got [1]")]:
+        with pytest.raises(ib.UserError) as e:
+            ib.check_number(value, "--x", **rule)
+        assert str(e.value) == line
+
+
+def test_claims_one_holder_a_dead_ones_lock_taken_over_another_hosts_left(tmp_path):
+    """ib.Claim between real processes: a lock held by a live process is refused with its pid
+    and host; take_waiting waits for it (one line), then holds it; a dead process's lock is
+    taken over with one line; a lock from another host is reported and left as it was; a
+    release removes only this process's own lock. The judge's cache waits for a judge another
+    process is training, and trains it once that one is gone."""
+    path, lines = str(tmp_path / "work.lock"), []
+    other = claim_in_a_process(path, 0.5)
+    claim = ib.Claim(path, "the work", ["x.pt"])
+    holder = claim.take(lines.append)
+    assert holder["pid"] == other.pid and holder["host"] == ib.HOST and holder["files"] == ["x.pt"]
+    assert f"the work is claimed by process {other.pid} on this host since" in claim.describe(holder)
+    assert claim.take_waiting(lines.append, poll=0.1) is True
+    other.wait()
+    assert lines[0].startswith("waiting: the work is claimed by process") and "free after" in lines[-1]
+    assert ib.read_lock(path)["pid"] == os.getpid()
+    claim.release()
+    assert not os.path.exists(path)
+
+    write_lock(path, dead_pid())
+    lines.clear()
+    assert claim.take(lines.append) is None and ib.read_lock(path)["pid"] == os.getpid()
+    assert len(lines) == 1 and "no longer running, is taken over" in lines[0]
+    claim.release()
+    write_lock(path, 1, host="elsewhere")
+    before = open(path).read()
+    holder = claim.take(lines.append)
+    assert holder["host"] == "elsewhere" and "on host elsewhere" in claim.describe(holder)
+    assert "delete it if that process is gone" in claim.describe(holder)
+    claim.release()                                  # not this process's: left alone
+    assert open(path).read() == before
+
+    x, y = ib.make_shapes(40, seed=3)[:2]
+    data = {"train": (x, y, 10, None), "test": (x[:8], y[:8], 10, None)}
+    record, cfg = ib.dataset_record("shapes", 32), ib.JudgeConfig(steps=3, batch_size=8)
+    judges = tmp_path / "judges"
+    judges.mkdir()
+    entry = os.path.join(str(judges), os.path.basename(ib.judge_for(data, record, str(tmp_path / "first"), cfg,
+                                                                    log=lines.append)[1]["file"]))  # its name
+    other = claim_in_a_process(entry + ".lock", 0.5)
+    lines.clear()
+    _, info = ib.judge_for(data, record, str(judges), cfg, log=lines.append)
+    other.wait()
+    assert lines[0].startswith("waiting: the judge ") and info["cached"] is False and os.path.exists(entry)
+    assert not os.path.exists(entry + ".lock")
+
+
+def test_remove_stale_tmp_leaves_a_claimed_files_tmp_alone(tmp_path):
+    """remove_stale_tmp removes the .tmp files of killed writes (checkpoints, reports, a log
+    being trimmed), but not the .tmp of a file that another live process has claimed, which is
+    that process's checkpoint being written; a dead process's claim guards nothing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("scale_2.pt.tmp", "scale_3.pt.tmp", "bound.json.tmp", "log_t3.jsonl.tmp", "notes.txt"):
+        (run / name).write_text("x")
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(run / "scale_3.lock", "w") as f:
+            json.dump({"pid": holder.pid, "host": ib.HOST, "files": ["scale_3.pt", "log_t3.jsonl"], "since": 0}, f)
+        with open(run / "scale_2.lock", "w") as f:
+            json.dump({"pid": dead_pid(), "host": ib.HOST, "files": ["scale_2.pt"], "since": 0}, f)
+        ib.remove_stale_tmp(str(run))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(run)) == ["log_t3.jsonl.tmp", "notes.txt", "scale_2.lock", "scale_3.lock", "scale_3.pt.tmp"]
+
+
+def test_two_processes_on_one_run(trained_run, tmp_path):
+    """Two real train_chain.py processes on one run folder: while the first trains, the same
+    command again, and one --scale of it, each exit 2 with one line naming the first's pid,
+    before any work. The first is then killed (SIGKILL): the same command takes over its dead
+    locks, saying so, resumes and finishes, doing the bound once. No .tmp or lock is left, every
+    log line parses, and each step of each scale is logged once, in that scale's own log."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "train_chain.py", "--out", out, "--first-stage", trained_run.dir, *CHAIN_MICRO,
+           "--steps", "150", "--eval-n", "0", "--workers", "1"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "scale_2.lock")):
+            assert first.poll() is None and time.time() < deadline, "the first process claimed nothing"
+            time.sleep(0.05)
+        others = [subprocess.Popen([sys.executable, *argv], cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for argv in (cmd[1:], cmd[1:] + ["--scale", "2"])]
+        for p in others:
+            stdout, stderr = p.communicate(timeout=120)
+            assert_user_error(p.returncode, stderr, f"is claimed by process {first.pid} on this host")
+            assert "training code grids" not in stdout and "chain: T" not in stdout
+        assert first.poll() is None, "the first process ended before the others were refused"
+    finally:
+        first.kill()
+        first.wait()
+    r = run_py(*cmd[1:])
+    assert "no longer running, is taken over" in r.stdout and r.stdout.count("test upper bound on NLL") == 1
+    assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".lock"))]
+    for t in (2, 3):
+        with open(ib.log_path(out, t)) as f:
+            steps = [json.loads(line)["step"] for line in f]
+        assert steps == sorted(set(steps)) and steps == list(range(10, 151, 10)), (t, steps)
+    assert [r["stage"] for r in ib.read_log(out)].count("bound") == 1
+
+
+def test_the_readme_per_scale_recipe_at_micro_size(trained_run, tmp_path):
+    """The README's per-scale recipe, `for t in 2 3 4 5; do ... --scale $t & done; wait`, as
+    written, at micro size (T = 5; the tiny first-stage preset shrunk to VQ_MICRO's fields) into
+    a folder with no first stage: all four processes exit 0; the first stage is trained once
+    (the others wait for it); each scale is trained once, by its own process; the bound,
+    samples and judge's figures are written once, by one of them; no lock is left."""
+    out = str(tmp_path / "recipe")
+    vq = dataclasses.asdict(ib.config_from_args(ib.VQ_PRESETS, "tiny", train_vq.build_parser().parse_args(VQ_MICRO)))
+    micro = {k: v for k, v in vq.items() if k in {VQ_MICRO[i][2:] for i in range(0, len(VQ_MICRO), 2)}}
+    wrapper = tmp_path / "micro_first_stage.py"
+    wrapper.write_text("import dataclasses, json, runpy, sys\nimport imagebart as ib\n"
+                       f"ib.VQ_PRESETS['tiny'] = dataclasses.replace(ib.VQ_PRESETS['tiny'], **{micro!r})\n"
+                       "sys.argv[0] = 'train_chain.py'\nrunpy.run_path('train_chain.py', run_name='__main__')\n")
+    argv = f"--out {out} --T 5 {' '.join(CHAIN_MICRO)} --steps 10 {' '.join(judge_micro(trained_run.judges))}"
+    script = f"for t in 2 3 4 5; do {sys.executable} {wrapper} {argv} --scale $t > {tmp_path}/t$t.log 2>&1 & done; wait"
+    subprocess.run(["bash", "-c", script], cwd=REPO, env={**SUBPROCESS_ENV, "PYTHONPATH": REPO}, timeout=300, check=True)
+    logs = {t: (tmp_path / f"t{t}.log").read_text() for t in (2, 3, 4, 5)}
+    everything = "".join(logs.values())
+    assert everything.count("has no first stage yet: training one") == 1, everything[-3000:]
+    assert everything.count("first stage trained in") == 1
+    for t, log in logs.items():
+        assert "Traceback" not in log and "error:" not in log, log[-2000:]
+        assert f"scale t={t} (" in log and log.count(" training code grids") == 1 and "where the time went" in log
+        assert ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] == 10
+    assert everything.count("test upper bound on NLL") == 1 and everything.count("wrote " + ib.eval_path(out)) == 1
+    vq_steps = [r["step"] for r in ib.read_log(out) if r.get("stage") == "vq"]
+    assert vq_steps == [10, 20, 30]
+    assert not [f for f in os.listdir(out) if f.endswith((".lock", ".tmp"))]
+    vq_model, chain = ib.load_run(out)
+    assert chain.T == 5
 
 
 # ----- Bad input: one line 'error: ...' on stderr, exit code 2, no traceback ---------
@@ -2152,14 +2460,14 @@ def test_a_failed_write_keeps_the_previous_checkpoint(trained_run, tmp_path, mon
 
 def test_resume_drops_a_torn_log_line_stale_tmp_and_steps_to_be_redone(trained_run, tmp_path, monkeypatch, capsys):
     """A run killed after logging step 20 of scale 3 but before checkpointing it (scale_3.pt at
-    step 10), with a torn last line in log.jsonl and a stale scale_3.pt.tmp: the same command
+    step 10), with a torn last line in its log_t3.jsonl and a stale scale_3.pt.tmp: the same command
     again removes the .tmp, drops the torn line and the steps past 10, resumes from step 10,
     and ends with every step of scale 3 logged once."""
     out = str(tmp_path / "killed")
     argv = ["--out", out, "--first-stage", trained_run.dir, "--scale", "3", *CHAIN_MICRO]
     code, _, err = run_script(train_chain, argv + ["--steps", "10"], monkeypatch, capsys)
     assert code == 0, err
-    with open(ib.log_path(out), "a") as log:
+    with open(ib.log_path(out, 3), "a") as log:
         log.write(json.dumps({"stage": "chain", "t": 3, "step": 20, "loss_bits": 9.0}) + "\n")
         log.write('{"stage": "chain", "t": 3, "st')
     with open(ib.scale_path(out, 3) + ".tmp", "wb") as f:
@@ -2168,7 +2476,7 @@ def test_resume_drops_a_torn_log_line_stale_tmp_and_steps_to_be_redone(trained_r
     assert code == 0, err
     assert "resuming from step 10" in printed
     assert not os.path.exists(ib.scale_path(out, 3) + ".tmp")
-    with open(ib.log_path(out)) as f:
+    with open(ib.log_path(out, 3)) as f:
         records = [json.loads(line) for line in f]               # every line parses
     steps = [r["step"] for r in records if r.get("stage") == "chain" and r["t"] == 3]
     assert sorted(steps) == [10, 20] and all(r.get("loss_bits") != 9.0 for r in records)
@@ -2196,12 +2504,20 @@ def test_the_readme_lists_at_least_twenty_bad_inputs():
     assert len(rows) >= 20 and {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py"}
 
 
+def write_lock(path, pid, host=ib.HOST):
+    """A claim's lock file as another process would have written it (ib.Claim.take)."""
+    with open(path, "w") as f:
+        json.dump({"pid": pid, "host": host, "what": "a test's", "files": [], "since": time.time()}, f)
+
+
 @pytest.mark.parametrize("command, fragment", readme_bad_inputs(), ids=[c[7:] for c, _ in readme_bad_inputs()])
 def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, command, fragment):
     """Every row of the README's "Bad input" table, run on (a copy of) the micro run: exit 2,
     one line holding the README's excerpt, no first stage trained, nothing written to the
-    run, NEW left without checkpoints. UNCOND is a copy whose chain is unconditional (each
-    scale's config without labels, and weights of that shape)."""
+    run (nor to any other folder of the table), NEW left without checkpoints. UNCOND is a copy
+    whose chain is unconditional (each scale's config without labels, and weights of that
+    shape). BUSY's and TRAINING's claims are held by this test's parent process (alive, not
+    this one) and by a process on another host."""
     run = tmp_path / "run"
     shutil.copytree(trained_run.dir, run)
     uncond = tmp_path / "uncond"
@@ -2220,23 +2536,34 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
         def __reduce__(self):
             return (open, (str(tmp_path / "marker"), "w"))
     torch.save({"kind": "vq", "payload": Evil()}, evil / "vq.pt")
+    busy, training, small = tmp_path / "busy", tmp_path / "training", tmp_path / "small"
+    shutil.copytree(trained_run.dir, busy)
+    write_lock(busy / "scale_3.lock", os.getppid())
+    write_lock(busy / "final.lock", 1, host="elsewhere")
+    training.mkdir()
+    write_lock(training / "first_stage.lock", os.getppid())
+    small.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(small / f"{i}.png")
     (tmp_path / "FILE").write_text("a regular file")
     (tmp_path / "NOTES.png").write_text("this is not an image")
     Image.new("L", (32, 32), 0).save(tmp_path / "BLACK.png")
     places = {"RUN": str(run), "NEW": str(tmp_path / "new"), "EVIL": str(evil), "FILE": str(tmp_path / "FILE"),
-              "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png"), "UNCOND": str(uncond)}
-    words = [re.sub(r"^(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|UNCOND)", lambda m: places[m.group(1)], w)
+              "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png"),
+              "BUSY": str(busy), "TRAINING": str(training), "SMALL": str(small), "UNCOND": str(uncond)}
+    words = [re.sub(r"^(folder:)?(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|BUSY|TRAINING|SMALL|UNCOND)",
+                    lambda m: (m.group(1) or "") + places[m.group(2)], w)
              for w in shlex.split(command)]
     script = {"sample.py": sample, "train_chain.py": train_chain, "train_vq.py": train_vq}[words[1]]
 
     def no_work(*args, **kwargs):
         raise AssertionError("a first stage was trained before the options were checked")
     monkeypatch.setattr(train_chain, "train_first_stage", no_work)
-    before, before_uncond = snapshot(run), snapshot(uncond) if uncond.exists() else None
+    folders = [run, evil, busy, training, small] + ([uncond] if uncond.exists() else [])
+    before = [snapshot(f) for f in folders]
     code, _, err = run_script(script, words[2:], monkeypatch, capsys)
     assert_user_error(code, err, fragment)
-    assert snapshot(run) == before
-    assert before_uncond is None or snapshot(uncond) == before_uncond
+    assert [snapshot(f) for f in folders] == before
     assert not (tmp_path / "new").exists() or not os.listdir(tmp_path / "new")
     assert not (tmp_path / "marker").exists()
 
@@ -2400,15 +2727,18 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     assert 0 < result["reconstructions"]["psnr"] < 60
     assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
     assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": ib.INPAINT_PARTICLES}
-    # other inpainting options go to another file (--out); the run's eval.json stays as it was
+    # other inpainting options go to another file (--out); the run's eval.json stays as it was.
+    # An --eval-n above half the 32 test images is said, with the N used
     other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
     before = os.stat(os.path.join(run, "eval.json")).st_mtime_ns
     code, out, err = run_script(sample, ["--run", run, "--evaluate", "--context", "noised", "--refine", "0",
-                                         "--particles", "2", "--out", other, *judge_micro(trained_run.judges)],
-                                monkeypatch, capsys)
+                                         "--particles", "2", "--out", other, *judge_micro(trained_run.judges),
+                                         "--eval-n", "1000"], monkeypatch, capsys)
     assert code == 0, err
+    assert "judging N = 16 images per row, not 1000: the test split holds 32" in out
     with open(other) as f:
-        assert json.load(f)["inpaint"] == {"refine": 0, "context": "noised", "particles": 2}
+        result = json.load(f)
+    assert result["inpaint"] == {"refine": 0, "context": "noised", "particles": 2} and result["n"] == 16
     assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
 
 

@@ -101,10 +101,9 @@ def check_options(args) -> ib.ChainConfig:
     cfg = ib.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
     ib.check_ranges(cfg, positive=("T", "n_embd", "n_head", "n_layer_enc", "steps", "batch_size", "lr",
                                    "grad_clip", "log_every", "ckpt_every", "eval_batches"),
-                    non_negative=("n_layer_dec", "dropout", "warmup", "weight_decay", "ema_decay", "label_dropout"))
-    for name in ("dropout", "ema_decay", "label_dropout"):
-        if getattr(cfg, name) >= 1:
-            raise ib.UserError(f"--{name} must be below 1, got {getattr(cfg, name)}")
+                    non_negative=("n_layer_dec", "warmup", "weight_decay"))
+    for name in ("dropout", "ema_decay", "label_dropout"):      # probabilities and a decay: 1 would mean nothing learnt
+        ib.check_number(getattr(cfg, name), f"--{name}", 0, 1, below=True)
     if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T
         if args.T is not None and args.T != len(cfg.betas) + 1:
             raise ib.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
@@ -116,8 +115,8 @@ def check_options(args) -> ib.ChainConfig:
         raise ib.UserError(f"--loss must be kl or ce, got {cfg.loss!r}")
     if cfg.n_embd % cfg.n_head:
         raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-    if args.workers is not None and args.workers < 1:
-        raise ib.UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers is not None:
+        ib.check_number(args.workers, "--workers", 1, whole=True)
     if args.scale is not None and not 2 <= args.scale <= cfg.T:
         raise ib.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
     return dataclasses.replace(cfg, holdout=parse_holdout(args.holdout) if args.holdout else [], dtype=args.dtype)
@@ -153,11 +152,12 @@ def parse_holdout(text: str) -> list[str]:
     """--holdout 'green star,blue ring' -> ["green star", "blue ring"], each a palette colour and
     a shape class (only shapes runs know what drew each image: resolve_config checks that)."""
     pairs = []
+    colours = [ib.PALETTE_NAMES[c] for c in ib.SHAPE_FOREGROUNDS]      # those a shape is drawn in
     for item in text.split(","):
         words = item.split()
-        if len(words) != 2 or words[0] not in ib.PALETTE_NAMES or words[1] not in ib.SHAPE_CLASSES:
-            raise ib.UserError(f"--holdout {item.strip()!r}: expected 'COLOUR SHAPE' with a colour of "
-                               f"{', '.join(ib.PALETTE_NAMES)} and a shape of {', '.join(ib.SHAPE_CLASSES)}")
+        if len(words) != 2 or words[0] not in colours or words[1] not in ib.SHAPE_CLASSES:
+            raise ib.UserError(f"--holdout {item.strip()!r}: expected 'COLOUR SHAPE' with a colour shapes are drawn "
+                               f"in ({', '.join(colours)}) and a shape of {', '.join(ib.SHAPE_CLASSES)}")
         pairs.append(" ".join(words))
     return pairs
 
@@ -248,12 +248,12 @@ def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dic
     return loss, grad_norm
 
 
-def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: ib.World = ib.World(),
-                trim_log: bool = True) -> None:
+def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: ib.World = ib.World()) -> None:
     """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 3.3: the
     scales share nothing, so each can run in a process or on a GPU of its own), and save it as
     scale_<t>.pt. Under torchrun every process runs this on its share of each batch
-    (DistributedDataParallel). trim_log=False: the caller has trimmed the log (train_scales)."""
+    (DistributedDataParallel). Its steps go to log_t<t>.jsonl, which only the process that
+    trains this scale writes (the holder of its claim, or a worker of it)."""
     cfg = model.cfg
     say = world.say                                    # rank 0 alone speaks
     path = ib.scale_path(out, t)
@@ -316,9 +316,9 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
     log = None
     if world.main:
-        if trim_log:   # steps logged after the checkpoint we resume from are about to run again: drop them
-            ib.trim_log(out, lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
-        log = open(ib.log_path(out), "a")
+        # steps logged after the checkpoint we resume from are about to run again: drop them
+        ib.trim_log(ib.log_path(out, t), lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
+        log = open(ib.log_path(out, t), "a")
     first_bad, bad_loss = torch.tensor(-1, device=device), torch.tensor(0.0, device=device)
     while step < cfg.steps:
         net.train()
@@ -392,9 +392,18 @@ def scale_workers(requested: int | None, device, world: ib.World, scales: int) -
     3.3), and a tiny scale's small matrix products barely use a second core: on a 2-core CPU
     one scale on two threads was measured at 77 ms a step, two scales side by side on one
     thread each at 89 ms a step each, 1.7x the throughput. So on a CPU each core (up to one per
-    scale) trains a scale of its own; on a GPU, or under torchrun, the scales take turns."""
+    scale) trains a scale of its own; on a GPU, or under torchrun, the scales take turns.
+    A --workers that cannot be had as given is said in one line."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or world.size > 1 or scales < 2:
+    if device.type != "cpu" or world.size > 1:
+        if requested not in (None, 1):
+            world.say(f"--workers {requested}: on {device.type}{' under torchrun' if world.size > 1 else ''} the "
+                      f"scales take turns in this process", flush=True)
+        return 1, threads
+    if requested is not None and scales and requested > scales:
+        print(f"--workers {requested}: {scales} scale{'s' if scales > 1 else ''} to train, so {scales} "
+              f"process{'es' if scales > 1 else ''}", flush=True)
+    if scales < 2:
         return 1, threads
     workers = max(1, min(requested or threads, scales))
     return workers, max(1, threads // workers)
@@ -411,7 +420,7 @@ def _scale_worker(out: str, config: dict, t: int, threads: int, compile: str | N
     model = ib.ImageBART(cfg)
     ib.compile_module(model.scale(t), compile)
     try:
-        train_scale(model, t, ib.load_tokens(out), out, torch.device("cpu"), trim_log=False)
+        train_scale(model, t, ib.load_tokens(out), out, torch.device("cpu"))
     except KeyboardInterrupt:           # Ctrl-C reaches every process: the parent says what to do
         pass
     return time.time() - t0
@@ -420,14 +429,10 @@ def _scale_worker(out: str, config: dict, t: int, threads: int, compile: str | N
 def train_scales(cfg: ib.ChainConfig, scales: list[int], out: str, workers: int, threads: int,
                  compile: str | None) -> dict:
     """Train `scales`, `workers` of them at a time, each in a process of its own (spawned, so
-    that none inherits this process's threads). Each writes its own scale_<t>.pt; their log
-    lines are appended to one log.jsonl, trimmed here first, once, for all of them.
-    -> {t: seconds}."""
+    that none inherits this process's threads). Each writes its own scale_<t>.pt and
+    log_t<t>.jsonl; this process holds their claims for them. -> {t: seconds}."""
     import concurrent.futures
     import multiprocessing
-    for t in scales:
-        step = ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] if os.path.exists(ib.scale_path(out, t)) else 0
-        ib.trim_log(out, lambda r, t=t, step=step: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
     print(f"training scales {', '.join(f't={t}' for t in scales)}: {workers} at a time, in processes of "
           f"{threads} thread{'s' if threads > 1 else ''} each", flush=True)
     config = dataclasses.asdict(cfg)
@@ -458,7 +463,7 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "condition": condition_name(chain),
               "test_grids": len(test), "exact": chain.T == 2}
     ib.save_json_atomic(report, ib.bound_path(out))
-    ib.trim_log(out, lambda r: r.get("stage") == "bound")              # one bound record
+    ib.trim_log(ib.log_path(out), lambda r: r.get("stage") == "bound")              # one bound record
     with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
     what = ("exact NLL" if chain.T == 2 else "upper bound on NLL") + given(chain)
@@ -547,70 +552,83 @@ def benchmark(args) -> None:
     print(json.dumps(result), flush=True)
 
 
-def main():
-    # --- command line: everything that can be refused is refused before any work
-    started = time.time()
-    args = build_parser().parse_args()
-    ib.choose_preset(args)
-    if args.benchmark:
-        return benchmark(args)
-    ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
-    out = ib.run_dir(args.dataset, args.out)
-    world, device = ib.init_world(args.device)         # torchrun: one process of several
-    args.dtype = ib.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
-    say = world.say
-    if args.first_stage and not os.path.isdir(args.first_stage):
-        raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
-    world.share(check_options(args).batch_size)       # a global batch that the processes can split
-    if not args.first_stage and not os.path.exists(ib.tokens_path(out)):   # a first stage will be trained
-        ib.preset_config(ib.VQ_PRESETS, args.preset).check()
-        ib.check_dataset(args.dataset)
-    # --- the first stage and its codes x_1 (trained here when the run folder has none; under
-    # torchrun by rank 0 alone, the others waiting for it)
-    tokens, times = None, {}                          # times: where this command's minutes went
-    if world.main:
-        ib.ensure_writable_dir(out)
-        ib.remove_stale_tmp(out)
-        tokens, times = first_stage(args, out)
-    ib.barrier(world)
-    tokens = tokens or ib.load_tokens(out)
-    cfg = resolve_config(args, tokens, out)
-    # the weights' initialisation is part of the run: seeded, so that a rerun (or a resumed run
-    # whose first stage was trained in another process) starts every scale from the same weights
-    torch.manual_seed(cfg.seed)
-    model = ib.ImageBART(cfg).to(device)
-    say(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
-        f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
-        f"N = {cfg.N} tokens, {condition_name(model)}-conditioned"
-        + (f" ({len(cfg.vocab)} words, captions of up to {cfg.text_len})" if cfg.text_len else ""), flush=True)
+# -----------------------------------------------------------------------------
+# claims: one process per piece of work in a run folder (imagebart.py, appendix B)
 
-    # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
-    t0 = time.time()
-    scales = [args.scale] if args.scale else list(range(cfg.T, 1, -1))
+def first_stage_claimed(args, out: str) -> tuple[dict, dict]:
+    """first_stage(), under the claim on out's first stage when it has work to do there (rank 0
+    alone). A first stage that another process is training: a --scale t process waits for it
+    (the README's per-scale recipe starts every scale at once into a folder with none yet), any
+    other process stops with one line, before any work."""
+    ib.ensure_writable_dir(out)
+    if os.path.exists(ib.vq_path(out)) and os.path.exists(ib.tokens_path(out)):
+        return first_stage(args, out)                       # there already: only read
+    claim = ib.first_stage_claim(out)
+    if args.scale is not None:
+        claim.take_waiting()
+    else:
+        holder = claim.take()
+        if holder is not None:
+            raise ib.UserError(f"{claim.describe(holder)}: let it finish, or start each scale with --scale t, "
+                               f"which waits for it")
+    try:
+        ib.remove_stale_tmp(out)
+        return first_stage(args, out)                       # trained, copied, or found done by the other
+    finally:
+        claim.release()
+
+
+def claim_scales(out: str, cfg: ib.ChainConfig, scales: list[int], claims: list) -> list[int]:
+    """Claim every scale of `scales` that is still to train (rank 0, for every process of the
+    world, before any training): one that another process is training stops this one with one
+    line. The claims go into `claims`, for main() to release. -> the scales to train."""
     todo = [t for t in scales if not scale_done(out, t, cfg.steps)]
-    workers, threads = scale_workers(args.workers, device, world, len(todo))
-    if workers > 1:                        # one process per scale, side by side (a CPU)
-        for t in sorted(set(scales) - set(todo), reverse=True):
-            say(f"scale t={t}: finished, skipping", flush=True)
-        scale_times = train_scales(cfg, todo, out, workers, threads, args.compile)
-    else:                                  # one scale after the other, in this process
-        scale_times = {}
-        for t in scales:
-            ib.compile_module(model.scale(t), args.compile)       # in place: the state dict keeps its keys
-            t_scale = time.time()
-            train_scale(model, t, tokens, out, device, world)
-            scale_times[t] = time.time() - t_scale
-    times["chain"] = time.time() - t0
-    say(f"chain training took {times['chain']:.0f}s", flush=True)
-    if world.main:
-        say(f"wrote {', '.join(ib.plot_run(out))}", flush=True)            # the loss curves
-    ib.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
-    if not world.main:
+    for t in todo:
+        claim = ib.scale_claim(out, t)
+        holder = claim.take()
+        if holder is not None:
+            raise ib.UserError(f"{claim.describe(holder)}: let it finish")
+        claims.append(claim)
+    ib.remove_stale_tmp(out)          # a .tmp of a claimed scale is a killed run's; others' are left alone
+    return todo
+
+
+def final_files(args, out: str, tokens: dict) -> list[str]:
+    """What the end of a run writes once every scale is trained: bound.json, samples.png and,
+    when the judge scores the run, eval.json."""
+    files = [ib.bound_path(out), os.path.join(out, "samples.png")]
+    if args.eval_n and "train_labels" in tokens and ib.recorded_dataset(out) is not None:
+        files.append(ib.eval_path(out))
+    return files
+
+
+def up_to_date(files: list[str], out: str, T: int) -> bool:
+    """Whether every one of `files` was written after the last checkpoint of every scale: the
+    end of the run is done for these weights (by this process, or by another of the recipe)."""
+    newest = max(os.path.getmtime(ib.scale_path(out, t)) for t in range(2, T + 1))
+    return all(os.path.exists(f) and os.path.getmtime(f) >= newest for f in files)
+
+
+def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> None:
+    """Once every scale is trained (by this process or by others, one --scale each): the bound,
+    samples and the judge's figures, by the one process that claims them. Another that finds
+    them claimed, or done for these weights, says so and is done: its own work is saved, and it
+    never stops with an error after it (exit 0)."""
+    files = final_files(args, out, tokens)
+    names = ", ".join(os.path.basename(f) for f in files)
+    claim = ib.final_claim(out)
+    if up_to_date(files, out, T):
+        print(f"{names}: up to date with every scale, nothing left to do "
+              f"(sample.py --run {out} --evaluate judges the run again)", flush=True)
         return
-    done = all(scale_done(out, t, cfg.steps) for t in range(2, cfg.T + 1))
-    # --- once every scale is trained (by this process or by others, one --scale each):
-    # the bound, samples, and the judge's figures
-    if done:
+    holder = claim.take()
+    if holder is not None:
+        print(f"{claim.describe(holder)}: that process writes {names}; this one is done", flush=True)
+        return
+    try:
+        if up_to_date(files, out, T):                   # written by another just before this claim
+            print(f"{names}: written by another process meanwhile; this one is done", flush=True)
+            return
         t_report = time.time()
         final_report(out, tokens, device, args.samples)
         times["bound and samples"] = time.time() - t_report
@@ -626,12 +644,90 @@ def main():
                 print(json.dumps(result), flush=True)
                 times["evaluation"] = result["eval_seconds"]
                 times["judges and real images"] = time.time() - t_eval - result["eval_seconds"]
-    else:
-        print("not every scale is trained yet: the bound and samples come once they are", flush=True)
-    times["total"] = time.time() - started
-    chain = ", ".join(f"t={t} {s:.0f}s" for t, s in scale_times.items()) + ("; side by side" if workers > 1 else "")
-    print("where the time went: " + " | ".join(f"{k} {v:.0f}s" + (f" ({chain})" if k == "chain" else "")
-                                             for k, v in times.items()), flush=True)
+    finally:
+        claim.release()
+
+
+def main():
+    # --- command line: everything that can be refused is refused before any work
+    started = time.time()
+    args = build_parser().parse_args()
+    ib.choose_preset(args)
+    if args.benchmark:
+        ib.check_speed_args(args)
+        return benchmark(args)
+    ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
+    ib.check_number(args.samples, "--samples", 1, whole=True)
+    out = ib.run_dir(args.dataset, args.out)
+    world, device = ib.init_world(args.device)         # torchrun: one process of several
+    args.dtype = ib.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
+    say = world.say
+    if args.first_stage and not os.path.isdir(args.first_stage):
+        raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
+    world.share(check_options(args).batch_size)       # a global batch that the processes can split
+    if not args.first_stage and not os.path.exists(ib.tokens_path(out)):   # a first stage will be trained
+        ib.preset_config(ib.VQ_PRESETS, args.preset).check()
+        ib.check_dataset(args.dataset)
+    claims = []                                       # what rank 0 holds for the world, released at the end
+    try:
+        # --- the first stage and its codes x_1 (trained here when the run folder has none; under
+        # torchrun by rank 0 alone, the others waiting for it)
+        tokens, times = ib.on_rank_0(world, lambda: first_stage_claimed(args, out)) or (None, {})
+        tokens = tokens or ib.load_tokens(out)        # times: where this command's minutes went
+        # --- the scales to train, each claimed first (by rank 0, for every process), before their
+        # checkpoints are compared with the options: a scale another process is training says so
+        options = check_options(args)
+        scales = [args.scale] if args.scale else list(range(options.T, 1, -1))
+        todo = ib.on_rank_0(world, lambda: claim_scales(out, options, scales, claims), share=True)
+        cfg = resolve_config(args, tokens, out)
+        if todo and world.main and args.eval_n and "train_labels" in tokens:
+            ib.ensure_writable_dir(args.judge_dir)    # the judge's cache, needed at the end: checked now
+        # the weights' initialisation is part of the run: seeded, so that a rerun (or a resumed run
+        # whose first stage was trained in another process) starts every scale from the same weights
+        torch.manual_seed(cfg.seed)
+        model = ib.ImageBART(cfg).to(device)
+        say(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
+            f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
+            f"N = {cfg.N} tokens, {condition_name(model)}-conditioned"
+            + (f" ({len(cfg.vocab)} words, captions of up to {cfg.text_len})" if cfg.text_len else ""), flush=True)
+
+        # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
+        t0 = time.time()
+        workers, threads = scale_workers(args.workers, device, world, len(todo))
+        if workers > 1:                        # one process per scale, side by side (a CPU)
+            for t in sorted(set(scales) - set(todo), reverse=True):
+                say(f"scale t={t}: finished, skipping", flush=True)
+            scale_times = train_scales(cfg, todo, out, workers, threads, args.compile)
+        else:                                  # one scale after the other, in this process
+            scale_times = {}
+            for t in scales:
+                ib.compile_module(model.scale(t), args.compile)       # in place: the state dict keeps its keys
+                t_scale = time.time()
+                train_scale(model, t, tokens, out, device, world)
+                scale_times[t] = time.time() - t_scale
+        times["chain"] = time.time() - t0
+        say(f"chain training took {times['chain']:.0f}s", flush=True)
+        if world.main and todo:
+            say(f"wrote {', '.join(ib.plot_run(out, parts=set(todo)))}", flush=True)     # the loss curves
+        ib.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
+        if not world.main:
+            return
+        for claim in claims:               # the scales are saved: others may read them from here on
+            claim.release()
+
+        # --- once every scale is trained (by this process or by others, one --scale each):
+        # the bound, samples, and the judge's figures, by whichever process claims them
+        if all(scale_done(out, t, cfg.steps) for t in range(2, cfg.T + 1)):
+            finish_run(args, out, tokens, cfg.T, device, times)
+        else:
+            print("not every scale is trained yet: the bound and samples come once they are", flush=True)
+        times["total"] = time.time() - started
+        chain = ", ".join(f"t={t} {s:.0f}s" for t, s in scale_times.items()) + ("; side by side" if workers > 1 else "")
+        print("where the time went: " + " | ".join(f"{k} {v:.0f}s" + (f" ({chain})" if k == "chain" else "")
+                                                 for k, v in times.items()), flush=True)
+    finally:
+        for claim in claims:
+            claim.release()
 
 
 if __name__ == "__main__":

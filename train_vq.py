@@ -166,7 +166,7 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
     log = None
     if world.main:
         # steps logged after the checkpoint we resume from are about to run again: drop them
-        ib.trim_log(out, lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
+        ib.trim_log(ib.log_path(out), lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
         log = open(ib.log_path(out), "a")
     while gan.step < cfg.steps:
         step = gan.step
@@ -285,10 +285,14 @@ def encode_all(vq: ib.VQGAN, x: torch.Tensor, device) -> torch.Tensor:
                       for i in range(0, len(x), batch)]).to(torch.int16)
 
 
-def load_data(dataset: str, cfg: ib.VQConfig, data_root: str) -> dict:
-    """{split: (uint8 images, labels or None, number of classes, captions or None)}."""
-    return {split: ib.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
+def load_data(dataset: str, cfg: ib.VQConfig, data_root: str, say=print) -> dict:
+    """{split: (uint8 images, labels or None, number of classes, captions or None)}; says how
+    many images each split holds (a folder's test split is a fixed tenth of it)."""
+    data = {split: ib.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
             for split in ("train", "test")}
+    say(f"{dataset}: {len(data['train'][0])} training images, {len(data['test'][0])} test images"
+        + (" (a fixed tenth of the folder)" if dataset.startswith("folder:") else ""), flush=True)
+    return data
 
 
 def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> dict:
@@ -328,7 +332,7 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
         train_captions=c_train + [ib.mirror_caption(c) for c in c_train] if c_train is not None else None,
         test_captions=c_test)
     ib.save_atomic(tokens, ib.tokens_path(out))
-    ib.trim_log(out, lambda r: r.get("stage") == "vq_eval")          # one evaluation record
+    ib.trim_log(ib.log_path(out), lambda r: r.get("stage") == "vq_eval")          # one evaluation record
     with open(ib.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "vq_eval", **metrics}) + "\n")
     times["tokenizing"] = time.time() - t0
@@ -363,7 +367,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
         return {}
     times = {}
     record = ib.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
-    data = load_data(dataset, cfg, data_root)
+    data = load_data(dataset, cfg, data_root, say)
     if ckpt is not None and ckpt["shrunk"]:
         # trained and shrunk, but tokens.pt is missing: undo the shrinking and tokenize again
         # (shrinking is deterministic, so the codes come out as they were)
@@ -386,6 +390,10 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
         if ckpt is not None:
             say(f"resuming {ib.vq_path(out)} from step {gan.step}", flush=True)
         x_train = data["train"][0]
+        share = world.share(cfg.batch_size)          # LPIPS takes x[:perceptual_batch] of a process's share
+        if gan.lpips is not None and cfg.perceptual_weight > 0 and cfg.perceptual_batch > share:
+            say(f"LPIPS on all {share} images of each {'share of a ' if world.size > 1 else ''}batch: "
+                f"--perceptual_batch {cfg.perceptual_batch} is more than that", flush=True)
         say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
             f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
             f"codes, K = {cfg.codebook_size}, {len(x_train)} training images, device {device}"
@@ -396,7 +404,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
         say(f"first stage trained in {times['first stage']:.0f}s", flush=True)
     if world.main:
         times |= finish(vq, out, device, data, record, lpips_weights)
-        say(f"wrote {', '.join(ib.plot_run(out))}", flush=True)            # the loss curves
+        say(f"wrote {', '.join(ib.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
     return times
 
 
@@ -443,16 +451,34 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
     print(json.dumps(result), flush=True)
 
 
+def claim_first_stage(out: str) -> ib.Claim:
+    """The claim on `out`'s first stage (vq.pt, tokens.pt, log.jsonl), taken before any work:
+    a first stage that another process is training stops this one with one line (exit 2)."""
+    claim = ib.first_stage_claim(out)
+    ib.ensure_writable_dir(out)
+    holder = claim.take()
+    if holder is not None:
+        raise ib.UserError(f"{claim.describe(holder)}: let it finish, then run this again")
+    return claim
+
+
 def main():
     args = build_parser().parse_args()
     ib.choose_preset(args)
     cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
     if args.benchmark:
+        ib.check_speed_args(args)
         return benchmark(args, cfg)
     cfg.check()                                  # before any process group is set up
+    ib.check_dataset(args.dataset)
+    out = ib.run_dir(args.dataset, args.out)
     world, device = ib.init_world(args.device)   # torchrun: one process of several
-    train_first_stage(cfg, args.dataset, ib.run_dir(args.dataset, args.out), args.data_root,
-                      args.lpips_weights, device, world, args.dtype)
+    claim = ib.on_rank_0(world, lambda: claim_first_stage(out))    # rank 0 claims for the world
+    try:
+        train_first_stage(cfg, args.dataset, out, args.data_root, args.lpips_weights, device, world, args.dtype)
+    finally:
+        if claim is not None:
+            claim.release()
     ib.leave_world(world)
 
 
