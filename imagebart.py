@@ -301,10 +301,39 @@ class VQGAN(nn.Module):
         return self.code_map[full].view(B, h, w)
 
     @torch.no_grad()
-    def decode(self, x1: torch.Tensor) -> torch.Tensor:
-        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1] (clamped)."""
+    def decode(self, x1: torch.Tensor, whole: bool = False) -> torch.Tensor:
+        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1] (clamped). A grid larger
+        than the training grid (patch-wise sampling, Sec. 4.2) is decoded in windows of the
+        training grid (decode_windows) unless whole=True."""
+        n = self.cfg.resolution // self.cfg.factor                        # the training grid, n x n codes
+        if not whole and (x1.shape[1] > n or x1.shape[2] > n):
+            return self.decode_windows(x1)
         e = self.quantizer.codes()[self.used_codes[x1]]                  # (B, h, w, D)
         return self.decoder(rearrange(e, "b h w d -> b d h w")).clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode_windows(self, x1: torch.Tensor) -> torch.Tensor:
+        """A code grid larger than the training grid -> pixels, decoded window by window. G's
+        self-attention at the lowest resolution reads every code of what it decodes: a whole
+        8 x 16 grid, decoded at once, changes the pixels of its left half by a mean of 0.09 (of
+        the range 2) against decoding that half alone (the quickstart's first stage), and tints a
+        given image by what was drawn beside it. So G reads windows of the training grid, half a window apart, and each pixel
+        is the mean of the windows that cover it, weighted by a tent that is highest at a
+        window's centre (no seams where windows meet). Pixels that only one window covers (the
+        first and the last half window of a row of windows) are that window's decode, to rounding."""
+        B, H, W = x1.shape
+        n, f = self.cfg.resolution // self.cfg.factor, self.cfg.factor
+        starts = lambda size: sorted(set(range(0, size - n + 1, n // 2)) | {size - n})   # window origins, codes
+        ramp = torch.minimum(torch.arange(n * f) + 0.5, n * f - torch.arange(n * f) - 0.5).to(x1.device)
+        tent = ramp[:, None] * ramp[None, :]                              # (n f, n f): > 0 everywhere
+        out = torch.zeros(B, 3, H * f, W * f, device=x1.device)
+        weight = torch.zeros(H * f, W * f, device=x1.device)
+        for top in starts(H):
+            for left in starts(W):
+                rows, cols = slice(top * f, (top + n) * f), slice(left * f, (left + n) * f)
+                out[:, :, rows, cols] += self.decode(x1[:, top:top + n, left:left + n]) * tent
+                weight[rows, cols] += tent
+        return out / weight
 
     @torch.no_grad()
     def shrink(self, used_full: torch.Tensor, seed: int = 0) -> None:

@@ -991,6 +991,27 @@ def test_window_sampler_cached_equals_its_plain_reference(stride):
         chain.sample(1, labels=[0], across=True, size=(4, 8))
 
 
+def test_first_stage_decodes_a_large_grid_in_windows():
+    """VQGAN.decode of a grid larger than the training grid (4 x 4 codes here) goes through
+    windows of the training grid: pixels that only the first window covers are the decode of
+    that window alone (to rounding) and do not change with codes drawn further right (the whole-grid
+    decode, whose attention reads every code, changes them); at the training size nothing
+    changes; every pixel is a weighted mean of window decodes, so the result stays in [-1, 1]."""
+    vq = tiny_vqgan()
+    g = torch.Generator().manual_seed(0)
+    left = torch.randint(0, 16, (2, 4, 4), generator=g)
+    a = torch.cat([left, torch.randint(0, 16, (2, 4, 9), generator=g)], 2)             # (2, 4, 13)
+    b = torch.cat([left, torch.randint(0, 16, (2, 4, 9), generator=g)], 2)
+    only_first = slice(0, 2 * 2)                      # half a window of codes, f = 2 pixels each
+    alone = vq.decode(left)[..., only_first]
+    torch.testing.assert_close(vq.decode(a)[..., only_first], alone, rtol=0, atol=1e-6)   # x t / t: rounding
+    torch.testing.assert_close(vq.decode(b)[..., only_first], alone, rtol=0, atol=1e-6)
+    assert (vq.decode(a, whole=True)[..., only_first] - vq.decode(b, whole=True)[..., only_first]).abs().max() > 1e-3
+    assert torch.equal(vq.decode(left), vq.decode(left, whole=True))
+    out = vq.decode(torch.randint(0, 16, (1, 9, 6), generator=g))
+    assert out.shape == (1, 3, 18, 12) and out.abs().max() <= 1
+
+
 @pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
 def test_static_cache_and_graph_wrapper_equal_the_reference_cache(text):
     """The static key/value cache (full-length buffers, positions as tensors, a mask: what a CUDA
