@@ -3159,6 +3159,17 @@ class JudgeConfig:
                                           # this judge sees, so it classifies from the rest alone
 
 
+def conv_stages(c_in: int, channels) -> nn.Sequential:
+    """Per stage a 3x3 conv, BatchNorm and ReLU, stride 2 from the second stage on: the body of
+    the judge and of the classifier of codes. (B, c_in, H, W) -> (B, channels[-1], H', W')."""
+    layers = []
+    for i, c_out in enumerate(channels):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),  # BN adds the bias
+                   nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    return nn.Sequential(*layers)
+
+
 class Judge(nn.Module):
     """x_0 (B, 3, H, W) in [-1, 1], any H and W -> class logits (B, classes). A 3x3 conv,
     BatchNorm and ReLU per stage (stride 2 from the second stage on), then the average over all
@@ -3167,13 +3178,8 @@ class Judge(nn.Module):
 
     def __init__(self, cfg: JudgeConfig, num_classes: int):
         super().__init__()
-        layers, c = [], 3
-        for i, c_out in enumerate(cfg.channels):
-            layers += [nn.Conv2d(c, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),  # BN adds the bias
-                       nn.BatchNorm2d(c_out), nn.ReLU()]
-            c = c_out
-        self.net = nn.Sequential(*layers)
-        self.head = nn.Linear(c, num_classes)
+        self.net = conv_stages(3, cfg.channels)
+        self.head = nn.Linear(cfg.channels[-1], num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).mean(dim=(2, 3))          # global average pool: (B, C, h, w) -> (B, C)
@@ -3368,13 +3374,8 @@ class CodeClassifier(nn.Module):
     def __init__(self, cfg: CodeClassifierConfig, num_codes: int, num_classes: int):
         super().__init__()
         self.embed = nn.Embedding(num_codes, cfg.n_embd)
-        layers, c = [], cfg.n_embd
-        for i, c_out in enumerate(cfg.channels):
-            layers += [nn.Conv2d(c, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),  # BN adds the bias
-                       nn.BatchNorm2d(c_out), nn.ReLU()]
-            c = c_out
-        self.net = nn.Sequential(*layers)
-        self.head = nn.Linear(c, num_classes)
+        self.net = conv_stages(cfg.n_embd, cfg.channels)           # the judge's stages, on embedded codes
+        self.head = nn.Linear(cfg.channels[-1], num_classes)
 
     def forward(self, x1: torch.Tensor) -> torch.Tensor:
         z = rearrange(self.embed(x1.long()), "b h w d -> b d h w")      # (B, n_embd, h, w)
