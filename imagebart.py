@@ -3222,6 +3222,24 @@ def judge_images(judge: Judge, images: torch.Tensor, batch: int = 500) -> tuple[
     return torch.cat(features).numpy(), torch.cat(predicted)
 
 
+def fit_classifier(model: nn.Module, cfg, n: int, inputs, labels: torch.Tensor, device, prefix: str) -> None:
+    """The training loop of the judge and of the classifier of codes: cfg.steps of Adam with a
+    cosine learning rate and cross-entropy, each step on cfg.batch_size random training items;
+    inputs(idx, g) makes the batch of items idx (augmenting them with the generator g)."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    progress = Progress(cfg.steps, every=max(1, cfg.steps // 5), prefix=prefix)
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, warmup=min(50, cfg.steps // 10), final_frac=0.01)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        loss = F.cross_entropy(model(inputs(idx, g).to(device)), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress(step, loss=loss.item())
+
+
 def train_judge(cfg: JudgeConfig, train: tuple, test: tuple, device) -> tuple[Judge, float]:
     """Adam with a cosine learning rate on the real training images, randomly flipped and
     shifted. train, test: (uint8 images, labels, number of classes, captions) as load_dataset returns them.
@@ -3229,20 +3247,10 @@ def train_judge(cfg: JudgeConfig, train: tuple, test: tuple, device) -> tuple[Ju
     (x_train, y_train, num_classes, _), (x_test, y_test, *_) = train, test
     torch.manual_seed(cfg.seed)
     judge = Judge(cfg, num_classes).to(device).train()
-    opt = torch.optim.Adam(judge.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    progress = Progress(cfg.steps, every=max(1, cfg.steps // 5), prefix="judge ")
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, warmup=min(50, cfg.steps // 10), final_frac=0.01)
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=g)
-        x = random_shift(random_flip(to_float(x_train[idx]), g), cfg.max_shift, g)    # augmented on the CPU
-        x = blank_region(x, cfg.blank)
-        loss = F.cross_entropy(judge(x.to(device)), y_train[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        progress(step, loss=loss.item())
+
+    def augmented(idx, g):                                              # on the CPU
+        return blank_region(random_shift(random_flip(to_float(x_train[idx]), g), cfg.max_shift, g), cfg.blank)
+    fit_classifier(judge, cfg, len(x_train), augmented, y_train, device, "judge ")
     judge.eval()                                       # BatchNorm from here on uses its running statistics
     _, predicted = judge_images(judge, blank_region(to_float(x_test), cfg.blank))
     return judge, (predicted == y_test).float().mean().item()
@@ -3397,18 +3405,7 @@ def train_code_classifier(cfg: CodeClassifierConfig, train: tuple, test: tuple, 
     (x_train, y_train), (x_test, y_test) = train, test
     torch.manual_seed(cfg.seed)
     classifier = CodeClassifier(cfg, num_codes, num_classes).to(device).train()
-    opt = torch.optim.Adam(classifier.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
-    progress = Progress(cfg.steps, every=max(1, cfg.steps // 5), prefix="classifier ")
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, warmup=min(50, cfg.steps // 10), final_frac=0.01)
-        idx = torch.randint(0, len(x_train), (cfg.batch_size,), generator=g)
-        loss = F.cross_entropy(classifier(x_train[idx].long().to(device)), y_train[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        progress(step, loss=loss.item())
+    fit_classifier(classifier, cfg, len(x_train), lambda idx, g: x_train[idx].long(), y_train, device, "classifier ")
     classifier.eval()                                  # BatchNorm from here on uses its running statistics
     predicted = classify_codes(classifier, x_test.long()).argmax(-1).cpu()
     return classifier, (predicted == y_test).float().mean().item()
