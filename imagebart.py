@@ -2601,19 +2601,21 @@ DTYPES = ("auto", "fp32", "bf16")
 
 
 # ----- Memory: keep what was freed, instead of handing it back to the system ------------------
-# glibc's malloc serves every allocation above 128 KiB with a fresh mmap and returns it to the
-# system when it is freed. A training step or a decoding step of these small models allocates
-# and frees the same few-MiB activations thousands of times, so every one of them is a fresh
-# mapping whose pages fault in on first touch: in a profile of a masked completion the largest
+# glibc's malloc serves an allocation above its mmap threshold (128 KiB at first, raised to the
+# size of a mapped block once one is freed) with a fresh mmap, and returns it to the system when
+# it is freed. A training step or a decoding step of these small models allocates and frees
+# activations of many sizes up to a few tens of MiB, thousands of times, so many of them are
+# fresh mappings whose pages fault in on first touch: in a profile of a masked completion the largest
 # "kernels" were a bias copied into a new output (aten::copy_) and a GELU, both at well under
 # 1 GB/s. With the threshold raised and trimming off, freed blocks stay in the heap and are
-# reused: measured (README, speed section) 18% off a chain training step on two threads, 10% on
-# one. Only where memory comes from: every number computed is the same, bit for bit.
-def keep_freed_memory(keep: bool = True) -> bool:
-    """Tell glibc's malloc to reuse freed memory (mallopt), or with keep=False to go back to its
-    defaults (the benchmarks time both); -> whether it could (not on macOS, Windows or musl,
-    which keep their own allocators: nothing changes there)."""
-    if not sys.platform.startswith("linux"):
+# reused. Measured on a 2-core machine (README, speed section): the quickstart 534 s -> 488 s with
+# the same eval.json to the last digit. Only where memory comes from changes: every number computed
+# is the same, bit for bit (tested).
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to reuse freed memory (mallopt); -> whether it did. Not on macOS,
+    Windows or musl, which keep their own allocators, and not with IMAGEBART_MALLOC=default in
+    the environment (glibc as it comes: the README's speed section compares the two so)."""
+    if not sys.platform.startswith("linux") or os.environ.get("IMAGEBART_MALLOC") == "default":
         return False
     import ctypes
     try:
@@ -2621,11 +2623,10 @@ def keep_freed_memory(keep: bool = True) -> bool:
     except OSError:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # <malloc.h>
-    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; larger blocks (a whole
-    # batch of VGG activations) still get their own mapping, where the page faults are few
-    # against the arithmetic. The trim threshold keeps up to 1 GiB of freed heap for reuse.
-    mmap, trim = (32 * 2 ** 20, 2 ** 30) if keep else (128 * 2 ** 10, 128 * 2 ** 10)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
+    # 32 MiB is the largest mmap threshold glibc accepts on 64-bit; larger blocks still get
+    # their own mapping, where the page faults are few against the arithmetic. The trim
+    # threshold keeps up to 1 GiB of freed heap for reuse.
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
 
 
 keep_freed_memory()    # at import: the scripts, the spawned scale workers and the tests all get it
@@ -2931,22 +2932,6 @@ def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
         step()
     sync()
     return (time.perf_counter() - t0) / n
-
-
-def time_allocators(step, n: int, device: torch.device, rounds: int = 4) -> dict | None:
-    """Milliseconds per call of step() with glibc's default malloc and with freed memory kept
-    (keep_freed_memory), in alternating rounds of n // rounds calls so that a machine that
-    slows down or speeds up meanwhile weighs on both alike; the median round of each. None
-    where the allocator cannot be set. Leaves freed memory kept, as this code runs."""
-    if device.type != "cpu" or not keep_freed_memory():
-        return None
-    times = {"glibc default": [], "freed memory kept": []}
-    for _ in range(rounds):
-        for name in times:
-            keep_freed_memory(name == "freed memory kept")
-            times[name].append(1e3 * time_steps(step, max(1, n // rounds), device, warmup=2))
-    keep_freed_memory()
-    return {name: round(float(np.median(v)), 2) for name, v in times.items()}
 
 
 def time_parts(parts: dict, device: torch.device, n: int = 10) -> dict:

@@ -532,9 +532,6 @@ def benchmark(args) -> None:
                                  args.bench_steps, device)
         flops += 3 * ib.scale_flops(cfg, t) * cfg.batch_size   # forward + backward (twice the forward)
     step = seconds / (cfg.T - 1)                                  # a mean step over the scales
-    # the last scale's step again, with glibc's default malloc and with freed memory kept
-    allocators = ib.time_allocators(lambda: optimizer_step(model, 2, opt, x1, {"labels": labels}, device),
-                                    2 * args.bench_steps, device)
     # --- the parts of a step, in fp32 and bf16: one layer's attentions and MLP, the head + KL
     B, N, d = cfg.batch_size, cfg.N, cfg.n_embd
     h = torch.randn(B, N, d, device=device, requires_grad=True)
@@ -552,8 +549,6 @@ def benchmark(args) -> None:
               "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
               **ib.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops, cfg.dtype),
               "parts_ms": ib.time_parts(parts, device, args.bench_steps)}
-    if allocators:
-        result["allocator_step_ms"] = allocators
     print(json.dumps(result), flush=True)
 
 

@@ -448,9 +448,6 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
               "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
               **ib.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops, cfg.dtype),
               "parts_ms": ib.time_parts(parts, device, args.bench_steps)}
-    allocators = ib.time_allocators(lambda: gan_step(gan, x, gan_on=True), 2 * args.bench_steps, device)
-    if allocators:
-        result["allocator_step_ms"] = allocators
     print(json.dumps(result), flush=True)
 
 
