@@ -2748,6 +2748,21 @@ EVAL_ROWS = ["real_test", "reconstructions", "completions_upper", "completions_r
              "samples_guidance_0", "samples_guided"]
 
 
+def test_random_boxes_in_a_side_process_give_the_same_figures(trained_run, tmp_path):
+    """evaluate_run with a side process (workers=2: the random boxes drawn in a spawned process on
+    one thread, the other rows here on one thread) writes every figure, in the same order, that
+    the rows drawn one after the other in this process give (workers=1); this process's threads
+    are as they were afterwards."""
+    threads = torch.get_num_threads()
+    kw = dict(judge_dir=trained_run.judges, n=16, judge_steps=20, log=lambda *a, **k: None)
+    one = ib.evaluate_folder(trained_run.dir, out=str(tmp_path / "one.json"), workers=1, **kw)
+    two = ib.evaluate_folder(trained_run.dir, out=str(tmp_path / "two.json"), workers=2, **kw)
+    for result in (one, two):
+        del result["eval_seconds"]
+    assert list(two) == list(one) and two == one
+    assert torch.get_num_threads() == threads
+
+
 def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch, capsys):
     """train_chain.py ended by training a judge and writing eval.json; sample.py --evaluate then
     loads the same cached judge (its file untouched) and reproduces every figure (same judge,
