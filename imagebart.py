@@ -2608,8 +2608,8 @@ DTYPES = ("auto", "fp32", "bf16")
 # fresh mappings whose pages fault in on first touch: in a profile of a masked completion the largest
 # "kernels" were a bias copied into a new output (aten::copy_) and a GELU, both at well under
 # 1 GB/s. With the threshold raised and trimming off, freed blocks stay in the heap and are
-# reused. Measured on a 2-core machine (README, speed section): the quickstart 534 s -> 488 s with
-# the same eval.json to the last digit. Only where memory comes from changes: every number computed
+# reused. Measured on a 2-core machine (README, speed section): the quickstart 534 s -> 488 s
+# and 513 s, with the same eval.json to the last digit. Only where memory comes from changes: every number computed
 # is the same, bit for bit (tested).
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to reuse freed memory (mallopt); -> whether it did. Not on macOS,
