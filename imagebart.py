@@ -3737,10 +3737,13 @@ def _completions(vq: VQGAN, chain: ImageBART, x1_a: torch.Tensor, kind: str, n: 
                       for sl in batches(n, batch, f"eval completions ({kind})", log)])
 
 
-def _completions_alone(*args, **kwargs) -> torch.Tensor:
+def _completions_alone(*args, **kwargs) -> torch.Tensor | None:
     """_completions in the side process, on one thread (the other core draws the other rows)."""
     torch.set_num_threads(1)
-    return _completions(*args, **kwargs)
+    try:
+        return _completions(*args, **kwargs)
+    except KeyboardInterrupt:           # Ctrl-C reaches every process: the parent says what to do
+        return None
 
 
 @contextlib.contextmanager
