@@ -36,8 +36,11 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+import data as ds
+import evaluate
 import imagebart as ib
-from imagebart import MASK_KINDS, pixel_mask, token_mask   # shared with the judge (imagebart.py, appendix C)
+import runs
+from evaluate import MASK_KINDS, pixel_mask, token_mask   # shared with the judge
 
 
 # -----------------------------------------------------------------------------
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--rerank's score: bayes (default) = the chain's own log p(x|c) - log p(x|null), "
                              "both from its bound; classifier = log p(class|x) of the classifier of codes")
     choose.add_argument("--classifier-steps", type=int, default=None,
-                        help=f"training steps of a new classifier of codes (default {ib.CodeClassifierConfig.steps}); "
+                        help=f"training steps of a new classifier of codes (default {evaluate.CodeClassifierConfig.steps}); "
                              f"it is cached in --judge-dir")
     p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
     p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
@@ -122,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     judge = p.add_argument_group("--evaluate: judge the run with a classifier trained on its data set (not FID)")
     judge.add_argument("--evaluate", action="store_true",
                        help="accuracy and Frechet distance of reconstructions, samples (guidance 0 and --guidance, "
-                            f"or {ib.DEFAULT_EVAL_GUIDANCE:g} when that is 0) and completions -> <run>/eval.json")
+                            f"or {evaluate.DEFAULT_EVAL_GUIDANCE:g} when that is 0) and completions -> <run>/eval.json")
     judge.add_argument("--dataset", default=None,
                        help="shapes | cifar | folder:PATH, instead of the data set the run recorded")
     judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train the judges into --judge-dir even where assets/judges ships them")
     judge.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
     judge.add_argument("--judge-steps", type=int, default=None,
-                       help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
+                       help=f"training steps of a new judge (default {evaluate.JudgeConfig.steps})")
     return p
 
 
@@ -150,15 +153,16 @@ OPTION_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--
 
 def sampling_options(args, T: int, K: int | None = None, names: dict = OPTION_NAMES, log=print) -> dict:
     """Parse and check --temperature/--top-k/--top-p (one value or T-1 values) and --guidance,
-    every number through ib.check_number. A top-k of at least K (the run's codes) keeps every
+    every number through runs.check_number. A top-k of at least K (the run's codes) keeps every
     code: it filters nothing, which is said."""
     def parse(text, key, **rule):
         """"0.9" -> 0.9, "1,0.9" -> [1.0, 0.9]; each value checked against `rule`."""
         if text is None:
             return None
-        values = [ib.check_number(v, names[key], **rule) for v in str(text).split(",")]
+        values = [runs.check_number(v, names[key], **rule) for v in str(text).split(",")]
         value = values[0] if len(values) == 1 else values
-        ib.option_per_scale(value, T, names[key])          # a list needs one value per scale: checked now
+        with runs.user_errors():                           # a list needs one value per scale: checked now
+            ib.option_per_scale(value, T, names[key])
         return value
     top_k = parse(args.top_k, "top_k", low=1, whole=True)
     if K is not None and top_k is not None and max(top_k if isinstance(top_k, list) else [top_k]) >= K:
@@ -166,7 +170,7 @@ def sampling_options(args, T: int, K: int | None = None, names: dict = OPTION_NA
             f"so it filters nothing there")
     return dict(temperature=parse(args.temperature, "temperature", low=0, above=True), top_k=top_k,
                 top_p=parse(args.top_p, "top_p", low=0, high=1, above=True),
-                guidance=ib.check_number(args.guidance, names["guidance"], 0), use_cache=not args.no_cache)
+                guidance=runs.check_number(args.guidance, names["guidance"], 0), use_cache=not args.no_cache)
 
 
 def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, int | None]:
@@ -175,33 +179,34 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, in
     --class all and --prompt give n samples of each class or prompt, one row each (n' = n
     times their number); a comma list of classes is cycled over the n samples."""
     if args.prompts and args.classes is not None:
-        raise ib.UserError("give --class or --prompt, not both")
+        raise runs.UserError("give --class or --prompt, not both")
     # no condition: unconditional sampling (on a conditional chain, the null condition)
     if args.classes is None and not args.prompts:
         if args.guidance:
-            raise ib.UserError("--guidance needs --class or --prompt: it steers towards a condition")
+            raise runs.UserError("--guidance needs --class or --prompt: it steers towards a condition")
         return {}, None
     if args.prompts:
         if chain.tokenizer is None:
             kind = "class-conditional" if chain.num_labels else "unconditional"
-            raise ib.UserError(f"this run's chain is {kind}; it takes no --prompt (train one with --condition text)")
+            raise runs.UserError(f"this run's chain is {kind}; it takes no --prompt (train one with --condition text)")
         unknown = chain.tokenizer.unknown(args.prompts)
         if unknown:
             print(f"warning: not in this run's vocabulary, read as <unk>: {', '.join(unknown)}", flush=True)
-        ids = chain.tokenizer.encode(args.prompts)             # (prompts, text_len); too long: one line
+        with runs.user_errors():                               # too long: one line
+            ids = chain.tokenizer.encode(args.prompts)         # (prompts, text_len)
         return {"text": ids.repeat_interleave(n, 0).to(device)}, n
     if chain.tokenizer is not None:
-        raise ib.UserError("this run's chain is conditioned on text; use --prompt, not --class")
+        raise runs.UserError("this run's chain is conditioned on text; use --prompt, not --class")
     if not chain.num_labels:
-        raise ib.UserError("this run's chain is unconditional; it takes no --class")
+        raise runs.UserError("this run's chain is unconditional; it takes no --class")
     if args.classes == "all":
         return {"labels": torch.arange(chain.num_labels, device=device).repeat_interleave(n)}, n
     words = [c.strip() for c in args.classes.split(",")]
-    names = ib.run_class_names(args.run) if not all(w.lstrip("-").isdigit() for w in words) else []
+    names = runs.run_class_names(args.run) if not all(w.lstrip("-").isdigit() for w in words) else []
     classes = [class_index(w, names) for w in words]
     bad = [c for c in classes if not 0 <= c < chain.num_labels]
     if bad:
-        raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
+        raise runs.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
     # a list is cycled: "--class 1,2 --n 5" gives 1, 2, 1, 2, 1
     return {"labels": torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n].to(device)}, None
 
@@ -211,16 +216,17 @@ def across_condition(args, chain: ib.ImageBART) -> dict:
     ({"labels": [a, b]} or {"text": [A, B]}); checked as parse_condition checks them."""
     if args.prompts:
         if chain.tokenizer is None:
-            raise ib.UserError("this run's chain takes no --prompt (train one with --condition text)")
-        chain.tokenizer.encode(args.prompts)                 # a too-long prompt: one line, now
+            raise runs.UserError("this run's chain takes no --prompt (train one with --condition text)")
+        with runs.user_errors():                             # a too-long prompt: one line, now
+            chain.tokenizer.encode(args.prompts)
         return {"text": list(args.prompts)}
     if not chain.num_labels:
-        raise ib.UserError("this run's chain is unconditional; --across needs two classes or two prompts")
-    names = ib.run_class_names(args.run)
+        raise runs.UserError("this run's chain is unconditional; --across needs two classes or two prompts")
+    names = runs.run_class_names(args.run)
     pair = [class_index(w.strip(), names) for w in args.classes.split(",")]
     bad = [c for c in pair if not 0 <= c < chain.num_labels]
     if bad:
-        raise ib.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
+        raise runs.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
     return {"labels": pair}
 
 
@@ -230,7 +236,7 @@ def class_index(text: str, names: list[str]) -> int:
         return int(text)
     if text not in names:
         known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
-        raise ib.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
+        raise runs.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
     return names.index(text)
 
 
@@ -242,70 +248,70 @@ def check_selection_options(args) -> None:
     the modes they do not apply to. They choose among new samples of the training size, so not
     among completions (--inpaint, --serve), trajectories, panoramas (--size, --across)."""
     if args.scorer is not None and args.rerank is None:
-        raise ib.UserError("--scorer picks --rerank's score; --accept always scores with the classifier of codes")
+        raise runs.UserError("--scorer picks --rerank's score; --accept always scores with the classifier of codes")
     if args.classifier_steps is not None and args.classifier_steps < 1:
-        raise ib.UserError(f"--classifier-steps must be >= 1, got {args.classifier_steps}")
+        raise runs.UserError(f"--classifier-steps must be >= 1, got {args.classifier_steps}")
     if args.accept is None and args.rerank is None:
         return
     if args.accept is not None and args.rerank is not None:
-        raise ib.UserError("give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
+        raise runs.UserError("give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
     if args.accept is not None and not 0 < args.accept <= 1:       # nan fails this too
-        raise ib.UserError(f"--accept must lie in (0, 1], got {args.accept:g}")
+        raise runs.UserError(f"--accept must lie in (0, 1], got {args.accept:g}")
     if args.rerank is not None and args.rerank < 1:
-        raise ib.UserError(f"--rerank must be >= 1, got {args.rerank}")
+        raise runs.UserError(f"--rerank must be >= 1, got {args.rerank}")
     flag = "--accept" if args.accept is not None else "--rerank"
     for other, given in (("--inpaint", args.inpaint), ("--serve", args.serve), ("--trajectory", args.trajectory),
                          ("--size", args.size), ("--across", args.across), ("--plot", args.plot),
                          ("--benchmark", args.benchmark)):
         if given:
-            raise ib.UserError(f"{flag} chooses among new samples of the training size; it does not apply to {other}")
+            raise runs.UserError(f"{flag} chooses among new samples of the training size; it does not apply to {other}")
     if args.rerank is not None and not args.evaluate and args.n > args.rerank:
-        raise ib.UserError(f"--rerank {args.rerank} keeps the best --n of {args.rerank} candidates per class or "
-                           f"prompt; --n {args.n} is more than {args.rerank}")
+        raise runs.UserError(f"--rerank {args.rerank} keeps the best --n of {args.rerank} candidates per class or "
+                             f"prompt; --n {args.n} is more than {args.rerank}")
 
 
 def prompt_classes(args, per_prompt: int) -> torch.Tensor:
     """The class each --prompt names (the one class name of the run among its words), each
     repeated `per_prompt` times as parse_condition repeats the prompts: what the classifier of
     codes scores, p(class | x_1), for a text chain's samples."""
-    names = ib.run_class_names(args.run)
+    names = runs.run_class_names(args.run)
     classes = []
     for prompt in args.prompts:
         found = sorted({names.index(w) for w in ib.Tokenizer.words(prompt) if w in names})
         if len(found) != 1:
-            raise ib.UserError(f"--prompt {prompt!r} names {'none' if not found else 'more than one'} of this run's "
-                               f"classes ({', '.join(names) or 'none recorded'}); the classifier scores the class a "
-                               f"prompt names, so name one (or --rerank with --scorer bayes)")
+            raise runs.UserError(f"--prompt {prompt!r} names {'none' if not found else 'more than one'} of this run's "
+                                 f"classes ({', '.join(names) or 'none recorded'}); the classifier scores the class a "
+                                 f"prompt names, so name one (or --rerank with --scorer bayes)")
         classes.append(found[0])
     return torch.tensor(classes).repeat_interleave(per_prompt)
 
 
-def classifier_config(args) -> ib.CodeClassifierConfig:
-    base = ib.CodeClassifierConfig()
+def classifier_config(args) -> evaluate.CodeClassifierConfig:
+    base = evaluate.CodeClassifierConfig()
     return base if args.classifier_steps is None else dataclasses.replace(base, steps=args.classifier_steps)
 
 
 def select(args, vq: ib.VQGAN, chain: ib.ImageBART, opts: dict, g, device) -> None:
     """--accept or --rerank: the samples of every class or prompt chosen among more candidates
-    (ib.sample_best_of), by the classifier of codes or by the chain's Bayes score; then written
+    (evaluate.sample_best_of), by the classifier of codes or by the chain's Bayes score; then written
     as plain samples are (grid, --out-dir, --npz)."""
     flag = "--accept" if args.accept is not None else "--rerank"
     if chain.num_labels is None and chain.tokenizer is None:
-        raise ib.UserError(f"this run's chain is unconditional: {flag} chooses samples by how well they show their "
-                           f"class or prompt, so it needs a conditional run")
+        raise runs.UserError(f"this run's chain is unconditional: {flag} chooses samples by how well they show their "
+                             f"class or prompt, so it needs a conditional run")
     cond, per_row = parse_condition(args, chain, args.n, device)
     if not cond:
-        raise ib.UserError(f"{flag} needs --class (or --prompt): it keeps the candidates that best show what was asked")
+        raise runs.UserError(f"{flag} needs --class (or --prompt): it keeps the candidates that best show what was asked")
     n = len(next(iter(cond.values())))
     scorer = "classifier" if args.accept is not None else args.scorer or "bayes"
     if scorer == "bayes":   # its own generator: the bound's draws do not move the samples' random numbers
-        score = ib.bayes_scorer(chain, cond, torch.Generator(device).manual_seed(args.seed))
+        score = evaluate.bayes_scorer(chain, cond, torch.Generator(device).manual_seed(args.seed))
     else:
         targets = cond["labels"] if "labels" in cond else prompt_classes(args, per_row)
-        classifier, _ = ib.classifier_for(args.run, args.judge_dir, classifier_config(args), device)
-        score = ib.classifier_score(classifier, targets)
-    best = ib.sample_best_of(chain, n, score, **cond, accept=args.accept, rerank=args.rerank, generator=g,
-                             batch=SAMPLE_BATCH, what="sampling candidates", **opts)
+        classifier, _ = evaluate.classifier_for(args.run, args.judge_dir, classifier_config(args), device)
+        score = evaluate.classifier_score(classifier, targets)
+    best = evaluate.sample_best_of(chain, n, score, **cond, accept=args.accept, rerank=args.rerank, generator=g,
+                                   batch=SAMPLE_BATCH, what="sampling candidates", **opts)
     how = f"rejection with the classifier, R = {args.accept:g}" if args.accept is not None else \
         f"best of {args.rerank} per {'prompt' if args.prompts else 'class'} by the {scorer} score"
     print(f"kept {n} of {len(best.candidates)} candidates ({how}): sampling {best.sample_seconds:.1f}s, "
@@ -329,16 +335,16 @@ def parse_size(args, vq: ib.VQGAN) -> tuple[int, int] | None:
     try:
         H, W = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
-        raise ib.UserError(f"--size takes HxW in pixels, e.g. {r}x{4 * r}; got {args.size!r}") from None
+        raise runs.UserError(f"--size takes HxW in pixels, e.g. {r}x{4 * r}; got {args.size!r}") from None
     if H < r or W < r:
-        raise ib.UserError(f"--size {H}x{W} is smaller than the training size {r}x{r}")
+        raise runs.UserError(f"--size {H}x{W} is smaller than the training size {r}x{r}")
     if H % f or W % f:
-        raise ib.UserError(f"--size {H}x{W}: both sides must be multiples of the first stage's factor {f}")
+        raise runs.UserError(f"--size {H}x{W}: both sides must be multiples of the first stage's factor {f}")
     if H * W > MAX_AREA * r * r:
-        raise ib.UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
-                           f"the limit is {MAX_AREA * r * r} pixels")
+        raise runs.UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
+                             f"the limit is {MAX_AREA * r * r} pixels")
     if args.stride < 1:
-        raise ib.UserError(f"--stride must be >= 1, got {args.stride}")
+        raise runs.UserError(f"--stride must be >= 1, got {args.stride}")
     return H // f, W // f
 
 
@@ -346,21 +352,21 @@ def check_canvas_options(args) -> None:
     """--place and --across, before any work: --place needs --inpaint and --size; --across
     exactly two classes or two prompts."""
     if args.tiled and (not args.size or args.across):
-        raise ib.UserError("--tiled draws the baseline of a --size canvas (without --across)")
+        raise runs.UserError("--tiled draws the baseline of a --size canvas (without --across)")
     if args.place and not (args.inpaint and args.size):
-        raise ib.UserError("--place puts an --inpaint image on a larger --size canvas; give both")
+        raise runs.UserError("--place puts an --inpaint image on a larger --size canvas; give both")
     if args.across:
         classes = [c for c in (args.classes or "").split(",") if c.strip()]
         count = len(args.prompts or []) or (len(classes) if args.classes not in (None, "all") else 0)
         if count != 2 or (args.prompts and args.classes):
-            raise ib.UserError("--across takes exactly two conditions: --class A,B or --prompt A --prompt B")
+            raise runs.UserError("--across takes exactly two conditions: --class A,B or --prompt A --prompt B")
 
 
 def tiled_samples(args, chain: ib.ImageBART, cond: dict, n: int, size, g, opts) -> list[torch.Tensor]:
     """--tiled: for each of n canvases, independent samples of the training size (same condition)
     put side by side and one above the other, cut to the canvas: [x_T, ..., x_1], each (n, H, W)."""
     if size is None or args.across:
-        raise ib.UserError("--tiled draws the baseline of a --size canvas (without --across)")
+        raise runs.UserError("--tiled draws the baseline of a --size canvas (without --across)")
     (h, w), (H, W) = chain.cfg.grid, size
     rows, cols = math.ceil(H / h), math.ceil(W / w)
     each = {k: v.repeat_interleave(rows * cols, 0) for k, v in cond.items()}
@@ -408,16 +414,16 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
                 if im.size != (resolution, resolution):
                     print(f"note: {path} is {im.width}x{im.height}; resized and center-cropped to "
                           f"{resolution}x{resolution}", flush=True)
-                images.append(ib.resize_center_crop(im, resolution))
+                images.append(ds.resize_center_crop(im, resolution))
         except FileNotFoundError:
-            raise ib.UserError(f"--inpaint {path}: no such file") from None
+            raise runs.UserError(f"--inpaint {path}: no such file") from None
         except Exception:
-            raise ib.UserError(f"--inpaint {path} is not a readable image") from None
+            raise runs.UserError(f"--inpaint {path} is not a readable image") from None
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 # What a grid may be saved as: the image formats pillow writes among those the loaders read.
-GRID_EXTENSIONS = tuple(e for e in ib.IMAGE_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE)
+GRID_EXTENSIONS = tuple(e for e in ds.IMAGE_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE)
 SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
 
 
@@ -430,25 +436,25 @@ def check_outputs(args) -> None:
     for flag, path in (("--out", args.out), ("--npz", args.npz)):
         if path is None:
             continue
-        run = ib.run_file_of(path, args.run)
-        by_design = args.evaluate and flag == "--out" and os.path.realpath(path) == os.path.realpath(ib.eval_path(args.run))
+        run = runs.run_file_of(path, args.run)
+        by_design = args.evaluate and flag == "--out" and os.path.realpath(path) == os.path.realpath(runs.eval_path(args.run))
         if run is not None and not by_design:
-            raise ib.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in {run}); "
-                               f"choose another name")
+            raise runs.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in {run}); "
+                                 f"choose another name")
     if args.evaluate:
         if args.out_dir or args.npz:
-            raise ib.UserError("--evaluate writes the judge's figures only (--out, JSON); --out-dir and --npz are for samples")
+            raise runs.UserError("--evaluate writes the judge's figures only (--out, JSON); --out-dir and --npz are for samples")
         if args.out and not args.out.lower().endswith(".json"):
-            raise ib.UserError(f"--evaluate --out {args.out}: the judge's figures are JSON; give a name ending in .json")
+            raise runs.UserError(f"--evaluate --out {args.out}: the judge's figures are JSON; give a name ending in .json")
     elif args.out and not args.out.lower().endswith(GRID_EXTENSIONS):
-        raise ib.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(GRID_EXTENSIONS)}")
+        raise runs.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(GRID_EXTENSIONS)}")
     if args.npz and not args.npz.lower().endswith(".npz"):
-        raise ib.UserError(f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
+        raise runs.UserError(f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
     for path in (args.out, args.npz):
         if path:
-            ib.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
+            runs.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     if args.out_dir:
-        ib.ensure_writable_dir(args.out_dir)
+        runs.ensure_writable_dir(args.out_dir)
 
 
 class NpzWriter:
@@ -469,7 +475,7 @@ class NpzWriter:
                     "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
         except OSError as e:
             self.discard()
-            raise ib.UserError(f"could not write --npz {path}: {e.strerror or e}") from None
+            raise runs.UserError(f"could not write --npz {path}: {e.strerror or e}") from None
 
     def write(self, **chunks) -> None:
         """The next rows of each array (numpy, in order)."""
@@ -479,7 +485,7 @@ class NpzWriter:
                 self.rows[k] += len(v)
         except OSError as e:
             self.discard()
-            raise ib.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
+            raise runs.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
 
     def close(self) -> None:
         import zipfile
@@ -492,7 +498,7 @@ class NpzWriter:
                     z.write(part, f"{k}.npy")
             os.replace(self.path + ".tmp", self.path)
         except OSError as e:
-            raise ib.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
+            raise runs.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
         finally:
             self.discard()
 
@@ -507,7 +513,7 @@ class NpzWriter:
 class Outputs:
     """Where one command's images go, batch by batch as they are made, so that memory stays flat
     at any --n: --out-dir (one PNG each, what FID tools read), --npz (NpzWriter: uint8 NHWC
-    images, codes, labels), and the first cells of the grid, up to ib.MAX_GRID_PIXELS. A grid
+    images, codes, labels), and the first cells of the grid, up to runs.MAX_GRID_PIXELS. A grid
     over that cap shows the first cells that fit and says so, when every image also goes to
     --out-dir or --npz; otherwise the job is refused before any work (`what`: the options that
     make it that large). Pixels are stored as 8-bit, exactly as the grids show them."""
@@ -516,14 +522,14 @@ class Outputs:
                  what: str):
         self.args, self.n, self.cells = args, n, cells
         H, W = (pixels, pixels) if isinstance(pixels, int) else pixels      # each image's height and width
-        self.shown, self.nrow = ib.grid_fit(cells, nrow, H, W)
+        self.shown, self.nrow = runs.grid_fit(cells, nrow, H, W)
         if self.shown < cells:
-            width, height = ib.grid_size(cells, nrow, H, W)
+            width, height = runs.grid_size(cells, nrow, H, W)
             over = (f"a grid of {cells} images would be {width} x {height} = {width * height} pixels, over the "
-                    f"cap of {ib.MAX_GRID_PIXELS} (MAX_GRID_PIXELS)")
+                    f"cap of {runs.MAX_GRID_PIXELS} (MAX_GRID_PIXELS)")
             if not (args.out_dir or args.npz):
-                raise ib.UserError(f"{what}: {over}; write the images with --out-dir DIR or --npz FILE, and the grid "
-                                   f"shows the first {self.shown}")
+                raise runs.UserError(f"{what}: {over}; write the images with --out-dir DIR or --npz FILE, and the grid "
+                                     f"shows the first {self.shown}")
             print(f"note: {over}: it shows the first {self.shown}; all {n} images go to "
                   f"{' and '.join(p for p in (args.out_dir, args.npz) if p)}", flush=True)
         self.kept, self.added, self.written = [], 0, 0
@@ -555,7 +561,7 @@ class Outputs:
 
     def finish(self, path: str) -> None:
         """The grid to `path`, then --npz moved into place; what was written is said."""
-        ib.save_image_grid(torch.cat(self.kept), path, nrow=self.nrow)
+        runs.save_image_grid(torch.cat(self.kept), path, nrow=self.nrow)
         if self.args.out_dir:
             print(f"wrote {self.written} PNGs to {self.args.out_dir}", flush=True)
         if self.npz is not None:
@@ -576,8 +582,8 @@ def write_samples(args, vq: ib.VQGAN, x1: torch.Tensor, per_row: int | None, lab
     nrow = per_row or max(1, int(math.ceil(math.sqrt(n * pixels[0] / pixels[1]))))   # squarish, also of panoramas
     outputs = Outputs(args, n, n, nrow, pixels, tuple(x1.shape[1:]), labels is not None, f"--n {args.n}")
     try:
-        for sl in ib.batches(n, SAMPLE_BATCH):
-            images = ib.to_uint8(vq.decode(x1[sl])).cpu()
+        for sl in runs.batches(n, SAMPLE_BATCH):
+            images = ds.to_uint8(vq.decode(x1[sl])).cpu()
             outputs.grid(images)
             outputs.images(images, x1[sl], labels[sl] if labels is not None else None)
     except BaseException:
@@ -606,11 +612,11 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         try:
             B = int(args.inpaint[5:])
         except ValueError:
-            raise ib.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
-        tokens = ib.load_tokens(args.run)
+            raise runs.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
+        tokens = runs.load_tokens(args.run)
         if not 1 <= B <= len(tokens["test"]):
-            raise ib.UserError(f"--inpaint test:N takes N in 1..{len(tokens['test'])} (this run's test images), "
-                               f"got {B}")
+            raise runs.UserError(f"--inpaint test:N takes N in 1..{len(tokens['test'])} (this run's test images), "
+                                 f"got {B}")
     else:
         B = len(args.inpaint.split(","))
     size = parse_size(args, vq)                        # a larger canvas (Sec. 4.2), or None
@@ -618,18 +624,18 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     if size is not None:
         h, w = chain.cfg.grid
         if (place in ("left", "right") and size[1] <= w) or (place == "center" and size == (h, w)):
-            raise ib.UserError(f"--place {place}: the canvas --size {args.size} is no larger than the image "
-                               f"in that direction, so there is nothing to draw beyond it")
+            raise runs.UserError(f"--place {place}: the canvas --size {args.size} is no larger than the image "
+                                 f"in that direction, so there is nothing to draw beyond it")
     # --- the mask: drawn in pixels, then a token is regenerated when any of its f x f pixels is
     # (on a larger canvas no mask is needed: what lies beyond the image is drawn anyway)
     mask = args.mask or ("upper" if size is None else None)
     regen_px = pixel_mask(mask, H, H, args.seed) if mask else torch.zeros(H, H, dtype=torch.bool)
     regen = token_mask(regen_px, cfg.factor)
     if size is None and not regen.any():
-        raise ib.UserError("the mask selects nothing to regenerate (it is all black): the output would be the input")
+        raise runs.UserError("the mask selects nothing to regenerate (it is all black): the output would be the input")
     if regen.all():
-        raise ib.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
-                           "run sample.py without --inpaint")
+        raise runs.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
+                             "run sample.py without --inpaint")
     # --- the completions: every input once per completion, in batches of INPAINT_BATCH rows
     # (a progress line after each when there is more than one)
     reps = args.completions
@@ -650,15 +656,15 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         # the first stage shows them, a batch at a time
         if args.inpaint.startswith("test:"):
             x1 = tokens["test"][:B].long().to(device)
-            x0 = torch.cat([vq.decode(x1[sl]) for sl in ib.batches(B, SAMPLE_BATCH)])
+            x0 = torch.cat([vq.decode(x1[sl]) for sl in runs.batches(B, SAMPLE_BATCH)])
         else:
-            x0 = ib.to_float(load_images(args.inpaint, H).to(device))
-            x1 = torch.cat([vq.encode(x0[sl]) for sl in ib.batches(B, SAMPLE_BATCH)])
+            x0 = ds.to_float(load_images(args.inpaint, H).to(device))
+            x1 = torch.cat([vq.encode(x0[sl]) for sl in runs.batches(B, SAMPLE_BATCH)])
         shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)
         if size is not None:   # outpainting: the image on the canvas, the rest drawn through windows
             x0, shown = (pixels_on_canvas(z, size, place, f) for z in (x0, shown))
-        originals, masked = ib.to_uint8(x0).cpu(), ib.to_uint8(shown).cpu()
-        for sl in ib.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
+        originals, masked = ds.to_uint8(x0).cpu(), ds.to_uint8(shown).cpu()
+        for sl in runs.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
             rows = torch.arange(sl.start, sl.stop, device=device) // reps    # the input of each completion
             given, keep = x1[rows], keep_one.expand(len(rows), -1, -1)
             if size is not None:
@@ -667,7 +673,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
                                         particles=args.particles, size=size, stride=args.stride, generator=g,
                                         **{k: v[sl] for k, v in cond.items()}, **opts)
             assert (completions[keep] == given[keep]).all(), "kept tokens changed"
-            images = ib.to_uint8(vq.decode(completions)).cpu()
+            images = ds.to_uint8(vq.decode(completions)).cpu()
             cells = []
             for j, image in zip(range(sl.start, sl.stop), images):
                 if j % reps == 0:                                      # a new row: its input first
@@ -694,18 +700,18 @@ def benchmark(args) -> None:
     with --size, the window sampler on that canvas against ordinary cached sampling of as many
     tokens. --T, --n_embd, --n_layer_enc, --n_layer_dec change the preset's chain, so that the
     Table 3 runs' configs are timed with random weights (no run needed)."""
-    device = ib.pick_device(args.device)
-    base = ib.preset_config(ib.CHAIN_PRESETS, args.preset)
+    device = runs.pick_device(args.device)
+    base = runs.preset_config(ib.CHAIN_PRESETS, args.preset)
     K = 512 if args.preset == "cifar" else 256
     changes = {name: getattr(args, name) for name in BENCHMARK_FIELDS if getattr(args, name) is not None}
     cfg = dataclasses.replace(base, num_codes=K, grid=[8, 8], num_labels=10, **changes)
-    ib.check_ranges(cfg, positive=("T", "n_embd", "n_layer_enc"), non_negative=("n_layer_dec",))
+    runs.check_ranges(cfg, positive=("T", "n_embd", "n_layer_enc"), non_negative=("n_layer_dec",))
     if cfg.T < 2:
-        raise ib.UserError(f"--T must be at least 2, got {cfg.T}")
+        raise runs.UserError(f"--T must be at least 2, got {cfg.T}")
     if cfg.n_embd % cfg.n_head:
-        raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by the preset's n_head {cfg.n_head}")
+        raise runs.UserError(f"--n_embd {cfg.n_embd} is not divisible by the preset's n_head {cfg.n_head}")
     if args.batch < 1:
-        raise ib.UserError(f"--batch must be >= 1, got {args.batch}")
+        raise runs.UserError(f"--batch must be >= 1, got {args.batch}")
     torch.manual_seed(0)
     chain = ib.ImageBART(cfg).to(device).eval()
     labels = torch.arange(args.batch, device=device) % 10
@@ -809,32 +815,32 @@ def benchmark_windows(args, chain: ib.ImageBART, run, device, size: dict) -> Non
     print(json.dumps(result), flush=True)
 
 
-def evaluate(args, device) -> None:
-    """--evaluate: the judge's figures (imagebart.py, appendix C), with the API's sampling
+def judge_run(args, device) -> None:
+    """--evaluate: the judge's figures (evaluate.py), with the API's sampling
     defaults apart from the guidance; progress lines, then the figures as one JSON line. With
-    --size: the seams of patch-wise sampling on that canvas instead (ib.evaluate_canvas)."""
-    ib.check_judge_options(args.eval_n, args.judge_steps)
-    size = parse_size(args, ib.vqgan_from_checkpoint(ib.load_checkpoint(ib.vq_path(args.run), "vq"))) \
+    --size: the seams of patch-wise sampling on that canvas instead (evaluate.evaluate_canvas)."""
+    evaluate.check_judge_options(args.eval_n, args.judge_steps)
+    size = parse_size(args, runs.vqgan_from_checkpoint(runs.load_checkpoint(runs.vq_path(args.run), "vq"))) \
         if args.size else None
     # the run's own eval.json is part of the end of a run, which train_chain.py may be writing
     # now: claimed, and refused before any work when another process holds it
     claim = None
-    if os.path.realpath(args.out or ib.eval_path(args.run)) == os.path.realpath(ib.eval_path(args.run)) \
+    if os.path.realpath(args.out or runs.eval_path(args.run)) == os.path.realpath(runs.eval_path(args.run)) \
             and size is None and args.accept is None and args.rerank is None:
-        claim = ib.final_claim(args.run)
+        claim = runs.final_claim(args.run)
         holder = claim.take()
         if holder is not None:
-            raise ib.UserError(f"{claim.describe(holder)}: let it finish, or write these figures elsewhere "
-                               f"with --out FILE.json")
+            raise runs.UserError(f"{claim.describe(holder)}: let it finish, or write these figures elsewhere "
+                                 f"with --out FILE.json")
     try:
-        result = ib.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
-                                    n=args.eval_n, guidance=args.guidance or ib.DEFAULT_EVAL_GUIDANCE,
-                                    judge_steps=args.judge_steps, seed=args.seed, device=device,
-                                    inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
-                                    out=args.out, shipped_judges=not args.fresh_judges,
-                                    canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
-                                    scorer="classifier" if args.accept is not None else args.scorer or "bayes",
-                                    classifier_steps=args.classifier_steps)
+        result = evaluate.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
+                                          n=args.eval_n, guidance=args.guidance or evaluate.DEFAULT_EVAL_GUIDANCE,
+                                          judge_steps=args.judge_steps, seed=args.seed, device=device,
+                                          inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
+                                          out=args.out, shipped_judges=not args.fresh_judges,
+                                          canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
+                                          scorer="classifier" if args.accept is not None else args.scorer or "bayes",
+                                          classifier_steps=args.classifier_steps)
     finally:
         if claim is not None:
             claim.release()
@@ -1020,7 +1026,7 @@ def data_url(images: torch.Tensor) -> list[str]:
     """images (B, 3, H, W) in [-1, 1] -> PNG data URLs, one per image."""
     # PNG in memory, base64 in the JSON: the page can show it at once, nothing touches the disk
     urls = []
-    for img in ib.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy():
+    for img in ds.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy():
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
         urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
@@ -1030,20 +1036,20 @@ def data_url(images: torch.Tensor) -> list[str]:
 def read_image(data: bytes, resolution: int, what: str) -> torch.Tensor:
     """Image bytes (any size and mode) -> x_0 (1, 3, H, W) in [-1, 1], resized as --inpaint does."""
     if len(data) > MAX_UPLOAD:
-        raise ib.UserError(f"the {what} is {len(data) / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
+        raise runs.UserError(f"the {what} is {len(data) / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            pixels = ib.resize_center_crop(im, resolution)
+            pixels = ds.resize_center_crop(im, resolution)
     except Exception:
-        raise ib.UserError(f"the {what} is not an image this server can read (PNG, JPEG, ...)") from None
-    return ib.to_float(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None])
+        raise runs.UserError(f"the {what} is not an image this server can read (PNG, JPEG, ...)") from None
+    return ds.to_float(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None])
 
 
 def from_data_url(url: str, what: str) -> bytes:
     try:
         return base64.b64decode(url.split(",", 1)[1], validate=True)
     except Exception:
-        raise ib.UserError(f"the {what} is not a data URL") from None
+        raise runs.UserError(f"the {what} is not a data URL") from None
 
 
 class Editor:
@@ -1053,8 +1059,8 @@ class Editor:
 
     def __init__(self, run: str, device):
         self.run, self.device = run, device
-        self.vq, self.chain = ib.load_run(run, device)
-        self.test, self.class_names = ib.load_tokens(run)["test"], ib.run_class_names(run)
+        self.vq, self.chain = runs.load_run(run, device)
+        self.test, self.class_names = runs.load_tokens(run)["test"], runs.run_class_names(run)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(1 + MAX_WAITING)      # the running job and those waiting
 
@@ -1071,7 +1077,7 @@ class Editor:
         n = len(self.test)
         # a random pick uses torch's global generator: the seed of a completion is the page's own
         index = int(torch.randint(0, n, ()).item()) if index is None else \
-            ib.check_number(index, "the test image", 0, n - 1, whole=True)
+            runs.check_number(index, "the test image", 0, n - 1, whole=True)
         with self.lock:
             image = self.vq.decode(self.test[index:index + 1].long().to(self.device))
         return {"index": index, "image": data_url(image)[0]}
@@ -1088,31 +1094,31 @@ class Editor:
         H, f = self.vq.cfg.resolution, self.vq.cfg.factor
         if not isinstance(req, dict):
             kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(req), "a number")
-            raise ib.UserError(f"the request must be a JSON object (its fields by name), got {kind}")
+            raise runs.UserError(f"the request must be a JSON object (its fields by name), got {kind}")
         # --- every number first, each through the command line's own check
-        seed = ib.check_number(field(req, "seed", 0), "seed", 0, SEED_MAX, whole=True)
-        n = ib.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
-        refine = ib.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
-        particles = ib.check_number(field(req, "particles", ib.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
+        seed = runs.check_number(field(req, "seed", 0), "seed", 0, SEED_MAX, whole=True)
+        n = runs.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
+        refine = runs.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
+        particles = runs.check_number(field(req, "particles", ib.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
         # --- the input: the page sends the image it shows, at the run's resolution
         x0 = read_image(from_data_url(str(field(req, "image", "")), "image"), H, "image").to(self.device)
         # --- the mask: a kind (random boxes need the seed, so the server draws them), or the
         # painted PNG; a token is regenerated when any pixel of its f x f patch is painted
         if field(req, "kind"):
             if req["kind"] not in MASK_KINDS:     # never a path: pixel_mask would read a file of the server's
-                raise ib.UserError(f"kind must be one of {', '.join(MASK_KINDS)}, got {req['kind']!r}")
+                raise runs.UserError(f"kind must be one of {', '.join(MASK_KINDS)}, got {req['kind']!r}")
             regen_px = pixel_mask(req["kind"], H, H, seed)
         else:
             mask = read_image(from_data_url(str(req.get("mask", "")), "mask"), H, "mask")
             regen_px = mask.mean(1)[0] > 0                                  # white (> mid grey) = regenerate
         regen = token_mask(regen_px, f)
         if not regen.any():
-            raise ib.UserError("the mask selects nothing to regenerate: paint over part of the image")
+            raise runs.UserError("the mask selects nothing to regenerate: paint over part of the image")
         if regen.all():
-            raise ib.UserError("the mask covers the whole image, so nothing is given: leave part of it")
+            raise runs.UserError("the mask covers the whole image, so nothing is given: leave part of it")
         # the command line's own checks, on a namespace that looks like its arguments (an empty
         # field is the option's default; any other value is checked, never silently replaced)
-        guidance = ib.check_number(field(req, "guidance", 0), "guidance", 0)
+        guidance = runs.check_number(field(req, "guidance", 0), "guidance", 0)
         opts = argparse.Namespace(temperature=str(field(req, "temperature", "1.0")), top_k=field(req, "top_k"),
                                   top_p=field(req, "top_p"), guidance=guidance, no_cache=False, run=self.run,
                                   classes=str(req["class"]) if field(req, "class") is not None else None,
@@ -1143,7 +1149,7 @@ class Editor:
             self.slots.release()
         shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
         with tempfile.TemporaryDirectory() as tmp:          # the grid to download: input, masked, completions
-            ib.save_image_grid(torch.cat([x0, shown, images]), os.path.join(tmp, "grid.png"), nrow=n + 2)
+            runs.save_image_grid(torch.cat([x0, shown, images]), os.path.join(tmp, "grid.png"), nrow=n + 2)
             with open(os.path.join(tmp, "grid.png"), "rb") as fh:
                 grid = "data:image/png;base64," + base64.b64encode(fh.read()).decode()
         return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
@@ -1170,7 +1176,7 @@ def make_handler(editor: Editor):
             the traceback printed on the server's terminal (not sent to whoever asked)."""
             try:
                 self.reply(200, json.dumps(work()).encode())
-            except ib.UserError as e:
+            except runs.UserError as e:
                 self.reply(400, json.dumps({"error": str(e)}).encode())
             except Busy as e:
                 self.reply(503, json.dumps({"error": str(e)}).encode())
@@ -1182,7 +1188,7 @@ def make_handler(editor: Editor):
         def body(self) -> bytes:
             """The request's body, by its Content-Length: none, a number >= 0 (-1 would read until
             the client closes, holding a thread), at most MAX_UPLOAD."""
-            length = ib.check_number(self.headers.get("Content-Length") or 0, "Content-Length", 0, whole=True)
+            length = runs.check_number(self.headers.get("Content-Length") or 0, "Content-Length", 0, whole=True)
             if length > MAX_UPLOAD:
                 self.close_connection = True
                 # read (and drop) what a client is still sending, a piece at a time, so that it
@@ -1193,7 +1199,7 @@ def make_handler(editor: Editor):
                     if not chunk:
                         break
                     left -= len(chunk)
-                raise ib.UserError(f"the upload is {length / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
+                raise runs.UserError(f"the upload is {length / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
             return self.rfile.read(length)
 
         def do_GET(self):
@@ -1219,7 +1225,7 @@ def make_handler(editor: Editor):
                     try:
                         req = json.loads(self.body() or b"{}")
                     except ValueError:                   # not JSON, or not UTF-8
-                        raise ib.UserError("the request is not JSON") from None
+                        raise runs.UserError("the request is not JSON") from None
                     return editor.complete(req)
                 self.answer(work)
             else:
@@ -1249,7 +1255,7 @@ def serve(args, device) -> None:
     try:
         server = ThreadingHTTPServer((args.host, args.port), make_handler(editor))
     except OSError as e:
-        raise ib.UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") from None
+        raise runs.UserError(f"cannot serve on {args.host}:{args.port}: {e.strerror}") from None
     print(f"serving {args.run} on http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
     if not is_loopback(args.host):
         print(f"warning: --host {args.host}: anyone who can reach this address can use the page (and this "
@@ -1266,22 +1272,22 @@ def serve(args, device) -> None:
 # main: benchmark, evaluate, inpaint, or sample (with --trajectory: every x_t)
 
 def check_numbers(args) -> None:
-    """Every number of the command line, through ib.check_number, before any work (the float
+    """Every number of the command line, through runs.check_number, before any work (the float
     options' and the lists' values in sampling_options, once the chain says how many scales)."""
-    ib.check_number(args.guidance, "--guidance", 0)
-    ib.check_number(args.seed, "--seed", 0, SEED_MAX, whole=True)
+    runs.check_number(args.guidance, "--guidance", 0)
+    runs.check_number(args.seed, "--seed", 0, SEED_MAX, whole=True)
     if args.benchmark:
-        ib.check_number(args.batch, "--batch", 1, whole=True)
+        runs.check_number(args.batch, "--batch", 1, whole=True)
     elif args.serve:
-        ib.check_number(args.port, "--port", 0, 65535, whole=True)
+        runs.check_number(args.port, "--port", 0, 65535, whole=True)
     elif args.evaluate:
-        ib.check_judge_options(args.eval_n, args.judge_steps)
+        evaluate.check_judge_options(args.eval_n, args.judge_steps)
     if not args.benchmark:
-        ib.check_number(args.refine, "--refine", 0, whole=True)
-        ib.check_number(args.particles, "--particles", 1, whole=True)
+        runs.check_number(args.refine, "--refine", 0, whole=True)
+        runs.check_number(args.particles, "--particles", 1, whole=True)
         if not args.evaluate:
-            ib.check_number(args.n, "--n", 1, whole=True)
-            ib.check_number(args.completions, "--completions", 1, whole=True)
+            runs.check_number(args.n, "--n", 1, whole=True)
+            runs.check_number(args.completions, "--completions", 1, whole=True)
 
 
 def sample(args, vq, chain, opts, g, device, size=None) -> None:
@@ -1305,19 +1311,19 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
     outputs = Outputs(args, n, n * T if args.trajectory else n, nrow, pixels, canvas, labels is not None, what)
     t0 = time.time()
     try:
-        for sl in ib.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None):
+        for sl in runs.batches(n, SAMPLE_BATCH, "sampling" if n > SAMPLE_BATCH else None):
             here = cond if args.across else {k: v[sl] for k, v in cond.items()}
             if args.tiled:      # the baseline of patch-wise sampling: training-size samples, side by side
                 trajectory = tiled_samples(args, chain, here, sl.stop - sl.start, size, g, opts)
             else:               # [x_T, ..., x_1], each (b, h, w)
                 trajectory = chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride,
                                                 across=args.across, **here, **opts)
-            images = ib.to_uint8(vq.decode(trajectory[-1])).cpu()
+            images = ds.to_uint8(vq.decode(trajectory[-1])).cpu()
             if args.trajectory:
                 # the strips the grid still shows: x_T .. x_{2} decoded for those alone
                 k = min(len(images), math.ceil(outputs.room() / T))
                 if k:
-                    steps = [ib.to_uint8(vq.decode(x_t[:k])).cpu() for x_t in trajectory[:-1]] + [images[:k]]
+                    steps = [ds.to_uint8(vq.decode(x_t[:k])).cpu() for x_t in trajectory[:-1]] + [images[:k]]
                     outputs.grid(torch.stack(steps, dim=1).flatten(0, 1))    # (k * T, 3, H, W), row by row
             else:
                 outputs.grid(images)
@@ -1340,33 +1346,33 @@ def main():
     check_numbers(args)
     given = [f"--{name}" for name in BENCHMARK_FIELDS if getattr(args, name) is not None]
     if not args.benchmark and (given or args.cached_only):
-        raise ib.UserError(f"{', '.join(given) or '--cached-only'}: for --benchmark's random chain; a run's chain "
-                           f"is read from its checkpoints")
+        raise runs.UserError(f"{', '.join(given) or '--cached-only'}: for --benchmark's random chain; a run's chain "
+                             f"is read from its checkpoints")
     check_selection_options(args)
     if args.benchmark:
         return benchmark(args)
-    device = ib.pick_device(args.device)
+    device = runs.pick_device(args.device)
     if not os.path.isdir(args.run):
-        raise ib.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
+        raise runs.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
     if args.plot:
-        return print(f"wrote {', '.join(ib.plot_run(args.run))}", flush=True)
+        return print(f"wrote {', '.join(runs.plot_run(args.run))}", flush=True)
     if args.serve:
         return serve(args, device)
     if args.trajectory and (args.inpaint or args.evaluate):
-        raise ib.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint or --evaluate")
+        raise runs.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint or --evaluate")
     # --- outputs: checked, their folders made (and checked writable) now, not after minutes of sampling
     check_outputs(args)
     check_canvas_options(args)
     if args.evaluate:
-        return evaluate(args, device)
+        return judge_run(args, device)
     # --- the run: first stage and chain, EMA weights
-    vq, chain = ib.load_run(args.run, device)
+    vq, chain = runs.load_run(args.run, device)
     opts = sampling_options(args, chain.T, chain.diffusion.K)
     size = parse_size(args, vq)                  # a larger canvas, drawn through windows (Sec. 4.2)
     g = torch.Generator(device).manual_seed(args.seed)
     if args.inpaint:
         if args.classes == "all":
-            raise ib.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
+            raise runs.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
         return inpaint(args, vq, chain, opts, g, device)
     if args.accept is not None or args.rerank is not None:    # candidates, the best kept (Table 2, Fig. 3)
         return select(args, vq, chain, opts, g, device)
@@ -1374,4 +1380,4 @@ def main():
 
 
 if __name__ == "__main__":
-    ib.run_main(main)
+    runs.run_main(main)

