@@ -448,11 +448,11 @@ def classifier_score(classifier: CodeClassifier, targets: torch.Tensor):
 
 
 def bayes_scorer(chain: ib.ImageBART, cond: dict, generator=None):
-    """The Bayes score of reranking (ImageBART.bayes_score): how much more likely the chain finds
+    """The Bayes score of reranking (imagebart.bayes_score): how much more likely the chain finds
     a candidate under its condition than under the null one, in bits per token. cond: the asked
     rows' {"labels": (n,)} or {"text": (n, text_len)}. -> score(x1, rows) as classifier_score's."""
     def score(x1: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return chain.bayes_score(x1, **{k: v[rows] for k, v in cond.items()}, generator=generator)
+        return ib.bayes_score(chain, x1, **{k: v[rows] for k, v in cond.items()}, generator=generator)
     return score
 
 
@@ -560,6 +560,7 @@ def check_judge_options(eval_n: int, judge_steps: int | None, zero_skips: bool =
         runs.check_number(judge_steps, "--judge-steps", 1, whole=True)
 
 
+INPAINT_PARTICLES = 10                    # particles per image of the completion rows
 DEFAULT_EVAL_GUIDANCE = 0.5               # w of the guided samples row, unless one is given: on the tiny
                                           # shapes run w = 0.5 judged best (98 %; w = 1: 94 %, w = 2: 80 %, README)
 
@@ -640,7 +641,8 @@ def evaluate_run(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge | N
     # (_side_process). Every row has its own generator, so the figures are what one process
     # draws row after row.
     inpaint = inpaint or {}
-    result["inpaint"] = {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": ib.INPAINT_PARTICLES} | inpaint
+    inpaint = {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": INPAINT_PARTICLES} | inpaint
+    result["inpaint"] = inpaint
     # each image is decoded once per particle: as many rows per batch as without particles
     rows = dict(n=n, batch=max(1, batch // result["inpaint"]["particles"]), seed=seed, inpaint=inpaint)
     with _side_process(device, n, workers) as side:
@@ -805,8 +807,9 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge,
         x1[:, :, given_at:given_at + w], keep[:, :, given_at:given_at + w] = x1_test, True
         g = torch.Generator(device).manual_seed(seed)
         drawn = []
-        for sl in runs.batches(n, max(1, batch // ib.INPAINT_PARTICLES), f"outpainting ({name.replace('_', ' ')})", log):
-            out = chain.inpaint(x1[sl], keep[sl], size=(h, 2 * w), stride=stride, generator=g)
+        for sl in runs.batches(n, max(1, batch // INPAINT_PARTICLES), f"outpainting ({name.replace('_', ' ')})", log):
+            out = chain.inpaint(x1[sl], keep[sl], size=(h, 2 * w), stride=stride, particles=INPAINT_PARTICLES,
+                                generator=g)
             square = out[:, :, w - given_at:2 * w - given_at]                          # (m, h, w), the drawn part
             drawn.append(_as_saved(vq.decode(square)).cpu())
         drawn = torch.cat(drawn)
@@ -890,7 +893,7 @@ def evaluate_selection(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Jud
                   of each class (or prompt) are the fraction R of ceil(n_c / R) candidates that it
                   finds most likely to show their class (for a prompt, the shape it names)
       rerank = K  each sample the best of its own K candidates (Fig. 3) by `scorer`: "classifier"
-                  (log p(c | x_1), the class only) or "bayes" (ImageBART.bayes_score: the whole
+                  (log p(c | x_1), the class only) or "bayes" (imagebart.bayes_score: the whole
                   condition, a prompt's colour too)
     Same seeds and batches as evaluate_run, so R = 1 and K = 1 give its rows exactly (tested). Each
     row adds the candidates drawn and the seconds spent drawing and scoring them. Also:

@@ -23,7 +23,6 @@ into x_{t-1} is p^{t-1}(x_{t-1} | x_t), and it is stored under its `t`.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import re
 import warnings
@@ -497,7 +496,8 @@ class MultinomialDiffusion:
         unnorm = likelihood * prior
         return unnorm / unnorm.sum(-1, keepdim=True)
 
-    def draw(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    @staticmethod
+    def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw one class per position from probs (..., K) -> (...,) long, by inverting the CDF:
         the first class whose cumulative probability reaches u, for u uniform in (0, total].
         One uniform per position, where torch.multinomial draws K exponentials per position
@@ -634,15 +634,41 @@ CHAIN_PRESETS = {
 }
 
 
+class KVCache:
+    """The keys and values of one self-attention layer for the positions decoded so far: buffers
+    of `size` positions, allocated on the first call and written in place (no torch.cat per
+    token), so a new token costs O(i) instead of re-running the whole prefix. Attention.cached
+    also keeps here its q, k, v weights stacked into one matrix (w, b), once per decode."""
+
+    def __init__(self, size: int):
+        self.size, self.len = size, 0
+        self.k = self.v = self.w = self.b = None
+
+    def update(self, k_new, v_new):
+        """Append L new positions' keys and values (B, nh, L, hs) -> (k, v) of every position so
+        far, (B, nh, len, hs), and the mask of what the new queries may see: None for a single
+        query (the newest position: every key is in its past), else (L, len), each new query
+        seeing the cache and the new keys up to itself (forward()'s causal mask, True = attend)."""
+        if self.k is None:
+            self.k = k_new.new_zeros(*k_new.shape[:2], self.size, k_new.shape[-1])
+            self.v = torch.zeros_like(self.k)
+        start, end = self.len, self.len + k_new.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k_new, v_new
+        self.len = end
+        mask = None
+        if end - start > 1:
+            mask = torch.arange(end, device=k_new.device)[None, :] <= torch.arange(start, end, device=k_new.device)[:, None]
+        return self.k[:, :, :end], self.v[:, :, :end], mask
+
+
 class Attention(nn.Module):
     """Multi-head attention: self-attention when `context` is None, else cross-attention.
 
     Without a cache (training, and the reference every cached result is tested against) the
-    whole sequence is processed at once. With `cache` (a dict per layer, kept across decoding
-    steps: the key/value cache) a new token costs O(i) instead of re-running the whole prefix:
-      self-attention   keys and values of all earlier positions sit in buffers allocated once
-                       (cache["size"] positions) and written in place; q, k and v come from one
-                       fused matrix product (the weights of to_q and to_kv stacked once per decode)
+    whole sequence is processed at once. With `cache` (kept across decoding steps) the decoder
+    reads one new position (or a few) at a time:
+      self-attention   the keys and values of all earlier positions come from a KVCache; q, k
+                       and v come from one fused matrix product
       cross-attention  the encoder output's keys and values are computed once per scale
     and the heads are split with views, not per-step rearranges: a decoding step is small, so
     the number of kernels it launches, not their arithmetic, sets its speed."""
@@ -654,7 +680,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, causal=False, cache=None):
         if cache is not None:
-            return self.cached(x, context, causal, cache)
+            return self.cached(x, context, cache)
         # x: (B, L, C) queries; keys/values from x (self) or context (B, S, C) (cross)
         heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)   # (B, nh, L, hs)
         q = heads(self.to_q(x))
@@ -667,10 +693,10 @@ class Attention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
 
-    def cached(self, x, context, causal: bool, cache: dict):
+    def cached(self, x, context, cache):
         """The decoding path: x (B, L, C) holds the next L positions (L = 1; or a text prefix on
         the first call; or a run of given tokens in masked editing) -> (B, L, C), as forward()
-        gives for them."""
+        gives for them. cache: the layer's KVCache (self-attention) or a dict (cross-attention)."""
         B, L, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         split = lambda z, n: z.view(B, -1, n, nh, hs).permute(2, 0, 3, 1, 4)     # -> (n, B, nh, L', hs)
@@ -681,26 +707,12 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = (z.contiguous() for z in split(self.to_kv(context), 2))
             q, k, v = split(self.to_q(x), 1)[0], cache["k"], cache["v"]
         else:                                                  # self-attention
-            if "w" not in cache:                               # first call: fuse, allocate
-                cache["w"] = torch.cat([self.to_q.weight, self.to_kv.weight])     # (3C, C): q, k, v
-                cache["b"] = torch.cat([self.to_q.bias, self.to_kv.bias])
-                cache["k"] = x.new_zeros(B, nh, cache["size"], hs)
-                cache["v"] = x.new_zeros(B, nh, cache["size"], hs)
-                cache["len"] = 0
-            q, k_new, v_new = split(F.linear(x, cache["w"], cache["b"]), 3)      # each (B, nh, L, hs)
-            if cache.get("static"):
-                return self.static_attention(q, k_new, v_new, cache)
-            start, end = cache["len"], cache["len"] + L
-            cache["k"][:, :, start:end] = k_new                # written in place: no torch.cat
-            cache["v"][:, :, start:end] = v_new
-            cache["len"] = end
-            k, v = cache["k"][:, :, :end], cache["v"][:, :, :end]
-            # a single new query is the newest position and every key is in its past: no mask.
-            # Several new ones (positions start..end-1) each see the cache and the new ones up
-            # to themselves, as forward()'s causal mask lets them
-            if causal and L > 1:
-                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-        if L == 1 and x.device.type == "cpu":
+            if cache.w is None:                                # first call: q, k, v weights stacked (3C, C)
+                cache.w = torch.cat([self.to_q.weight, self.to_kv.weight])
+                cache.b = torch.cat([self.to_q.bias, self.to_kv.bias])
+            q, k_new, v_new = split(F.linear(x, cache.w, cache.b), 3)          # each (B, nh, L, hs)
+            k, v, mask = cache.update(k_new, v_new)
+        if mask is None and L == 1 and x.device.type == "cpu":
             # one query, written out: softmax(q k^T / sqrt(hs)) v. On a CPU the fused kernel's
             # setup outweighs so little arithmetic (measured 2x slower for 32-64 keys)
             att = (q @ k.transpose(-2, -1)) * hs ** -0.5                         # (B, nh, 1, L')
@@ -708,20 +720,6 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # mask (L, L'): True = attend
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
-
-    def static_attention(self, q, k_new, v_new, cache: dict):
-        """The same self-attention over a static cache (new_caches(static=True)), the shape CUDA
-        graphs need: the buffers keep their full length, the new keys and values are written at
-        cache["positions"] (a tensor, so a captured step can be replayed at any position), and
-        a mask over the whole buffer lets each query see the keys up to its own position (the
-        zeros not yet written are masked out). q, k_new, v_new (B, nh, L, hs) -> (B, L, C)."""
-        B, nh, L, hs = q.shape
-        positions = cache["positions"]                                         # (L,) long
-        cache["k"].index_copy_(2, positions, k_new)
-        cache["v"].index_copy_(2, positions, v_new)
-        mask = torch.arange(cache["size"], device=q.device)[None, :] <= positions[:, None]   # (L, size)
-        y = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, L, nh * hs))
 
 
 class Block(nn.Module):
@@ -870,102 +868,73 @@ class ScaleTransformer(nn.Module):
         """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)."""
         return self.decode(self.encode(x_t, c), x_t, x_tm1, c)
 
-    def new_caches(self, static: bool = False) -> list[dict]:
-        """Empty key/value caches, one per decoder block, for a sequence of text prefix + N.
-        static=True: full-length buffers written at tensor positions (Attention.static_attention),
-        for a step captured as a CUDA graph (GraphedStep)."""
-        return [{"self": {"size": self.text_prefix_len + self.N, "static": static}, "cross": {}} for _ in self.decoder]
+    def new_caches(self) -> list[dict]:
+        """Empty key/value caches, one per decoder block, for a sequence of text prefix + N: a
+        KVCache for the self-attention, and the encoder output's keys and values (cross)."""
+        return [{"self": KVCache(self.text_prefix_len + self.N), "cross": {}} for _ in self.decoder]
 
     def step(self, tokens_in, i, memory, x_t, c, caches: list[dict]):
         """Cached decoding of the L positions i..i+L-1: tokens_in (B, L) = x^{i-1..i+L-2}_{t-1}
         (START first at i = 0) -> logits (B, L, K). L = 1 when sampling; a run of given tokens
         in masked editing is one block. A text prefix enters the cache with the first step, in
-        one causal pass. i is an int, or (on a static cache) a 0-dim tensor."""
+        one causal pass. i is an int, or (a step captured as a CUDA graph, GraphedStep) a 0-dim tensor."""
         L = tokens_in.shape[1]
         h = self.embed_decoder(tokens_in, x_t, c, i)                      # (B, L, C)
         prefix = self.text_prefix(c) if isinstance(i, int) and i == 0 else None
         if prefix is not None:
             h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
-        if caches[0]["self"]["static"]:       # where the new positions go in the full buffers
-            positions = torch.arange(h.shape[1], device=h.device) + (i if prefix is None else 0) + \
-                (0 if prefix is not None else self.text_prefix_len)
-            for cache in caches:
-                cache["self"]["positions"] = positions
         for block, cache in zip(self.decoder, caches):
             h = block(h, memory, causal=True, cache=cache)
         return self.logits(h[:, h.shape[1] - L:], x_t, i)
 
 
-class GraphedStep:
-    """ScaleTransformer.step for one new token (L = 1), captured once as a CUDA graph and replayed
-    for every later position: a decoding step is hundreds of small kernels, and on a GPU their
-    launches, not their arithmetic, set its speed. The graph needs tensors that stay put: the
-    static cache (new_caches(static=True)), the encoder output, x_t and c, and this object's
-    token and position inputs, copied in before each replay. Where CUDA is absent it is the
-    plain step. A thin wrapper: what is captured is step itself."""
+# ----- Reading the decoder one token at a time ------------------------------------------
 
-    def __init__(self, model: "ScaleTransformer", memory, x_t, c, caches: list[dict], batch: int):
-        self.model, self.fixed, self.graph = model, (memory, x_t, c, caches), None
-        if x_t.device.type != "cuda":
-            return
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=x_t.device)
-        self.position = torch.ones((), dtype=torch.long, device=x_t.device)
-        side = torch.cuda.Stream()                     # warm up outside the capture (torch's recipe);
-        side.wait_stream(torch.cuda.current_stream())  # it writes position 1, which the real step overwrites
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.step(self.token, self.position, *self.fixed)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.step(self.token, self.position, *self.fixed)
+class NextLogits:
+    """Scale t's decoder as sampling reads it: the logits of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
+    for one position i after another. The encoder reads all of x_t once; each token of x_{t-1},
+    once written, is read into the decoder's key/value cache. A position that is not drawn (a
+    token masked editing gives) is read with the next one that is, in one block.
 
-    def __call__(self, tokens_in, i: int):
-        if self.graph is None:
-            return self.model.step(tokens_in, i, *self.fixed)
-        self.token.copy_(tokens_in)
-        self.position.fill_(i)
-        self.graph.replay()
-        return self.logits
+    Section 5's extensions are readers too: they wrap this one (guidance, filters, the weights
+    of particles) or take its place (windows, the uncached reference, the static cache), and
+    decode_scale's loop stays the same."""
+
+    def __init__(self, model: ScaleTransformer, x_t: torch.Tensor, c):
+        self.model, self.x_t, self.c = model, x_t, c
+        self.memory = model.encode(x_t, c)                     # (B, [cond +] N, C): once per scale
+        self.caches = model.new_caches()
+        self.done = 0                                          # positions read so far
+
+    def __call__(self, x_tm1: torch.Tensor, i: int) -> torch.Tensor:
+        """x_tm1 (B, N), written before position i -> the logits of position i (B, K)."""
+        self.read(x_tm1, i)                                    # the given tokens not read yet, if any
+        return self.read(x_tm1, i + 1)[:, -1]
+
+    def read(self, x_tm1: torch.Tensor, end: int) -> torch.Tensor:
+        """Read the positions done..end-1 of x_tm1 -> their logits (B, end - done, K)."""
+        start, self.done = self.done, end
+        if start == end:
+            return x_tm1.new_zeros(x_tm1.shape[0], 0, self.model.K, dtype=torch.float)
+        return self.model.step(shifted(x_tm1, self.model.START, start, end), start, self.memory, self.x_t, self.c,
+                               self.caches)
+
+
+def shifted(x_tm1: torch.Tensor, START: int, start: int, end: int) -> torch.Tensor:
+    """The decoder's inputs at positions start..end-1: the token before each, x^{i-1}_{t-1}, and
+    START at i = 0 (the right shift that makes the decoder causal).  (B, N) -> (B, end - start)"""
+    if start > 0:
+        return x_tm1[:, start - 1:end - 1]
+    return torch.cat([torch.full_like(x_tm1[:, :1], START), x_tm1[:, :end - 1]], dim=1)
 
 
 # =====================================================================================
 # 4. The chain: ImageBART
 # =====================================================================================
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
-    """Temperature, then keep the top_k largest logits, then the smallest set of tokens whose
-    probability reaches top_p (nucleus); removed tokens get -inf.  (B, K) -> (B, K)"""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p      # mass *before* a token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
-def option_per_scale(value, T: int, name: str) -> dict:
-    """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2
-    -> {t: value}. sample.py checks its --temperature/--top-k/--top-p lists here too."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != T - 1:
-            raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
-                             f"{T - 1} scales (t = {T}..2)")
-        return {t: v for t, v in zip(range(T, 1, -1), value)}
-    return {t: value for t in range(2, T + 1)}
-
-
-# Forward-backward rounds per scale and particles per image when inpainting: the defaults of
-# ImageBART.inpaint and of sample.py --inpaint alike, chosen by the completion accuracy measured
-# in the README.
+# Forward-backward rounds per scale (but t = T) when inpainting: the default of ImageBART.inpaint
+# and of sample.py --inpaint alike.
 INPAINT_REFINE = 0
-INPAINT_PARTICLES = 10
 
 
 class ImageBART(nn.Module):
@@ -985,16 +954,21 @@ class ImageBART(nn.Module):
     def T(self) -> int:
         return self.diffusion.T
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def scale(self, t: int) -> ScaleTransformer:
         return self.scales[str(t)]
 
     # ----- the condition c: a class, a caption, or nothing -----------------------------
 
-    def condition(self, labels, text, B: int, device) -> torch.Tensor | None:
+    def condition(self, labels, text, B: int, device=None) -> torch.Tensor | None:
         """The condition c of B rows, from the user's `labels` or `text`; the null condition
         (the null class, the empty caption) where none is given. None on an unconditional chain.
         labels: a class index, or one per row. text: a list of B strings (or one, for all), or
         token ids (B, text_len) already made by `self.tokenizer`."""
+        device = device or self.device
         if self.tokenizer is not None:                 # a text-conditional chain
             if labels is not None:
                 raise ValueError("this chain is conditioned on text; it takes text, not labels")
@@ -1002,14 +976,12 @@ class ImageBART(nn.Module):
                 return torch.full((B, self.cfg.text_len), Tokenizer.PAD, dtype=torch.long, device=device)
             if isinstance(text, torch.Tensor):
                 return text.to(device).long()
-            if isinstance(text, str):
-                text = [text]
+            text = [text] if isinstance(text, str) else list(text)
             if len(text) not in (1, B):
                 raise ValueError(f"text has {len(text)} prompts for {B} samples; give 1 or {B}")
-            unknown = self.tokenizer.unknown(text)
-            if unknown:
-                warnings.warn(f"words not in this chain's vocabulary become <unk>: {', '.join(unknown)}")
-            return self.tokenizer.encode(list(text)).to(device).expand(B, -1)
+            if self.tokenizer.unknown(text):
+                warnings.warn(f"words not in this chain's vocabulary become <unk>: {', '.join(self.tokenizer.unknown(text))}")
+            return self.tokenizer.encode(text).to(device).expand(B, -1)
         if text is not None:
             raise ValueError("this chain is not conditioned on text; it takes no text")
         if self.num_labels is None:
@@ -1018,9 +990,7 @@ class ImageBART(nn.Module):
             return None
         if labels is None:
             return torch.full((B,), self.num_labels, dtype=torch.long, device=device)
-        labels = torch.as_tensor(labels, device=device).long()
-        if labels.dim() == 0:                     # one class for the whole batch
-            labels = labels.expand(B)
+        labels = torch.as_tensor(labels, device=device).long().expand(B)   # one class, or one per row
         if labels.min() < 0 or labels.max() > self.num_labels:   # index num_labels = the null class
             raise ValueError(f"labels must lie in [0, {self.num_labels}] ({self.num_labels} = none)")
         return labels
@@ -1072,12 +1042,6 @@ class ImageBART(nn.Module):
         return per_position.mean()
 
     @torch.no_grad()
-    def scale_bits(self, x1, t: int, labels=None, generator=None, text=None) -> torch.Tensor:
-        """Scale t's term of the bound (one draw of Eq. 7), in bits per token, per sample (B,)."""
-        q, _, logits = self.scale_terms(x1, t, labels, generator, text)
-        return self.diffusion.kl(q, logits).sum(-1) / (x1[0].numel() * math.log(2))
-
-    @torch.no_grad()
     def nll(self, x1, labels=None, text=None, *, terms: bool = False, generator=None):
         """Upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,): given the condition
         c on a conditional chain (labels or text; None = the null condition), else on -log2 p(x_1):
@@ -1090,351 +1054,511 @@ class ImageBART(nn.Module):
         return (total, by_scale) if terms else total
 
     @torch.no_grad()
-    def bayes_score(self, x1, labels=None, text=None, *, generator=None) -> torch.Tensor:
-        """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
-            log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
-        in bits per token, per sample (B,), each term replaced by its bound (nll): the Bayes
-        scorer of best-of-n reranking (Fig. 3; sample_best_of). A difference of two upper
-        bounds bounds nothing; it is an estimate, good where the two bounds' gaps are alike.
-        Each bound is a Monte-Carlo draw (x_t ~ q(x_t | x_1), x_{t-1} ~ q(x_{t-1} | x_t, x_1) per
-        scale), so both are taken from one generator state (common random numbers): the same
-        x_t and x_{t-1} go into both, the draw's noise largely cancels in the difference, and
-        what is left is what the condition changes in each scale's prediction. The result is
-        nll(x1, generator=g) - nll(x1, labels, text, generator=g'), g and g' seeded alike
-        (tested). generator=None: one seeded 0, so a call alone is reproducible."""
-        if labels is None and text is None:
-            raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
-        generator = generator or torch.Generator(x1.device).manual_seed(0)
-        state = generator.get_state()
-        given = self.nll(x1, labels, text, generator=generator)         # -log2 p(x_1 | c), bounded
-        generator.set_state(state)                                     # the same draws again
-        null = self.nll(x1, generator=generator)                       # -log2 p(x_1 | null), bounded
-        return null - given
+    def scale_bits(self, x1, t: int, labels=None, generator=None, text=None) -> torch.Tensor:
+        """Scale t's term of the bound (one draw of Eq. 7), in bits per token, per sample (B,)."""
+        q, _, logits = self.scale_terms(x1, t, labels, generator, text)
+        return self.diffusion.kl(q, logits).sum(-1) / (x1[0].numel() * math.log(2))
 
-    # ----- sampling and masked editing (Sec. 3.3, 4.3) ---------------------------------
-
-    # The per-token step, shared by decode_scale (the training grid) and decode_window (a larger
-    # one): the logits of every condition a row runs with are combined into one distribution,
-    # filtered, and a token is drawn from it (or forced, where it is given).
-
-    def condition_rows(self, c, guidance: float):
-        """The conditions each row of a batch runs with, stacked: c itself; for a condition that
-        changes across the image (decode_window), the pair (left, right); with guidance, the null
-        condition last. -> (the stacked c (G B, ...) or None, G)."""
-        conds = list(c) if isinstance(c, tuple) else [c]
-        if guidance:
-            if conds[0] is None or all((x == self.null_condition(x)).all() for x in conds):
-                raise ValueError("guidance needs a condition: class labels or text")
-            conds.append(self.null_condition(conds[0]))
-        return (torch.cat(conds) if conds[0] is not None else None), len(conds)
-
-    @staticmethod
-    def combine(logits: torch.Tensor, B: int, guidance: float, right: float | None = None) -> torch.Tensor:
-        """logits (G B, L, K) of G stacked conditions (condition_rows) -> (B, L, K): classifier-free
-        guidance (1 + w) cond - w uncond; for a condition that changes across the image, cond is
-        (1 - a) cond_left + a cond_right, a = `right` (decode_window explains it)."""
-        g = logits.float().view(-1, B, *logits.shape[1:])                       # (G, B, L, K)
-        cond = g[0] if right is None else (1 - right) * g[0] + right * g[1]
-        return (1 + guidance) * cond - guidance * g[-1] if guidance else cond
-
-    def choose(self, logits, forced, given, temperature, top_k, top_p, generator, log_p: bool):
-        """logits (B, L, K) of L positions -> (tokens (B, L), their log-probabilities (B, L) or
-        None) under temperature, top-k and top-p. Where every row is given (a run of given
-        tokens) nothing is drawn; otherwise L = 1, and the token is drawn, or forced where the
-        row is given (forced, given: (B, L), or None)."""
-        B, L, K = logits.shape
-        logits = filter_logits(logits.flatten(0, 1), temperature, top_k, top_p).view(B, L, K)
-        if given is not None and bool(given.all()):
-            tokens = forced
-        else:
-            tokens = self.diffusion.draw(logits[:, 0].softmax(-1), generator)[:, None]   # (B, 1)
-            if given is not None:
-                tokens = torch.where(given, forced, tokens)
-        return tokens, logits.log_softmax(-1).gather(-1, tokens[..., None])[..., 0] if log_p else None
+    # ----- sampling: the reverse chain (Sec. 3.3) --------------------------------------
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
-    def decode_scale(self, t: int, x_t, c, *, temperature=1.0, top_k=None, top_p=None,
-                     guidance: float = 0.0, use_cache: bool = True, forced=None, force_mask=None,
-                     generator=None, weights: bool = False, graph: bool = False):
-        """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), one token at a time.  x_t (B, N) -> (B, N).
-
-        c: the condition of each row (see `condition`). Classifier-free guidance runs the batch
-        twice, with c and with the null condition, and samples from (1 + w) * cond - w * uncond
-        logits.
-        Where force_mask (B, N) is True the token is not sampled but set to `forced`: the
-        decoder then conditions every later token on it (masked editing). A run of positions
-        that every row is given is decoded as one block (nothing is drawn there), which halves
-        the work of an upper-half completion. weights=True also returns log w (B,), the
-        log-probability the decoder gave the forced tokens, sum over them of
-        log p(x^i = forced^i | x^{<i}, x_t, c) (under the same temperature, top-k, top-p and
-        guidance as the draws): how well the drawn tokens fit the given ones (sample_chain).
-        graph=True: a static cache, and every one-token step after the first replayed as a CUDA
-        graph (GraphedStep; on a CPU the same static cache, stepped plainly)."""
-        model = self.scale(t)
-        B, N = x_t.shape
-        # With guidance every row runs twice: rows 0..B-1 with c (conditional), rows B..2B-1
-        # with the null condition (unconditional). `rows` stacks a (B, ...) tensor so.
-        c, G = self.condition_rows(c, guidance)
-        rows = lambda z: z.repeat(G, *[1] * (z.dim() - 1))                     # (G B, ...)
-        x_t = rows(x_t)
-        memory = model.encode(x_t, c)                     # the encoder runs once per scale
-        out = torch.zeros(B, N, dtype=torch.long, device=x_t.device)
-        log_w = torch.zeros(B, device=x_t.device)
-        every_row_given = force_mask.all(0).tolist() if force_mask is not None else [False] * N   # N bools
-        caches, graphed = model.new_caches(static=graph), None
-        token_in = torch.full((x_t.shape[0], 1), model.START, dtype=torch.long, device=x_t.device)
-        i = 0
-        while i < N:
-            # positions i..i+L-1 in one go: one to draw (L = 1), or a run that every row is given
-            L = 1
-            if every_row_given[i]:
-                while i + L < N and every_row_given[i + L]:
-                    L += 1
-                out[:, i:i + L] = forced[:, i:i + L]
-            if use_cache:
-                tokens_in = torch.cat([token_in, rows(out[:, i:i + L - 1])], dim=1)     # (G B, L): shifted right
-                if graph and L == 1 and i > 0:      # the same step, captured once, replayed
-                    graphed = graphed or GraphedStep(model, memory, x_t, c, caches, x_t.shape[0])
-                    logits = graphed(tokens_in, i)
-                else:
-                    logits = model.step(tokens_in, i, memory, x_t, c, caches)           # (G B, L, K)
-            else:  # no cache: re-run the decoder over the whole prefix 0..i+L-1 for every step
-                logits = model.decode(memory, x_t, rows(out[:, :i + L]), c)[:, i:i + L]
-            here = slice(i, i + L)
-            tokens, log_p = self.choose(self.combine(logits, B, guidance), None if forced is None else forced[:, here],
-                                        None if force_mask is None else force_mask[:, here],
-                                        temperature, top_k, top_p, generator, weights)
-            out[:, here] = tokens
-            if weights:
-                log_w += torch.where(force_mask[:, here], log_p, 0.0).sum(1)
-            token_in = rows(out[:, i + L - 1:i + L])
-            i += L
-        return (out, log_w) if weights else out
-
-    # ----- beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) ------------------
-    # The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we
-    # use the sliding attention window of [Taming Transformers] for each scale". Each scale's
-    # transformer only ever saw an h x w grid, so each token of a larger H x W grid is written
-    # through an h x w window of it: the encoder reads the window of x_t (known whole: noise,
-    # or what the scale above wrote), the decoder the window's tokens of x_{t-1} written so far,
-    # in the window's own raster order, and only the target is drawn. At the training size the
-    # window never moves, and this is decode_scale token for token.
-
-    def window_origin(self, i: int, j: int, H: int, W: int, stride: int = 1) -> tuple[int, int]:
-        """The top-left corner (top, left) of the h x w window through which the token (i, j)
-        of an H x W grid is written. Taming Transformers' rule (stride 1): l_i = i rows above the
-        target when i <= h/2, h - (H - i) when H - i < h/2, else h/2, and the same for columns;
-        that is i - h/2 clamped to the grid, so the target sits at the window's centre inside
-        the grid and the window stays inside at a border. stride = s > 1 (this code's own rule):
-        the window moves s columns at a time, centred on the middle of each block of s columns,
-        so that s neighbours in a row share a window and its key/value cache."""
-        h, w = self.cfg.grid
-        top = min(max(i - h // 2, 0), H - h)
-        left = min(max((j // stride) * stride + stride // 2 - w // 2, 0), W - w)
-        return top, left
+    def decode_scale(self, t: int, x_t, c=None, *, forced=None, keep=None, logits=None, generator=None):
+        """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c), one token
+        at a time in raster order.  x_t (B, N) -> x_{t-1} (B, N).
+        Masked editing (Sec. 4.3): where keep (B, N) is True the token is not drawn but set to
+        `forced` (B, N), and every later token is conditioned on it. `logits`: the reader of the
+        decoder (NextLogits, the plain model; Section 5's extensions pass their own)."""
+        logits = logits or NextLogits(self.scale(t), x_t, c)
+        x_tm1 = torch.zeros_like(x_t)
+        for i in range(x_t.shape[1]):
+            if keep is not None and keep[:, i].all():          # given in every row: nothing to draw
+                x_tm1[:, i] = forced[:, i]
+                continue
+            probs = logits(x_tm1, i).softmax(-1)               # (B, K): p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
+            x_tm1[:, i] = self.diffusion.draw(probs, generator)
+            if keep is not None:                               # given in some rows: those keep it
+                x_tm1[:, i] = torch.where(keep[:, i], forced[:, i], x_tm1[:, i])
+        return x_tm1
 
     @torch.inference_mode()
-    def decode_window(self, t: int, x_t, c, *, grid: tuple[int, int], stride: int = 1, temperature=1.0,
-                      top_k=None, top_p=None, guidance: float = 0.0, use_cache: bool = True, forced=None,
-                      force_mask=None, generator=None, weights: bool = False):
-        """decode_scale for a grid (H, W) at least the training grid (h, w): x_t (B, H W) -> (B, H W),
-        each token written through its window (window_origin), in the raster order of the large
-        grid. The encoder runs once per window position; the decoder's context for the target
-        is the window's tokens before it in the window's raster order (all written already: the
-        rows above, and the row's tokens to its left). With the cache a window that has not
-        moved since the last target goes on with one cached step; a moved one is rebuilt in
-        one block pass over its written tokens (Attention.cached). Without it (use_cache=False,
-        the reference) every target re-runs the decoder over its window's prefix.
-        c may be a pair (left, right): a condition that changes across the image. The logits of
-        the two are mixed, (1 - a) log p(. | left) + a log p(. | right), with a = j / (W - 1)
-        running from 0 at the left edge to 1 at the right: a product of experts whose weights
-        follow the target's column (Fig. 4 interpolates two prompts so). The passes run as one
-        batch: rows for left, for right, then (with guidance) for the null condition.
-        forced, force_mask, weights: as in decode_scale (masked editing on the large grid)."""
-        model = self.scale(t)
-        (H, W), (h, w) = grid, self.cfg.grid
-        B = x_t.shape[0]
-        across = isinstance(c, tuple)
-        c, G = self.condition_rows(c, guidance)
-        rows = lambda z: z.repeat(G, *[1] * (z.dim() - 1))                     # (G B, ...)
-        x_t = rows(x_t).view(G * B, H, W)
-        out = torch.zeros(B, H, W, dtype=torch.long, device=x_t.device)
-        log_w = torch.zeros(B, device=x_t.device)
-        forced = forced.view(B, H, W) if forced is not None else None
-        force_mask = force_mask.view(B, H, W) if force_mask is not None else None
-        windows, cached = {}, None   # origin -> (x_t's window, its encoder output); (origin, next place, caches)
-        prev = None                  # the token written last
-        for i in range(H):
-            for j in range(W):
-                top, left = self.window_origin(i, j, H, W, stride)
-                window = (slice(None), slice(top, top + h), slice(left, left + w))
-                if (top, left) not in windows:                                 # the encoder, once per window
-                    if windows and next(iter(windows))[0] != top:              # a new band of rows: forget the old
-                        windows = {}
-                    x_t_win = x_t[window].flatten(1)                           # (G B, h w), window raster order
-                    windows[top, left] = x_t_win, model.encode(x_t_win, c)
-                x_t_win, memory = windows[top, left]
-                p = (i - top) * w + (j - left)                                 # the target's place in its window
-                if not use_cache:    # the reference: the decoder over the window's prefix 0..p
-                    written = out[window].flatten(1)                           # (B, h w): valid before place p
-                    logits = model.decode(memory, x_t_win, rows(written[:, :p + 1]), c)[:, p:p + 1]
-                elif cached is not None and cached[:2] == ((top, left), p):    # the window has not moved: the
-                    logits = model.step(rows(prev[:, None]), p, memory, x_t_win, c, cached[2])   # last token was p - 1
-                else:                # a moved window: its written tokens in one block pass
-                    cached = (None, None, model.new_caches())
-                    written = out[window].flatten(1)[:, :p]                    # (B, p)
-                    start = torch.full((G * B, 1), model.START, dtype=torch.long, device=x_t.device)
-                    logits = model.step(torch.cat([start, rows(written)], 1), 0, memory, x_t_win, c,
-                                        cached[2])[:, p:p + 1]
-                if use_cache:
-                    cached = ((top, left), p + 1, cached[2])
-                right = j / max(W - 1, 1) if across else None                 # how far right the target is
-                given = force_mask[:, i, j:j + 1] if force_mask is not None else None
-                tokens, log_p = self.choose(self.combine(logits, B, guidance, right),
-                                            None if forced is None else forced[:, i, j:j + 1], given,
-                                            temperature, top_k, top_p, generator, weights)
-                out[:, i, j] = prev = tokens[:, 0]
-                if weights:
-                    log_w += torch.where(given[:, 0], log_p[:, 0], 0.0)
-        out = out.flatten(1)
-        return (out, log_w) if weights else out
+    def sample(self, n: int, labels=None, text=None, *, trajectory: bool = False, generator=None,
+               **options) -> torch.Tensor | list[torch.Tensor]:
+        """n samples x_1 (n, h, w) of the chain (Sec. 3.3): x_T ~ uniform, then for t = T, ..., 2
+        x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), c the classes `labels`, the prompts `text` (a list of
+        n strings), or neither (the null condition). trajectory=True: [x_T, ..., x_1] (Fig. 5).
+        `options` are this code's sampling extensions (Section 5, Sampling): temperature, top_k,
+        top_p, guidance, use_cache, graph, size and stride (patch-wise), across. Without them,
+        every scale is the plain decode_scale."""
+        opts = Sampling(self, **options)
+        c, (h, w) = opts.condition(labels, text, n), opts.grid
+        x_t = torch.randint(0, self.diffusion.K, (n, h * w), generator=generator, device=self.device)  # x_T
+        xs = [x_t]
+        for t in range(self.T, 1, -1):
+            x_t = self.decode_scale(t, x_t, c, logits=opts.logits(t, x_t, c), generator=generator)
+            xs.append(x_t)
+        xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
+        return xs if trajectory else xs[-1]
 
-    @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
-    def sample_chain(self, n: int, labels=None, x1=None, keep=None, *, text=None, temperature=1.0, top_k=None,
-                     top_p=None, guidance: float = 0.0, use_cache: bool = True, refine: int = 0,
-                     context: str = "clean", particles: int = 1, size: tuple[int, int] | None = None,
-                     stride: int = 1, across: bool = False, graph: bool = False,
-                     generator=None) -> list[torch.Tensor]:
-        """Run the reverse chain; -> [x_T, x_{T-1}, ..., x_1], each (n, h, w), or (n, H, W) with
-        size = (H, W) codes: a grid larger than the training grid, written patch-wise through
-        windows (decode_window, placed by window_origin with `stride`). across=True: labels or
-        text hold two conditions, left and right, and the condition changes from one to the
-        other across the image (decode_window).
+    # ----- masked editing (Sec. 4.3) ---------------------------------------------------
 
-        Masked editing (Sec. 4.3), with x1 (n, h, w) and keep (n, h, w) (True = given): every
-        scale is conditioned on the given tokens, and the others are sampled.
-        context="clean" (the default, as the paper and the official inpainting script do it):
-            the given tokens are x^i_1 in every x_t an encoder reads, x_T included, and are
-            forced to x^i_1 in every decoder as it writes, so every later token is
-            conditioned on them.
-        context="noised": the given tokens follow the forward process instead, x^i_{t-1} ~
-            q(x^i_{t-1} | x^i_t, x^i_1) at every scale (exactly x^i_1 at t = 2), so each
-            scale sees them as noisy as its training inputs were.
-        Forcing alone conditions the tokens after a given one, never those before it: a
-        decoder writes an upper half before it reaches the given lower half. particles = M > 1
-        (importance resampling; this code's own, in neither the paper nor the official code)
-        fixes that in distribution: each image is decoded M times per scale, each draw is
-        weighted by how well it explains the given tokens (decode_scale's log w), and M draws
-        with replacement, in proportion to the weights, carry on to the next scale. The
-        decoder's p(drawn) p(given | drawn) = p(drawn, given), so the kept draws follow
-        p(drawn | given, x_t) as M grows. The result is one of the last scale's survivors, and
-        the trajectory is its ancestry.
-        Then `refine` forward-backward rounds per scale (see `forward_backward`), except at
-        t = T: that decoder-only scale ignores x_T, so more rounds would only resample it."""
-        h, w = size or self.cfg.grid
-        device = next(self.parameters()).device
-        T, N = self.T, h * w
-        opts = {name: option_per_scale(v, T, name) for name, v in
-                (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
-        M = particles if x1 is not None else 1
-        if M < 1:
-            raise ValueError(f"particles must be >= 1, got {particles}")
-        if size is not None and (size[0] < self.cfg.grid[0] or size[1] < self.cfg.grid[1]):
-            raise ValueError(f"size {tuple(size)} is smaller than the training grid {tuple(self.cfg.grid)}")
-        # the training grid, one decoder pass per scale; or through moving windows
-        decode = functools.partial(self.decode_scale, graph=graph) if size is None and not across else \
-            functools.partial(self.decode_window, grid=(h, w), stride=stride)
-        if across:   # a pair of conditions, (left, right), each (n M, ...)
-            pair = labels if labels is not None else text
-            if pair is None or len(pair) != 2:
-                raise ValueError("across needs exactly two conditions (labels or text), left and right")
-            c = tuple(self.condition(pair[k] if labels is not None else None, [pair[k]] if text is not None else None,
-                                     n, device).repeat_interleave(M, 0) for k in range(2))
-        elif x1 is not None and M > 1 and self.num_labels and labels is None:
-            # An edit that names no class on a class-conditional chain: the class of what is
-            # given is unknown, so each particle draws one (the classes in turn from a random one
-            # on, so that M particles try min(M, C) different classes), and the weights keep the
-            # classes that explain the given tokens. With about equally frequent classes (every
-            # data set here), sum_c p(c) p(x | c) is p(x): the same target as the null class,
-            # but each draw is made knowing what it is a draw of.
-            first = torch.randint(0, self.num_labels, (n, 1), generator=generator, device=device)
-            c = ((first + torch.arange(M, device=device)) % self.num_labels).flatten()      # (n * M,)
-        else:
-            c = self.condition(labels, text, n, device)
-            c = c.repeat_interleave(M, 0) if c is not None else None          # (n * M, ...): M rows per image
-        x_t = torch.randint(0, self.diffusion.K, (n * M, N), generator=generator, device=device)  # x_T ~ uniform
-        if x1 is not None:
-            if context not in ("clean", "noised"):
-                raise ValueError(f"context must be 'clean' or 'noised', got {context!r}")
-            x1 = rearrange(x1.to(device).long(), "b h w -> b (h w)").repeat_interleave(M, 0)   # raster order, (n M, N)
-            keep = rearrange(keep.to(device).bool(), "b h w -> b (h w)").repeat_interleave(M, 0)
-            if context == "clean":
-                x_t = torch.where(keep, x1, x_t)
-        trajectory = [x_t]
+    @torch.inference_mode()
+    def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, renoise: str = "all",
+                particles: int | None = None, context: str = "clean", trajectory: bool = False, generator=None,
+                **options) -> torch.Tensor | list[torch.Tensor]:
+        """Complete x_1 (B, h, w) where keep (B, h, w) is False; the given tokens (keep True)
+        come back as they were. Sec. 4.3's masked process leaves the given context intact: x_T
+        is uniform noise but for the given tokens, which are x^i_1 in every x_t an encoder reads
+        and forced to x^i_1 in every decoder as it writes (decode_scale). A decoder writes in
+        raster order, so what it writes before it reaches a given token does not know it:
+        `refine` forward-backward rounds per scale let those tokens adapt (renoise). t = T is
+        not refined: that scale is decoder-only and never reads x_T.
+        particles, context: this code's own procedures (Section 5, inpaint_particles).
+        trajectory=True: [x_T, ..., x_1]. `options`: as for sample (guidance, filters, size and
+        stride for outpainting)."""
+        if particles is not None or context != "clean":
+            return inpaint_particles(self, x1, keep, labels, text, particles=particles or 1, refine=refine,
+                                     renoise=renoise, context=context, trajectory=trajectory, generator=generator,
+                                     **options)
+        (B, h, w), opts = x1.shape, Sampling(self, **options)
+        c = opts.condition(labels, text, B)
+        x1, keep = rearrange(x1.long(), "b h w -> b (h w)"), rearrange(keep.bool(), "b h w -> b (h w)")
+        noise = torch.randint(0, self.diffusion.K, x1.shape, generator=generator, device=x1.device)
+        x_t = torch.where(keep, x1, noise)                     # x_T: the given tokens clean, the rest noise
+        xs = [x_t]
+        for t in range(self.T, 1, -1):
+            x_tm1 = self.decode_scale(t, x_t, c, forced=x1, keep=keep, logits=opts.logits(t, x_t, c),
+                                      generator=generator)
+            rounds = refine if t < self.T else 0
+            for r in range(1, rounds + 1):                     # forward: x_t' ~ q(x_t | x_{t-1}); backward
+                x_again = self.renoise(x_tm1, t, r, rounds, x_t, keep, renoise, generator)
+                x_tm1 = self.decode_scale(t, x_again, c, forced=x1, keep=keep, logits=opts.logits(t, x_again, c),
+                                          generator=generator)
+            x_t = x_tm1
+            xs.append(x_t)
+        xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
+        return xs if trajectory else xs[-1]
 
-        def resample(x_tm1, log_w):
-            """The M particles of each image drawn anew ∝ exp(log w); their conditions (a latent
-            class) and the trajectory follow them."""
-            nonlocal c
-            if M == 1:
-                return x_tm1
-            rows = self.resample(log_w, M, generator)                        # (n * M,)
-            trajectory[:] = [x[rows] for x in trajectory]
-            c = tuple(z[rows] for z in c) if isinstance(c, tuple) else c[rows] if c is not None else None
-            return x_tm1[rows]
-
-        for t in range(T, 1, -1):
-            kw = dict(temperature=opts["temperature"][t], top_k=opts["top_k"][t], top_p=opts["top_p"][t],
-                      guidance=guidance, use_cache=use_cache, generator=generator)
-            if x1 is None:
-                x_t = decode(t, x_t, c, **kw)
-            else:
-                forced = x1 if context == "clean" else \
-                    self.diffusion.draw(self.diffusion.q_posterior(x_t, x1, t), generator)
-                x_tm1 = resample(*decode(t, x_t, c, forced=forced, force_mask=keep, weights=True, **kw))
-                rounds = refine if t < T else 0
-                for r in range(1, rounds + 1):
-                    x_tm1 = resample(*self.forward_backward(t, x_t, x_tm1, keep, forced, c, r, rounds, decode, **kw))
-                x_t = x_tm1
-            trajectory.append(x_t)
-        # one particle per image: after resampling they are equally likely, so the first
-        return [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in trajectory]
-
-    def resample(self, log_w: torch.Tensor, M: int, generator=None) -> torch.Tensor:
-        """Self-normalised importance resampling. log_w (n * M,), M particles per image in
-        consecutive rows -> (n * M,) the rows to keep: for each image, M draws with replacement
-        from its own particles, each with probability w / sum(w). Where every particle of an
-        image has weight 0 (a given token that top-k or top-p filtered out), all are equally likely."""
-        log_w = log_w.view(-1, M)                                             # (n, M)
-        w = (log_w - log_w.max(1, keepdim=True).values).exp().nan_to_num(1.0)  # max first: no underflow
-        picks = self.diffusion.draw(w[:, None].expand(-1, M, -1), generator)    # (n, M) in [0, M)
-        return (torch.arange(len(w), device=w.device)[:, None] * M + picks).flatten()
-
-    def forward_backward(self, t: int, x_t, x_tm1, keep, forced, c, r: int, rounds: int, decode=None, **kw):
-        """Round r of `rounds` of masked forward-backward sampling at scale t (Sec. 4.3): go
-        one step forward, x_t' ~ q(x_t | x_{t-1}) (Eq. 5) on the regenerated tokens only, then
-        back, x_{t-1} ~ p^{t-1}(x_{t-1} | x_t', c), given tokens forced again. Tokens written
-        early in raster order, before the decoder reached what is given after them, can so
-        adapt to it. beta is annealed as in the official scripts/inpaint_imagebart.py:
-        beta_t (1 - r / (rounds + 1)) for r = 1..rounds, so later rounds change less.
-        x_t, x_tm1, keep, forced: (B, N) -> (the new x_{t-1} (B, N), its log w (B,)). `decode`:
-        decode_scale, or decode_window on a larger grid."""
+    def renoise(self, x_tm1, t: int, r: int, rounds: int, x_t=None, keep=None, which: str = "all", generator=None):
+        """The forward half of refinement round r of `rounds` at scale t: x_t' ~ q(x_t | x_{t-1})
+        (Eq. 5) with beta_t (1 - r / (rounds + 1)), so that later rounds change less (annealed as
+        the official scripts/inpaint_imagebart.py). which="all" re-noises every position, the
+        given ones included, as that script does (the decoder forces them back);
+        "regenerated" keeps x_t's tokens at the given positions (keep True).  (B, N) -> (B, N)"""
         beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
-        noised = self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), kw.get("generator"))
-        x_t_again = torch.where(keep, x_t, noised)           # the given positions keep x_t's tokens
-        return (decode or self.decode_scale)(t, x_t_again, c, forced=forced, force_mask=keep, weights=True, **kw)
+        noised = self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), generator)
+        if which == "all":
+            return noised
+        if which == "regenerated":
+            return torch.where(keep, x_t, noised)
+        raise ValueError(f"renoise must be 'all' or 'regenerated', got {which!r}")
 
-    def sample(self, n: int, labels=None, text=None, **sampling) -> torch.Tensor:
-        """n samples x_1 (n, h, w) from the chain, given classes `labels` or prompts `text` (a
-        list of n strings); neither = the null condition (unconditional)."""
-        for name in ("refine", "context", "particles"):
-            if name in sampling:
-                raise ValueError(f"{name} applies to masked editing: use inpaint")
-        return self.sample_chain(n, labels, text=text, **sampling)[-1]
 
-    def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, context: str = "clean",
-                particles: int = INPAINT_PARTICLES, **sampling) -> torch.Tensor:
-        """Complete x_1 (B, h, w) where keep (B, h, w) is False; kept tokens are returned as given.
-        The defaults are what sample.py --inpaint uses and the README recommends."""
-        return self.sample_chain(x1.shape[0], labels, x1=x1, keep=keep, text=text, refine=refine,
-                                 context=context, particles=particles, **sampling)[-1]
+# =====================================================================================
+# 5. Beyond the plain chain: this code's extensions, each a layer around Section 4
+# =====================================================================================
+# Sections 1-4 are the paper's method. What follows goes beyond the plain reverse chain, and
+# each part reduces to it where it should (the tests say so, token for token):
+#   sampling options   temperature, top-k, top-p and classifier-free guidance, applied to the
+#                      logits of each token (Filtered, Mixed): at their defaults, nothing changes
+#   patch-wise         a grid larger than the training grid, written through sliding windows
+#                      (Sec. 4.2, WindowLogits), and a condition that changes across the image:
+#                      at the training size the window never moves
+#   particles          masked editing with M draws per image, resampled between passes by how
+#                      well each explains the given tokens (inpaint_particles): one particle is
+#                      the plain process
+#   scores             what rejection and reranking (Table 2, Fig. 3) choose by (bayes_score)
+#   fast caches        the static key/value cache and the CUDA-graph step (StaticLogits), and the
+#                      uncached reference every cache is tested against (UncachedLogits)
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Temperature, then keep the top_k largest logits, then the smallest set of tokens whose
+    probability reaches top_p (nucleus); removed tokens get -inf.  (B, K) -> (B, K)"""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p      # mass *before* a token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def option_per_scale(value, T: int, name: str) -> dict:
+    """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2
+    -> {t: value}. sample.py checks its --temperature/--top-k/--top-p lists here too."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != T - 1:
+            raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
+                             f"{T - 1} scales (t = {T}..2)")
+        return {t: v for t, v in zip(range(T, 1, -1), value)}
+    return {t: value for t in range(2, T + 1)}
+
+
+class Sampling:
+    """This code's sampling options, and the reader of each scale's logits they make: the plain
+    NextLogits where every option is at its default (then sample and inpaint are the paper's).
+      temperature, top_k, top_p  one value, or one per scale t = T..2 (Filtered)
+      guidance                   classifier-free guidance weight w (Mixed)
+      size, stride               a grid (H, W) of codes larger than the training grid, written
+                                 through windows (WindowLogits, window_origin)
+      across                     labels or text hold two conditions, left and right, mixed
+                                 across the image (Mixed; with size)
+      use_cache=False            the uncached reference (UncachedLogits)
+      graph                      the static cache, each step a CUDA graph (StaticLogits)"""
+
+    def __init__(self, chain: ImageBART, temperature=1.0, top_k=None, top_p=None, guidance: float = 0.0,
+                 use_cache: bool = True, graph: bool = False, size=None, stride: int = 1, across: bool = False):
+        self.chain, self.guidance, self.use_cache, self.graph = chain, guidance, use_cache, graph
+        self.filters = {name: option_per_scale(value, chain.T, name) for name, value in
+                        (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
+        self.size, self.window, self.stride, self.across = size and tuple(size), tuple(chain.cfg.grid), stride, across
+        self.grid = self.size or self.window                   # the grid of codes drawn
+        if self.grid[0] < self.window[0] or self.grid[1] < self.window[1]:
+            raise ValueError(f"size {self.grid} is smaller than the training grid {self.window}")
+
+    def condition(self, labels, text, n: int):
+        """The condition c of n rows (ImageBART.condition); with across, the pair (left, right)."""
+        if not self.across:
+            return self.chain.condition(labels, text, n)
+        pair = labels if labels is not None else text
+        if pair is None or len(pair) != 2:
+            raise ValueError("across needs exactly two conditions (labels or text), left and right")
+        return tuple(self.chain.condition(side if labels is not None else None, [side] if text is not None else None, n)
+                     for side in pair)
+
+    def logits(self, t: int, x_t: torch.Tensor, c):
+        """The reader of scale t's logits for x_t (B, N) under the condition c (decode_scale)."""
+        model = self.chain.scale(t)
+        conds = list(c) if isinstance(c, tuple) else [c]       # the condition of each row: one, or left and right
+        if self.guidance:
+            if conds[0] is None or all((z == self.chain.null_condition(z)).all() for z in conds):
+                raise ValueError("guidance needs a condition: class labels or text")
+            conds.append(self.chain.null_condition(conds[0]))  # and the null condition, last
+        G = len(conds)
+        rows, c_rows = (x_t.repeat(G, 1), torch.cat(conds)) if G > 1 else (x_t, c)    # (G B, N): the rows of each
+        if self.size is not None:
+            reader = WindowLogits(model, rows, c_rows, self.grid, self.window, self.stride, self.use_cache)
+        elif not self.use_cache:
+            reader = UncachedLogits(model, rows, c_rows)
+        elif self.graph:
+            reader = StaticLogits(model, rows, c_rows)
+        else:
+            reader = NextLogits(model, rows, c_rows)
+        if G > 1:
+            reader = Mixed(reader, G, self.guidance, self.grid[1] if self.across else None)
+        filters = {name: value[t] for name, value in self.filters.items()}
+        if filters != {"temperature": 1.0, "top_k": None, "top_p": None}:
+            reader = Filtered(reader, **filters)
+        return reader
+
+
+class Filtered:
+    """A reader whose logits are filtered (filter_logits): temperature, top-k, top-p."""
+
+    def __init__(self, inner, temperature=1.0, top_k=None, top_p=None):
+        self.inner, self.options = inner, dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    __call__ = NextLogits.__call__
+
+    def read(self, x_tm1, end: int) -> torch.Tensor:
+        logits = self.inner.read(x_tm1, end)                   # (B, L, K)
+        return filter_logits(logits.flatten(0, 1), **self.options).view(logits.shape)
+
+
+class Mixed:
+    """The logits of G conditions, run as one batch of G B rows, combined into one distribution
+    per token (B rows): classifier-free guidance, (1 + w) log p(. | c) - w log p(. | null) with the
+    null condition in the last rows; and a condition that changes across the image (Fig. 4
+    interpolates two prompts so), (1 - a) log p(. | left) + a log p(. | right), a product of
+    experts whose weight a = j / (W - 1) follows the target's column j from 0 at the left edge
+    to 1 at the right (`width` = W; None: one condition)."""
+
+    def __init__(self, inner, G: int, guidance: float, width: int | None = None):
+        self.inner, self.G, self.guidance, self.width = inner, G, guidance, width
+
+    __call__ = NextLogits.__call__
+
+    def read(self, x_tm1, end: int) -> torch.Tensor:
+        B = x_tm1.shape[0]
+        g = self.inner.read(x_tm1.repeat(self.G, 1), end).float()          # (G B, L, K)
+        g = g.view(self.G, B, *g.shape[1:])                                 # (G, B, L, K)
+        cond = g[0]
+        if self.width is not None:                              # left and right, mixed by column
+            columns = torch.arange(end - g.shape[2], end, device=g.device) % self.width
+            a = (columns / max(self.width - 1, 1))[:, None]                 # (L, 1)
+            cond = (1 - a) * g[0] + a * g[1]
+        return (1 + self.guidance) * cond - self.guidance * g[-1] if self.guidance else cond
+
+
+class UncachedLogits(NextLogits):
+    """The reference without a key/value cache: each read re-runs the decoder over the whole
+    prefix (teacher-forced, as in training). Slow; the cached readers are tested against it."""
+
+    def read(self, x_tm1, end: int) -> torch.Tensor:
+        start, self.done = self.done, end
+        return self.model.decode(self.memory, self.x_t, x_tm1[:, :end], self.c)[:, start:end]
+
+
+# ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) ------------------
+# The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we
+# use the sliding attention window of [Taming Transformers] for each scale". Each scale's
+# transformer only ever saw an h x w grid, so each token of a larger H x W grid is written
+# through an h x w window of it: the encoder reads the window of x_t (known whole: noise,
+# or what the scale above wrote), the decoder the window's tokens of x_{t-1} written so far,
+# in the window's own raster order, and only the target is drawn. At the training size the
+# window never moves, and this is NextLogits token for token.
+
+def window_origin(i: int, j: int, grid: tuple[int, int], window: tuple[int, int], stride: int = 1) -> tuple[int, int]:
+    """The top-left corner (top, left) of the h x w window through which the token (i, j) of an
+    H x W grid is written. Taming Transformers' rule (stride 1): l_i = i rows above the target
+    when i <= h/2, h - (H - i) when H - i < h/2, else h/2, and the same for columns; that is
+    i - h/2 clamped to the grid, so the target sits at the window's centre inside the grid and
+    the window stays inside at a border. stride = s > 1 (this code's own rule): the window
+    moves s columns at a time, centred on the middle of each block of s columns, so that s
+    neighbours in a row share a window and its key/value cache."""
+    (H, W), (h, w) = grid, window
+    top = min(max(i - h // 2, 0), H - h)
+    left = min(max((j // stride) * stride + stride // 2 - w // 2, 0), W - w)
+    return top, left
+
+
+class WindowLogits:
+    """A reader for a grid (H, W) at least the training grid (h, w), in the raster order of the
+    large grid: each target is read through its window (window_origin). The encoder runs once
+    per window position; the decoder's context for the target is the window's tokens before it
+    in the window's raster order (all written already: the rows above, and the row's tokens to
+    its left). With the cache a window that has not moved since the last target goes on with
+    one cached step, and a moved one is rebuilt in one block pass over its written tokens.
+    Without it (use_cache=False, the reference) every target re-runs the decoder over its
+    window's prefix."""
+
+    def __init__(self, model: ScaleTransformer, x_t, c, grid, window, stride: int = 1, use_cache: bool = True):
+        self.model, self.c, self.grid, self.window, self.stride, self.use_cache = model, c, grid, window, stride, use_cache
+        self.x_t = x_t.view(-1, *grid)                         # (B, H, W)
+        self.windows, self.cached, self.done = {}, None, 0     # origin -> (x_t's window, encoder output); the cache
+
+    __call__ = NextLogits.__call__
+
+    def read(self, x_tm1, end: int) -> torch.Tensor:
+        start, self.done = self.done, end
+        out = [self.target(x_tm1, p) for p in range(start, end)]
+        return torch.cat(out, 1) if out else x_tm1.new_zeros(x_tm1.shape[0], 0, self.model.K, dtype=torch.float)
+
+    def target(self, x_tm1, p: int) -> torch.Tensor:
+        """The logits (B, 1, K) of the token at place p = i W + j of the large grid."""
+        model, (h, w) = self.model, self.window
+        i, j = divmod(p, self.grid[1])
+        top, left = window_origin(i, j, self.grid, self.window, self.stride)
+        window = (slice(None), slice(top, top + h), slice(left, left + w))
+        if (top, left) not in self.windows:                    # the encoder, once per window
+            if self.windows and next(iter(self.windows))[0] != top:     # a new band of rows: forget the old
+                self.windows = {}
+            x_t_win = self.x_t[window].flatten(1)              # (B, h w), window raster order
+            self.windows[top, left] = x_t_win, model.encode(x_t_win, self.c)
+        x_t_win, memory = self.windows[top, left]
+        q = (i - top) * w + (j - left)                         # the target's place in its window
+        written = x_tm1.view(-1, *self.grid)[window].flatten(1)           # (B, h w): valid before place q
+        if not self.use_cache:                                 # the reference: the decoder over the prefix 0..q
+            return model.decode(memory, x_t_win, written[:, :q + 1], self.c)[:, q:q + 1]
+        if self.cached is not None and self.cached[:2] == ((top, left), q):   # not moved: the last token was q - 1
+            logits = model.step(x_tm1[:, p - 1:p], q, memory, x_t_win, self.c, self.cached[2])
+        else:                                                  # moved: its written tokens in one block pass
+            self.cached = (None, None, model.new_caches())
+            logits = model.step(shifted(written, model.START, 0, q + 1), 0, memory, x_t_win, self.c,
+                                self.cached[2])[:, q:q + 1]
+        self.cached = ((top, left), q + 1, self.cached[2])
+        return logits
+
+
+# ----- Particles: masked editing with importance resampling (this code's own) ---------------
+# Forcing alone conditions the tokens after a given one, never those before it: a decoder
+# writes an upper half before it reaches the given lower half. Particles fix that in
+# distribution: each image is decoded M times, each draw weighted by how well it explains the
+# given tokens, w = prod_given p(x^i = given^i | x^{<i}, x_t, c), and M draws with replacement,
+# in proportion to w, carry on. The decoder's p(drawn) p(given | drawn) = p(drawn, given), so
+# the kept draws follow p(drawn | given, x_t) as M grows. In neither the paper nor the official code.
+
+class Weighed:
+    """A reader that also keeps log w (B,): the log-probability its logits give the forced
+    tokens at the given positions (keep True), as they are read."""
+
+    def __init__(self, inner, forced: torch.Tensor, keep: torch.Tensor):
+        self.inner, self.forced, self.keep = inner, forced, keep
+        self.log_w = torch.zeros(forced.shape[0], device=forced.device)
+
+    __call__ = NextLogits.__call__
+
+    def read(self, x_tm1, end: int) -> torch.Tensor:
+        logits = self.inner.read(x_tm1, end)                   # (B, L, K): positions end - L .. end - 1
+        here = slice(end - logits.shape[1], end)
+        log_p = logits.log_softmax(-1).gather(-1, self.forced[:, here, None])[..., 0]
+        self.log_w += torch.where(self.keep[:, here], log_p, 0.0).sum(1)
+        return logits
+
+    @torch.inference_mode()
+    def weights(self, x_tm1) -> torch.Tensor:
+        """log w once x_tm1 (B, N) is written: the given tokens after the last drawn one read too."""
+        self.read(x_tm1, x_tm1.shape[1])
+        return self.log_w
+
+
+def resample(log_w: torch.Tensor, M: int, generator=None) -> torch.Tensor:
+    """Self-normalised importance resampling. log_w (n M,), M particles per image in consecutive
+    rows -> (n M,) the rows to keep: for each image, M draws with replacement from its own
+    particles, each with probability w / sum(w). Where every particle of an image has weight 0
+    (a given token that top-k or top-p filtered out), all are equally likely."""
+    log_w = log_w.view(-1, M)                                              # (n, M)
+    w = (log_w - log_w.max(1, keepdim=True).values).exp().nan_to_num(1.0)  # max first: no underflow
+    picks = MultinomialDiffusion.draw(w[:, None].expand(-1, M, -1), generator)    # (n, M) in [0, M)
+    return (torch.arange(len(w), device=w.device)[:, None] * M + picks).flatten()
+
+
+@torch.inference_mode()
+def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, particles: int = 10, refine: int = 0,
+                      renoise: str = "all", context: str = "clean", trajectory: bool = False, generator=None,
+                      **options) -> torch.Tensor | list[torch.Tensor]:
+    """ImageBART.inpaint with M = `particles` draws per image, resampled after every pass by
+    their weights; the loop over scales is inpaint's. The resampling draws from a generator of
+    its own (seeded from `generator`'s seed): the token draws are those of the plain process,
+    so one particle gives inpaint's tokens exactly. The trajectory is the survivor's ancestry. An edit that names no class on a
+    class-conditional chain makes the class latent: M > 1 particles take the classes in turn
+    from a random one, and the weights keep those that explain the given tokens.
+    context="noised" (this code's other option): the given tokens follow the forward process,
+    x^i_{t-1} ~ q(x^i_{t-1} | x^i_t, x^i_1), so each scale sees them as noisy as in training."""
+    if particles < 1 or context not in ("clean", "noised"):
+        raise ValueError(f"particles must be >= 1 and context 'clean' or 'noised', got {particles}, {context!r}")
+    opts, M, (B, h, w) = Sampling(chain, **options), particles, x1.shape
+    seed = generator.initial_seed() if generator is not None else torch.initial_seed()
+    g = torch.Generator(x1.device).manual_seed(seed + 1)          # the resampling's own draws
+    x1, keep = (rearrange(z, "b h w -> b (h w)").repeat_interleave(M, 0) for z in (x1.long(), keep.bool()))
+    if M > 1 and chain.num_labels and labels is None:        # a latent class per particle
+        first = torch.randint(0, chain.num_labels, (B, 1), generator=g, device=x1.device)
+        c = ((first + torch.arange(M, device=x1.device)) % chain.num_labels).flatten()   # (B M,)
+    else:
+        c = opts.condition(labels, text, B)
+        c = c.repeat_interleave(M, 0) if c is not None else None                        # (B M, ...)
+    x_t = torch.randint(0, chain.diffusion.K, x1.shape, generator=generator, device=x1.device)   # x_T
+    x_t = torch.where(keep, x1, x_t) if context == "clean" else x_t
+    xs = [x_t]
+    for t in range(chain.T, 1, -1):
+        forced = x1 if context == "clean" else chain.diffusion.draw(chain.diffusion.q_posterior(x_t, x1, t), generator)
+        x_in = x_tm1 = x_t
+        rounds = refine if t < chain.T else 0
+        for r in range(rounds + 1):                            # a pass, then the forward-backward rounds
+            if r:
+                x_in = chain.renoise(x_tm1, t, r, rounds, x_t, keep, renoise, generator)
+            reader = Weighed(opts.logits(t, x_in, c), forced, keep)
+            x_tm1 = chain.decode_scale(t, x_in, c, forced=forced, keep=keep, logits=reader, generator=generator)
+            rows = resample(reader.weights(x_tm1), M, g)       # the particles that carry on
+            x_tm1, forced, x_t, xs = x_tm1[rows], forced[rows], x_t[rows], [x[rows] for x in xs]
+            c = c[rows] if c is not None else None
+        x_t = x_tm1
+        xs.append(x_t)
+    xs = [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in xs]     # after resampling all are alike: the first
+    return xs if trajectory else xs[-1]
+
+
+# ----- Scores that rejection and reranking choose by (Table 2, Fig. 3) -------------------------
+
+@torch.no_grad()
+def bayes_score(chain: ImageBART, x1, labels=None, text=None, *, generator=None) -> torch.Tensor:
+    """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
+        log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
+    in bits per token, per sample (B,), each term replaced by its bound (nll): the Bayes scorer
+    of best-of-n reranking (Fig. 3). A difference of two upper bounds bounds nothing; it is an
+    estimate, good where the two bounds' gaps are alike. Each bound is a Monte-Carlo draw, so
+    both are taken from one generator state (common random numbers): the same x_t and x_{t-1}
+    go into both, the draw's noise largely cancels in the difference, and what is left is what
+    the condition changes in each scale's prediction. generator=None: one seeded 0."""
+    if labels is None and text is None:
+        raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
+    generator = generator or torch.Generator(x1.device).manual_seed(0)
+    state = generator.get_state()
+    given = chain.nll(x1, labels, text, generator=generator)      # -log2 p(x_1 | c), bounded
+    generator.set_state(state)                                     # the same draws again
+    null = chain.nll(x1, generator=generator)                      # -log2 p(x_1 | null), bounded
+    return null - given
+
+
+# ----- Fast caches: the static key/value cache and the CUDA-graph step ----------------------
+
+class StaticKVCache(KVCache):
+    """KVCache in the shape CUDA graphs need: the buffers keep their full length, the new keys
+    and values are written at self.positions (a tensor the reader sets, so that a captured step
+    can be replayed at any position), and a mask over the whole buffer lets each query see the
+    keys up to its own position (the zeros not yet written are masked out)."""
+
+    positions: torch.Tensor
+
+    def update(self, k_new, v_new):
+        if self.k is None:
+            self.k = k_new.new_zeros(*k_new.shape[:2], self.size, k_new.shape[-1])
+            self.v = torch.zeros_like(self.k)
+        self.k.index_copy_(2, self.positions, k_new)
+        self.v.index_copy_(2, self.positions, v_new)
+        mask = torch.arange(self.size, device=k_new.device)[None, :] <= self.positions[:, None]   # (L, size)
+        return self.k, self.v, mask
+
+
+class StaticLogits(NextLogits):
+    """NextLogits on static caches, every one-token step after the first replayed as a CUDA
+    graph (GraphedStep); on a CPU the same static cache, stepped plainly."""
+
+    def __init__(self, model: ScaleTransformer, x_t, c):
+        super().__init__(model, x_t, c)
+        self.caches = [{"self": StaticKVCache(cache["self"].size), "cross": {}} for cache in self.caches]
+        self.graphed = None
+
+    def read(self, x_tm1, end: int) -> torch.Tensor:
+        start, prefix = self.done, self.model.text_prefix_len
+        if end - start == 1 and start > 0:                     # one token: the captured step
+            self.done = end
+            self.graphed = self.graphed or GraphedStep(self.model, self.memory, self.x_t, self.c, self.caches)
+            return self.graphed(x_tm1[:, start - 1:start], start)
+        # where the new positions go in the full buffers: after the text prefix, which the first read adds
+        offset, L = (0, end + prefix) if start == 0 else (start + prefix, end - start)
+        for cache in self.caches:
+            cache["self"].positions = torch.arange(offset, offset + L, device=x_tm1.device)
+        return super().read(x_tm1, end)
+
+
+class GraphedStep:
+    """ScaleTransformer.step for one new token, captured once as a CUDA graph and replayed for
+    every later position: a decoding step is hundreds of small kernels, and on a GPU their
+    launches, not their arithmetic, set its speed. The graph needs tensors that stay put: the
+    static caches, the encoder output, x_t and c, and this object's token and position inputs,
+    copied in before each replay. Where CUDA is absent it is the plain step. A thin wrapper:
+    what is captured is step itself."""
+
+    def __init__(self, model: ScaleTransformer, memory, x_t, c, caches: list[dict]):
+        self.model, self.fixed, self.caches, self.graph = model, (memory, x_t, c, caches), caches, None
+        self.position = torch.ones((), dtype=torch.long, device=x_t.device)
+        if x_t.device.type != "cuda":
+            return
+        self.token = torch.zeros(x_t.shape[0], 1, dtype=torch.long, device=x_t.device)
+        side = torch.cuda.Stream()                     # warm up outside the capture (torch's recipe);
+        side.wait_stream(torch.cuda.current_stream())  # it writes position 1, which the real step overwrites
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(self.token)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.step(self.token)
+
+    def step(self, tokens_in):
+        for cache in self.caches:                       # the new key goes after the text prefix
+            cache["self"].positions = (self.position + self.model.text_prefix_len).view(1)
+        return self.model.step(tokens_in, self.position, *self.fixed)
+
+    def __call__(self, tokens_in, i: int):
+        self.position.fill_(i)
+        if self.graph is None:
+            return self.step(tokens_in)
+        self.token.copy_(tokens_in)
+        self.graph.replay()
+        return self.logits

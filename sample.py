@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "second on the right, mixed in between")
     p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
                    help="forward-backward rounds per scale when inpainting (none at t = T)")
-    p.add_argument("--particles", type=int, default=ib.INPAINT_PARTICLES,
+    p.add_argument("--particles", type=int, default=evaluate.INPAINT_PARTICLES,
                    help="inpainting: draws per image and scale, resampled by how well they fit the given tokens")
     p.add_argument("--context", choices=("clean", "noised"), default="clean",
                    help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
@@ -212,7 +212,7 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device) -> tuple[dict, in
 
 
 def across_condition(args, chain: ib.ImageBART) -> dict:
-    """--across: the two conditions, left and right, as keyword arguments of sample_chain
+    """--across: the two conditions, left and right, as keyword arguments of ImageBART.sample
     ({"labels": [a, b]} or {"text": [A, B]}); checked as parse_condition checks them."""
     if args.prompts:
         if chain.tokenizer is None:
@@ -370,7 +370,7 @@ def tiled_samples(args, chain: ib.ImageBART, cond: dict, n: int, size, g, opts) 
     (h, w), (H, W) = chain.cfg.grid, size
     rows, cols = math.ceil(H / h), math.ceil(W / w)
     each = {k: v.repeat_interleave(rows * cols, 0) for k, v in cond.items()}
-    states = chain.sample_chain(n * rows * cols, generator=g, **each, **opts)
+    states = chain.sample(n * rows * cols, trajectory=True, generator=g, **each, **opts)
     return [rearrange(x, "(n r c) h w -> n (r h) (c w)", r=rows, c=cols)[:, :H, :W] for x in states]
 
 
@@ -1069,7 +1069,7 @@ class Editor:
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
-                "refine": ib.INPAINT_REFINE, "particles": ib.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS,
+                "refine": ib.INPAINT_REFINE, "particles": evaluate.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS,
                 "max_waiting": MAX_WAITING}
 
     def test_image(self, index) -> dict:
@@ -1099,7 +1099,7 @@ class Editor:
         seed = runs.check_number(field(req, "seed", 0), "seed", 0, SEED_MAX, whole=True)
         n = runs.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
         refine = runs.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
-        particles = runs.check_number(field(req, "particles", ib.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
+        particles = runs.check_number(field(req, "particles", evaluate.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
         # --- the input: the page sends the image it shows, at the run's resolution
         x0 = read_image(from_data_url(str(field(req, "image", "")), "image"), H, "image").to(self.device)
         # --- the mask: a kind (random boxes need the seed, so the server draws them), or the
@@ -1141,8 +1141,8 @@ class Editor:
                 x1 = self.vq.encode(x0).expand(n, -1, -1)
                 keep = (~regen).to(self.device).expand(n, -1, -1)
                 g = torch.Generator(self.device).manual_seed(seed)
-                trajectory = self.chain.sample_chain(n, x1=x1, keep=keep, refine=refine, particles=particles,
-                                                     generator=g, **cond, **sampling)
+                trajectory = self.chain.inpaint(x1, keep, refine=refine, particles=particles, trajectory=True,
+                                                generator=g, **cond, **sampling)
                 images = self.vq.decode(trajectory[-1])
                 steps = self.vq.decode(torch.stack([x_t[0] for x_t in trajectory]))    # x_T .. x_1 of the first
         finally:
@@ -1316,8 +1316,8 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
             if args.tiled:      # the baseline of patch-wise sampling: training-size samples, side by side
                 trajectory = tiled_samples(args, chain, here, sl.stop - sl.start, size, g, opts)
             else:               # [x_T, ..., x_1], each (b, h, w)
-                trajectory = chain.sample_chain(sl.stop - sl.start, generator=g, size=size, stride=args.stride,
-                                                across=args.across, **here, **opts)
+                trajectory = chain.sample(sl.stop - sl.start, trajectory=True, generator=g, size=size,
+                                          stride=args.stride, across=args.across, **here, **opts)
             images = ds.to_uint8(vq.decode(trajectory[-1])).cpu()
             if args.trajectory:
                 # the strips the grid still shows: x_T .. x_{2} decoded for those alone

@@ -695,6 +695,15 @@ def random_pair(chain, B=2, seed=0):
     return torch.randint(0, K, (B, N), generator=g), torch.randint(0, K, (B, N), generator=g), c
 
 
+def decode(chain, t, x_t, c, forced=None, keep=None, weights=False, generator=None, **options):
+    """One scale's decode_scale through the reader that ib.Sampling makes for `options`;
+    weights=True also returns the particles' log w of the forced tokens (ib.Weighed)."""
+    reader = ib.Sampling(chain, **options).logits(t, x_t, c)
+    reader = ib.Weighed(reader, forced, keep) if weights else reader
+    out = chain.decode_scale(t, x_t, c, forced=forced, keep=keep, logits=reader, generator=generator)
+    return (out, reader.weights(out)) if weights else out
+
+
 @pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
 @pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
 def test_decoder_is_causal(t, text):
@@ -858,23 +867,23 @@ def test_sampling_is_deterministic_in_the_seed():
 @pytest.mark.parametrize("guidance", [0.0, 1.5], ids=["plain", "guided"])
 @pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
 def test_decode_scale_cached_equals_uncached(t, guidance, text):
-    """decode_scale with use_cache=True and False draws the same tokens for the same seed,
-    class- or caption-conditioned."""
+    """decode_scale through the cache (NextLogits) and through the uncached reference
+    (UncachedLogits) draws the same tokens for the same seed, class- or caption-conditioned."""
     chain = make_chain(text=text)
     x_t, _, labels = random_pair(chain, B=3)
     kw = dict(guidance=guidance, temperature=1.3, top_p=0.95)
-    cached = chain.decode_scale(t, x_t, labels, use_cache=True, generator=gen(5), **kw)
-    uncached = chain.decode_scale(t, x_t, labels, use_cache=False, generator=gen(5), **kw)
+    cached = decode(chain, t, x_t, labels, use_cache=True, generator=gen(5), **kw)
+    uncached = decode(chain, t, x_t, labels, use_cache=False, generator=gen(5), **kw)
     assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("t", [2, 3], ids=["encoder-decoder", "decoder-only"])
 @pytest.mark.parametrize("mask", ["upper", "per-row"])
 def test_decode_scale_forced_tokens_blocks_and_weights(t, mask):
-    """With force_mask, decode_scale keeps every forced token, draws the same tokens with and
-    without the cache (runs that every row is given are decoded as one block on both paths),
-    and its log w is the log-probability that the teacher-forced forward pass of its own output
-    gives the forced tokens, under the same temperature and guidance."""
+    """With keep, decode_scale keeps every forced token, draws the same tokens with and
+    without the cache (runs that every row is given are read as one block on both paths),
+    and the particles' log w (Weighed) is the log-probability that the teacher-forced forward
+    pass of its own output gives the forced tokens, under the same temperature and guidance."""
     chain = make_chain(K=16, grid=(4, 4))
     x_t, forced, labels = random_pair(chain, B=3, seed=4)
     force_mask = torch.zeros(3, 16, dtype=torch.bool)
@@ -882,9 +891,9 @@ def test_decode_scale_forced_tokens_blocks_and_weights(t, mask):
         force_mask[:, 8:] = True                         # one block at the end, for every row
     else:
         force_mask[0, 2:7] = force_mask[1, 5:] = force_mask[2, ::3] = True
-    kw = dict(forced=forced, force_mask=force_mask, guidance=1.0, temperature=1.2, weights=True)
-    out, log_w = chain.decode_scale(t, x_t, labels, use_cache=True, generator=gen(5), **kw)
-    out_u, log_w_u = chain.decode_scale(t, x_t, labels, use_cache=False, generator=gen(5), **kw)
+    kw = dict(forced=forced, keep=force_mask, guidance=1.0, temperature=1.2, weights=True)
+    out, log_w = decode(chain, t, x_t, labels, use_cache=True, generator=gen(5), **kw)
+    out_u, log_w_u = decode(chain, t, x_t, labels, use_cache=False, generator=gen(5), **kw)
     assert torch.equal(out, out_u) and torch.allclose(log_w, log_w_u, atol=1e-4)
     assert torch.equal(out[force_mask], forced[force_mask])
     with torch.no_grad():
@@ -897,12 +906,11 @@ def test_decode_scale_forced_tokens_blocks_and_weights(t, mask):
 
 
 def test_resample_follows_the_weights():
-    """ImageBART.resample keeps each image's rows among its own M particles, never one of weight
+    """ib.resample keeps each image's rows among its own M particles, never one of weight
     0 (log w = -inf), draws the rest in proportion to their weights, and treats an image whose
     particles all have weight 0 as uniform."""
-    chain = make_chain()
     w = torch.tensor([[0.0, 0.25, 0.75, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
-    rows = torch.stack([chain.resample(w.log().flatten(), 4, gen(s)) for s in range(5000)])   # (5000, 12)
+    rows = torch.stack([ib.resample(w.log().flatten(), 4, gen(s)) for s in range(5000)])   # (5000, 12)
     picked = rows.view(5000, 3, 4) - torch.arange(3)[None, :, None] * 4                  # particle index 0..3
     assert ((picked >= 0) & (picked < 4)).all()
     freq = torch.stack([torch.bincount(picked[:, b].flatten(), minlength=4) for b in range(3)]).double() / 20000
@@ -916,33 +924,37 @@ def test_window_origin_at_every_border():
     on a 12 x 8 grid: Taming Transformers' rule centres the target (4 tokens to its left and
     above) inside the grid and stays inside at the borders; stride 4 moves the window 4
     columns at a time, centred on each block of 4."""
-    chain = make_chain(K=16, grid=(8, 8))
-    left = [chain.window_origin(0, j, 8, 20)[1] for j in range(20)]
+    window = (8, 8)
+    left = [ib.window_origin(0, j, (8, 20), window)[1] for j in range(20)]
     assert left == [0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 12, 12]
-    top = [chain.window_origin(i, 0, 12, 8)[0] for i in range(12)]
+    top = [ib.window_origin(i, 0, (12, 8), window)[0] for i in range(12)]
     assert top == [0, 0, 0, 0, 0, 1, 2, 3, 4, 4, 4, 4]
-    left4 = [chain.window_origin(0, j, 8, 20, stride=4)[1] for j in range(20)]
+    left4 = [ib.window_origin(0, j, (8, 20), window, stride=4)[1] for j in range(20)]
     assert left4 == [0] * 4 + [2] * 4 + [6] * 4 + [10] * 4 + [12] * 4   # block middle (2, 6, 10, ...) minus 4
-    assert all(chain.window_origin(i, j, 8, 8) == (0, 0) for i in range(8) for j in range(8))   # never moves
+    assert all(ib.window_origin(i, j, (8, 8), window) == (0, 0) for i in range(8) for j in range(8))   # never moves
 
 
-def test_window_sampler_at_the_training_size_is_sample_chain():
-    """At the training size the window never moves: sample_chain through decode_window (size =
-    the training grid), cached or not, draws the tokens of the ordinary sampler for the same
-    seed and options (temperature, top-k, top-p, guidance), and likewise for masked editing
-    with particles (the latent class included)."""
+def test_window_sampler_at_the_training_size_is_the_plain_sampler():
+    """At the training size the window never moves: sample through WindowLogits (size = the
+    training grid), cached or not, draws the tokens of the ordinary sampler for the same seed
+    and options (temperature, top-k, top-p, guidance), and likewise for masked editing, plain
+    and with particles (the latent class included)."""
     chain = make_chain(K=16, grid=(4, 4))
     labels = torch.tensor([0, 2, 1])
+    assert isinstance(ib.Sampling(chain, size=(4, 4)).logits(2, torch.zeros(3, 16, dtype=torch.long), labels),
+                      ib.WindowLogits)                  # the window's own code runs
     for kw in (dict(), dict(temperature=1.3, top_k=9, top_p=0.9, guidance=1.5)):
-        plain = chain.sample_chain(3, labels, generator=gen(1), **kw)
+        plain = chain.sample(3, labels, trajectory=True, generator=gen(1), **kw)
         for cache in (True, False):
-            window = chain.sample_chain(3, labels, size=(4, 4), use_cache=cache, generator=gen(1), **kw)
+            window = chain.sample(3, labels, size=(4, 4), use_cache=cache, trajectory=True, generator=gen(1), **kw)
             assert all(torch.equal(a, b) for a, b in zip(plain, window)), (kw, cache)
     x1 = torch.randint(0, 16, (3, 4, 4), generator=gen(2))
     keep = torch.zeros(3, 4, 4, dtype=torch.bool)
     keep[:, 2:] = True
     assert torch.equal(chain.inpaint(x1, keep, particles=3, generator=gen(3)),
                        chain.inpaint(x1, keep, particles=3, size=(4, 4), generator=gen(3)))
+    assert torch.equal(chain.inpaint(x1, keep, refine=2, generator=gen(3)),
+                       chain.inpaint(x1, keep, refine=2, size=(4, 4), generator=gen(3)))
 
 
 def test_the_window_decoder_sees_only_the_windows_earlier_tokens(monkeypatch):
@@ -957,12 +969,14 @@ def test_the_window_decoder_sees_only_the_windows_earlier_tokens(monkeypatch):
     monkeypatch.setattr(scale, "encode", lambda x, c: seen.append(("enc", x.clone())) or real_encode(x, c))
     monkeypatch.setattr(scale, "decode", lambda m, x, prefix, c: seen.append(("dec", x.clone(), prefix.clone()))
                         or real_decode(m, x, prefix, c))
-    out = chain.decode_window(2, x_t, torch.tensor([0, 1]), grid=(H, W), use_cache=False, generator=gen(1))
+    c = torch.tensor([0, 1])
+    reader = ib.WindowLogits(scale, x_t, c, (H, W), (4, 4), use_cache=False)
+    out = chain.decode_scale(2, x_t, c, logits=reader, generator=gen(1))
     grid_t, grid_out = x_t.view(2, H, W), out.view(2, H, W)
     decodes = [s for s in seen if s[0] == "dec"]
     assert len(decodes) == H * W
     for (_, x_win, prefix), (i, j) in zip(decodes, [(i, j) for i in range(H) for j in range(W)]):
-        top, left = chain.window_origin(i, j, H, W)
+        top, left = ib.window_origin(i, j, (H, W), (4, 4))
         window_t = grid_t[:, top:top + 4, left:left + 4].flatten(1)
         p = (i - top) * 4 + (j - left)
         assert torch.equal(x_win, window_t)
@@ -978,8 +992,8 @@ def test_window_sampler_cached_equals_its_plain_reference(stride):
     that changes across the image with guidance, and for outpainting with particles."""
     chain = make_chain(K=16, grid=(4, 4))
     for kw in (dict(labels=torch.tensor([0, 1])), dict(labels=[0, 2], across=True, guidance=0.5, temperature=1.2)):
-        a = chain.sample_chain(2, size=(6, 10), stride=stride, generator=gen(1), **kw)
-        b = chain.sample_chain(2, size=(6, 10), stride=stride, use_cache=False, generator=gen(1), **kw)
+        a = chain.sample(2, size=(6, 10), stride=stride, trajectory=True, generator=gen(1), **kw)
+        b = chain.sample(2, size=(6, 10), stride=stride, use_cache=False, trajectory=True, generator=gen(1), **kw)
         assert all(torch.equal(x, y) for x, y in zip(a, b)) and a[-1].shape == (2, 6, 10)
     x1 = torch.randint(0, 16, (2, 6, 10), generator=gen(2))
     keep = torch.zeros(2, 6, 10, dtype=torch.bool)
@@ -1018,29 +1032,23 @@ def test_first_stage_decodes_a_large_grid_in_windows():
 @pytest.mark.parametrize("text", [False, True], ids=["class", "text"])
 def test_static_cache_and_graph_wrapper_equal_the_reference_cache(text):
     """The static key/value cache (full-length buffers, positions as tensors, a mask: what a CUDA
-    graph needs) draws the tokens of the growing cache on both kinds of scale, with guidance and
-    with forced tokens; a step at a tensor position gives the logits of the same step at the int
-    position; and GraphedStep, where CUDA is absent, is the plain step."""
+    graph needs, StaticLogits) draws the tokens of the growing cache (NextLogits) on both kinds of
+    scale, with guidance and with forced tokens (read in blocks at int positions); a one-token
+    step at a tensor position (GraphedStep, where CUDA is absent the plain step) gives the
+    logits of the growing cache, at every position."""
     chain = make_chain(K=16, grid=(4, 4), text=text)
     x_t, forced, c = random_pair(chain, B=3)
     force_mask = torch.zeros(3, 16, dtype=torch.bool)
     force_mask[:, 10:] = True
     for t in (2, 3):
-        for kw in (dict(guidance=1.0), dict(forced=forced, force_mask=force_mask)):
-            assert torch.equal(chain.decode_scale(t, x_t, c, generator=gen(5), **kw),
-                               chain.decode_scale(t, x_t, c, graph=True, generator=gen(5), **kw)), (t, kw)
+        for kw in (dict(guidance=1.0), dict(forced=forced, keep=force_mask)):
+            assert torch.equal(decode(chain, t, x_t, c, generator=gen(5), **kw),
+                               decode(chain, t, x_t, c, graph=True, generator=gen(5), **kw)), (t, kw)
         scale = chain.scale(t)
-        memory, start = scale.encode(x_t, c), torch.full((3, 1), scale.START)
-        logits = {}
-        for name, position in (("int", 1), ("tensor", torch.tensor(1))):
-            caches = scale.new_caches(static=True)
-            scale.step(start, 0, memory, x_t, c, caches)
-            logits[name] = scale.step(forced[:, :1], position, memory, x_t, c, caches)
-        assert torch.allclose(logits["int"], logits["tensor"], atol=1e-6)
-        caches = scale.new_caches(static=True)
-        scale.step(start, 0, memory, x_t, c, caches)
-        graphed = ib.GraphedStep(scale, memory, x_t, c, caches, 3)
-        assert graphed.graph is None and torch.allclose(graphed(forced[:, :1], 1), logits["int"], atol=1e-6)
+        growing, static = ib.NextLogits(scale, x_t, c), ib.StaticLogits(scale, x_t, c)
+        for i in range(chain.cfg.N):
+            assert torch.allclose(static(forced, i), growing(forced, i), atol=1e-5), (t, i)
+        assert static.graphed.graph is None                # no CUDA: the plain step, at tensor positions
 
 
 def test_guidance():
@@ -1113,14 +1121,14 @@ def test_bayes_score_is_the_difference_of_two_bounds_with_common_random_numbers(
     x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(1))
     cond = {"text": ["a red star", "a blue ring", "a green star", "a red star"]} if text else \
         {"labels": torch.tensor([0, 1, 2, 0])}
-    score = chain.bayes_score(x1, **cond, generator=gen(5))
+    score = ib.bayes_score(chain, x1, **cond, generator=gen(5))
     assert torch.equal(score, chain.nll(x1, generator=gen(5)) - chain.nll(x1, **cond, generator=gen(5)))
-    common = torch.stack([chain.bayes_score(x1, **cond, generator=gen(k)) for k in range(20)])
+    common = torch.stack([ib.bayes_score(chain, x1, **cond, generator=gen(k)) for k in range(20)])
     independent = torch.stack([chain.nll(x1, generator=gen(k)) - chain.nll(x1, **cond, generator=gen(k + 100))
                                for k in range(20)])
     assert common.std(0).mean() < 0.6 * independent.std(0).mean()
     with pytest.raises(ValueError, match="null one"):
-        chain.bayes_score(x1)
+        ib.bayes_score(chain, x1)
 
 
 # ----- Text conditions (Sec. 4.2) ----------------------------------------------------
@@ -1182,7 +1190,7 @@ def test_condition_dropout(text):
 
 def test_per_scale_options():
     """ib.option_per_scale: a list needs T - 1 entries (else ValueError) and its first entry is for
-    t = T; sample_chain hands each scale its own value (seen by wrapping decode_scale)."""
+    t = T; sample hands each scale its own value (seen by wrapping decode_scale: its reader's filters)."""
     assert ib.option_per_scale([10, 20, 30], 4, "top_k") == {4: 10, 3: 20, 2: 30}
     assert ib.option_per_scale(0.7, 3, "temperature") == {2: 0.7, 3: 0.7}
     with pytest.raises(ValueError, match="3 values"):
@@ -1192,7 +1200,7 @@ def test_per_scale_options():
     real = chain.decode_scale
 
     def spy(t, x_t, labels, **kw):
-        seen[t] = (kw["temperature"], kw["top_k"], kw["top_p"])
+        seen[t] = tuple(kw["logits"].options.values())       # the Filtered reader's temperature, top_k, top_p
         return real(t, x_t, labels, **kw)
 
     chain.decode_scale = spy
@@ -1209,9 +1217,9 @@ def test_top_k_1_is_greedy_decoding():
     chain = make_chain()
     labels = torch.tensor([1, 2])
     x_t, _, _ = random_pair(chain)
-    assert torch.equal(chain.decode_scale(2, x_t, labels, top_k=1, generator=gen(0)),
-                       chain.decode_scale(2, x_t, labels, top_k=1, generator=gen(1)))
-    trajectory = chain.sample_chain(2, labels, top_k=1, generator=gen(4))
+    assert torch.equal(decode(chain, 2, x_t, labels, top_k=1, generator=gen(0)),
+                       decode(chain, 2, x_t, labels, top_k=1, generator=gen(1)))
+    trajectory = chain.sample(2, labels, top_k=1, trajectory=True, generator=gen(4))
     x_t = trajectory[0].flatten(1)
     with torch.no_grad():
         for t in range(chain.T, 1, -1):
@@ -1277,23 +1285,24 @@ def test_particles_keep_the_given_tokens_and_follow_the_weights(inpaint_chain, m
     keep = (~sample.token_mask(sample.pixel_mask("upper", 32, 32, seed=0), 4)).expand(3, 8, 8)
     x1 = torch.randint(0, 16, (3, 8, 8), generator=gen(3))
     for M in (1, 4):
-        trajectory = inpaint_chain.sample_chain(3, None, x1=x1, keep=keep, particles=M, generator=gen(1))
+        trajectory = inpaint_chain.inpaint(x1, keep, particles=M, trajectory=True, generator=gen(1))
         assert len(trajectory) == inpaint_chain.T and all(x.shape == (3, 8, 8) for x in trajectory)
         assert all(torch.equal(x_t[keep], x1[keep]) for x_t in trajectory)
     g, x1f, keepf = gen(2), x1.flatten(1), keep.flatten(1)     # M = 1 by hand: forced decoding, scale by scale
     x_t = torch.where(keepf, x1f, torch.randint(0, 16, (3, 64), generator=g))
     null = inpaint_chain.condition(None, None, 3, "cpu")
     for t in range(inpaint_chain.T, 1, -1):
-        x_t = inpaint_chain.decode_scale(t, x_t, null, forced=x1f, force_mask=keepf, generator=g)
+        x_t = inpaint_chain.decode_scale(t, x_t, null, forced=x1f, keep=keepf, generator=g)
     assert torch.equal(inpaint_chain.inpaint(x1, keep, refine=0, particles=1, generator=gen(2)), x_t.view(3, 8, 8))
-    real, seen, classes = inpaint_chain.decode_scale, [], []
+    real_weights, real_decode, seen, classes = ib.Weighed.weights, inpaint_chain.decode_scale, [], []
 
-    def one_particle_counts(t, x_t, c, **kw):          # particle 2 of each image alone has weight
-        out, log_w = real(t, x_t, c, **kw)
-        seen.append(out)
-        classes.append(c)
-        return out, torch.where(torch.arange(len(out)) % 4 == 2, log_w, torch.tensor(float("-inf")))
-    monkeypatch.setattr(inpaint_chain, "decode_scale", one_particle_counts)
+    def one_particle_counts(reader, x_tm1):            # particle 2 of each image alone has weight
+        log_w = real_weights(reader, x_tm1)
+        seen.append(x_tm1.clone())
+        return torch.where(torch.arange(len(x_tm1)) % 4 == 2, log_w, torch.tensor(float("-inf")))
+    monkeypatch.setattr(ib.Weighed, "weights", one_particle_counts)
+    monkeypatch.setattr(inpaint_chain, "decode_scale", lambda t, x_t, c, **kw: classes.append(c) or
+                        real_decode(t, x_t, c, **kw))
     result = inpaint_chain.inpaint(x1, keep, refine=0, particles=4, generator=gen(5))
     assert len(seen) == inpaint_chain.T - 1 and seen[-1].shape == (12, 64)
     assert torch.equal(result.flatten(1), seen[-1][2::4])
@@ -1311,11 +1320,11 @@ def test_clean_context_keeps_given_tokens_clean_in_every_x_t(inpaint_chain):
     them from the forward process: at t = T they are uniform noise, not x_1."""
     keep = (~sample.token_mask(sample.pixel_mask("upper", 32, 32, seed=0), 4)).expand(4, 8, 8)
     x1 = torch.randint(0, 16, (4, 8, 8), generator=gen(3))
-    trajectory = inpaint_chain.sample_chain(4, None, x1=x1, keep=keep, refine=1, generator=gen(1))
+    trajectory = inpaint_chain.inpaint(x1, keep, refine=1, trajectory=True, generator=gen(1))
     assert len(trajectory) == inpaint_chain.T
     for x_t in trajectory:
         assert torch.equal(x_t[keep], x1[keep])
-    noised = inpaint_chain.sample_chain(4, None, x1=x1, keep=keep, context="noised", generator=gen(1))
+    noised = inpaint_chain.inpaint(x1, keep, context="noised", trajectory=True, generator=gen(1))
     assert not torch.equal(noised[0][keep], x1[keep])          # x_T: noise at the given positions
     assert torch.equal(noised[-1][keep], x1[keep])             # x_1: given tokens returned as given
     with pytest.raises(ValueError, match="context"):
@@ -2032,12 +2041,12 @@ def test_serve_answers_bad_requests_with_400_faults_500_and_a_full_queue_503(tra
             assert raw(length) == (400, f"Content-Length must be a number >= 0, {line}")
             assert time.time() - t0 < 5
         # a fault of the server's: 500, the traceback printed where the server runs
-        real = editor.chain.sample_chain
-        monkeypatch.setattr(editor.chain, "sample_chain", lambda *a, **k: 1 / 0)
+        real = editor.chain.inpaint
+        monkeypatch.setattr(editor.chain, "inpaint", lambda *a, **k: 1 / 0)
         code, reply = post(json.dumps(ok).encode())
         assert code == 500 and reply["error"] == "the job failed (ZeroDivisionError); the server's terminal shows why"
         assert "Traceback" in capsys.readouterr().err
-        monkeypatch.setattr(editor.chain, "sample_chain", real)
+        monkeypatch.setattr(editor.chain, "inpaint", real)
         # a full queue: MAX_WAITING jobs wait behind one that holds the model, the next one is told so
         results = []
         with editor.lock:
@@ -2795,7 +2804,7 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
         assert result[row] == first[row], row
     assert 0 < result["reconstructions"]["psnr"] < 60
     assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
-    assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": ib.INPAINT_PARTICLES}
+    assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": evaluate.INPAINT_PARTICLES}
     # other inpainting options go to another file (--out); the run's eval.json stays as it was.
     # An --eval-n above half the 32 test images is said, with the N used
     other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
