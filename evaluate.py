@@ -5,9 +5,11 @@ rejection and reranking choose with (Table 2, Fig. 3), and every row of a run's 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -1024,3 +1026,113 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
     runs.save_json_atomic(result, path)
     log(f"wrote {path}")
     return result
+
+
+# =====================================================================================
+# The command line: python evaluate.py --run RUN
+# =====================================================================================
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Judge a trained run with a classifier trained on its data set "
+                                            "(accuracy and Frechet distance in the judge's features, not FID)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", default="runs/shapes", help="a run folder (vq.pt, scale_<t>.pt)")
+    p.add_argument("--out", default=None, help="the figures, JSON (default <run>/eval.json; with --size, --accept or "
+                                               "--rerank a file of its own beside it)")
+    p.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_EVAL_GUIDANCE,
+                   help="w of the guided samples row (classifier-free guidance); 0 = no guided row")
+    p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE, help="completions: forward-backward rounds per scale")
+    p.add_argument("--particles", type=int, default=INPAINT_PARTICLES, help="completions: particles per image")
+    p.add_argument("--context", choices=("clean", "noised"), default="clean",
+                   help="completions: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
+    p.add_argument("--seed", type=int, default=0, help="every row's generator")
+    p.add_argument("--size", default=None, metavar="HxW",
+                   help="instead: the seams of patch-wise sampling (Sec. 4.2) on canvases of H x W pixels, one "
+                        "training image tall")
+    p.add_argument("--stride", type=int, default=1, help="--size: columns the window moves at a time")
+    choose = p.add_argument_group("instead: samples chosen among candidates, rejection (Table 2) or reranking (Fig. 3)")
+    choose.add_argument("--accept", type=float, default=None, metavar="R",
+                        help="rejection with the classifier of codes at acceptance rate R in (0, 1]")
+    choose.add_argument("--rerank", type=int, default=None, metavar="K", help="each sample the best of K candidates")
+    choose.add_argument("--scorer", choices=("bayes", "classifier"), default=None,
+                        help="--rerank's score (default bayes: the chain's own log p(x|c) - log p(x|null))")
+    choose.add_argument("--classifier-steps", type=int, default=None,
+                        help=f"training steps of a new classifier of codes (default {CodeClassifierConfig.steps})")
+    judge = p.add_argument_group("the judge")
+    judge.add_argument("--dataset", default=None, help="shapes | cifar | folder:PATH, instead of the run's recorded one")
+    judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
+    judge.add_argument("--judge-dir", default="runs/judges",
+                       help="cache of judges, one per data set, and of the classifiers of codes")
+    judge.add_argument("--fresh-judges", action="store_true",
+                       help="train the judges into --judge-dir even where assets/judges ships them")
+    judge.add_argument("--judge-steps", type=int, default=None,
+                       help=f"training steps of a new judge (default {JudgeConfig.steps})")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def check_selection(accept, rerank, scorer, classifier_steps) -> None:
+    """--accept, --rerank, --scorer and --classifier-steps, before any work (sample.py's too)."""
+    if scorer is not None and rerank is None:
+        raise runs.UserError("--scorer picks --rerank's score; --accept always scores with the classifier of codes")
+    if classifier_steps is not None and classifier_steps < 1:
+        raise runs.UserError(f"--classifier-steps must be >= 1, got {classifier_steps}")
+    if accept is not None and rerank is not None:
+        raise runs.UserError("give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
+    if accept is not None and not 0 < accept <= 1:       # nan fails this too
+        raise runs.UserError(f"--accept must lie in (0, 1], got {accept:g}")
+    if rerank is not None and rerank < 1:
+        raise runs.UserError(f"--rerank must be >= 1, got {rerank}")
+
+
+def main():
+    # --- every option checked before any work
+    args = build_parser().parse_args()
+    check_judge_options(args.eval_n, args.judge_steps)
+    runs.check_number(args.guidance, "--guidance", 0)
+    runs.check_number(args.seed, "--seed", 0, runs.SEED_MAX, whole=True)
+    runs.check_number(args.refine, "--refine", 0, whole=True)
+    runs.check_number(args.particles, "--particles", 1, whole=True)
+    check_selection(args.accept, args.rerank, args.scorer, args.classifier_steps)
+    if args.size and (args.accept is not None or args.rerank is not None):
+        raise runs.UserError("--accept and --rerank choose among samples of the training size; --size judges "
+                             "panoramas: give one of them")
+    if not os.path.isdir(args.run):
+        raise runs.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
+    own = os.path.realpath(args.out or runs.eval_path(args.run)) == os.path.realpath(runs.eval_path(args.run))
+    if args.out is not None:              # never another of a run's own files; JSON; a writable folder
+        if runs.run_file_of(args.out, args.run) is not None and not own:
+            raise runs.UserError(f"--out {args.out} names a run's own file ({os.path.basename(args.out)} of the run in "
+                                 f"{runs.run_file_of(args.out, args.run)}); choose another name")
+        if not args.out.lower().endswith(".json"):
+            raise runs.UserError(f"--out {args.out}: the judge's figures are JSON; give a name ending in .json")
+        runs.ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)))
+    device = runs.pick_device(args.device)
+    size = runs.parse_size(args.size, args.stride, runs.vqgan_from_checkpoint(
+        runs.load_checkpoint(runs.vq_path(args.run), "vq")).cfg) if args.size else None
+    # --- the run's own eval.json is part of the end of a run, which train_chain.py may be
+    # writing now: claimed, and refused before any work when another process holds it
+    claim = None
+    if own and size is None and args.accept is None and args.rerank is None:
+        claim = runs.final_claim(args.run)
+        holder = claim.take()
+        if holder is not None:
+            raise runs.UserError(f"{claim.describe(holder)}: let it finish, or write these figures elsewhere "
+                                 f"with --out FILE.json")
+    try:
+        result = evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
+                                 n=args.eval_n, guidance=args.guidance, judge_steps=args.judge_steps, seed=args.seed,
+                                 device=device, out=args.out, shipped_judges=not args.fresh_judges,
+                                 inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
+                                 canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
+                                 scorer="classifier" if args.accept is not None else args.scorer or "bayes",
+                                 classifier_steps=args.classifier_steps)
+    finally:
+        if claim is not None:
+            claim.release()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    runs.run_main(main)

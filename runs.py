@@ -266,7 +266,7 @@ def load_tokens(run: str) -> dict:
 
 def recorded_dataset(run: str) -> dict | None:
     """The data set record of a run folder (vq.pt's, else tokens.pt's); None when neither
-    has one (sample.py --evaluate then asks for --dataset)."""
+    has one (evaluate.py then asks for --dataset)."""
     ckpt = load_checkpoint(vq_path(run), "vq")
     if "dataset" in ckpt:
         return ckpt["dataset"]
@@ -901,6 +901,33 @@ def check_vq_config(cfg: ib.VQConfig) -> None:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by the downsampling factor {cfg.factor}")
     if cfg.test_size < ds.MIN_TEST_IMAGES:
         raise UserError(f"--test_size {cfg.test_size}: {ds.TOO_FEW_TEST_IMAGES}")
+
+
+SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
+MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 run: 256 x 256 px)
+
+
+def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int, int] | None:
+    """--size HxW (pixels) -> the grid of codes (H / f, W / f), or None for the training size.
+    The canvas must be a multiple of the first stage's factor f and at least the training size
+    in both directions; larger than MAX_AREA times its area it is refused. --stride >= 1."""
+    if size is None:
+        return None
+    r, f = vq_cfg.resolution, vq_cfg.factor
+    try:
+        H, W = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size takes HxW in pixels, e.g. {r}x{4 * r}; got {size!r}") from None
+    if H < r or W < r:
+        raise UserError(f"--size {H}x{W} is smaller than the training size {r}x{r}")
+    if H % f or W % f:
+        raise UserError(f"--size {H}x{W}: both sides must be multiples of the first stage's factor {f}")
+    if H * W > MAX_AREA * r * r:
+        raise UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
+                        f"the limit is {MAX_AREA * r * r} pixels")
+    if stride < 1:
+        raise UserError(f"--stride must be >= 1, got {stride}")
+    return H // f, W // f
 
 
 def check_ranges(cfg, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:

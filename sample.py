@@ -10,7 +10,6 @@
     python sample.py --run runs/shapes_text --prompt "a red star" --n 2 --rerank 32   # best 2 of 32 (Fig. 3)
     python sample.py --benchmark                                # cached vs. uncached decoding, no run needed
     python sample.py --benchmark --cached-only --batch 50 --T 5 # seconds per image against T (Fig. 8)
-    python sample.py --run runs/shapes --evaluate               # the judge's figures -> runs/shapes/eval.json
     python sample.py --run runs/shapes --plot                   # loss curves -> runs/shapes/loss_*.png
     python sample.py --run runs/shapes --serve                  # a page to paint masks on: http://127.0.0.1:8000/
 
@@ -63,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: (1+w) cond - w uncond; 0 = plain conditional")
     p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
-    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png); "
-                                               "with --evaluate the JSON (default <run>/eval.json)")
+    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
     p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain (paper Fig. 5)")
@@ -122,20 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cached-only", action="store_true",
                    help="--benchmark: time the cached sampler alone, in seconds per image (Fig. 8), without "
                         "the uncached reference")
-    judge = p.add_argument_group("--evaluate: judge the run with a classifier trained on its data set (not FID)")
-    judge.add_argument("--evaluate", action="store_true",
-                       help="accuracy and Frechet distance of reconstructions, samples (guidance 0 and --guidance, "
-                            f"or {evaluate.DEFAULT_EVAL_GUIDANCE:g} when that is 0) and completions -> <run>/eval.json")
-    judge.add_argument("--dataset", default=None,
-                       help="shapes | cifar | folder:PATH, instead of the data set the run recorded")
-    judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
-    judge.add_argument("--judge-dir", default="runs/judges",
-                       help="cache of judges, one per data set, and of the classifiers of codes (--accept)")
-    judge.add_argument("--fresh-judges", action="store_true",
-                       help="train the judges into --judge-dir even where assets/judges ships them")
-    judge.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
-    judge.add_argument("--judge-steps", type=int, default=None,
-                       help=f"training steps of a new judge (default {evaluate.JudgeConfig.steps})")
+    p.add_argument("--judge-dir", default="runs/judges", help="--accept: cache of the classifiers of codes")
     return p
 
 
@@ -247,25 +232,16 @@ def check_selection_options(args) -> None:
     """--accept, --rerank and --scorer, before any work (no run needed): their ranges, and
     the modes they do not apply to. They choose among new samples of the training size, so not
     among completions (--inpaint, --serve), trajectories, panoramas (--size, --across)."""
-    if args.scorer is not None and args.rerank is None:
-        raise runs.UserError("--scorer picks --rerank's score; --accept always scores with the classifier of codes")
-    if args.classifier_steps is not None and args.classifier_steps < 1:
-        raise runs.UserError(f"--classifier-steps must be >= 1, got {args.classifier_steps}")
+    evaluate.check_selection(args.accept, args.rerank, args.scorer, args.classifier_steps)
     if args.accept is None and args.rerank is None:
         return
-    if args.accept is not None and args.rerank is not None:
-        raise runs.UserError("give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
-    if args.accept is not None and not 0 < args.accept <= 1:       # nan fails this too
-        raise runs.UserError(f"--accept must lie in (0, 1], got {args.accept:g}")
-    if args.rerank is not None and args.rerank < 1:
-        raise runs.UserError(f"--rerank must be >= 1, got {args.rerank}")
     flag = "--accept" if args.accept is not None else "--rerank"
     for other, given in (("--inpaint", args.inpaint), ("--serve", args.serve), ("--trajectory", args.trajectory),
                          ("--size", args.size), ("--across", args.across), ("--plot", args.plot),
                          ("--benchmark", args.benchmark)):
         if given:
             raise runs.UserError(f"{flag} chooses among new samples of the training size; it does not apply to {other}")
-    if args.rerank is not None and not args.evaluate and args.n > args.rerank:
+    if args.rerank is not None and args.n > args.rerank:
         raise runs.UserError(f"--rerank {args.rerank} keeps the best --n of {args.rerank} candidates per class or "
                              f"prompt; --n {args.n} is more than {args.rerank}")
 
@@ -321,32 +297,6 @@ def select(args, vq: ib.VQGAN, chain: ib.ImageBART, opts: dict, g, device) -> No
 
 # -----------------------------------------------------------------------------
 # beyond the training canvas (Sec. 4.2): --size, --place, --across
-
-MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 run: 256 x 256 px)
-
-
-def parse_size(args, vq: ib.VQGAN) -> tuple[int, int] | None:
-    """--size HxW (pixels) -> the grid of codes (H / f, W / f), or None for the training size.
-    The canvas must be a multiple of the first stage's factor f and at least the training size
-    in both directions; larger than MAX_AREA times its area it is refused."""
-    if args.size is None:
-        return None
-    r, f = vq.cfg.resolution, vq.cfg.factor
-    try:
-        H, W = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise runs.UserError(f"--size takes HxW in pixels, e.g. {r}x{4 * r}; got {args.size!r}") from None
-    if H < r or W < r:
-        raise runs.UserError(f"--size {H}x{W} is smaller than the training size {r}x{r}")
-    if H % f or W % f:
-        raise runs.UserError(f"--size {H}x{W}: both sides must be multiples of the first stage's factor {f}")
-    if H * W > MAX_AREA * r * r:
-        raise runs.UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
-                             f"the limit is {MAX_AREA * r * r} pixels")
-    if args.stride < 1:
-        raise runs.UserError(f"--stride must be >= 1, got {args.stride}")
-    return H // f, W // f
-
 
 def check_canvas_options(args) -> None:
     """--place and --across, before any work: --place needs --inpaint and --size; --across
@@ -424,29 +374,18 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
 
 # What a grid may be saved as: the image formats pillow writes among those the loaders read.
 GRID_EXTENSIONS = tuple(e for e in ds.IMAGE_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE)
-SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
 
 
 def check_outputs(args) -> None:
     """Every output, checked before any work: never a run's own file (vq.pt, tokens.pt,
-    scale_<t>.pt, a log, bound.json, eval.json, a lock) unless this command writes it by design
-    (--evaluate, the run's eval.json); its kind from its extension (a grid is an image,
-    --evaluate --out JSON, --npz .npz, which numpy would otherwise append); its folder writable
-    (made when missing)."""
+    scale_<t>.pt, a log, bound.json, eval.json, a lock); its kind from its extension (a grid is
+    an image, --npz .npz, which numpy would otherwise append); its folder writable (made when
+    missing)."""
     for flag, path in (("--out", args.out), ("--npz", args.npz)):
-        if path is None:
-            continue
-        run = runs.run_file_of(path, args.run)
-        by_design = args.evaluate and flag == "--out" and os.path.realpath(path) == os.path.realpath(runs.eval_path(args.run))
-        if run is not None and not by_design:
-            raise runs.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in {run}); "
-                                 f"choose another name")
-    if args.evaluate:
-        if args.out_dir or args.npz:
-            raise runs.UserError("--evaluate writes the judge's figures only (--out, JSON); --out-dir and --npz are for samples")
-        if args.out and not args.out.lower().endswith(".json"):
-            raise runs.UserError(f"--evaluate --out {args.out}: the judge's figures are JSON; give a name ending in .json")
-    elif args.out and not args.out.lower().endswith(GRID_EXTENSIONS):
+        if path is not None and runs.run_file_of(path, args.run) is not None:
+            raise runs.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in "
+                                 f"{runs.run_file_of(path, args.run)}); choose another name")
+    if args.out and not args.out.lower().endswith(GRID_EXTENSIONS):
         raise runs.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(GRID_EXTENSIONS)}")
     if args.npz and not args.npz.lower().endswith(".npz"):
         raise runs.UserError(f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
@@ -619,7 +558,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
                                  f"got {B}")
     else:
         B = len(args.inpaint.split(","))
-    size = parse_size(args, vq)                        # a larger canvas (Sec. 4.2), or None
+    size = runs.parse_size(args.size, args.stride, vq.cfg)                        # a larger canvas (Sec. 4.2), or None
     place = args.place or "left"
     if size is not None:
         h, w = chain.cfg.grid
@@ -812,38 +751,6 @@ def benchmark_windows(args, chain: ib.ImageBART, run, device, size: dict) -> Non
         if not args.cached_only and (stride == 1 or args.no_cache):   # the reference is slow: one rule
             result[f"window_stride_{stride}_same_as_reference"] = bool(
                 torch.equal(x, run(size=(H, W), stride=stride, use_cache=False)[1]))
-    print(json.dumps(result), flush=True)
-
-
-def judge_run(args, device) -> None:
-    """--evaluate: the judge's figures (evaluate.py), with the API's sampling
-    defaults apart from the guidance; progress lines, then the figures as one JSON line. With
-    --size: the seams of patch-wise sampling on that canvas instead (evaluate.evaluate_canvas)."""
-    evaluate.check_judge_options(args.eval_n, args.judge_steps)
-    size = parse_size(args, runs.vqgan_from_checkpoint(runs.load_checkpoint(runs.vq_path(args.run), "vq"))) \
-        if args.size else None
-    # the run's own eval.json is part of the end of a run, which train_chain.py may be writing
-    # now: claimed, and refused before any work when another process holds it
-    claim = None
-    if os.path.realpath(args.out or runs.eval_path(args.run)) == os.path.realpath(runs.eval_path(args.run)) \
-            and size is None and args.accept is None and args.rerank is None:
-        claim = runs.final_claim(args.run)
-        holder = claim.take()
-        if holder is not None:
-            raise runs.UserError(f"{claim.describe(holder)}: let it finish, or write these figures elsewhere "
-                                 f"with --out FILE.json")
-    try:
-        result = evaluate.evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
-                                          n=args.eval_n, guidance=args.guidance or evaluate.DEFAULT_EVAL_GUIDANCE,
-                                          judge_steps=args.judge_steps, seed=args.seed, device=device,
-                                          inpaint=dict(refine=args.refine, context=args.context, particles=args.particles),
-                                          out=args.out, shipped_judges=not args.fresh_judges,
-                                          canvas=size, stride=args.stride, accept=args.accept, rerank=args.rerank,
-                                          scorer="classifier" if args.accept is not None else args.scorer or "bayes",
-                                          classifier_steps=args.classifier_steps)
-    finally:
-        if claim is not None:
-            claim.release()
     print(json.dumps(result), flush=True)
 
 
@@ -1096,7 +1003,7 @@ class Editor:
             kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(req), "a number")
             raise runs.UserError(f"the request must be a JSON object (its fields by name), got {kind}")
         # --- every number first, each through the command line's own check
-        seed = runs.check_number(field(req, "seed", 0), "seed", 0, SEED_MAX, whole=True)
+        seed = runs.check_number(field(req, "seed", 0), "seed", 0, runs.SEED_MAX, whole=True)
         n = runs.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
         refine = runs.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
         particles = runs.check_number(field(req, "particles", evaluate.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
@@ -1269,25 +1176,22 @@ def serve(args, device) -> None:
 
 
 # -----------------------------------------------------------------------------
-# main: benchmark, evaluate, inpaint, or sample (with --trajectory: every x_t)
+# main: benchmark, inpaint, or sample (with --trajectory: every x_t)
 
 def check_numbers(args) -> None:
     """Every number of the command line, through runs.check_number, before any work (the float
     options' and the lists' values in sampling_options, once the chain says how many scales)."""
     runs.check_number(args.guidance, "--guidance", 0)
-    runs.check_number(args.seed, "--seed", 0, SEED_MAX, whole=True)
+    runs.check_number(args.seed, "--seed", 0, runs.SEED_MAX, whole=True)
     if args.benchmark:
         runs.check_number(args.batch, "--batch", 1, whole=True)
     elif args.serve:
         runs.check_number(args.port, "--port", 0, 65535, whole=True)
-    elif args.evaluate:
-        evaluate.check_judge_options(args.eval_n, args.judge_steps)
     if not args.benchmark:
         runs.check_number(args.refine, "--refine", 0, whole=True)
         runs.check_number(args.particles, "--particles", 1, whole=True)
-        if not args.evaluate:
-            runs.check_number(args.n, "--n", 1, whole=True)
-            runs.check_number(args.completions, "--completions", 1, whole=True)
+        runs.check_number(args.n, "--n", 1, whole=True)
+        runs.check_number(args.completions, "--completions", 1, whole=True)
 
 
 def sample(args, vq, chain, opts, g, device, size=None) -> None:
@@ -1358,17 +1262,15 @@ def main():
         return print(f"wrote {', '.join(runs.plot_run(args.run))}", flush=True)
     if args.serve:
         return serve(args, device)
-    if args.trajectory and (args.inpaint or args.evaluate):
-        raise runs.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint or --evaluate")
+    if args.trajectory and args.inpaint:
+        raise runs.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint")
     # --- outputs: checked, their folders made (and checked writable) now, not after minutes of sampling
     check_outputs(args)
     check_canvas_options(args)
-    if args.evaluate:
-        return judge_run(args, device)
     # --- the run: first stage and chain, EMA weights
     vq, chain = runs.load_run(args.run, device)
     opts = sampling_options(args, chain.T, chain.diffusion.K)
-    size = parse_size(args, vq)                  # a larger canvas, drawn through windows (Sec. 4.2)
+    size = runs.parse_size(args.size, args.stride, vq.cfg)                  # a larger canvas, drawn through windows (Sec. 4.2)
     g = torch.Generator(device).manual_seed(args.seed)
     if args.inpaint:
         if args.classes == "all":

@@ -1481,10 +1481,10 @@ def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path
     """sample.py --accept and --rerank on (a copy of) the micro run. --accept 1 draws exactly the
     plain samples (same seed, --guidance 1); --accept 0.5 --class all keeps 2 of 4 candidates per
     class and writes them like plain samples (grid of one row per class, --out-dir, --npz with the
-    labels in order); --rerank 3 --n 2 keeps 2 of 3 per class with either scorer. --evaluate
+    labels in order); --rerank 3 --n 2 keeps 2 of 3 per class with either scorer. evaluate.py
     --accept 1 writes the rows of eval.json again (same accuracy and FD; the candidates and the
     time added) to --out, with the classifier's agreement with the judge, and leaves eval.json as it
-    was; --evaluate --rerank 2 goes to eval_rerank_2_bayes.json, each sample the best of two."""
+    was; evaluate.py --rerank 2 goes to eval_rerank_2_bayes.json, each sample the best of two."""
     run = str(tmp_path / "run")
     shutil.copytree(trained_run.dir, run)
     common = ["--run", run, "--judge-dir", trained_run.judges, "--classifier-steps", "20"]
@@ -1514,8 +1514,8 @@ def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path
         plain = json.load(f)
     before = os.stat(runs.eval_path(run)).st_mtime_ns
     other = str(tmp_path / "accept1.json")
-    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--accept", "1", "--out", other,
-                                         "--classifier-steps", "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    code, out, err = run_script(evaluate, ["--run", run, "--accept", "1", "--out", other,
+                                           "--classifier-steps", "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
     assert code == 0, err
     with open(other) as f:
         result = json.load(f)
@@ -1526,8 +1526,8 @@ def test_e2e_rejection_and_reranking_from_the_command_line(trained_run, tmp_path
     assert 0 <= result["classifier"]["agrees_with_judge"] <= 1 and result["classifier"]["reads"] == "codes x_1"
     assert result["classifier"]["file"] != result["judge"]["file"]
     assert os.stat(runs.eval_path(run)).st_mtime_ns == before
-    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--rerank", "2", "--scorer", "bayes",
-                                         *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    code, out, err = run_script(evaluate, ["--run", run, "--rerank", "2", "--scorer", "bayes",
+                                           *judge_micro(trained_run.judges)], monkeypatch, capsys)
     assert code == 0, err
     with open(os.path.join(run, "eval_rerank_2_bayes.json")) as f:
         result = json.load(f)
@@ -1540,7 +1540,7 @@ def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, m
     """sample.py --size 32x64: panoramas with --class, their --trajectory, --out-dir and --npz at
     the large size; --across between two classes; --inpaint test:2 --size 32x64 --place right
     (extending to the left) keeps the given image's codes as they are, and --mask still edits
-    inside it; the seams' figures with --evaluate --size."""
+    inside it; the seams' figures with evaluate.py --size."""
     run, png = trained_run.dir, str(tmp_path / "p.png")
     code, out, err = run_script(sample, ["--run", run, "--class", "1", "--n", "2", "--size", "32x64", "--out", png,
                                          "--npz", str(tmp_path / "p.npz"), "--out-dir", str(tmp_path / "d")],
@@ -1567,8 +1567,8 @@ def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, m
         same = (given == tokens.repeat_interleave(2, 0).flatten(1)).sum(1)
         assert (same >= kept).all() and f"{128 - kept} of 128 tokens regenerated" in out
     result_file = str(tmp_path / "seams.json")
-    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--size", "32x64", "--eval-n", "4", "--out",
-                                         result_file, *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    code, out, err = run_script(evaluate, ["--run", run, "--size", "32x64", "--eval-n", "4", "--out",
+                                           result_file, *judge_micro(trained_run.judges)], monkeypatch, capsys)
     assert code == 0, err
     with open(result_file) as f:
         seams = json.load(f)
@@ -1682,7 +1682,7 @@ def test_e2e_text_chain_prompts_and_bad_prompts(trained_run, tmp_path, monkeypat
     assert code == 0, err
     assert "warning" in o and "purple" in o and png_size(png) == (4 * 33 + 1, 2 * 33 + 1)
     # choosing among candidates by prompt: rejection scores the shape a prompt names (the run's
-    # class names), the Bayes score the whole prompt; --evaluate --accept 1 repeats the prompt rows
+    # class names), the Bayes score the whole prompt; evaluate.py --accept 1 repeats the prompt rows
     choose = ["--judge-dir", trained_run.judges, "--classifier-steps", "20", "--out", png]
     code, o, err = run_script(sample, ["--run", out, "--prompt", "a red star", "--prompt", "a blue ring", "--n", "2",
                                        "--accept", "0.5", *choose], monkeypatch, capsys)
@@ -1693,8 +1693,8 @@ def test_e2e_text_chain_prompts_and_bad_prompts(trained_run, tmp_path, monkeypat
     assert code == 0, err
     assert "kept 1 of 2 candidates" in o and "by the bayes score" in o
     accept_1 = str(tmp_path / "accept1.json")
-    code, o, err = run_script(sample, ["--run", out, "--evaluate", "--accept", "1", "--out", accept_1, "--classifier-steps",
-                                       "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
+    code, o, err = run_script(evaluate, ["--run", out, "--accept", "1", "--out", accept_1, "--classifier-steps",
+                                         "20", *judge_micro(trained_run.judges)], monkeypatch, capsys)
     assert code == 0, err
     with open(accept_1) as f:
         chosen = json.load(f)
@@ -2564,7 +2564,8 @@ def readme_bad_inputs() -> list[tuple[str, str]]:
 
 def test_the_readme_lists_at_least_twenty_bad_inputs():
     rows = readme_bad_inputs()
-    assert len(rows) >= 20 and {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py"}
+    assert len(rows) >= 20 and {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py",
+                                                                "evaluate.py"}
 
 
 def write_lock(path, pid, host=runs.HOST):
@@ -2617,7 +2618,7 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     words = [re.sub(r"^(folder:)?(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|BUSY|TRAINING|SMALL|UNCOND)",
                     lambda m: (m.group(1) or "") + places[m.group(2)], w)
              for w in shlex.split(command)]
-    script = {"sample.py": sample, "train_chain.py": train_chain, "train_vq.py": train_vq}[words[1]]
+    script = SCRIPTS[words[1]]
 
     def no_work(*args, **kwargs):
         raise AssertionError("a first stage was trained before the options were checked")
@@ -2633,7 +2634,7 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
 
 # ----- The README: every command parses, every picture exists --------------------------
 
-SCRIPTS = {"train_vq.py": train_vq, "train_chain.py": train_chain, "sample.py": sample}
+SCRIPTS = {"train_vq.py": train_vq, "train_chain.py": train_chain, "sample.py": sample, "evaluate.py": evaluate}
 
 
 def readme_commands() -> list[str]:
@@ -2663,7 +2664,7 @@ def test_every_readme_command_names_a_script_and_flags_it_accepts(capsys):
     the quickstart's pip line) names a script of this repository, and that script's argument
     parser accepts every flag and value the command gives (parsed, not run)."""
     commands = readme_commands()
-    scripts = [c for c in commands if re.search(r"\b(train_vq|train_chain|sample)\.py\b", c)]
+    scripts = [c for c in commands if re.search(r"\b(train_vq|train_chain|sample|evaluate)\.py\b", c)]
     assert len(scripts) >= 50 and any(c.startswith("torchrun") for c in commands)
     assert any(c.startswith("python train_chain.py --dataset shapes --preset tiny") for c in commands)  # the quickstart
     for command in commands:
@@ -2775,8 +2776,8 @@ def test_random_boxes_in_a_side_process_give_the_same_figures(trained_run, tmp_p
     assert torch.get_num_threads() == threads
 
 
-def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch, capsys):
-    """train_chain.py ended by training a judge and writing eval.json; sample.py --evaluate then
+def test_e2e_judge_after_training_then_cached_by_evaluate(trained_run, monkeypatch, capsys):
+    """train_chain.py ended by training a judge and writing eval.json; evaluate.py then
     loads the same cached judge (its file untouched) and reproduces every figure (same judge,
     same seeds), printing them as its last line, a JSON object equal to the new eval.json. Every
     row is there, at n = 16; accuracies lie in [0, 1], FDs are >= 0, guided samples use the
@@ -2788,7 +2789,7 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     judge_file = first["judge"]["file"]
     assert os.path.dirname(judge_file) == trained_run.judges and not first["judge"]["cached"]
     mtime = os.stat(judge_file).st_mtime_ns
-    code, out, err = run_script(sample, ["--run", run, "--evaluate", *judge_micro(trained_run.judges)],
+    code, out, err = run_script(evaluate, ["--run", run, *judge_micro(trained_run.judges)],
                                 monkeypatch, capsys)
     assert code == 0, err
     assert "judge: loaded the cached" in out
@@ -2809,9 +2810,9 @@ def test_e2e_judge_after_training_then_cached_by_sample(trained_run, monkeypatch
     # An --eval-n above half the 32 test images is said, with the N used
     other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
     before = os.stat(os.path.join(run, "eval.json")).st_mtime_ns
-    code, out, err = run_script(sample, ["--run", run, "--evaluate", "--context", "noised", "--refine", "0",
-                                         "--particles", "2", "--out", other, *judge_micro(trained_run.judges),
-                                         "--eval-n", "1000"], monkeypatch, capsys)
+    code, out, err = run_script(evaluate, ["--run", run, "--context", "noised", "--refine", "0",
+                                           "--particles", "2", "--out", other, *judge_micro(trained_run.judges),
+                                           "--eval-n", "1000"], monkeypatch, capsys)
     assert code == 0, err
     assert "judging N = 16 images per row, not 1000: the test split holds 32" in out
     with open(other) as f:
@@ -2865,10 +2866,10 @@ def test_evaluate_needs_a_recorded_or_named_data_set(trained_run, tmp_path, monk
         obj = torch.load(os.path.join(trained_run.dir, name), weights_only=True)
         obj.pop("dataset", None)
         torch.save(obj, old / name)
-    argv = ["--run", str(old), "--evaluate", *judge_micro(trained_run.judges)]
-    code, _, err = run_script(sample, argv, monkeypatch, capsys)
+    argv = ["--run", str(old), *judge_micro(trained_run.judges)]
+    code, _, err = run_script(evaluate, argv, monkeypatch, capsys)
     assert_user_error(code, err, "--dataset")
     assert not os.path.exists(old / "eval.json")
-    code, out, err = run_script(sample, argv + ["--dataset", "shapes"], monkeypatch, capsys)
+    code, out, err = run_script(evaluate, argv + ["--dataset", "shapes"], monkeypatch, capsys)
     assert code == 0, err
     assert "judge: loaded the cached" in out and os.path.exists(old / "eval.json")

@@ -9,7 +9,7 @@ A run folder without a first stage gets one first (train_vq.py's code, same pres
 scale is trained on its own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at
 t = 2), and saved as scale_<t>.pt. When every scale is done, the likelihood bound is
 evaluated on the test codes (bound.json) and a grid of samples is written (samples.png);
-on labelled data, the judge of `sample.py --evaluate` then scores the run (eval.json).
+on labelled data, the judge of `evaluate.py` then scores the run (eval.json).
 Re-running the same command resumes; a finished scale is not trained again.
 
 The chain is conditioned on the data set's class labels when it has them (--condition class),
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the first stage (vq.pt, tokens.pt) of another run folder")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
     p.add_argument("--eval-n", type=int, default=1000,
-                   help="at the end, judge N images per row (sample.py --evaluate; labelled data only); 0 = skip")
+                   help="at the end, judge N images per row (evaluate.py; labelled data only); 0 = skip")
     p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
     p.add_argument("--fresh-judges", action="store_true",
                    help="train the judges into --judge-dir even where assets/judges ships them")
@@ -625,7 +625,7 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
     claim = runs.final_claim(out)
     if up_to_date(files, out, T):
         print(f"{names}: up to date with every scale, nothing left to do "
-              f"(sample.py --run {out} --evaluate judges the run again)", flush=True)
+              f"(python evaluate.py --run {out} judges the run again)", flush=True)
         return
     holder = claim.take()
     if holder is not None:
@@ -641,7 +641,7 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
         if args.eval_n and "train_labels" in tokens:   # the judge's figures (evaluate.py)
             if runs.recorded_dataset(out) is None:
                 print(f"no judge: {out}'s first stage does not record its data set; "
-                      f"run sample.py --run {out} --evaluate --dataset ...", flush=True)
+                      f"run python evaluate.py --run {out} --dataset ...", flush=True)
             else:
                 t_eval = time.time()
                 result = evaluate.evaluate_folder(out, judge_dir=args.judge_dir, n=args.eval_n,

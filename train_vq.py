@@ -326,7 +326,7 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
     tokens = runs.tokens_checkpoint(
         train=vq.code_map.cpu()[full_train],                # full -> shrunk indices
         test=encode_all(vq, x_test, device),                # a code unseen in training maps to a kept one
-        num_codes=vq.num_codes, dataset=dataset,            # so that sample.py --evaluate finds the images
+        num_codes=vq.num_codes, dataset=dataset,            # so that evaluate.py finds the images
         train_labels=torch.cat([y_train, y_train]) if labelled else None,      # the mirrored copies too
         test_labels=y_test, num_labels=num_classes if labelled else 0,
         class_names=ds.class_names(dataset["spec"]) if labelled else None,      # sample.py --class NAME
