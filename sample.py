@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="two conditions (--class A,B or --prompt A --prompt B): the first on the left, the "
                         "second on the right, mixed in between")
     p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
-                   help="forward-backward rounds per scale when inpainting (none at t = T)")
-    p.add_argument("--particles", type=int, default=evaluate.INPAINT_PARTICLES,
-                   help="inpainting: draws per image and scale, resampled by how well they fit the given tokens")
+                   help="inpainting: forward-backward rounds per scale (none at t = T), the paper's masked process")
+    p.add_argument("--particles", type=int, default=None,
+                   help="inpainting, this code's own: draws per image and scale, resampled by how well they fit the "
+                        "given tokens (default: none, the paper's process)")
     p.add_argument("--context", choices=("clean", "noised"), default="clean",
                    help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     p.add_argument("--device", default=None)
@@ -589,7 +590,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     outputs = Outputs(args, B * reps, B * (reps + 2), reps + 2, (canvas[0] * f, canvas[1] * f), canvas,
                       "labels" in cond, f"--inpaint {args.inpaint} with --completions {reps}")
     keep_one = ~regen.to(device)                                    # (h, w), True = given
-    per_batch = max(1, INPAINT_BATCH // args.particles)             # each completion decodes `particles` rows
+    per_batch = max(1, INPAINT_BATCH // (args.particles or 1))      # each completion decodes `particles` rows
     try:
         # --- the inputs as codes x_1 (test codes straight from tokens.pt, files encoded) and as
         # the first stage shows them, a batch at a time
@@ -800,7 +801,7 @@ and writes the painted tokens (Sec. 4.3). <span id="runinfo"></span></p>
  <label>top-k <input id="top_k" type="number" min="1" placeholder="all" style="width:5em"></label>
  <label>top-p <input id="top_p" type="number" step="0.05" min="0.05" max="1" placeholder="1" style="width:5em"></label>
  <label>refine <input id="refine" type="number" min="0" max="8" style="width:5em"></label>
- <label>particles <input id="particles" type="number" min="1" max="32" style="width:5em"></label>
+ <label>particles <input id="particles" type="number" min="0" max="32" style="width:5em" title="0: the paper's process"></label>
  <label>completions <input id="completions" type="number" min="1" value="6" style="width:5em"></label>
  <label>seed <input id="seed" type="number" value="0" style="width:5em"></label>
  <button id="go" style="font-size:1.2em">complete</button>
@@ -976,7 +977,7 @@ class Editor:
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS),
-                "refine": ib.INPAINT_REFINE, "particles": evaluate.INPAINT_PARTICLES, "max_completions": MAX_COMPLETIONS,
+                "refine": ib.INPAINT_REFINE, "particles": 0, "max_completions": MAX_COMPLETIONS,
                 "max_waiting": MAX_WAITING}
 
     def test_image(self, index) -> dict:
@@ -1006,7 +1007,8 @@ class Editor:
         seed = runs.check_number(field(req, "seed", 0), "seed", 0, runs.SEED_MAX, whole=True)
         n = runs.check_number(field(req, "completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
         refine = runs.check_number(field(req, "refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
-        particles = runs.check_number(field(req, "particles", evaluate.INPAINT_PARTICLES), "particles", 1, 32, whole=True)
+        # 0 particles (the default): the paper's masked process; 1..32: this code's particles
+        particles = runs.check_number(field(req, "particles", 0), "particles", 0, 32, whole=True) or None
         # --- the input: the page sends the image it shows, at the run's resolution
         x0 = read_image(from_data_url(str(field(req, "image", "")), "image"), H, "image").to(self.device)
         # --- the mask: a kind (random boxes need the seed, so the server draws them), or the
@@ -1189,7 +1191,8 @@ def check_numbers(args) -> None:
         runs.check_number(args.port, "--port", 0, 65535, whole=True)
     if not args.benchmark:
         runs.check_number(args.refine, "--refine", 0, whole=True)
-        runs.check_number(args.particles, "--particles", 1, whole=True)
+        if args.particles is not None:
+            runs.check_number(args.particles, "--particles", 1, whole=True)
         runs.check_number(args.n, "--n", 1, whole=True)
         runs.check_number(args.completions, "--completions", 1, whole=True)
 

@@ -1314,6 +1314,24 @@ def test_particles_keep_the_given_tokens_and_follow_the_weights(inpaint_chain, m
     assert torch.equal(second, first[:, 2:3].expand(3, 4))
 
 
+def test_inpaint_defaults_are_the_papers_masked_process(inpaint_chain, monkeypatch):
+    """inpaint's defaults are the paper's procedure (Sec. 4.3): the default call makes
+    INPAINT_REFINE > 0 forward-backward rounds per scale (from the same seed it draws what
+    refine=INPAINT_REFINE draws, and not what refine=0 draws) and one draw per image: it gives
+    the tokens of particles=1, which runs the particles' own code, weights and resampling
+    included (after every pass, seen by wrapping ib.resample)."""
+    keep = (~sample.token_mask(sample.pixel_mask("upper", 32, 32, seed=0), 4)).expand(3, 8, 8)
+    x1 = torch.randint(0, 16, (3, 8, 8), generator=gen(3))
+    default = inpaint_chain.inpaint(x1, keep, generator=gen(4))
+    assert ib.INPAINT_REFINE > 0
+    assert torch.equal(default, inpaint_chain.inpaint(x1, keep, refine=ib.INPAINT_REFINE, generator=gen(4)))
+    assert not torch.equal(default, inpaint_chain.inpaint(x1, keep, refine=0, generator=gen(4)))
+    real, calls = ib.resample, []
+    monkeypatch.setattr(ib, "resample", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert torch.equal(default, inpaint_chain.inpaint(x1, keep, particles=1, generator=gen(4)))
+    assert calls == [1] * (1 + (inpaint_chain.T - 2) * (1 + ib.INPAINT_REFINE))   # one pass at t = T
+
+
 def test_clean_context_keeps_given_tokens_clean_in_every_x_t(inpaint_chain):
     """context="clean" (the default, Sec. 4.3): the given tokens are x_1 in every state of the
     trajectory, x_T included, so every encoder reads them clean. context="noised" instead draws
@@ -2758,7 +2776,7 @@ def test_evaluate_run_on_unlabelled_data_reports_psnr_only():
 
 
 EVAL_ROWS = ["real_test", "reconstructions", "completions_upper", "completions_random_boxes",
-             "samples_guidance_0", "samples_guided"]
+             "completions_upper_particles", "completions_random_boxes_particles", "samples_guidance_0", "samples_guided"]
 
 
 def test_random_boxes_in_a_side_process_give_the_same_figures(trained_run, tmp_path):
@@ -2780,8 +2798,8 @@ def test_e2e_judge_after_training_then_cached_by_evaluate(trained_run, monkeypat
     """train_chain.py ended by training a judge and writing eval.json; evaluate.py then
     loads the same cached judge (its file untouched) and reproduces every figure (same judge,
     same seeds), printing them as its last line, a JSON object equal to the new eval.json. Every
-    row is there, at n = 16; accuracies lie in [0, 1], FDs are >= 0, guided samples use the
-    default guidance (--guidance 0 was given)."""
+    row is there, at n = 16, the completions by both procedures (the paper's masked process and
+    particles); accuracies lie in [0, 1], FDs are >= 0, guided samples use the default guidance."""
     run = trained_run.dir
     assert "judge: training a classifier" in trained_run.chain_log
     with open(os.path.join(run, "eval.json")) as f:
@@ -2805,7 +2823,8 @@ def test_e2e_judge_after_training_then_cached_by_evaluate(trained_run, monkeypat
         assert result[row] == first[row], row
     assert 0 < result["reconstructions"]["psnr"] < 60
     assert 0 <= result["real_lower_halves"]["accuracy"] <= 1          # the lower-half judge's ceiling
-    assert result["inpaint"] == {"refine": ib.INPAINT_REFINE, "context": "clean", "particles": evaluate.INPAINT_PARTICLES}
+    assert result["inpaint"] == {"masked_process": {"refine": ib.INPAINT_REFINE, "context": "clean"},
+                                 "particles": {"particles": evaluate.INPAINT_PARTICLES, "refine": 0, "context": "clean"}}
     # other inpainting options go to another file (--out); the run's eval.json stays as it was.
     # An --eval-n above half the 32 test images is said, with the N used
     other = os.path.join(str(trained_run.judges), "new_folder", "noised.json")     # --out's folder is made
@@ -2817,7 +2836,8 @@ def test_e2e_judge_after_training_then_cached_by_evaluate(trained_run, monkeypat
     assert "judging N = 16 images per row, not 1000: the test split holds 32" in out
     with open(other) as f:
         result = json.load(f)
-    assert result["inpaint"] == {"refine": 0, "context": "noised", "particles": 2} and result["n"] == 16
+    assert result["inpaint"] == {"masked_process": {"refine": 0, "context": "noised"},
+                                 "particles": {"particles": 2, "refine": 0, "context": "noised"}} and result["n"] == 16
     assert os.stat(os.path.join(run, "eval.json")).st_mtime_ns == before
 
 
