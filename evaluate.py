@@ -829,7 +829,7 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge,
         result[name] = {"fd": round(frechet_distance(*feature_stats(features), *reference), 3),
                         "same_colour": round((ds.dominant_colours(ds.to_uint8(drawn)) == given_colour).float().mean().item(), 4)}
     for name, parts in codes.items():
-        images = torch.cat([_as_saved(vq.decode(x.to(device))).cpu() for x in torch.cat(parts).split(64)])
+        images = torch.cat([_as_saved(ib.decode_canvas(vq, x.to(device))).cpu() for x in torch.cat(parts).split(64)])
         f, rows = vq.cfg.factor, {"fd": [], "accuracy": []}
         for o in result["offsets"]:
             features, predicted = judge_images(judge, images[..., o * f:(o + w) * f])
@@ -1108,6 +1108,8 @@ def main():
     runs.check_number(args.refine, "--refine", 0, whole=True)
     runs.check_number(args.particles, "--particles", 0, whole=True)
     check_selection(args.accept, args.rerank, args.scorer, args.classifier_steps)
+    if args.stride != 1 and not args.size:
+        raise runs.UserError("--stride moves the windows of a --size canvas; give --size")
     if args.size and (args.accept is not None or args.rerank is not None):
         raise runs.UserError("--accept and --rerank choose among samples of the training size; --size judges "
                              "panoramas: give one of them")

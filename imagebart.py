@@ -9,8 +9,13 @@ Read it top to bottom next to the paper, in the order of Sec. 3:
                          the perceptual loss (hand-written LPIPS on forward hooks), PatchGAN
     2. Diffusion         the fixed multinomial diffusion over codes (Sec. 3.3, Eq. 5-6) and
                          its closed-form posterior and KL (Eq. 7-8)
-    3. Transformers      one encoder-decoder transformer per scale, with a key/value cache (Sec. 4.4)
-    4. The chain         ImageBART: training loss, likelihood bound, sampling, masked editing (Sec. 4.3)
+    3. Transformers      one encoder-decoder transformer per scale (Sec. 3.3, 4.4), and the
+                         key/value cache through which sampling reads a decoder
+    4. The chain         ImageBART: training loss, likelihood bound, the reverse chain (Sec. 3.3),
+                         masked editing (Sec. 4.3)
+    5. Beyond the chain  this code's extensions, each a layer around section 4: sampling options
+                         and guidance, patch-wise sampling (Sec. 4.2), particles, the scores of
+                         rejection and reranking, fast caches
 
 This file knows nothing of files, processes or command lines: runs.py holds a run folder and
 the scripts' plumbing, data.py the data sets, evaluate.py the judge of samples. A bad argument
@@ -267,39 +272,12 @@ class VQGAN(nn.Module):
         return self.code_map[full].view(B, h, w)
 
     @torch.no_grad()
-    def decode(self, x1: torch.Tensor, whole: bool = False) -> torch.Tensor:
-        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1] (clamped). A grid larger
-        than the training grid (patch-wise sampling, Sec. 4.2) is decoded in windows of the
-        training grid (decode_windows) unless whole=True."""
-        n = self.cfg.resolution // self.cfg.factor                        # the training grid, n x n codes
-        if not whole and (x1.shape[1] > n or x1.shape[2] > n):
-            return self.decode_windows(x1)
+    def decode(self, x1: torch.Tensor) -> torch.Tensor:
+        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1] (clamped): G(z_q), the
+        codes looked up in the codebook. (A grid larger than the training grid is better decoded
+        window by window: decode_canvas, section 5.)"""
         e = self.quantizer.codes()[self.used_codes[x1]]                  # (B, h, w, D)
         return self.decoder(rearrange(e, "b h w d -> b d h w")).clamp(-1, 1)
-
-    @torch.no_grad()
-    def decode_windows(self, x1: torch.Tensor) -> torch.Tensor:
-        """A code grid larger than the training grid -> pixels, decoded window by window. G's
-        self-attention at the lowest resolution reads every code of what it decodes: a whole
-        8 x 16 grid, decoded at once, changes the pixels of its left half by a mean of 0.09 (of
-        the range 2) against decoding that half alone (the quickstart's first stage), and tints a
-        given image by what was drawn beside it. So G reads windows of the training grid, half a window apart, and each pixel
-        is the mean of the windows that cover it, weighted by a tent that is highest at a
-        window's centre (no seams where windows meet). Pixels that only one window covers (the
-        first and the last half window of a row of windows) are that window's decode, to rounding."""
-        B, H, W = x1.shape
-        n, f = self.cfg.resolution // self.cfg.factor, self.cfg.factor
-        starts = lambda size: sorted(set(range(0, size - n + 1, n // 2)) | {size - n})   # window origins, codes
-        ramp = torch.minimum(torch.arange(n * f) + 0.5, n * f - torch.arange(n * f) - 0.5).to(x1.device)
-        tent = ramp[:, None] * ramp[None, :]                              # (n f, n f): > 0 everywhere
-        out = torch.zeros(B, 3, H * f, W * f, device=x1.device)
-        weight = torch.zeros(H * f, W * f, device=x1.device)
-        for top in starts(H):
-            for left in starts(W):
-                rows, cols = slice(top * f, (top + n) * f), slice(left * f, (left + n) * f)
-                out[:, :, rows, cols] += self.decode(x1[:, top:top + n, left:left + n]) * tent
-                weight[rows, cols] += tent
-        return out / weight
 
     @torch.no_grad()
     def shrink(self, used_full: torch.Tensor, seed: int = 0) -> None:
@@ -425,9 +403,9 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 
 def linear_alpha_bar_betas(T: int) -> list[float]:
     """betas [beta_2, ..., beta_T] with alpha_bar falling linearly: alpha_bar_t = (T - t) / (T - 1).
-    For T = 5: alpha_bar = 1, .75, .5, .25, 0: the official `geometric` redraw schedule of its 4-scale
-    configs (the paper's headline chains space their betas evenly in a perceptual metric instead).
-    beta_t = 1 - ab_t / ab_{t-1}."""
+    For T = 5: alpha_bar = 1, .75, .5, .25, 0: the official code's `geometric` redraw schedule of
+    its 4-scale configs (its other configs read their betas from tabulated schedules against a
+    perceptual metric, data/*_schedule_vs_metric.p). beta_t = 1 - ab_t / ab_{t-1}."""
     if T < 2:
         raise ValueError(f"a chain needs T >= 2, got T = {T}")
     ab = [(T - t) / (T - 1) for t in range(1, T + 1)]  # alpha_bar_1 .. alpha_bar_T
@@ -638,20 +616,26 @@ class KVCache:
     """The keys and values of one self-attention layer for the positions decoded so far: buffers
     of `size` positions, allocated on the first call and written in place (no torch.cat per
     token), so a new token costs O(i) instead of re-running the whole prefix. Attention.cached
-    also keeps here its q, k, v weights stacked into one matrix (w, b), once per decode."""
+    also keeps here its q, k, v weights stacked into one matrix (w, b): a memo made on the first
+    step of a decode, so a cache lives for one decode of a scale, while the weights stay fixed."""
 
     def __init__(self, size: int):
         self.size, self.len = size, 0
         self.k = self.v = self.w = self.b = None
+
+    def buffers(self, k_new):
+        """The key and value buffers, (B, nh, size, hs), zeros until written: made on first use."""
+        if self.k is None:
+            self.k = k_new.new_zeros(*k_new.shape[:2], self.size, k_new.shape[-1])
+            self.v = torch.zeros_like(self.k)
+        return self.k, self.v
 
     def update(self, k_new, v_new):
         """Append L new positions' keys and values (B, nh, L, hs) -> (k, v) of every position so
         far, (B, nh, len, hs), and the mask of what the new queries may see: None for a single
         query (the newest position: every key is in its past), else (L, len), each new query
         seeing the cache and the new keys up to itself (forward()'s causal mask, True = attend)."""
-        if self.k is None:
-            self.k = k_new.new_zeros(*k_new.shape[:2], self.size, k_new.shape[-1])
-            self.v = torch.zeros_like(self.k)
+        self.buffers(k_new)
         start, end = self.len, self.len + k_new.shape[2]
         self.k[:, :, start:end], self.v[:, :, start:end] = k_new, v_new
         self.len = end
@@ -745,7 +729,8 @@ class ScaleTransformer(nn.Module):
 
     x^i_{t-1} is often the very token x^i_t: the step t-1 -> t leaves a fraction 1 - beta_t of
     tokens untouched. A network that has to learn this copying from scratch learns it slowly
-    (a tiny chain trained for minutes keeps only 3 to 4 in 5 surviving tokens). Two ways to help:
+    (a tiny chain trained for minutes copied only 3 to 4 in 5 of the tokens that had
+    survived into x_t). Two ways to help:
     `residual_logits` (on by default; the official ResidualScaledXTransformer): by Bayes,
     p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so add the known factor
     log q(x^i_t | x^i_{t-1} = k) (Eq. 5 read as a function of k) with unit weight to the logit of
@@ -767,7 +752,7 @@ class ScaleTransformer(nn.Module):
         self.dec_tok = nn.Embedding(K + 1, d)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(1, N, d))
         if self.conditional:
-            self.class_emb = nn.Embedding(cfg.num_labels + 1, d)   # last row: the null class
+            self.class_emb = nn.Embedding(cfg.num_labels + 1, d)   # last row: the null class (guidance, section 5)
         if self.text_len:                              # the caption's own embeddings and positions
             self.text_tok = nn.Embedding(len(cfg.vocab), d)
             self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.text_len, d))
@@ -798,7 +783,8 @@ class ScaleTransformer(nn.Module):
 
     # The condition c is a class (B,) on a class-conditional chain, token ids (B, text_len) on a
     # text-conditional one (the official conditional chains place their condition's tokens in
-    # the encoder the same way), None on an unconditional one.
+    # the encoder the same way), None on an unconditional one. A class enters the encoder as a
+    # token before x_t and the decoder at START (embed_decoder).
 
     def embed_text(self, c: torch.Tensor) -> torch.Tensor:
         return self.text_tok(c) + self.text_pos                           # (B, text_len, C)
@@ -850,11 +836,17 @@ class ScaleTransformer(nn.Module):
             out = self.logit_scale * out + self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
         return out
 
+    def shift(self, x_tm1, start: int, end: int):
+        """The decoder's inputs at positions start..end-1: the token before each, x^{i-1}_{t-1},
+        and START at i = 0 (the right shift that makes the decoder causal).  (B, >= end) -> (B, end - start)"""
+        if start > 0:
+            return x_tm1[:, start - 1:end - 1]
+        return torch.cat([torch.full_like(x_tm1[:, :1], self.START), x_tm1[:, :max(end - 1, 0)]], dim=1)[:, :end]
+
     def decode(self, memory, x_t, x_tm1, c):
         """Teacher-forced decoder: logits (B, L, K) for positions 0..L-1 given x_tm1 (B, L).
         Position i only sees x^{<i}_{t-1}: the last token of x_tm1 is never an input."""
-        start = torch.full_like(x_tm1[:, :1], self.START)
-        h = self.embed_decoder(torch.cat([start, x_tm1[:, :-1]], dim=1), x_t, c, 0)
+        h = self.embed_decoder(self.shift(x_tm1, 0, x_tm1.shape[1]), x_t, c, 0)
         prefix = self.text_prefix(c)
         if prefix is not None:
             h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
@@ -885,63 +877,71 @@ class ScaleTransformer(nn.Module):
             h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
         for block, cache in zip(self.decoder, caches):
             h = block(h, memory, causal=True, cache=cache)
-        return self.logits(h[:, h.shape[1] - L:], x_t, i)
+        return self.logits(h[:, h.shape[1] - L:], x_t, i)                 # the L image positions, not the prefix
 
 
 # ----- Reading the decoder one token at a time ------------------------------------------
 
-class NextLogits:
-    """Scale t's decoder as sampling reads it: the logits of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
-    for one position i after another. The encoder reads all of x_t once; each token of x_{t-1},
-    once written, is read into the decoder's key/value cache. A position that is not drawn (a
-    token masked editing gives) is read with the next one that is, in one block.
+class Reader:
+    """What decode_scale draws from: a reader of one scale's decoder. reader(x_tm1, i) gives the
+    logits (B, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c) once x_tm1 (B, N) is written before
+    position i; read(x_tm1, end) reads the positions not read yet, up to end - 1, and gives
+    their logits (B, L, K). A reader is asked for the positions in order, each once, and may
+    skip some (tokens masked editing gives, which decode_scale does not draw): those are read
+    as one block before the next position it is asked for. That position is read alone, a
+    one-token step, the step a CUDA graph replays (section 5, StaticLogits).
 
-    Section 5's extensions are readers too: they wrap this one (guidance, filters, the weights
-    of particles) or take its place (windows, the uncached reference, the static cache), and
-    decode_scale's loop stays the same."""
+    NextLogits below is the plain reader, the model with its key/value cache. Section 5's
+    extensions are readers too: they wrap one (guidance, filters, the weights of particles) or
+    take its place (windows, the uncached reference, the static cache)."""
+
+    def __call__(self, x_tm1: torch.Tensor, i: int) -> torch.Tensor:
+        self.read(x_tm1, i)                                    # the given tokens not read yet, if any
+        return self.read(x_tm1, i + 1)[:, -1]                  # then position i alone: (B, K)
+
+    def read(self, x_tm1: torch.Tensor, end: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def no_logits(x_tm1: torch.Tensor, K: int) -> torch.Tensor:
+    """The logits of no position, (B, 0, K): what a read returns when nothing is left to read."""
+    return x_tm1.new_zeros(x_tm1.shape[0], 0, K, dtype=torch.float)
+
+
+class NextLogits(Reader):
+    """The plain reader: scale t's decoder through its key/value cache. The encoder reads all of
+    x_t once; each token of x_{t-1}, once written, is read into the cache."""
 
     def __init__(self, model: ScaleTransformer, x_t: torch.Tensor, c):
         self.model, self.x_t, self.c = model, x_t, c
         self.memory = model.encode(x_t, c)                     # (B, [cond +] N, C): once per scale
-        self.caches = model.new_caches()
+        self.caches = self.new_caches()
         self.done = 0                                          # positions read so far
 
-    def __call__(self, x_tm1: torch.Tensor, i: int) -> torch.Tensor:
-        """x_tm1 (B, N), written before position i -> the logits of position i (B, K)."""
-        self.read(x_tm1, i)                                    # the given tokens not read yet, if any
-        return self.read(x_tm1, i + 1)[:, -1]
+    def new_caches(self) -> list[dict]:
+        return self.model.new_caches()
 
     def read(self, x_tm1: torch.Tensor, end: int) -> torch.Tensor:
         """Read the positions done..end-1 of x_tm1 -> their logits (B, end - done, K)."""
         start, self.done = self.done, end
         if start == end:
-            return x_tm1.new_zeros(x_tm1.shape[0], 0, self.model.K, dtype=torch.float)
-        return self.model.step(shifted(x_tm1, self.model.START, start, end), start, self.memory, self.x_t, self.c,
-                               self.caches)
-
-
-def shifted(x_tm1: torch.Tensor, START: int, start: int, end: int) -> torch.Tensor:
-    """The decoder's inputs at positions start..end-1: the token before each, x^{i-1}_{t-1}, and
-    START at i = 0 (the right shift that makes the decoder causal).  (B, N) -> (B, end - start)"""
-    if start > 0:
-        return x_tm1[:, start - 1:end - 1]
-    return torch.cat([torch.full_like(x_tm1[:, :1], START), x_tm1[:, :end - 1]], dim=1)
+            return no_logits(x_tm1, self.model.K)
+        return self.model.step(self.model.shift(x_tm1, start, end), start, self.memory, self.x_t, self.c, self.caches)
 
 
 # =====================================================================================
 # 4. The chain: ImageBART
 # =====================================================================================
 
-# Forward-backward rounds per scale (but t = T) when inpainting: the default of ImageBART.inpaint
-# and of sample.py --inpaint alike. The official script makes 5 passes per scale (4 rounds) on its
-# "custom" chains. On the quickstart's T = 3 run (docs/masked-editing.md) upper halves were completed
-# 65 % of the time with 0 rounds, 66 % with 2, 69-70 % with 4 (two seeds), 69 % with 8 and 16.
+# Forward-backward rounds per scale (but t = T) of masked editing, ImageBART.inpaint's default. The
+# official script makes 5 passes per scale (4 rounds) on its "custom" chains. On a tiny T = 3 chain
+# more rounds than 4 bought nothing (docs/masked-editing.md).
 INPAINT_REFINE = 4
 
 
 class ImageBART(nn.Module):
-    """The reverse chain p(x_1) = sum p(x_T) prod_{t=2..T} p^{t-1}(x_{t-1} | x_t, c), with
-    p(x_T) uniform and one ScaleTransformer per t, each trained on its own (Sec. 3.3)."""
+    """The reverse chain p(x_1 | c) = sum over x_2..x_T of p(x_T) prod_{t=2..T} p^{t-1}(x_{t-1} | x_t, c),
+    with p(x_T) uniform and one ScaleTransformer per t, each trained on its own (Sec. 3.3)."""
 
     def __init__(self, cfg: ChainConfig):
         super().__init__()
@@ -1024,9 +1024,9 @@ class ImageBART(nn.Module):
         return q, x_tm1, logits
 
     def loss(self, x1, t: int, labels=None, kind: str = "kl", text=None, net=None) -> torch.Tensor:
-        """Scale t's training loss in nats per token.
+        """Scale t's training loss in nats per token: the mean over the positions i (and the batch) of
 
-        "kl" (Eq. 7): sum over positions i of KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
+        "kl" (Eq. 7): KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
         The posterior factorizes over positions, the model is autoregressive, so with x^{<i}_{t-1}
         drawn from q this is an unbiased one-sample estimate of the KL between the sequences,
         exact in each position's K outcomes. At t = 2 the posterior is one-hot on x_1, so the
@@ -1045,8 +1045,9 @@ class ImageBART(nn.Module):
 
     @torch.no_grad()
     def nll(self, x1, labels=None, text=None, *, terms: bool = False, generator=None):
-        """Upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,): given the condition
-        c on a conditional chain (labels or text; None = the null condition), else on -log2 p(x_1):
+        """The upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,), estimated with
+        one Monte-Carlo draw per scale (scale_bits): given the condition c on a conditional chain
+        (labels or text; None = the null condition), else on -log2 p(x_1):
             -log p(x_1 | c) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t, c)) ]
         (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
         vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
@@ -1064,19 +1065,19 @@ class ImageBART(nn.Module):
     # ----- sampling: the reverse chain (Sec. 3.3) --------------------------------------
 
     @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
-    def decode_scale(self, t: int, x_t, c=None, *, forced=None, keep=None, logits=None, generator=None):
+    def decode_scale(self, t: int, x_t, c=None, *, forced=None, keep=None, reader=None, generator=None):
         """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c), one token
         at a time in raster order.  x_t (B, N) -> x_{t-1} (B, N).
         Masked editing (Sec. 4.3): where keep (B, N) is True the token is not drawn but set to
-        `forced` (B, N), and every later token is conditioned on it. `logits`: the reader of the
-        decoder (NextLogits, the plain model; Section 5's extensions pass their own)."""
-        logits = logits or NextLogits(self.scale(t), x_t, c)
+        `forced` (B, N), and every later token is conditioned on it. `reader`: what gives the
+        logits (Reader; by default NextLogits, the plain model; section 5's extensions pass their own)."""
+        reader = reader or NextLogits(self.scale(t), x_t, c)
         x_tm1 = torch.zeros_like(x_t)
         for i in range(x_t.shape[1]):
             if keep is not None and keep[:, i].all():          # given in every row: nothing to draw
                 x_tm1[:, i] = forced[:, i]
                 continue
-            probs = logits(x_tm1, i).softmax(-1)               # (B, K): p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
+            probs = reader(x_tm1, i).softmax(-1)               # (B, K): p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
             x_tm1[:, i] = self.diffusion.draw(probs, generator)
             if keep is not None:                               # given in some rows: those keep it
                 x_tm1[:, i] = torch.where(keep[:, i], forced[:, i], x_tm1[:, i])
@@ -1087,16 +1088,16 @@ class ImageBART(nn.Module):
                **options) -> torch.Tensor | list[torch.Tensor]:
         """n samples x_1 (n, h, w) of the chain (Sec. 3.3): x_T ~ uniform, then for t = T, ..., 2
         x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), c the classes `labels`, the prompts `text` (a list of
-        n strings), or neither (the null condition). trajectory=True: [x_T, ..., x_1] (Fig. 5).
-        `options` are this code's sampling extensions (Section 5, Sampling): temperature, top_k,
+        n strings), or neither (the null condition). trajectory=True: every state [x_T, ..., x_1].
+        `options` are this code's sampling extensions (section 5, Sampling): temperature, top_k,
         top_p, guidance, use_cache, graph, size and stride (patch-wise), across. Without them,
-        every scale is the plain decode_scale."""
-        opts = Sampling(self, **options)
-        c, (h, w) = opts.condition(labels, text, n), opts.grid
+        layers.condition is self.condition and layers.reader the plain NextLogits."""
+        layers = Sampling(self, **options)
+        c, (h, w) = layers.condition(labels, text, n), layers.grid
         x_t = torch.randint(0, self.diffusion.K, (n, h * w), generator=generator, device=self.device)  # x_T
         xs = [x_t]
         for t in range(self.T, 1, -1):
-            x_t = self.decode_scale(t, x_t, c, logits=opts.logits(t, x_t, c), generator=generator)
+            x_t = self.decode_scale(t, x_t, c, reader=layers.reader(t, x_t, c), generator=generator)
             xs.append(x_t)
         xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
         return xs if trajectory else xs[-1]
@@ -1109,32 +1110,36 @@ class ImageBART(nn.Module):
                 **options) -> torch.Tensor | list[torch.Tensor]:
         """Complete x_1 (B, h, w) where keep (B, h, w) is False; the given tokens (keep True)
         come back as they were. Sec. 4.3's masked process "leaves the unmasked context intact":
-        x_T is uniform noise but for the given tokens, which are x^i_1 in every x_t an encoder
-        reads and forced to x^i_1 in every decoder as it writes (decode_scale). A decoder writes
-        in raster order, so what it writes before it reaches a given token does not know it:
-        `refine` forward-backward rounds per scale, x_{t-1} -> x_t' -> x_{t-1} (renoise, then
-        decode_scale), let those tokens adapt to the context, as in Fig. 5 (bottom). t = T is
-        not refined: that scale is decoder-only and never reads x_T.
-        particles, context: this code's own procedures (Section 5, inpaint_particles).
-        trajectory=True: [x_T, ..., x_1]. `options`: as for sample (guidance, filters, size and
-        stride for outpainting)."""
+        every decoder forces the given tokens to x^i_1 as it writes (decode_scale), so each
+        scale's output holds them clean, and so does x_T (uniform noise elsewhere; t = T is
+        decoder-only, so only the trajectory shows it). A decoder writes in raster order, so
+        what it writes before it reaches a given token does not know it: `refine`
+        forward-backward rounds per scale, x_{t-1} -> x_t' -> x_{t-1} (renoise, which noises
+        every position as the official script does, then decode_scale), let those tokens adapt
+        to the context, as Fig. 5 (bottom) shows at t = 2. t = T is not refined: that scale
+        never reads x_T. trajectory=True: every state [x_T, ..., x_1].
+        particles, context: this code's own procedures (section 5, inpaint_particles).
+        `options`: as for sample (guidance, filters; size and stride to outpaint: x1 on the canvas)."""
         if particles is not None or context != "clean":
             return inpaint_particles(self, x1, keep, labels, text, particles=particles or 1, refine=refine,
                                      context=context, trajectory=trajectory, generator=generator, **options)
-        (B, h, w), opts = x1.shape, Sampling(self, **options)
-        c = opts.condition(labels, text, B)
+        (B, h, w), layers = x1.shape, Sampling(self, **options)
+        if (h, w) != layers.grid or layers.across:
+            raise ValueError(f"x1 is a grid of {(h, w)} codes; inpaint draws {layers.grid} (give size=) and "
+                             f"one condition (across is for sample)")
+        c = layers.condition(labels, text, B)
         x1, keep = rearrange(x1.long(), "b h w -> b (h w)"), rearrange(keep.bool(), "b h w -> b (h w)")
         noise = torch.randint(0, self.diffusion.K, x1.shape, generator=generator, device=x1.device)
         x_t = torch.where(keep, x1, noise)                     # x_T: the given tokens clean, the rest noise
         xs = [x_t]
         for t in range(self.T, 1, -1):
-            x_tm1 = self.decode_scale(t, x_t, c, forced=x1, keep=keep, logits=opts.logits(t, x_t, c),
+            x_tm1 = self.decode_scale(t, x_t, c, forced=x1, keep=keep, reader=layers.reader(t, x_t, c),
                                       generator=generator)
             rounds = refine if t < self.T else 0
             for r in range(1, rounds + 1):                     # forward: x_t' ~ q(x_t | x_{t-1}); backward
                 x_again = self.renoise(x_tm1, t, r, rounds, generator)
-                x_tm1 = self.decode_scale(t, x_again, c, forced=x1, keep=keep, logits=opts.logits(t, x_again, c),
-                                          generator=generator)
+                x_tm1 = self.decode_scale(t, x_again, c, forced=x1, keep=keep,
+                                          reader=layers.reader(t, x_again, c), generator=generator)
             x_t = x_tm1
             xs.append(x_t)
         xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
@@ -1150,19 +1155,19 @@ class ImageBART(nn.Module):
 
 
 # =====================================================================================
-# 5. Beyond the plain chain: this code's extensions, each a layer around Section 4
+# 5. Beyond the plain chain: this code's extensions, each a layer around section 4
 # =====================================================================================
 # Sections 1-4 are the paper's method. What follows goes beyond the plain reverse chain, and
 # each part reduces to it where it should (the tests say so, token for token):
 #   sampling options   temperature, top-k, top-p and classifier-free guidance, applied to the
 #                      logits of each token (Filtered, Mixed): at their defaults, nothing changes
 #   patch-wise         a grid larger than the training grid, written through sliding windows
-#                      (Sec. 4.2, WindowLogits), and a condition that changes across the image:
-#                      at the training size the window never moves
+#                      (Sec. 4.2, WindowLogits, decode_canvas), and a condition that changes
+#                      across the image: at the training size the window never moves
 #   particles          masked editing with M draws per image, resampled between passes by how
 #                      well each explains the given tokens (inpaint_particles): one particle is
 #                      the plain process
-#   scores             what rejection and reranking (Table 2, Fig. 3) choose by (bayes_score)
+#   scores             what reranking chooses by, from the chain alone (bayes_score)
 #   fast caches        the static key/value cache and the CUDA-graph step (StaticLogits), and the
 #                      uncached reference every cache is tested against (UncachedLogits)
 
@@ -1185,7 +1190,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 def option_per_scale(value, T: int, name: str) -> dict:
     """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2
-    -> {t: value}. sample.py checks its --temperature/--top-k/--top-p lists here too."""
+    -> {t: value}."""
     if isinstance(value, (list, tuple)):
         if len(value) != T - 1:
             raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
@@ -1199,10 +1204,11 @@ class Sampling:
     NextLogits where every option is at its default (then sample and inpaint are the paper's).
       temperature, top_k, top_p  one value, or one per scale t = T..2 (Filtered)
       guidance                   classifier-free guidance weight w (Mixed)
-      size, stride               a grid (H, W) of codes larger than the training grid, written
-                                 through windows (WindowLogits, window_origin)
+      size, stride               a grid (H, W) of codes at least the training grid, written
+                                 through windows that move `stride` columns at a time
+                                 (WindowLogits, window_origin)
       across                     labels or text hold two conditions, left and right, mixed
-                                 across the image (Mixed; with size)
+                                 across the image (Mixed)
       use_cache=False            the uncached reference (UncachedLogits)
       graph                      the static cache, each step a CUDA graph (StaticLogits)"""
 
@@ -1211,10 +1217,22 @@ class Sampling:
         self.chain, self.guidance, self.use_cache, self.graph = chain, guidance, use_cache, graph
         self.filters = {name: option_per_scale(value, chain.T, name) for name, value in
                         (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
-        self.size, self.window, self.stride, self.across = size and tuple(size), tuple(chain.cfg.grid), stride, across
-        self.grid = self.size or self.window                   # the grid of codes drawn
+        self.window = tuple(chain.cfg.grid)                   # (h, w): what each scale was trained on
+        self.size = tuple(size) if size is not None else None
+        self.grid = self.size or self.window                   # (H, W): the grid of codes drawn
+        self.stride, self.across = stride, across
+        # every option does what it says, or it is refused here
+        bad = [f"temperature {v}" for v in self.filters["temperature"].values() if not v > 0] + \
+              [f"top_k {v}" for v in self.filters["top_k"].values() if v is not None and not v >= 1] + \
+              [f"top_p {v}" for v in self.filters["top_p"].values() if v is not None and not 0 < v <= 1]
         if self.grid[0] < self.window[0] or self.grid[1] < self.window[1]:
-            raise ValueError(f"size {self.grid} is smaller than the training grid {self.window}")
+            bad.append(f"size {self.grid}, smaller than the training grid {self.window}")
+        if not 1 <= stride <= self.window[1] or (stride != 1 and self.size is None):
+            bad.append(f"stride {stride} (1 to the window's width {self.window[1]}, with size)")
+        if graph and (self.size is not None or not use_cache):
+            bad.append("graph with size or use_cache=False (the static cache is for the training grid)")
+        if bad:
+            raise ValueError("sampling options out of range: " + "; ".join(bad))
 
     def condition(self, labels, text, n: int):
         """The condition c of n rows (ImageBART.condition); with across, the pair (left, right)."""
@@ -1226,7 +1244,7 @@ class Sampling:
         return tuple(self.chain.condition(side if labels is not None else None, [side] if text is not None else None, n)
                      for side in pair)
 
-    def logits(self, t: int, x_t: torch.Tensor, c):
+    def reader(self, t: int, x_t: torch.Tensor, c) -> Reader:
         """The reader of scale t's logits for x_t (B, N) under the condition c (decode_scale)."""
         model = self.chain.scale(t)
         conds = list(c) if isinstance(c, tuple) else [c]       # the condition of each row: one, or left and right
@@ -1252,31 +1270,28 @@ class Sampling:
         return reader
 
 
-class Filtered:
+class Filtered(Reader):
     """A reader whose logits are filtered (filter_logits): temperature, top-k, top-p."""
 
-    def __init__(self, inner, temperature=1.0, top_k=None, top_p=None):
+    def __init__(self, inner: Reader, temperature=1.0, top_k=None, top_p=None):
         self.inner, self.options = inner, dict(temperature=temperature, top_k=top_k, top_p=top_p)
-
-    __call__ = NextLogits.__call__
 
     def read(self, x_tm1, end: int) -> torch.Tensor:
         logits = self.inner.read(x_tm1, end)                   # (B, L, K)
         return filter_logits(logits.flatten(0, 1), **self.options).view(logits.shape)
 
 
-class Mixed:
+class Mixed(Reader):
     """The logits of G conditions, run as one batch of G B rows, combined into one distribution
-    per token (B rows): classifier-free guidance, (1 + w) log p(. | c) - w log p(. | null) with the
-    null condition in the last rows; and a condition that changes across the image (Fig. 4
-    interpolates two prompts so), (1 - a) log p(. | left) + a log p(. | right), a product of
-    experts whose weight a = j / (W - 1) follows the target's column j from 0 at the left edge
-    to 1 at the right (`width` = W; None: one condition)."""
+    per token (B rows). Classifier-free guidance: (1 + w) log p(. | c) - w log p(. | null), the
+    null condition in the last rows. A condition that changes across the image (this code's way
+    to interpolate between two prompts as Fig. 4 does): (1 - a) log p(. | left) + a log p(. | right),
+    a product of experts whose weight a = j / (W - 1) follows the target's column j, from 0 at
+    the left edge to 1 at the right (`width` = W; None: one condition). The combination is
+    taken of the logits: each row's log-normaliser only adds a constant, which softmax ignores."""
 
-    def __init__(self, inner, G: int, guidance: float, width: int | None = None):
+    def __init__(self, inner: Reader, G: int, guidance: float, width: int | None = None):
         self.inner, self.G, self.guidance, self.width = inner, G, guidance, width
-
-    __call__ = NextLogits.__call__
 
     def read(self, x_tm1, end: int) -> torch.Tensor:
         B = x_tm1.shape[0]
@@ -1296,33 +1311,34 @@ class UncachedLogits(NextLogits):
 
     def read(self, x_tm1, end: int) -> torch.Tensor:
         start, self.done = self.done, end
+        if start == end:
+            return no_logits(x_tm1, self.model.K)
         return self.model.decode(self.memory, self.x_t, x_tm1[:, :end], self.c)[:, start:end]
 
 
 # ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) ------------------
 # The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we
-# use the sliding attention window of [Taming Transformers] for each scale". Each scale's
-# transformer only ever saw an h x w grid, so each token of a larger H x W grid is written
-# through an h x w window of it: the encoder reads the window of x_t (known whole: noise,
-# or what the scale above wrote), the decoder the window's tokens of x_{t-1} written so far,
-# in the window's own raster order, and only the target is drawn. At the training size the
-# window never moves, and this is NextLogits token for token.
+# use the sliding attention window of [21] for each scale t > 0", [21] being Taming
+# Transformers. Each scale's transformer only ever saw an h x w grid, so each token of a larger
+# H x W grid is written through an h x w window of it: the encoder reads the window of x_t
+# (known whole: noise, or what the scale above wrote), the decoder the window's tokens of
+# x_{t-1} written so far, in the window's own raster order, and only the target is drawn. At
+# the training size the window never moves, and this is NextLogits token for token.
 
 def window_origin(i: int, j: int, grid: tuple[int, int], window: tuple[int, int], stride: int = 1) -> tuple[int, int]:
     """The top-left corner (top, left) of the h x w window through which the token (i, j) of an
-    H x W grid is written. Taming Transformers' rule (stride 1): l_i = i rows above the target
-    when i <= h/2, h - (H - i) when H - i < h/2, else h/2, and the same for columns; that is
-    i - h/2 clamped to the grid, so the target sits at the window's centre inside the grid and
-    the window stays inside at a border. stride = s > 1 (this code's own rule): the window
-    moves s columns at a time, centred on the middle of each block of s columns, so that s
-    neighbours in a row share a window and its key/value cache."""
+    H x W grid is written.
+    Taming Transformers' rule (stride 1): the window is centred on the target, top = i - h // 2,
+    except near a border, where it is clamped to stay inside the grid.
+    This code's own rule for stride s > 1: the columns come in blocks of s, and all s targets of
+    a block share the window centred on the block's middle, and so share its key/value cache."""
     (H, W), (h, w) = grid, window
     top = min(max(i - h // 2, 0), H - h)
     left = min(max((j // stride) * stride + stride // 2 - w // 2, 0), W - w)
     return top, left
 
 
-class WindowLogits:
+class WindowLogits(Reader):
     """A reader for a grid (H, W) at least the training grid (h, w), in the raster order of the
     large grid: each target is read through its window (window_origin). The encoder runs once
     per window position; the decoder's context for the target is the window's tokens before it
@@ -1335,39 +1351,67 @@ class WindowLogits:
     def __init__(self, model: ScaleTransformer, x_t, c, grid, window, stride: int = 1, use_cache: bool = True):
         self.model, self.c, self.grid, self.window, self.stride, self.use_cache = model, c, grid, window, stride, use_cache
         self.x_t = x_t.view(-1, *grid)                         # (B, H, W)
-        self.windows, self.cached, self.done = {}, None, 0     # origin -> (x_t's window, encoder output); the cache
-
-    __call__ = NextLogits.__call__
+        self.encoded = {}             # window origin -> (x_t's window (B, h w), its encoder output): this band's
+        self.origin = self.next_place = self.caches = None     # the cached window: where, what it reads next
+        self.done = 0
 
     def read(self, x_tm1, end: int) -> torch.Tensor:
         start, self.done = self.done, end
         out = [self.target(x_tm1, p) for p in range(start, end)]
-        return torch.cat(out, 1) if out else x_tm1.new_zeros(x_tm1.shape[0], 0, self.model.K, dtype=torch.float)
+        return torch.cat(out, 1) if out else no_logits(x_tm1, self.model.K)
 
     def target(self, x_tm1, p: int) -> torch.Tensor:
-        """The logits (B, 1, K) of the token at place p = i W + j of the large grid."""
+        """The logits (B, 1, K) of the token at p = i W + j of the large grid (x_tm1 (B, H W))."""
         model, (h, w) = self.model, self.window
         i, j = divmod(p, self.grid[1])
-        top, left = window_origin(i, j, self.grid, self.window, self.stride)
+        origin = top, left = window_origin(i, j, self.grid, self.window, self.stride)
         window = (slice(None), slice(top, top + h), slice(left, left + w))
-        if (top, left) not in self.windows:                    # the encoder, once per window
-            if self.windows and next(iter(self.windows))[0] != top:     # a new band of rows: forget the old
-                self.windows = {}
+        if origin not in self.encoded:                         # the encoder, once per window
+            if self.encoded and next(iter(self.encoded))[0] != top:     # a new band of rows: forget the old
+                self.encoded = {}
             x_t_win = self.x_t[window].flatten(1)              # (B, h w), window raster order
-            self.windows[top, left] = x_t_win, model.encode(x_t_win, self.c)
-        x_t_win, memory = self.windows[top, left]
-        q = (i - top) * w + (j - left)                         # the target's place in its window
-        written = x_tm1.view(-1, *self.grid)[window].flatten(1)           # (B, h w): valid before place q
-        if not self.use_cache:                                 # the reference: the decoder over the prefix 0..q
-            return model.decode(memory, x_t_win, written[:, :q + 1], self.c)[:, q:q + 1]
-        if self.cached is not None and self.cached[:2] == ((top, left), q):   # not moved: the last token was q - 1
-            logits = model.step(x_tm1[:, p - 1:p], q, memory, x_t_win, self.c, self.cached[2])
+            self.encoded[origin] = x_t_win, model.encode(x_t_win, self.c)
+        x_t_win, memory = self.encoded[origin]
+        place = (i - top) * w + (j - left)                     # the target's place in its window
+        written = x_tm1.view(-1, *self.grid)[window].flatten(1)           # (B, h w): valid before `place`
+        if not self.use_cache:                                 # the reference: the decoder over the prefix
+            return model.decode(memory, x_t_win, written[:, :place + 1], self.c)[:, place:place + 1]
+        if (self.origin, self.next_place) == (origin, place):  # not moved: the last token read was place - 1
+            logits = model.step(x_tm1[:, p - 1:p], place, memory, x_t_win, self.c, self.caches)
         else:                                                  # moved: its written tokens in one block pass
-            self.cached = (None, None, model.new_caches())
-            logits = model.step(shifted(written, model.START, 0, q + 1), 0, memory, x_t_win, self.c,
-                                self.cached[2])[:, q:q + 1]
-        self.cached = ((top, left), q + 1, self.cached[2])
+            self.caches = model.new_caches()
+            logits = model.step(model.shift(written, 0, place + 1), 0, memory, x_t_win, self.c,
+                                self.caches)[:, place:place + 1]
+        self.origin, self.next_place = origin, place + 1
         return logits
+
+
+@torch.no_grad()
+def decode_canvas(vq: VQGAN, x1: torch.Tensor) -> torch.Tensor:
+    """VQGAN.decode for a grid of codes of any size at least the training grid: a larger one
+    window by window (this code's own, for the first stage's decoder G). G's self-attention at
+    the lowest resolution reads every code of what it decodes: a whole 8 x 16 grid decoded at
+    once changes the pixels of its left half (a mean of 0.09 of the range 2, on the quickstart's
+    first stage) against decoding that half alone, and tints a given image by what was drawn
+    beside it. So G reads windows of the training grid, half a window apart, and each pixel is
+    the mean of the windows that cover it, weighted by a tent highest at a window's centre (no
+    seams where windows meet). Pixels that only one window covers (the first and the last half
+    window of a row of windows) are that window's decode, to rounding.  (B, H, W) -> (B, 3, H f, W f)"""
+    B, H, W = x1.shape
+    n, f = vq.cfg.resolution // vq.cfg.factor, vq.cfg.factor          # the training grid, n x n codes
+    if H <= n and W <= n:
+        return vq.decode(x1)
+    starts = lambda size: sorted(set(range(0, size - n + 1, n // 2)) | {size - n})   # window origins, codes
+    ramp = torch.minimum(torch.arange(n * f) + 0.5, n * f - torch.arange(n * f) - 0.5).to(x1.device)
+    tent = ramp[:, None] * ramp[None, :]                              # (n f, n f): > 0 everywhere
+    out = torch.zeros(B, 3, H * f, W * f, device=x1.device)
+    weight = torch.zeros(H * f, W * f, device=x1.device)
+    for top in starts(H):
+        for left in starts(W):
+            rows, cols = slice(top * f, (top + n) * f), slice(left * f, (left + n) * f)
+            out[:, :, rows, cols] += vq.decode(x1[:, top:top + n, left:left + n]) * tent
+            weight[rows, cols] += tent
+    return out / weight
 
 
 # ----- Particles: masked editing with importance resampling (this code's own) ---------------
@@ -1378,15 +1422,13 @@ class WindowLogits:
 # in proportion to w, carry on. The decoder's p(drawn) p(given | drawn) = p(drawn, given), so
 # the kept draws follow p(drawn | given, x_t) as M grows. In neither the paper nor the official code.
 
-class Weighed:
+class Weighting(Reader):
     """A reader that also keeps log w (B,): the log-probability its logits give the forced
     tokens at the given positions (keep True), as they are read."""
 
-    def __init__(self, inner, forced: torch.Tensor, keep: torch.Tensor):
+    def __init__(self, inner: Reader, forced: torch.Tensor, keep: torch.Tensor):
         self.inner, self.forced, self.keep = inner, forced, keep
         self.log_w = torch.zeros(forced.shape[0], device=forced.device)
-
-    __call__ = NextLogits.__call__
 
     def read(self, x_tm1, end: int) -> torch.Tensor:
         logits = self.inner.read(x_tm1, end)                   # (B, L, K): positions end - L .. end - 1
@@ -1409,33 +1451,39 @@ def resample(log_w: torch.Tensor, M: int, generator=None) -> torch.Tensor:
     (a given token that top-k or top-p filtered out), all are equally likely."""
     log_w = log_w.view(-1, M)                                              # (n, M)
     w = (log_w - log_w.max(1, keepdim=True).values).exp().nan_to_num(1.0)  # max first: no underflow
-    picks = MultinomialDiffusion.draw(w[:, None].expand(-1, M, -1), generator)    # (n, M) in [0, M)
+    # M draws per image, each a category of M (a particle) in proportion to w: (n, M, M) -> (n, M)
+    picks = MultinomialDiffusion.draw(w[:, None].expand(-1, M, -1), generator)
     return (torch.arange(len(w), device=w.device)[:, None] * M + picks).flatten()
 
 
 @torch.inference_mode()
-def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, particles: int = 10, refine: int = 0,
-                      context: str = "clean", trajectory: bool = False, generator=None,
+def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, particles: int = 10,
+                      refine: int = INPAINT_REFINE, context: str = "clean", trajectory: bool = False, generator=None,
                       **options) -> torch.Tensor | list[torch.Tensor]:
-    """ImageBART.inpaint with M = `particles` draws per image, resampled after every pass by
-    their weights; the loop over scales is inpaint's. The resampling draws from a generator of
-    its own (seeded from `generator`'s seed): the token draws are those of the plain process,
-    so one particle gives inpaint's tokens exactly. The trajectory is the survivor's ancestry. An edit that names no class on a
-    class-conditional chain makes the class latent: M > 1 particles take the classes in turn
-    from a random one, and the weights keep those that explain the given tokens.
+    """ImageBART.inpaint with M = `particles` rows per image, resampled after every pass by their
+    weights: inpaint's loop with three additions, marked below. The trajectory is the survivor's
+    ancestry.
+    The resampling draws from a generator of its own (seeded from `generator`'s seed), so the
+    token draws are those of the plain process and one particle gives inpaint's tokens exactly.
+    With M > 1 and no class named on a class-conditional chain the class is latent: the M
+    particles of an image take the classes in turn from a random one, and the weights keep
+    those that explain the given tokens.
     context="noised" (this code's other option): the given tokens follow the forward process,
     x^i_{t-1} ~ q(x^i_{t-1} | x^i_t, x^i_1), so each scale sees them as noisy as in training."""
     if particles < 1 or context not in ("clean", "noised"):
         raise ValueError(f"particles must be >= 1 and context 'clean' or 'noised', got {particles}, {context!r}")
-    opts, M, (B, h, w) = Sampling(chain, **options), particles, x1.shape
+    layers, M, (B, h, w) = Sampling(chain, **options), particles, x1.shape
+    if (h, w) != layers.grid or layers.across:
+        raise ValueError(f"x1 is a grid of {(h, w)} codes; inpaint draws {layers.grid} (give size=) and "
+                         f"one condition (across is for sample)")
     seed = generator.initial_seed() if generator is not None else torch.initial_seed()
-    g = torch.Generator(x1.device).manual_seed(seed + 1)          # the resampling's own draws
+    g = torch.Generator(x1.device).manual_seed(seed + 1)          # (1) the resampling's own draws
     x1, keep = (rearrange(z, "b h w -> b (h w)").repeat_interleave(M, 0) for z in (x1.long(), keep.bool()))
-    if M > 1 and chain.num_labels and labels is None:        # a latent class per particle
+    if M > 1 and chain.num_labels and labels is None:        # (2) M rows per image, a latent class each
         first = torch.randint(0, chain.num_labels, (B, 1), generator=g, device=x1.device)
         c = ((first + torch.arange(M, device=x1.device)) % chain.num_labels).flatten()   # (B M,)
     else:
-        c = opts.condition(labels, text, B)
+        c = layers.condition(labels, text, B)
         c = c.repeat_interleave(M, 0) if c is not None else None                        # (B M, ...)
     x_t = torch.randint(0, chain.diffusion.K, x1.shape, generator=generator, device=x1.device)   # x_T
     x_t = torch.where(keep, x1, x_t) if context == "clean" else x_t
@@ -1447,29 +1495,31 @@ def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, par
         for r in range(rounds + 1):                            # a pass, then the forward-backward rounds
             if r:
                 x_in = chain.renoise(x_tm1, t, r, rounds, generator)
-            reader = Weighed(opts.logits(t, x_in, c), forced, keep)
-            x_tm1 = chain.decode_scale(t, x_in, c, forced=forced, keep=keep, logits=reader, generator=generator)
-            rows = resample(reader.weights(x_tm1), M, g)       # the particles that carry on
-            x_tm1, forced, x_t, xs = x_tm1[rows], forced[rows], x_t[rows], [x[rows] for x in xs]
+            reader = Weighting(layers.reader(t, x_in, c), forced, keep)
+            x_tm1 = chain.decode_scale(t, x_in, c, forced=forced, keep=keep, reader=reader, generator=generator)
+            rows = resample(reader.weights(x_tm1), M, g)       # (3) the particles that carry on, and their past
+            x_tm1, forced, xs = x_tm1[rows], forced[rows], [x[rows] for x in xs]
             c = c[rows] if c is not None else None
         x_t = x_tm1
         xs.append(x_t)
-    xs = [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in xs]     # after resampling all are alike: the first
+    # one particle per image: the first, itself drawn in proportion to the last weights
+    xs = [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in xs]
     return xs if trajectory else xs[-1]
 
 
-# ----- Scores that rejection and reranking choose by (Table 2, Fig. 3) -------------------------
+# ----- A score that reranking may choose by (Fig. 3) -------------------------------------------
 
 @torch.no_grad()
 def bayes_score(chain: ImageBART, x1, labels=None, text=None, *, generator=None) -> torch.Tensor:
     """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
         log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
-    in bits per token, per sample (B,), each term replaced by its bound (nll): the Bayes scorer
-    of best-of-n reranking (Fig. 3). A difference of two upper bounds bounds nothing; it is an
-    estimate, good where the two bounds' gaps are alike. Each bound is a Monte-Carlo draw, so
-    both are taken from one generator state (common random numbers): the same x_t and x_{t-1}
-    go into both, the draw's noise largely cancels in the difference, and what is left is what
-    the condition changes in each scale's prediction. generator=None: one seeded 0."""
+    in bits per token, per sample (B,), each term replaced by its bound (nll). This code's own
+    scorer for best-of-n reranking (Fig. 3 reranks "as in [56]", DALL-E, which scores with
+    CLIP; no CLIP here). A difference of two upper bounds bounds nothing; it is an estimate,
+    good where the two bounds' gaps are alike. Each bound is a Monte-Carlo draw, so both are
+    taken from one generator state (common random numbers): the same x_t and x_{t-1} go into
+    both, the draw's noise largely cancels in the difference, and what is left is what the
+    condition changes in each scale's prediction. generator=None: one seeded 0."""
     if labels is None and text is None:
         raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
     generator = generator or torch.Generator(x1.device).manual_seed(0)
@@ -1484,36 +1534,37 @@ def bayes_score(chain: ImageBART, x1, labels=None, text=None, *, generator=None)
 
 class StaticKVCache(KVCache):
     """KVCache in the shape CUDA graphs need: the buffers keep their full length, the new keys
-    and values are written at self.positions (a tensor the reader sets, so that a captured step
-    can be replayed at any position), and a mask over the whole buffer lets each query see the
-    keys up to its own position (the zeros not yet written are masked out)."""
+    and values are written at self.positions (a tensor its reader sets before each step, so
+    that a captured step can be replayed at any position), and a mask over the whole buffer
+    lets each query see the keys up to its own position (the zeros not yet written are masked out)."""
 
-    positions: torch.Tensor
+    positions: torch.Tensor                                   # (L,) long: where the L new keys go
 
     def update(self, k_new, v_new):
-        if self.k is None:
-            self.k = k_new.new_zeros(*k_new.shape[:2], self.size, k_new.shape[-1])
-            self.v = torch.zeros_like(self.k)
-        self.k.index_copy_(2, self.positions, k_new)
-        self.v.index_copy_(2, self.positions, v_new)
+        k, v = self.buffers(k_new)
+        k.index_copy_(2, self.positions, k_new)
+        v.index_copy_(2, self.positions, v_new)
         mask = torch.arange(self.size, device=k_new.device)[None, :] <= self.positions[:, None]   # (L, size)
-        return self.k, self.v, mask
+        return k, v, mask
 
 
 class StaticLogits(NextLogits):
-    """NextLogits on static caches, every one-token step after the first replayed as a CUDA
-    graph (GraphedStep); on a CPU the same static cache, stepped plainly."""
+    """NextLogits on static caches, every one-token step replayed as a CUDA graph (GraphedStep,
+    captured at the first one-token step); on a CPU the same static caches, stepped plainly."""
 
     def __init__(self, model: ScaleTransformer, x_t, c):
-        super().__init__(model, x_t, c)
-        self.caches = [{"self": StaticKVCache(cache["self"].size), "cross": {}} for cache in self.caches]
+        super().__init__(model, x_t, c)                        # its caches are new_caches' below
         self.graphed = None
+
+    def new_caches(self) -> list[dict]:
+        return [{"self": StaticKVCache(cache["self"].size), "cross": {}} for cache in self.model.new_caches()]
 
     def read(self, x_tm1, end: int) -> torch.Tensor:
         start, prefix = self.done, self.model.text_prefix_len
         if end - start == 1 and start > 0:                     # one token: the captured step
             self.done = end
-            self.graphed = self.graphed or GraphedStep(self.model, self.memory, self.x_t, self.c, self.caches)
+            if self.graphed is None:
+                self.graphed = GraphedStep(self.model, self.memory, self.x_t, self.c, self.caches, start)
             return self.graphed(x_tm1[:, start - 1:start], start)
         # where the new positions go in the full buffers: after the text prefix, which the first read adds
         offset, L = (0, end + prefix) if start == 0 else (start + prefix, end - start)
@@ -1527,17 +1578,19 @@ class GraphedStep:
     every later position: a decoding step is hundreds of small kernels, and on a GPU their
     launches, not their arithmetic, set its speed. The graph needs tensors that stay put: the
     static caches, the encoder output, x_t and c, and this object's token and position inputs,
-    copied in before each replay. Where CUDA is absent it is the plain step. A thin wrapper:
-    what is captured is step itself."""
+    copied in before each replay; its logits come back in one buffer that the next replay
+    overwrites. The warm-up and the capture run at `position`, the first position replayed,
+    which the first replay then writes again. Where CUDA is absent it is the plain step. A thin
+    wrapper: what is captured is step itself."""
 
-    def __init__(self, model: ScaleTransformer, memory, x_t, c, caches: list[dict]):
-        self.model, self.fixed, self.caches, self.graph = model, (memory, x_t, c, caches), caches, None
-        self.position = torch.ones((), dtype=torch.long, device=x_t.device)
+    def __init__(self, model: ScaleTransformer, memory, x_t, c, caches: list[dict], position: int):
+        self.model, self.fixed, self.graph = model, (memory, x_t, c, caches), None
+        self.position = torch.tensor(position, dtype=torch.long, device=x_t.device)
         if x_t.device.type != "cuda":
             return
         self.token = torch.zeros(x_t.shape[0], 1, dtype=torch.long, device=x_t.device)
-        side = torch.cuda.Stream()                     # warm up outside the capture (torch's recipe);
-        side.wait_stream(torch.cuda.current_stream())  # it writes position 1, which the real step overwrites
+        side = torch.cuda.Stream()                     # warm up outside the capture (torch's recipe)
+        side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.step(self.token)
@@ -1547,7 +1600,7 @@ class GraphedStep:
             self.logits = self.step(self.token)
 
     def step(self, tokens_in):
-        for cache in self.caches:                       # the new key goes after the text prefix
+        for cache in self.fixed[3]:                     # the new key goes after the text prefix
             cache["self"].positions = (self.position + self.model.text_prefix_len).view(1)
         return self.model.step(tokens_in, self.position, *self.fixed)
 

@@ -910,7 +910,8 @@ MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 
 def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int, int] | None:
     """--size HxW (pixels) -> the grid of codes (H / f, W / f), or None for the training size.
     The canvas must be a multiple of the first stage's factor f and at least the training size
-    in both directions; larger than MAX_AREA times its area it is refused. --stride >= 1."""
+    in both directions; larger than MAX_AREA times its area it is refused. --stride: 1 to the
+    window's width."""
     if size is None:
         return None
     r, f = vq_cfg.resolution, vq_cfg.factor
@@ -925,8 +926,8 @@ def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int,
     if H * W > MAX_AREA * r * r:
         raise UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
                         f"the limit is {MAX_AREA * r * r} pixels")
-    if stride < 1:
-        raise UserError(f"--stride must be >= 1, got {stride}")
+    if not 1 <= stride <= r // f:
+        raise UserError(f"--stride must be 1 to {r // f} (the width of the window, in codes), got {stride}")
     return H // f, W // f
 
 

@@ -48,6 +48,7 @@ from evaluate import MASK_KINDS, pixel_mask, token_mask   # shared with the judg
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # --- what is drawn: from which run, how many, under which condition (Sec. 3.3, 4.2)
     p.add_argument("--run", default="runs/shapes", help="a run folder (vq.pt, scale_<t>.pt)")
     p.add_argument("--n", type=int, default=64, help="number of samples (per class with --class all)")
     p.add_argument("--seed", type=int, default=0)
@@ -59,17 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                    help="a text-conditional run's prompt, e.g. 'a red star'; repeat it for more rows "
                         "(with --inpaint: cycled over the completions)")
+    # --- how: this code's sampling options (imagebart.Sampling), one value or one per scale
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w: (1+w) cond - w uncond; 0 = plain conditional")
     p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
+    # --- where the images go: a grid, and for other tools one PNG per image or one .npz
     p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
     p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain (paper Fig. 5)")
+    # --- masked editing (Sec. 4.3): which images, which region, how many completions
     p.add_argument("--inpaint", default=None, help="image file(s), comma-separated, or test:N (N test images)")
     p.add_argument("--mask", default=None, help=f"region of the image to regenerate: {', '.join(MASK_KINDS)}, or a PNG "
                                               f"(white = regenerate); default upper, or none with --size")
     p.add_argument("--completions", type=int, default=6, help="completions per inpainted image")
+    # --- beyond the training canvas (Sec. 4.2): patch-wise sampling, outpainting, two conditions
     p.add_argument("--size", default=None, metavar="HxW",
                    help="draw (or complete) images of H x W pixels, larger than the training size, patch-wise "
                         "through sliding windows on every scale (Sec. 4.2)")
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--across", action="store_true",
                    help="two conditions (--class A,B or --prompt A --prompt B): the first on the left, the "
                         "second on the right, mixed in between")
+    # --- masked editing's procedure: the paper's rounds, or this code's particles
     p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
                    help="inpainting: forward-backward rounds per scale (none at t = T), the paper's masked process")
     p.add_argument("--particles", type=int, default=None,
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", choices=("clean", "noised"), default="clean",
                    help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     p.add_argument("--device", default=None)
+    # --- instead of sampling: the loss curves, or the editing page
     p.add_argument("--plot", action="store_true", help="draw the run's loss curves from its log.jsonl (loss_*.png)")
     p.add_argument("--serve", action="store_true", help="serve a page to paint masks on and regenerate them")
     p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
@@ -112,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     choose.add_argument("--classifier-steps", type=int, default=None,
                         help=f"training steps of a new classifier of codes (default {evaluate.CodeClassifierConfig.steps}); "
                              f"it is cached in --judge-dir")
+    choose.add_argument("--judge-dir", default="runs/judges", help="the cache of the classifiers of codes")
+    # --- instead of sampling: the decoding benchmarks, on a random chain (no run needed)
     p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding and print JSON")
     p.add_argument("--preset", default="tiny", help="chain preset for --benchmark")
     p.add_argument("--batch", type=int, default=16, help="batch for --benchmark")
@@ -121,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cached-only", action="store_true",
                    help="--benchmark: time the cached sampler alone, in seconds per image (Fig. 8), without "
                         "the uncached reference")
-    p.add_argument("--judge-dir", default="runs/judges", help="--accept: cache of the classifiers of codes")
     return p
 
 
@@ -300,8 +308,10 @@ def select(args, vq: ib.VQGAN, chain: ib.ImageBART, opts: dict, g, device) -> No
 # beyond the training canvas (Sec. 4.2): --size, --place, --across
 
 def check_canvas_options(args) -> None:
-    """--place and --across, before any work: --place needs --inpaint and --size; --across
-    exactly two classes or two prompts."""
+    """--stride, --tiled, --place and --across, before any work: --stride, --tiled and --place
+    need --size (and --place --inpaint); --across exactly two classes or two prompts."""
+    if args.stride != 1 and not args.size:
+        raise runs.UserError("--stride moves the windows of a --size canvas; give --size")
     if args.tiled and (not args.size or args.across):
         raise runs.UserError("--tiled draws the baseline of a --size canvas (without --across)")
     if args.place and not (args.inpaint and args.size):
@@ -523,7 +533,7 @@ def write_samples(args, vq: ib.VQGAN, x1: torch.Tensor, per_row: int | None, lab
     outputs = Outputs(args, n, n, nrow, pixels, tuple(x1.shape[1:]), labels is not None, f"--n {args.n}")
     try:
         for sl in runs.batches(n, SAMPLE_BATCH):
-            images = ds.to_uint8(vq.decode(x1[sl])).cpu()
+            images = ds.to_uint8(ib.decode_canvas(vq, x1[sl])).cpu()
             outputs.grid(images)
             outputs.images(images, x1[sl], labels[sl] if labels is not None else None)
     except BaseException:
@@ -613,7 +623,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
                                         particles=args.particles, size=size, stride=args.stride, generator=g,
                                         **{k: v[sl] for k, v in cond.items()}, **opts)
             assert (completions[keep] == given[keep]).all(), "kept tokens changed"
-            images = ds.to_uint8(vq.decode(completions)).cpu()
+            images = ds.to_uint8(ib.decode_canvas(vq, completions)).cpu()
             cells = []
             for j, image in zip(range(sl.start, sl.stop), images):
                 if j % reps == 0:                                      # a new row: its input first
@@ -732,7 +742,7 @@ def benchmark_windows(args, chain: ib.ImageBART, run, device, size: dict) -> Non
     and whether the cached window path draws what its plain reference (no cache) draws (not
     with --cached-only). Also in seconds per canvas (per image of that size)."""
     h, w = chain.cfg.grid
-    H, W = (int(v) // 4 for v in args.size.lower().split("x"))
+    H, W = runs.parse_size(args.size, args.stride, ib.VQ_PRESETS[args.preset])   # its first stage: f = 4
     tiles = H * W / (h * w)                           # the canvas in training grids
     tokens = args.batch * H * W * (chain.T - 1)
     run(use_cache=True)                               # warm-up
@@ -758,160 +768,11 @@ def benchmark_windows(args, chain: ib.ImageBART, run, device, size: dict) -> Non
 # -----------------------------------------------------------------------------
 # the editing page (--serve): paint a mask, regenerate it (Sec. 4.3, Fig. 6 of the paper)
 
-# The page: one HTML document with its script inline. It keeps two canvases over each other,
-# the image (the run's resolution, shown 8x) and the mask the user paints (red = regenerate),
+# The page, assets/editor.html: one HTML document with its script inline. It keeps two canvases
+# over each other, the image (the run's resolution, shown 8x) and the mask the user paints (red = regenerate),
 # sends the image and the mask as PNG data URLs to /api/complete, and shows what comes back.
 # Every three seconds it asks /api/info, so it can say when the server has gone away.
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>ImageBART: masked editing</title>
-<style>
- body { font-family: sans-serif; margin: 1.5em; max-width: 1100px; }
- canvas, img.big { image-rendering: pixelated; width: 256px; height: 256px; border: 1px solid #888; }
- #stack { position: relative; width: 258px; height: 258px; display: inline-block; }
- #stack canvas { position: absolute; left: 0; top: 0; }
- #mask { opacity: 0.55; cursor: crosshair; }
- img.small { image-rendering: pixelated; width: 128px; height: 128px; margin: 2px; border: 1px solid #aaa; }
- img.step { image-rendering: pixelated; width: 96px; height: 96px; margin: 2px; }
- fieldset { display: inline-block; vertical-align: top; margin: 0 1em 1em 0; }
- label { display: block; margin: 0.2em 0; }
- #error { color: #b00; font-weight: bold; min-height: 1.2em; }
- #status { color: #555; }
-</style></head><body>
-<h2>ImageBART: paint a region, regenerate it</h2>
-<p>Paint (red) the part of the image to regenerate; the chain keeps the rest clean at every scale
-and writes the painted tokens (Sec. 4.3). <span id="runinfo"></span></p>
-<div id="error"></div><div id="status"></div>
-<fieldset><legend>image</legend>
- <button id="random">random test image</button>
- <label>test image <input id="index" type="number" min="0" value="0" style="width:6em"> <button id="pick">load</button></label>
- <label>or upload <input id="file" type="file" accept="image/*"></label>
- <div id="stack"><canvas id="image" width="32" height="32"></canvas><canvas id="mask" width="32" height="32"></canvas></div>
-</fieldset>
-<fieldset><legend>mask</legend>
- <label><input type="radio" name="tool" value="brush" checked> brush</label>
- <label><input type="radio" name="tool" value="eraser"> eraser</label>
- <label>size <input id="size" type="range" min="1" max="12" value="4"></label>
- <div id="kinds"></div>
- <button id="clear">clear</button>
-</fieldset>
-<fieldset><legend>sampling</legend>
- <label id="condlabel"></label>
- <label>guidance <input id="guidance" type="number" step="0.25" min="0" value="0" style="width:5em"></label>
- <label>temperature <input id="temperature" type="number" step="0.1" min="0.1" value="1.0" style="width:5em"></label>
- <label>top-k <input id="top_k" type="number" min="1" placeholder="all" style="width:5em"></label>
- <label>top-p <input id="top_p" type="number" step="0.05" min="0.05" max="1" placeholder="1" style="width:5em"></label>
- <label>refine <input id="refine" type="number" min="0" max="8" style="width:5em"></label>
- <label>particles <input id="particles" type="number" min="0" max="32" style="width:5em" title="0: the paper's process"></label>
- <label>completions <input id="completions" type="number" min="1" value="6" style="width:5em"></label>
- <label>seed <input id="seed" type="number" value="0" style="width:5em"></label>
- <button id="go" style="font-size:1.2em">complete</button>
-</fieldset>
-<h3>completions</h3><div id="results"></div>
-<h3>trajectory of the first: x<sub>T</sub> ... x<sub>1</sub></h3><div id="trajectory"></div>
-<p><a id="download" download="completions.png" style="display:none">download the grid (PNG)</a></p>
-<script>
-const $ = id => document.getElementById(id);
-const image = $("image"), mask = $("mask"), ictx = image.getContext("2d"), mctx = mask.getContext("2d");
-let info = null, painting = false, alive = true;
-function error(msg) { $("error").textContent = msg || ""; }
-function status(msg) { $("status").textContent = msg || ""; }
-async function call(path, options) {
-  let r;
-  try { r = await fetch(path, options); } catch (e) { throw new Error("the server has gone away (is sample.py --serve still running?)"); }
-  const body = await r.json().catch(() => ({error: "the server answered " + r.status}));
-  if (!r.ok) throw new Error(body.error || ("the server answered " + r.status));
-  return body;
-}
-function show(url) {  // -> a promise, resolved once the image is on the canvas
-  return new Promise(done => {
-    const im = new Image();
-    im.onload = () => { image.width = mask.width = info.resolution; image.height = mask.height = info.resolution;
-                        ictx.drawImage(im, 0, 0); done(); };
-    im.src = url;
-  });
-}
-async function loadTest(index) {
-  error(); const q = index === null ? "" : "?index=" + index;
-  try { const r = await call("/api/test" + q); $("index").value = r.index; await show(r.image); } catch (e) { error(e.message); }
-}
-function paint(ev) {
-  if (!painting) return;
-  const rect = mask.getBoundingClientRect(), s = info.resolution / rect.width;
-  const x = (ev.clientX - rect.left) * s, y = (ev.clientY - rect.top) * s, r = +$("size").value / 2;
-  const erase = document.querySelector("input[name=tool]:checked").value === "eraser";
-  mctx.globalCompositeOperation = erase ? "destination-out" : "source-over";
-  mctx.fillStyle = "red"; mctx.beginPath(); mctx.arc(x, y, r, 0, 2 * Math.PI); mctx.fill();
-}
-mask.onmousedown = ev => { painting = true; paint(ev); };
-window.onmouseup = () => { painting = false; };
-mask.onmousemove = paint;
-$("clear").onclick = () => mctx.clearRect(0, 0, mask.width, mask.height);
-function fillKind(kind) {  // the same regions as sample.py --mask (random-boxes: drawn by the server)
-  const n = info.resolution, h = n / 2, q = n / 4;
-  mctx.globalCompositeOperation = "source-over"; mctx.clearRect(0, 0, n, n); mctx.fillStyle = "red";
-  const boxes = {upper: [[0, 0, n, h]], lower: [[0, h, n, h]], left: [[0, 0, h, n]], right: [[h, 0, h, n]],
-                 center: [[q, q, n - 2 * q, n - 2 * q]], outer: [[0, 0, n, q], [0, n - q, n, q], [0, q, q, n - 2 * q], [n - q, q, q, n - 2 * q]]};
-  (boxes[kind] || []).forEach(b => mctx.fillRect(...b));
-  mask.dataset.kind = kind === "random-boxes" ? kind : "";
-  if (kind === "random-boxes") status("random boxes: drawn by the server from the seed");
-}
-function maskURL() {  // white = regenerate, black = keep
-  const c = document.createElement("canvas"); c.width = c.height = info.resolution;
-  const x = c.getContext("2d"); x.fillStyle = "black"; x.fillRect(0, 0, c.width, c.height);
-  const m = mctx.getImageData(0, 0, c.width, c.height), out = x.getImageData(0, 0, c.width, c.height);
-  for (let i = 0; i < m.data.length; i += 4) if (m.data[i + 3] > 0) out.data[i] = out.data[i + 1] = out.data[i + 2] = 255;
-  x.putImageData(out, 0, 0); return c.toDataURL("image/png");
-}
-$("random").onclick = () => loadTest(null);
-$("pick").onclick = () => loadTest(+$("index").value);
-$("file").onchange = async () => {
-  error(); const f = $("file").files[0]; if (!f) return;
-  try { const r = await call("/api/upload", {method: "POST", body: f}); show(r.image); } catch (e) { error(e.message); }
-};
-$("go").onclick = async () => {
-  error(); status("sampling... (one job at a time: up to " + info.max_waiting + " others wait their turn, then the server is busy)");
-  $("go").disabled = true;
-  const req = {image: image.toDataURL("image/png"), guidance: +$("guidance").value, temperature: $("temperature").value,
-               top_k: $("top_k").value, top_p: $("top_p").value, refine: +$("refine").value, particles: +$("particles").value,
-               completions: +$("completions").value, seed: +$("seed").value};
-  if (mask.dataset.kind) req.kind = mask.dataset.kind; else req.mask = maskURL();
-  if ($("cond")) { if (info.text) req.prompt = $("cond").value; else req.class = $("cond").value; }
-  try {
-    const r = await call("/api/complete", {method: "POST", body: JSON.stringify(req)});
-    $("results").innerHTML = '<img class="small" src="' + r.masked + '" title="masked input">' +
-      r.completions.map(u => '<img class="small" src="' + u + '">').join("");
-    $("trajectory").innerHTML = r.trajectory.map(u => '<img class="step" src="' + u + '">').join("");
-    $("download").href = r.grid; $("download").style.display = "inline";
-    status(r.regenerated_tokens + " of " + r.tokens + " tokens regenerated, " + r.completions.length +
-           " completions in " + r.seconds.toFixed(1) + " s" + r.notes.map(n => "; " + n).join(""));
-  } catch (e) { error(e.message); status(); }
-  $("go").disabled = false;
-};
-async function heartbeat() {
-  try { await call("/api/info"); if (!alive) error(); alive = true; }
-  catch (e) { alive = false; error(e.message); }
-}
-(async () => {
-  try { info = await call("/api/info"); } catch (e) { error(e.message); return; }
-  $("runinfo").textContent = "Run " + info.run + ": T = " + info.T + ", " + info.test_images + " test images.";
-  $("refine").value = info.refine; $("particles").value = info.particles; $("completions").max = info.max_completions;
-  $("kinds").innerHTML = info.mask_kinds.map(k => '<button data-k="' + k + '">' + k + '</button>').join(" ");
-  document.querySelectorAll("#kinds button").forEach(b => b.onclick = () => fillKind(b.dataset.k));
-  if (info.text) $("condlabel").innerHTML = 'prompt <input id="cond" placeholder="a red star" style="width:12em">';
-  else if (info.classes.length) $("condlabel").innerHTML = 'class <select id="cond"><option value="">none (unconditional)</option>' +
-      info.classes.map((c, i) => '<option value="' + i + '">' + i + ": " + c + '</option>').join("") + '</select>';
-  // a link can fill the form and press "complete": ?index=5&kind=upper&class=6&guidance=0.5&go=1
-  const p = new URLSearchParams(location.search);
-  await loadTest(p.has("index") ? +p.get("index") : null);
-  if (p.get("kind")) fillKind(p.get("kind"));
-  if ($("cond") && (p.get("class") || p.get("prompt"))) $("cond").value = p.get("class") || p.get("prompt");
-  ["guidance", "temperature", "refine", "particles", "completions", "seed"].forEach(k => { if (p.has(k)) $(k).value = p.get(k); });
-  setInterval(heartbeat, 3000);
-  if (p.has("go")) await $("go").onclick();
-})();
-</script></body></html>
-"""
-
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "editor.html")
 
 MAX_UPLOAD = 8 * 2 ** 20          # bytes: a larger upload is refused with a message
 MAX_COMPLETIONS = 16              # per request: a larger batch would hold the lock for long
@@ -1116,7 +977,8 @@ def make_handler(editor: Editor):
             url = urlparse(self.path)
             query = parse_qs(url.query)
             if url.path == "/":
-                self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
+                with open(PAGE, "rb") as page:
+                    self.reply(200, page.read(), "text/html; charset=utf-8")
             elif url.path == "/api/info":
                 self.answer(editor.info)
             elif url.path == "/api/test":
@@ -1225,12 +1087,12 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
             else:               # [x_T, ..., x_1], each (b, h, w)
                 trajectory = chain.sample(sl.stop - sl.start, trajectory=True, generator=g, size=size,
                                           stride=args.stride, across=args.across, **here, **opts)
-            images = ds.to_uint8(vq.decode(trajectory[-1])).cpu()
+            images = ds.to_uint8(ib.decode_canvas(vq, trajectory[-1])).cpu()
             if args.trajectory:
                 # the strips the grid still shows: x_T .. x_{2} decoded for those alone
                 k = min(len(images), math.ceil(outputs.room() / T))
                 if k:
-                    steps = [ds.to_uint8(vq.decode(x_t[:k])).cpu() for x_t in trajectory[:-1]] + [images[:k]]
+                    steps = [ds.to_uint8(ib.decode_canvas(vq, x_t[:k])).cpu() for x_t in trajectory[:-1]] + [images[:k]]
                     outputs.grid(torch.stack(steps, dim=1).flatten(0, 1))    # (k * T, 3, H, W), row by row
             else:
                 outputs.grid(images)
@@ -1249,6 +1111,7 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
 
 
 def main():
+    # --- the command line, every number and every combination checked before any work
     args = build_parser().parse_args()
     check_numbers(args)
     given = [f"--{name}" for name in BENCHMARK_FIELDS if getattr(args, name) is not None]
@@ -1256,11 +1119,12 @@ def main():
         raise runs.UserError(f"{', '.join(given) or '--cached-only'}: for --benchmark's random chain; a run's chain "
                              f"is read from its checkpoints")
     check_selection_options(args)
-    if args.benchmark:
+    if args.benchmark:                        # a random chain: no run needed
         return benchmark(args)
     device = runs.pick_device(args.device)
     if not os.path.isdir(args.run):
         raise runs.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
+    # --- the modes that read the run but draw no grid: the loss curves, the editing page
     if args.plot:
         return print(f"wrote {', '.join(runs.plot_run(args.run))}", flush=True)
     if args.serve:
@@ -1273,8 +1137,9 @@ def main():
     # --- the run: first stage and chain, EMA weights
     vq, chain = runs.load_run(args.run, device)
     opts = sampling_options(args, chain.T, chain.diffusion.K)
-    size = runs.parse_size(args.size, args.stride, vq.cfg)                  # a larger canvas, drawn through windows (Sec. 4.2)
-    g = torch.Generator(device).manual_seed(args.seed)
+    size = runs.parse_size(args.size, args.stride, vq.cfg)   # a larger canvas, drawn through windows (Sec. 4.2)
+    g = torch.Generator(device).manual_seed(args.seed)      # one generator: the same command draws the same images
+    # --- masked editing, samples chosen among candidates, or plain samples (with --trajectory every x_t)
     if args.inpaint:
         if args.classes == "all":
             raise runs.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")

@@ -11,6 +11,7 @@ The suite is defined on the CPU: its exact-equality oracles assume fp32 CPU arit
 GPU, TF32 and bf16 change last bits and so some codes), and its torchrun test uses gloo. The
 GPU's checks are .ci/gpu-check's.
 """
+import ast
 import base64
 import contextlib
 import dataclasses
@@ -32,6 +33,7 @@ import sys
 import tarfile
 import threading
 import time
+import tokenize
 import types
 
 import numpy as np
@@ -697,10 +699,10 @@ def random_pair(chain, B=2, seed=0):
 
 def decode(chain, t, x_t, c, forced=None, keep=None, weights=False, generator=None, **options):
     """One scale's decode_scale through the reader that ib.Sampling makes for `options`;
-    weights=True also returns the particles' log w of the forced tokens (ib.Weighed)."""
-    reader = ib.Sampling(chain, **options).logits(t, x_t, c)
-    reader = ib.Weighed(reader, forced, keep) if weights else reader
-    out = chain.decode_scale(t, x_t, c, forced=forced, keep=keep, logits=reader, generator=generator)
+    weights=True also returns the particles' log w of the forced tokens (ib.Weighting)."""
+    reader = ib.Sampling(chain, **options).reader(t, x_t, c)
+    reader = ib.Weighting(reader, forced, keep) if weights else reader
+    out = chain.decode_scale(t, x_t, c, forced=forced, keep=keep, reader=reader, generator=generator)
     return (out, reader.weights(out)) if weights else out
 
 
@@ -882,7 +884,7 @@ def test_decode_scale_cached_equals_uncached(t, guidance, text):
 def test_decode_scale_forced_tokens_blocks_and_weights(t, mask):
     """With keep, decode_scale keeps every forced token, draws the same tokens with and
     without the cache (runs that every row is given are read as one block on both paths),
-    and the particles' log w (Weighed) is the log-probability that the teacher-forced forward
+    and the particles' log w (Weighting) is the log-probability that the teacher-forced forward
     pass of its own output gives the forced tokens, under the same temperature and guidance."""
     chain = make_chain(K=16, grid=(4, 4))
     x_t, forced, labels = random_pair(chain, B=3, seed=4)
@@ -941,7 +943,7 @@ def test_window_sampler_at_the_training_size_is_the_plain_sampler():
     and with particles (the latent class included)."""
     chain = make_chain(K=16, grid=(4, 4))
     labels = torch.tensor([0, 2, 1])
-    assert isinstance(ib.Sampling(chain, size=(4, 4)).logits(2, torch.zeros(3, 16, dtype=torch.long), labels),
+    assert isinstance(ib.Sampling(chain, size=(4, 4)).reader(2, torch.zeros(3, 16, dtype=torch.long), labels),
                       ib.WindowLogits)                  # the window's own code runs
     for kw in (dict(), dict(temperature=1.3, top_k=9, top_p=0.9, guidance=1.5)):
         plain = chain.sample(3, labels, trajectory=True, generator=gen(1), **kw)
@@ -971,7 +973,7 @@ def test_the_window_decoder_sees_only_the_windows_earlier_tokens(monkeypatch):
                         or real_decode(m, x, prefix, c))
     c = torch.tensor([0, 1])
     reader = ib.WindowLogits(scale, x_t, c, (H, W), (4, 4), use_cache=False)
-    out = chain.decode_scale(2, x_t, c, logits=reader, generator=gen(1))
+    out = chain.decode_scale(2, x_t, c, reader=reader, generator=gen(1))
     grid_t, grid_out = x_t.view(2, H, W), out.view(2, H, W)
     decodes = [s for s in seen if s[0] == "dec"]
     assert len(decodes) == H * W
@@ -1009,11 +1011,11 @@ def test_window_sampler_cached_equals_its_plain_reference(stride):
 
 
 def test_first_stage_decodes_a_large_grid_in_windows():
-    """VQGAN.decode of a grid larger than the training grid (4 x 4 codes here) goes through
+    """decode_canvas of a grid larger than the training grid (4 x 4 codes here) goes through
     windows of the training grid: pixels that only the first window covers are the decode of
     that window alone (to rounding) and do not change with codes drawn further right (the whole-grid
-    decode, whose attention reads every code, changes them); at the training size nothing
-    changes; every pixel is a weighted mean of window decodes, so the result stays in [-1, 1]."""
+    decode, VQGAN.decode, whose attention reads every code, changes them); at the training size
+    it is VQGAN.decode; every pixel is a weighted mean of window decodes, so the result stays in [-1, 1]."""
     vq = tiny_vqgan()
     g = torch.Generator().manual_seed(0)
     left = torch.randint(0, 16, (2, 4, 4), generator=g)
@@ -1021,11 +1023,11 @@ def test_first_stage_decodes_a_large_grid_in_windows():
     b = torch.cat([left, torch.randint(0, 16, (2, 4, 9), generator=g)], 2)
     only_first = slice(0, 2 * 2)                      # half a window of codes, f = 2 pixels each
     alone = vq.decode(left)[..., only_first]
-    torch.testing.assert_close(vq.decode(a)[..., only_first], alone, rtol=0, atol=1e-6)   # x t / t: rounding
-    torch.testing.assert_close(vq.decode(b)[..., only_first], alone, rtol=0, atol=1e-6)
-    assert (vq.decode(a, whole=True)[..., only_first] - vq.decode(b, whole=True)[..., only_first]).abs().max() > 1e-3
-    assert torch.equal(vq.decode(left), vq.decode(left, whole=True))
-    out = vq.decode(torch.randint(0, 16, (1, 9, 6), generator=g))
+    torch.testing.assert_close(ib.decode_canvas(vq, a)[..., only_first], alone, rtol=0, atol=1e-6)   # x t / t: rounding
+    torch.testing.assert_close(ib.decode_canvas(vq, b)[..., only_first], alone, rtol=0, atol=1e-6)
+    assert (vq.decode(a)[..., only_first] - vq.decode(b)[..., only_first]).abs().max() > 1e-3
+    assert torch.equal(ib.decode_canvas(vq, left), vq.decode(left))
+    out = ib.decode_canvas(vq, torch.randint(0, 16, (1, 9, 6), generator=g))
     assert out.shape == (1, 3, 18, 12) and out.abs().max() <= 1
 
 
@@ -1040,8 +1042,10 @@ def test_static_cache_and_graph_wrapper_equal_the_reference_cache(text):
     x_t, forced, c = random_pair(chain, B=3)
     force_mask = torch.zeros(3, 16, dtype=torch.bool)
     force_mask[:, 10:] = True
+    head = torch.zeros(3, 16, dtype=torch.bool)
+    head[:, :3] = True                                 # the first one-token step comes at position 3
     for t in (2, 3):
-        for kw in (dict(guidance=1.0), dict(forced=forced, keep=force_mask)):
+        for kw in (dict(guidance=1.0), dict(forced=forced, keep=force_mask), dict(forced=forced, keep=head)):
             assert torch.equal(decode(chain, t, x_t, c, generator=gen(5), **kw),
                                decode(chain, t, x_t, c, graph=True, generator=gen(5), **kw)), (t, kw)
         scale = chain.scale(t)
@@ -1200,7 +1204,7 @@ def test_per_scale_options():
     real = chain.decode_scale
 
     def spy(t, x_t, labels, **kw):
-        seen[t] = tuple(kw["logits"].options.values())       # the Filtered reader's temperature, top_k, top_p
+        seen[t] = tuple(kw["reader"].options.values())       # the Filtered reader's temperature, top_k, top_p
         return real(t, x_t, labels, **kw)
 
     chain.decode_scale = spy
@@ -1294,13 +1298,13 @@ def test_particles_keep_the_given_tokens_and_follow_the_weights(inpaint_chain, m
     for t in range(inpaint_chain.T, 1, -1):
         x_t = inpaint_chain.decode_scale(t, x_t, null, forced=x1f, keep=keepf, generator=g)
     assert torch.equal(inpaint_chain.inpaint(x1, keep, refine=0, particles=1, generator=gen(2)), x_t.view(3, 8, 8))
-    real_weights, real_decode, seen, classes = ib.Weighed.weights, inpaint_chain.decode_scale, [], []
+    real_weights, real_decode, seen, classes = ib.Weighting.weights, inpaint_chain.decode_scale, [], []
 
     def one_particle_counts(reader, x_tm1):            # particle 2 of each image alone has weight
         log_w = real_weights(reader, x_tm1)
         seen.append(x_tm1.clone())
         return torch.where(torch.arange(len(x_tm1)) % 4 == 2, log_w, torch.tensor(float("-inf")))
-    monkeypatch.setattr(ib.Weighed, "weights", one_particle_counts)
+    monkeypatch.setattr(ib.Weighting, "weights", one_particle_counts)
     monkeypatch.setattr(inpaint_chain, "decode_scale", lambda t, x_t, c, **kw: classes.append(c) or
                         real_decode(t, x_t, c, **kw))
     result = inpaint_chain.inpaint(x1, keep, refine=0, particles=4, generator=gen(5))
@@ -2708,6 +2712,59 @@ def test_every_readme_picture_exists():
     assert len(pictures) >= 8
     missing = [p for p in pictures if not os.path.exists(os.path.join(REPO, p))]
     assert not missing, missing
+
+
+# ----- The shape of the code: the method file is the paper ---------------------------------
+
+PROJECT = ("imagebart", "data", "runs", "evaluate", "train_vq", "train_chain", "sample")
+# what each support module may import of the project: imports run one way, scripts at the top
+LOWER = {"imagebart": set(), "data": set(), "runs": {"imagebart", "data"}, "evaluate": {"imagebart", "data", "runs"}}
+
+
+def comment_ratio(src: str) -> float:
+    """Lines holding a comment or docstring per line of code (every other non-blank line)."""
+    tree, commented = ast.parse(src), set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            commented.update(range(body[0].lineno, body[0].end_lineno + 1))
+    commented.update(tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+                     if tok.type == tokenize.COMMENT)
+    code = [i for i, line in enumerate(src.splitlines(), 1) if line.strip() and i not in commented]
+    return len(commented) / len(code)
+
+
+def test_the_method_file_reads_as_the_paper():
+    """imagebart.py holds the method and nothing that knows files, processes or command lines:
+    it imports torch, numpy, einops and the pure standard library only, and no module of the
+    project; the support modules import downwards only (no circle). It stays short enough to
+    read in a sitting (at most 1800 lines, the extensions' section 5 starting by line 1200, no
+    function over 60 lines, ImageBART at most 250), its sample and inpaint each hold the loop
+    over scales in at most 40 lines, and its explanations are not cut to get there: at least
+    0.45 comment lines per line of code (0.3 in every other file but the tests)."""
+    imports = {}
+    for name in PROJECT:
+        with open(os.path.join(REPO, f"{name}.py")) as f:
+            src = f.read()
+        tree = ast.parse(src)
+        imports[name] = {(a.name if isinstance(n, ast.Import) else n.module or "").split(".")[0]
+                         for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        assert comment_ratio(src) >= (0.45 if name == "imagebart" else 0.3), name
+        if name == "imagebart":
+            lines, method = src.splitlines(), tree
+    assert imports["imagebart"] <= {"__future__", "contextlib", "dataclasses", "functools", "math", "re", "typing",
+                                    "warnings", "numpy", "torch", "einops"}, imports["imagebart"]
+    for name, lower in LOWER.items():
+        assert imports[name] & set(PROJECT) == lower, name
+    assert len(lines) <= 1800 and lines.index(next(l for l in lines if l.startswith("# 5. "))) < 1200
+    sizes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(method)
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    classes = {node.name for node in ast.walk(method) if isinstance(node, ast.ClassDef)}
+    assert max(n for f, n in sizes.items() if f not in classes) <= 60 and sizes["ImageBART"] <= 250
+    for loop in ("sample", "inpaint"):
+        node = next(n for n in ast.walk(method) if isinstance(n, ast.FunctionDef) and n.name == loop)
+        assert sizes[loop] <= 40 and "for t in range(self.T, 1, -1):" in ast.get_source_segment("\n".join(lines), node)
 
 
 # =====================================================================================
