@@ -396,9 +396,10 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
 def scale_workers(requested: int | None, device, world: runs.World, scales: int) -> tuple[int, int]:
     """(processes that train the scales at once, threads each). The scales share nothing (Sec.
     3.3), and a tiny scale's small matrix products barely use a second core: on a 2-core CPU
-    one scale on two threads was measured at 77 ms a step, two scales side by side on one
-    thread each at 89 ms a step each, 1.7x the throughput. So on a CPU each core (up to one per
-    scale) trains a scale of its own; on a GPU, or under torchrun, the scales take turns.
+    the quickstart's two scales trained one after the other in 304, 323 and 343 s, side by side
+    on one thread each in 277, 302 and 292 s (alternated, docs/speed.md). So on a CPU each core
+    (up to one per scale) trains a scale of its own; on a GPU, or under torchrun, the scales
+    take turns.
     A --workers that cannot be had as given is said in one line."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or world.size > 1:
