@@ -193,10 +193,14 @@ def load_cifar(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise ValueError(f"CIFAR-10 batch {path} is missing; remove {folder} to download it again")
-        with open(path, "rb") as f:
-            batch = NumpyOnlyUnpickler(f, encoding="bytes").load()
-        xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are R,G,B planes
-        ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        try:
+            with open(path, "rb") as f:
+                batch = NumpyOnlyUnpickler(f, encoding="bytes").load()
+            xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # rows are R,G,B planes
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not in CIFAR-10's format (a pickled dict of 'data' and 'labels'): "
+                             f"{type(e).__name__}: {e}") from None
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
@@ -207,7 +211,9 @@ def _download_cifar(root: str) -> None:
         print(f"downloading CIFAR-10 to {archive} ...", flush=True)
         try:
             os.makedirs(root, exist_ok=True)
-            with urllib.request.urlopen(CIFAR_URL, timeout=30) as r, open(archive + ".part", "wb") as f:
+            if os.path.lexists(archive + ".part"):        # a stopped download, or a link: removed, never
+                os.remove(archive + ".part")             # written through ("x": a new file)
+            with urllib.request.urlopen(CIFAR_URL, timeout=30) as r, open(archive + ".part", "xb") as f:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
             os.replace(archive + ".part", archive)

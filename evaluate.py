@@ -1118,9 +1118,8 @@ def main():
         raise runs.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
     own = os.path.realpath(args.out or runs.eval_path(args.run)) == os.path.realpath(runs.eval_path(args.run))
     if args.out is not None:              # never another of a run's own files; JSON; a writable folder
-        if runs.run_file_of(args.out, args.run) is not None and not own:
-            raise runs.UserError(f"--out {args.out} names a run's own file ({os.path.basename(args.out)} of the run in "
-                                 f"{runs.run_file_of(args.out, args.run)}); choose another name")
+        if not own:
+            runs.refuse_run_file("--out", args.out, args.run)
         if not args.out.lower().endswith(".json"):
             raise runs.UserError(f"--out {args.out}: the judge's figures are JSON; give a name ending in .json")
         runs.ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)))

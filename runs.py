@@ -23,6 +23,7 @@ import pickle
 import re
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -88,14 +89,29 @@ RUN_FILE = re.compile(r"vq\.pt|tokens\.pt|scale_\d+\.pt|log(_t\d+)?\.jsonl|bound
 
 
 def run_file_of(path: str, run: str | None = None) -> str | None:
-    """The run folder whose own file `path` names (vq.pt, tokens.pt, scale_<t>.pt, a log,
-    bound.json, eval.json or a lock, in `run` or in any folder holding a vq.pt), else None."""
-    folder, name = os.path.split(os.path.abspath(path))
-    if not RUN_FILE.fullmatch(name):
-        return None
-    if run is not None and os.path.realpath(folder) == os.path.realpath(run):
-        return run
-    return folder if os.path.exists(vq_path(folder)) else None
+    """The run's own file that `path` is, else None: vq.pt, tokens.pt, scale_<t>.pt, a log,
+    bound.json, eval.json or a lock, in `run` or in any folder holding a vq.pt. Links are
+    followed first: a symbolic link by its real path, a hard link by being the same file as
+    one of `run`'s. (Writing never goes through a link anyway, see `replacing`; this check is
+    there so that the user is told.)"""
+    folder, name = os.path.split(os.path.realpath(path))
+    if RUN_FILE.fullmatch(name) and ((run is not None and folder == os.path.realpath(run))
+                                     or os.path.exists(vq_path(folder))):
+        return os.path.join(folder, name)
+    if run is not None and os.path.isfile(path) and os.stat(path).st_nlink > 1:
+        for other in os.listdir(run):
+            if RUN_FILE.fullmatch(other) and os.path.samefile(path, os.path.join(run, other)):
+                return os.path.join(os.path.realpath(run), other)
+    return None
+
+
+def refuse_run_file(flag: str, path: str, run: str | None) -> None:
+    """One line, before any work, when an output `path` (given with `flag`) is a run's own file."""
+    own = run_file_of(path, run)
+    if own is not None:
+        named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+        via = "" if named == own else f" (a link to {own})"
+        raise UserError(f"{flag} {path}{via} is a run's own file; choose another name")
 
 
 def read_log(run: str) -> list[dict]:
@@ -130,19 +146,45 @@ def trained_scales(run: str) -> list[int]:
 FORMAT = 2
 
 
-def save_atomic(obj: dict, path: str) -> None:
-    """Write to `path.tmp`, then rename: a run killed mid-write never leaves half a file, and a
-    write that fails (a full disk) leaves the previous file as it was. Stamps the file with
-    this code's FORMAT."""
+@contextlib.contextmanager
+def replacing(path: str):
+    """Every file this project writes is written here: `with replacing(path) as tmp:` write the
+    whole file to `tmp`, a new file beside `path`; when the block ends it is renamed over `path`
+    in one step (os.replace). So
+      - a process killed mid-write, or a write that fails (a full disk), never leaves half a
+        file: `path` is the previous file or the new one, and the failure is one line;
+      - a link at `path` (symbolic or hard) is replaced itself, never written through: an
+        output that happens to point at a run's checkpoint leaves the checkpoint as it was.
+    `tmp` is `path + ".tmp"`, made afresh and exclusively (whatever was there, a killed
+    write's leftover or a link, is removed first, which never touches what a link points at)."""
     tmp = path + ".tmp"
     try:
-        torch.save({**obj, "format": FORMAT}, tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        open(tmp, "xb").close()                        # "x": fails rather than open an existing file
+        yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        kept = f"; the previous {os.path.basename(path)} is kept" if os.path.exists(path) else ""
+        kept = f"; the previous {os.path.basename(path)} is kept" if os.path.isfile(path) else ""
         raise UserError(f"could not write {path}: {e.strerror or e}{kept}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """A checkpoint, stamped with this code's FORMAT, written through `replacing`."""
+    with replacing(path) as tmp:
+        torch.save({**obj, "format": FORMAT}, tmp)
+
+
+def save_image(im: Image.Image, path: str) -> None:
+    """A picture, written through `replacing`, in the format its extension names."""
+    with replacing(path) as tmp:
+        im.save(tmp, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
 
 
 def remove_stale_tmp(run: str) -> None:
@@ -176,21 +218,14 @@ def trim_log(path: str, drop) -> None:
                 continue
             if not drop(record):
                 kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
+    with replacing(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def save_json_atomic(obj: dict, path: str) -> None:
-    """A JSON report (bound.json, eval.json), written like the checkpoints: tmp file, then rename."""
-    try:
-        with open(path + ".tmp", "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+    """A JSON report (bound.json, eval.json), written through `replacing`."""
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
@@ -358,9 +393,16 @@ def run_main(main):
 def pick_device(name: str | None = None) -> torch.device:
     """--device, else cuda when there is one. On a GPU, fp32 matrix products may use TF32
     (10-bit mantissa, tensor cores): training runs in bf16 autocast anyway."""
-    if name and name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but torch sees no CUDA GPU")
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    here += ["mps"] if torch.backends.mps.is_available() else []
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:                               # a name torch does not know
+        device = None
+    usable = device is not None and (device.type == "cpu" or f"{device.type}:{device.index or 0}" in here
+                                     or (device.type == "mps" and "mps" in here))
+    if not usable:
+        raise UserError(f"--device {name}: no such device here; this machine has {', '.join(here)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -626,9 +668,8 @@ class Claim:
         try:
             if read_lock(self.path) != stale:                    # someone else took it over first
                 return False
-            with open(guard + ".new", "w") as f:
-                json.dump(record, f)
-            os.replace(guard + ".new", self.path)                # never a moment without a lock
+            with replacing(self.path) as tmp, open(tmp, "w") as f:   # renamed over the dead lock: never
+                json.dump(record, f)                                    # a moment without one
         finally:
             os.remove(guard)
         dead = f"process {stale.get('pid')}, which is no longer running" if stale else "a process killed while writing it"
@@ -967,10 +1008,8 @@ def parse_number_list(text: str, what: str) -> list:
 def ensure_writable_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write_test")
-        with open(probe, "w"):
+        with tempfile.TemporaryFile(dir=path):         # a new file of its own name, never one that is there
             pass
-        os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
 
@@ -1133,7 +1172,7 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     for i in range(B):
         r, c = divmod(i, nrow)
         canvas[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = images[i]
-    Image.fromarray(rearrange(canvas, "c h w -> h w c").numpy()).save(path)
+    save_image(Image.fromarray(rearrange(canvas, "c h w -> h w c").numpy()), path)
 
 
 # ----- Loss curves, drawn with pillow (no plotting library) --------------------------------
@@ -1171,7 +1210,7 @@ def draw_curves(series: dict, path: str, title: str, width: int = 640, height: i
         ly = top + 12 + 14 * i                                          # legend: a stroke, the name
         draw.line([width - right - 170, ly, width - right - 152, ly], fill=colour, width=2)
         draw.text((width - right - 146, ly - 6), name, fill=colour)
-    im.save(path)
+    save_image(im, path)
 
 
 def plot_run(run: str, parts=None) -> list[str]:

@@ -20,6 +20,7 @@ comma list with one value per scale, for t = T, T-1, ..., 2.
 """
 import argparse
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -393,9 +394,8 @@ def check_outputs(args) -> None:
     an image, --npz .npz, which numpy would otherwise append); its folder writable (made when
     missing)."""
     for flag, path in (("--out", args.out), ("--npz", args.npz)):
-        if path is not None and runs.run_file_of(path, args.run) is not None:
-            raise runs.UserError(f"{flag} {path} names a run's own file ({os.path.basename(path)} of the run in "
-                                 f"{runs.run_file_of(path, args.run)}); choose another name")
+        if path is not None:
+            runs.refuse_run_file(flag, path, args.run)
     if args.out and not args.out.lower().endswith(GRID_EXTENSIONS):
         raise runs.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(GRID_EXTENSIONS)}")
     if args.npz and not args.npz.lower().endswith(".npz"):
@@ -410,9 +410,10 @@ def check_outputs(args) -> None:
 class NpzWriter:
     """--npz, written as the images come, so that memory stays flat at any --n. An .npz is a zip
     of .npy files (np.savez's layout, uncompressed), and an .npy is a header (dtype, shape)
-    followed by the array's bytes in order: each array is written that way to a file of its own,
-    batch after batch, and the files are zipped at the end. All of it goes to .tmp files first,
-    so a job that stops half way leaves no half .npz. arrays: {name: (shape, dtype)}."""
+    followed by the array's bytes in order: each array is written that way to a part file of
+    its own (`path.<name>.npy.tmp`, made afresh), batch after batch, and the parts are zipped
+    into place at the end (runs.replacing), so a job that stops half way leaves no half .npz.
+    arrays: {name: (shape, dtype)}."""
 
     def __init__(self, path: str, arrays: dict):
         self.path, self.shapes = path, {k: shape for k, (shape, _) in arrays.items()}
@@ -420,7 +421,9 @@ class NpzWriter:
         self.files, self.rows = {}, {k: 0 for k in arrays}
         try:
             for k, (shape, dtype) in arrays.items():
-                self.files[k] = open(self.parts[k], "wb")
+                if os.path.lexists(self.parts[k]):              # a killed job's part, or a link: removed,
+                    os.remove(self.parts[k])                    # never written through
+                self.files[k] = open(self.parts[k], "xb")
                 np.lib.format.write_array_header_1_0(self.files[k], {
                     "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
         except OSError as e:
@@ -443,20 +446,17 @@ class NpzWriter:
         try:
             for f in self.files.values():
                 f.close()
-            with zipfile.ZipFile(self.path + ".tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            with runs.replacing(self.path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
                 for k, part in self.parts.items():
                     z.write(part, f"{k}.npy")
-            os.replace(self.path + ".tmp", self.path)
-        except OSError as e:
-            raise runs.UserError(f"could not write --npz {self.path}: {e.strerror or e}") from None
         finally:
             self.discard()
 
     def discard(self) -> None:
         for f in self.files.values():
             f.close()
-        for part in [*self.parts.values(), self.path + ".tmp"]:
-            if os.path.exists(part):
+        for part in self.parts.values():
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(part)
 
 
@@ -503,7 +503,7 @@ class Outputs:
         u8 = images.permute(0, 2, 3, 1).cpu().numpy()                     # (B, H, W, 3)
         if self.args.out_dir:
             for i, img in enumerate(u8):
-                Image.fromarray(img).save(os.path.join(self.args.out_dir, f"{self.written + i:06d}.png"))
+                runs.save_image(Image.fromarray(img), os.path.join(self.args.out_dir, f"{self.written + i:06d}.png"))
         if self.npz is not None:
             self.npz.write(images=u8, codes=codes.cpu().numpy().astype(np.int64),
                            **({"labels": labels.cpu().numpy().astype(np.int64)} if labels is not None else {}))
@@ -995,8 +995,8 @@ def make_handler(editor: Editor):
                 def work():
                     try:
                         req = json.loads(self.body() or b"{}")
-                    except ValueError:                   # not JSON, or not UTF-8
-                        raise runs.UserError("the request is not JSON") from None
+                    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+                        raise runs.UserError("the request is not JSON that this page can read") from None
                     return editor.complete(req)
                 self.answer(work)
             else:

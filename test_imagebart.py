@@ -120,9 +120,12 @@ def assert_user_error(code, err, fragment):
 
 
 def snapshot(folder) -> dict:
-    """{file name: (mtime_ns, size)}: compared before and after a command that must not write."""
-    return {f: (os.stat(os.path.join(folder, f)).st_mtime_ns, os.path.getsize(os.path.join(folder, f)))
-            for f in sorted(os.listdir(folder))}
+    """{file name: (mtime_ns, size, SHA-256)}: compared before and after a command that must not write."""
+    def digest(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    return {f: (os.stat(p).st_mtime_ns, os.path.getsize(p), digest(p))
+            for f in sorted(os.listdir(folder)) if os.path.isfile(p := os.path.join(folder, f))}
 
 
 def run_py(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -1598,6 +1601,54 @@ def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, m
     assert 0 <= seams["extend_left"]["same_colour"] <= 1 and seams["extend_right"]["fd"] >= 0
 
 
+def test_outputs_replace_links_and_never_write_through_them(trained_run, tmp_path, monkeypatch, capsys):
+    """Every output is written beside its target and renamed over it (runs.replacing): a link
+    at an output's path, symbolic or hard, is replaced, and the run it pointed into stays byte
+    for byte as it was. Here --out-dir is a symbolic link to a folder whose 000000.png is a
+    symbolic link to the run's vq.pt and whose 000001.png is a hard link to its scale_3.pt;
+    the writers the checks of sample.py never see (pictures, reports, checkpoints) are given
+    links too."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.dir, run)
+    before = snapshot(run)
+    real = tmp_path / "pngs"
+    real.mkdir()
+    os.symlink(run / "vq.pt", real / "000000.png")
+    os.link(run / "scale_3.pt", real / "000001.png")
+    os.symlink(real, tmp_path / "linked")
+    code, out, err = run_script(sample, ["--run", str(run), "--n", "2", "--out-dir", str(tmp_path / "linked"),
+                                         "--out", str(tmp_path / "grid.png")], monkeypatch, capsys)
+    assert code == 0, err
+    for name in ("000000.png", "000001.png"):
+        assert not os.path.islink(real / name) and os.stat(real / name).st_nlink == 1
+        assert Image.open(real / name).size == (32, 32)
+    for write, name in [(lambda p: runs.save_json_atomic({"a": 1}, p), "eval.json"),
+                        (lambda p: runs.save_atomic({"a": 1}, p), "tokens.pt"),
+                        (lambda p: runs.save_image(Image.new("RGB", (4, 4)), p), "log.jsonl")]:
+        os.symlink(run / name, tmp_path / f"soft_{name}")
+        os.link(run / name, tmp_path / f"hard_{name}")
+        for link in (tmp_path / f"soft_{name}", tmp_path / f"hard_{name}"):
+            write(str(link))
+            assert not os.path.islink(link) and os.stat(link).st_nlink == 1
+    assert snapshot(run) == before
+
+
+def test_every_file_is_written_through_replacing():
+    """No file of the project's code is opened for writing in place: a write goes to the
+    temporary file runs.replacing made (`with replacing(path) as tmp, open(tmp, ...)`), to a
+    new file opened exclusively ("x", os.O_EXCL), or, for a run's logs alone, is appended. The
+    writers that take a path (torch.save, a picture's save) are called in runs.py's helpers only."""
+    for name in ("imagebart.py", "data.py", "runs.py", "evaluate.py", "sample.py", "train_vq.py", "train_chain.py"):
+        with open(os.path.join(REPO, name)) as f:
+            for number, line in enumerate(f, 1):
+                where = f"{name}:{number}: {line.strip()}"
+                for mode in re.findall(r"\bopen\([^()]*(?:\([^()]*\))?[^()]*,\s*[\"']([a-z+]+)[\"']", line):
+                    assert "r" in mode or "x" in mode or "replacing(" in line or (
+                        mode == "a" and "log_path(" in line), where
+                if re.search(r"torch\.save\(|\.save\((?!buf)", line) and not line.lstrip().startswith(("#", '"')):
+                    assert name == "runs.py" and "tmp" in line, where
+
+
 def test_grid_cap_out_dir_and_npz_stream_in_batches(trained_run, tmp_path, monkeypatch, capsys):
     """Samples are made, decoded and written a batch at a time (SAMPLE_BATCH, here 4): with 10
     samples every decode takes at most 4, --out-dir holds 10 PNGs and --npz the same pixels,
@@ -2048,6 +2099,7 @@ def test_serve_answers_bad_requests_with_400_faults_500_and_a_full_queue_503(tra
         ok = {"image": image, "kind": "upper", "completions": 1, "particles": 1}
         for body, line in [(b"[1, 2, 3]", "must be a JSON object (its fields by name), got an array"),
                            (b"null", "got null"), (b"\xff\xfe", "the request is not JSON"),
+                           (b"[" * 100_000 + b"]" * 100_000, "the request is not JSON that this page can read"),
                            (json.dumps(ok | {"seed": "abc"}).encode(), "seed must be a number in 0..9223372036854775807, got 'abc'"),
                            (json.dumps(ok | {"guidance": "abc"}).encode(), "guidance must be a number >= 0, got 'abc'"),
                            (json.dumps(ok | {"class": 0, "guidance": float("nan")}).encode(), "guidance must be a number >= 0, got nan"),
@@ -2604,6 +2656,7 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     whose chain is unconditional (each scale's config without labels, and weights of that
     shape). BUSY's and TRAINING's claims are held by this test's parent process (alive, not
     this one) and by a process on another host."""
+    tmp_path = tmp_path.resolve()               # the error lines name real paths
     run = tmp_path / "run"
     shutil.copytree(trained_run.dir, run)
     uncond = tmp_path / "uncond"
@@ -2634,12 +2687,22 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     (tmp_path / "FILE").write_text("a regular file")
     (tmp_path / "NOTES.png").write_text("this is not an image")
     Image.new("L", (32, 32), 0).save(tmp_path / "BLACK.png")
+    os.symlink(run / "vq.pt", tmp_path / "LINK.png")
+    os.link(run / "vq.pt", tmp_path / "HARD.npz")
+    cifar = tmp_path / "cifar" / ds.CIFAR_DIR
+    cifar.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(cifar / name, "wb") as f:
+            pickle.dump(Evil(), f)
     places = {"RUN": str(run), "NEW": str(tmp_path / "new"), "EVIL": str(evil), "FILE": str(tmp_path / "FILE"),
               "NOTES.png": str(tmp_path / "NOTES.png"), "BLACK.png": str(tmp_path / "BLACK.png"),
-              "BUSY": str(busy), "TRAINING": str(training), "SMALL": str(small), "UNCOND": str(uncond)}
-    words = [re.sub(r"^(folder:)?(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|BUSY|TRAINING|SMALL|UNCOND)",
-                    lambda m: (m.group(1) or "") + places[m.group(2)], w)
+              "BUSY": str(busy), "TRAINING": str(training), "SMALL": str(small), "UNCOND": str(uncond),
+              "LINK.png": str(tmp_path / "LINK.png"), "HARD.npz": str(tmp_path / "HARD.npz"),
+              "CIFAR": str(tmp_path / "cifar")}
+    names = r"(RUN|NEW|EVIL|FILE|NOTES\.png|BLACK\.png|BUSY|TRAINING|SMALL|UNCOND|LINK\.png|HARD\.npz|CIFAR)"
+    words = [re.sub(rf"^(folder:)?{names}", lambda m: (m.group(1) or "") + places[m.group(2)], w)
              for w in shlex.split(command)]
+    fragment = re.sub(rf"\b{names}(?=/| )", lambda m: places[m.group(1)], fragment)
     script = SCRIPTS[words[1]]
 
     def no_work(*args, **kwargs):

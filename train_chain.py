@@ -77,8 +77,8 @@ def first_stage(args, out: str) -> tuple[dict, dict]:
             if not os.path.exists(src):
                 raise runs.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
             if not os.path.exists(dst):
-                shutil.copyfile(src, dst + ".tmp")
-                os.replace(dst + ".tmp", dst)
+                with runs.replacing(dst) as tmp:
+                    shutil.copyfile(src, tmp)
     # no first stage yet: train one with the preset of the same name (train_vq.py's code)
     if not os.path.exists(runs.tokens_path(out)):
         vq_cfg = runs.preset_config(ib.VQ_PRESETS, args.preset)    # an unknown name: one line, before any work
