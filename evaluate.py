@@ -392,6 +392,9 @@ def classifier_for(run: str, judge_dir: str, cfg: CodeClassifierConfig | None = 
     training codes, labels and first stage with this config, else trained now and saved there
     (beside the judges; never shipped). -> (the classifier, a summary for the eval output)."""
     cfg = cfg or CodeClassifierConfig()
+    if not os.path.exists(runs.tokens_path(run)):
+        raise runs.UserError(f"{run} carries no codes of its training images (a shipped run), so no classifier of "
+                             f"codes can be trained; choose by --scorer bayes, or train a run of your own")
     tokens = runs.load_tokens(run)
     if tokens.get("train_labels") is None or tokens.get("test_labels") is None:
         raise runs.UserError(f"{run}'s codes carry no labels, so no classifier can be trained to choose samples "
@@ -1048,7 +1051,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Judge a trained run with a classifier trained on its data set "
                                             "(accuracy and Frechet distance in the judge's features, not FID)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default="runs/shapes", help="a run folder (vq.pt, scale_<t>.pt)")
+    p.add_argument("--run", default=None,
+                   help="a run folder (vq.pt, scale_<t>.pt); default runs/shapes once trained, else the shipped run")
     p.add_argument("--out", default=None, help="the figures, JSON (default <run>/eval.json; with --size, --accept or "
                                                "--rerank a file of its own beside it)")
     p.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
@@ -1114,11 +1118,14 @@ def main():
     if args.size and (args.accept is not None or args.rerank is not None):
         raise runs.UserError("--accept and --rerank choose among samples of the training size; --size judges "
                              "panoramas: give one of them")
+    args.run, home = runs.choose_run(args.run)
     if not os.path.isdir(args.run):
         raise runs.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
+    if args.out is None and home != args.run:           # a shipped run: its figures go to the working folder
+        args.out = os.path.join(home, "eval.json")
     own = os.path.realpath(args.out or runs.eval_path(args.run)) == os.path.realpath(runs.eval_path(args.run))
     if args.out is not None:              # never another of a run's own files; JSON; a writable folder
-        if not own:
+        if not own or home != args.run:
             runs.refuse_run_file("--out", args.out, args.run)
         if not args.out.lower().endswith(".json"):
             raise runs.UserError(f"--out {args.out}: the judge's figures are JSON; give a name ending in .json")

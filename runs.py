@@ -52,9 +52,12 @@ import imagebart as ib
 # one function, so the scripts and load_run cannot disagree about what a run folder holds.
 
 def run_dir(dataset: str, out: str | None = None) -> str:
-    """--out, else runs/<the data set's name> (a folder data set is named after its folder)."""
+    """--out, else runs/<the data set's name> (a folder data set is named after its folder):
+    the folder a training script writes, so never a shipped run."""
     name = dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder"
-    return out or os.path.join("runs", name)
+    out = out or os.path.join("runs", name)
+    refuse_shipped(out, "--out")
+    return out
 
 
 def vq_path(run: str) -> str:
@@ -106,7 +109,9 @@ def run_file_of(path: str, run: str | None = None) -> str | None:
 
 
 def refuse_run_file(flag: str, path: str, run: str | None) -> None:
-    """One line, before any work, when an output `path` (given with `flag`) is a run's own file."""
+    """One line, before any work, when an output `path` (given with `flag`) is a run's own file
+    or lies in a shipped run."""
+    refuse_shipped(os.path.dirname(os.path.abspath(path)), flag)
     own = run_file_of(path, run)
     if own is not None:
         named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
@@ -355,6 +360,100 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib
             raise UserError(f"{scale_path(run, t)} does not fit this version of imagebart.py "
                             f"(its weights have other names or shapes); train the chain again") from None
     return vq, chain.to(device).eval()
+
+
+# ----- The shipped run: a trained tiny run inside the repository ---------------------------
+# assets/pretrained/shapes holds the quickstart's run, so that sampling, trajectories, masked
+# editing and the editing page work on a fresh clone before any training. It is written by
+# ship_run (`python train_chain.py --dataset shapes --ship`), is never written to afterwards,
+# and is what a command reads when no --run is given and runs/shapes is not trained yet.
+SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pretrained", "shapes")
+DEFAULT_RUN = os.path.join("runs", "shapes")
+SHIPPED_DTYPE = torch.bfloat16
+
+
+def is_shipped(run: str) -> bool:
+    """Whether `run` is a shipped copy (ship_run marks its vq.pt): read-only. An unreadable
+    vq.pt is not a shipped run's (reading it says why, where it is read)."""
+    try:
+        return os.path.isfile(vq_path(run)) and bool(load_checkpoint(vq_path(run), "vq").get("shipped"))
+    except UserError:
+        return False
+
+
+def is_trained(run: str) -> bool:
+    """Whether `run` holds a finished first stage and every scale of its chain (read cheaply:
+    configs only, the weights stay on disk)."""
+    if not (os.path.isfile(vq_path(run)) and load_checkpoint(vq_path(run), "vq").get("shrunk")):
+        return False
+    found = trained_scales(run)
+    return bool(found) and set(range(2, len(load_checkpoint(scale_path(run, found[0]), "scale")["betas"]) + 2)) <= set(found)
+
+
+def choose_run(run: str | None) -> tuple[str, str]:
+    """--run, else runs/shapes once it is trained, else the shipped run; the choice is said in
+    one line when --run was not given. -> (the run folder, the folder default outputs go to:
+    the run's own, or the working folder for a shipped run, which is never written to)."""
+    if run is None:
+        if is_trained(DEFAULT_RUN):
+            run = DEFAULT_RUN
+            say(f"reading the run in {run} (--run chooses another)")
+        else:
+            run = os.path.relpath(SHIPPED_RUN)
+            run = SHIPPED_RUN if run.startswith("..") else run
+            say(f"reading the shipped trained run {run} ({DEFAULT_RUN} is not trained yet; python train_chain.py "
+                f"trains it); outputs go to the working folder")
+    return run, "." if is_shipped(run) else run
+
+
+def refuse_shipped(run: str, what: str) -> None:
+    """One line when `what` would write into a shipped run."""
+    if is_shipped(run):
+        raise UserError(f"{what}: {run} is a shipped run, which is never written to; copy it elsewhere first")
+
+
+def ship_run(src: str, dst: str) -> list[str]:
+    """The shipped copy of the trained run `src`, written to `dst`: the first stage and every
+    scale's EMA weights, nothing else (no optimizer states, no discriminator, no tokens.pt:
+    the built-in data set is drawn again from its seed). Floating-point weights are stored in
+    bf16, half the bytes; load_state_dict casts them back into the fp32 models that sample.
+    -> the files written."""
+    vq, chain = load_run(src)
+    record = recorded_dataset(src)
+    if not record or record["spec"] != "shapes":
+        raise UserError(f"{src} was not trained on the built-in shapes data set; only a run whose images can be "
+                        f"drawn again from their seed is shipped")
+    if os.path.exists(dst) and not is_shipped(dst) and os.listdir(dst):
+        raise UserError(f"{dst} holds files that are not a shipped run; choose an empty folder")
+    half = lambda sd: {k: v.to(SHIPPED_DTYPE) if v.is_floating_point() else v for k, v in sd.items()}
+    mark = {"from": os.path.abspath(src), "dtype": str(SHIPPED_DTYPE).removeprefix("torch.")}
+    os.makedirs(dst, exist_ok=True)
+    ckpt = load_checkpoint(vq_path(src), "vq")
+    save_atomic({**vq_checkpoint(vq, None, None, None, ckpt["step"], record, shrunk=True, metrics=ckpt.get("metrics")),
+                 "model": half(vq.state_dict()), "shipped": mark}, vq_path(dst))
+    written = [vq_path(dst)]
+    for t in range(2, chain.T + 1):
+        c = load_checkpoint(scale_path(src, t), "scale")
+        save_atomic({"kind": "scale", "t": t, "config": c["config"], "betas": c["betas"],
+                     "ema": half(chain.scale(t).state_dict()), "step": c["step"], "opt": None, "shipped": mark},
+                    scale_path(dst, t))
+        written.append(scale_path(dst, t))
+    return written
+
+
+def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor:
+    """The codes x_1 of the run's test images (the first `first`, or all): tokens.pt's, or, for a
+    shipped run (which carries none), its built-in data set's test split drawn from its seed
+    and encoded now."""
+    if os.path.exists(tokens_path(run)):
+        return load_tokens(run)["test"][:first]
+    record = recorded_dataset(run)
+    if not record or record["spec"] != "shapes":
+        raise UserError(f"{run} has no tokens.pt, the codes of its test images")
+    x = ds.load_dataset("shapes", "test", record["resolution"], shapes_size=(0, record["test_size"]))[0][:first]
+    device = next(vq.parameters()).device
+    with torch.no_grad():
+        return torch.cat([vq.encode(ds.to_float(x[i:i + 500]).to(device)).cpu() for i in range(0, len(x), 500)])
 
 
 # =====================================================================================

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # --- what is drawn: from which run, how many, under which condition (Sec. 3.3, 4.2)
-    p.add_argument("--run", default="runs/shapes", help="a run folder (vq.pt, scale_<t>.pt)")
+    p.add_argument("--run", default=None,
+                   help="a run folder (vq.pt, scale_<t>.pt); default runs/shapes once trained, else the shipped run")
     p.add_argument("--n", type=int, default=64, help="number of samples (per class with --class all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", default="1.0", help="one value, or one per scale t = T..2")
@@ -404,6 +405,7 @@ def check_outputs(args) -> None:
         if path:
             runs.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     if args.out_dir:
+        runs.refuse_shipped(args.out_dir, "--out-dir")
         runs.ensure_writable_dir(args.out_dir)
 
 
@@ -539,7 +541,7 @@ def write_samples(args, vq: ib.VQGAN, x1: torch.Tensor, per_row: int | None, lab
     except BaseException:
         outputs.discard()
         raise
-    path = args.out or os.path.join(args.run, "sample.png")
+    path = args.out or os.path.join(args.home, "sample.png")
     outputs.finish(path)
     print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""),
           flush=True)
@@ -557,16 +559,15 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     one row per input: the original, the masked input, the completions."""
     cfg = vq.cfg
     H = cfg.resolution
-    # --- the inputs: test images (their codes in tokens.pt), or image files
+    # --- the inputs: test images (their codes, runs.test_codes), or image files
     if args.inpaint.startswith("test:"):
         try:
             B = int(args.inpaint[5:])
         except ValueError:
             raise runs.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
-        tokens = runs.load_tokens(args.run)
-        if not 1 <= B <= len(tokens["test"]):
-            raise runs.UserError(f"--inpaint test:N takes N in 1..{len(tokens['test'])} (this run's test images), "
-                                 f"got {B}")
+        test = runs.test_codes(args.run, vq)
+        if not 1 <= B <= len(test):
+            raise runs.UserError(f"--inpaint test:N takes N in 1..{len(test)} (this run's test images), got {B}")
     else:
         B = len(args.inpaint.split(","))
     size = runs.parse_size(args.size, args.stride, vq.cfg)                        # a larger canvas (Sec. 4.2), or None
@@ -602,10 +603,10 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     keep_one = ~regen.to(device)                                    # (h, w), True = given
     per_batch = max(1, INPAINT_BATCH // (args.particles or 1))      # each completion decodes `particles` rows
     try:
-        # --- the inputs as codes x_1 (test codes straight from tokens.pt, files encoded) and as
+        # --- the inputs as codes x_1 (test codes as they are, files encoded) and as
         # the first stage shows them, a batch at a time
         if args.inpaint.startswith("test:"):
-            x1 = tokens["test"][:B].long().to(device)
+            x1 = test[:B].long().to(device)
             x0 = torch.cat([vq.decode(x1[sl]) for sl in runs.batches(B, SAMPLE_BATCH)])
         else:
             x0 = ds.to_float(load_images(args.inpaint, H).to(device))
@@ -634,7 +635,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
     except BaseException:
         outputs.discard()
         raise
-    path = args.out or os.path.join(args.run, "inpaint.png")
+    path = args.out or os.path.join(args.home, "inpaint.png")
     outputs.finish(path)
     regenerated = canvas[0] * canvas[1] - int(keep_one.sum())
     print(f"wrote {path}: per row the original, the masked input ({regenerated} of {canvas[0] * canvas[1]} "
@@ -829,7 +830,7 @@ class Editor:
     def __init__(self, run: str, device):
         self.run, self.device = run, device
         self.vq, self.chain = runs.load_run(run, device)
-        self.test, self.class_names = runs.load_tokens(run)["test"], runs.run_class_names(run)
+        self.test, self.class_names = runs.test_codes(run, self.vq), runs.run_class_names(run)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(1 + MAX_WAITING)      # the running job and those waiting
 
@@ -1101,7 +1102,7 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
         outputs.discard()
         raise
     print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
-    path = args.out or os.path.join(args.run, "trajectory.png" if args.trajectory else "sample.png")
+    path = args.out or os.path.join(args.home, "trajectory.png" if args.trajectory else "sample.png")
     outputs.finish(path)
     if args.trajectory:
         print(f"wrote {path}: each row decodes x_{T} (left) ... x_1 (right)", flush=True)
@@ -1122,10 +1123,12 @@ def main():
     if args.benchmark:                        # a random chain: no run needed
         return benchmark(args)
     device = runs.pick_device(args.device)
+    args.run, args.home = runs.choose_run(args.run)        # home: where default outputs go
     if not os.path.isdir(args.run):
         raise runs.UserError(f"no run at {args.run}; train one with: python train_chain.py --out {args.run}")
     # --- the modes that read the run but draw no grid: the loss curves, the editing page
     if args.plot:
+        runs.refuse_shipped(args.run, "--plot")
         return print(f"wrote {', '.join(runs.plot_run(args.run))}", flush=True)
     if args.serve:
         return serve(args, device)

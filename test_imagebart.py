@@ -2717,6 +2717,79 @@ def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, co
     assert not (tmp_path / "marker").exists()
 
 
+# ----- The shipped run: sampling before any training -------------------------------------
+
+def test_the_shipped_run_loads_and_is_the_tiny_preset():
+    """assets/pretrained/shapes loads with this code (current format, weights_only), is the
+    tiny presets' run (the fields that come from the data aside), carries EMA weights alone in
+    bf16 (no optimizer, no discriminator, no tokens.pt) and fits in 8 MiB."""
+    run = runs.SHIPPED_RUN
+    files = sorted(os.listdir(run))
+    assert files == ["scale_2.pt", "scale_3.pt", "vq.pt"], files
+    assert sum(os.path.getsize(os.path.join(run, f)) for f in files) <= 8 * 2 ** 20
+    vq, chain = runs.load_run(run)
+    assert runs.is_shipped(run) and runs.is_trained(run)
+    # set when training: from the data (codes, labels, words) or the machine (--dtype auto)
+    from_run = {"num_codes", "num_labels", "vocab", "text_len", "dtype"}
+    for got, preset in ((vq.cfg, ib.VQ_PRESETS["tiny"]), (chain.cfg, ib.CHAIN_PRESETS["tiny"])):
+        got, want = dataclasses.asdict(got), dataclasses.asdict(preset)
+        assert {k: v for k, v in got.items() if k not in from_run} == {k: v for k, v in want.items() if k not in from_run}
+    ckpt = runs.load_checkpoint(runs.vq_path(run), "vq")
+    assert ckpt["format"] == runs.FORMAT and ckpt["disc"] is None and ckpt["opt_g"] is None
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.bfloat16}
+    for t in (2, 3):
+        scale = runs.load_checkpoint(runs.scale_path(run, t), "scale")
+        assert "model" not in scale and scale["opt"] is None
+        assert {v.dtype for v in scale["ema"].values() if v.is_floating_point()} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in chain.parameters())
+    assert runs.run_class_names(run) == ds.SHAPE_CLASSES
+
+
+def test_the_shipped_run_draws_its_classes():
+    """100 class-conditional samples of the shipped run (its default sampling, w = 0), judged
+    by the shipped judge of shapes: at least 90 of them are the class they were drawn for."""
+    vq, chain = runs.load_run(runs.SHIPPED_RUN)
+    record = runs.recorded_dataset(runs.SHIPPED_RUN)
+    judge, _ = evaluate.judge_for(ds.load_recorded_dataset(record), record, judge_dir=os.devnull, log=lambda *a: None)
+    labels = torch.arange(100) % chain.num_labels
+    torch.manual_seed(0)
+    with torch.no_grad():
+        images = vq.decode(chain.sample(100, labels=labels))
+    _, predicted = evaluate.judge_images(judge, images)
+    assert (predicted == labels).float().mean() >= 0.9
+
+
+def test_the_shipped_run_is_read_by_default_and_never_written(tmp_path, monkeypatch, capsys):
+    """With no --run and no trained runs/shapes, sample.py and evaluate.py read the shipped run,
+    say so in their first line, and write their outputs to the working folder; --out and
+    --out-dir into it, and training into it, are refused. Its files are byte for byte the
+    same afterwards, and no file was added to it."""
+    monkeypatch.setattr(runs, "DEFAULT_RUN", str(tmp_path / "not_trained"))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(runs.SHIPPED_RUN)
+    for script, argv in ((sample, ["--class", "all", "--n", "1", "--trajectory"]),
+                         (sample, ["--inpaint", "test:2", "--completions", "1"]),
+                         (sample, ["--size", "32x48", "--n", "1", "--class", "0"]),
+                         (evaluate, ["--eval-n", "10", "--particles", "0"])):
+        code, out, err = run_script(script, argv, monkeypatch, capsys)
+        assert code == 0, err
+        assert out.splitlines()[0].startswith("reading the shipped trained run") and "working folder" in out.splitlines()[0]
+    assert sorted(os.listdir(tmp_path)) == ["eval.json", "inpaint.png", "sample.png", "trajectory.png"]
+    shipped = os.path.relpath(runs.SHIPPED_RUN)
+    for script, argv, line in [(sample, ["--out", os.path.join(runs.SHIPPED_RUN, "x.png")], "is a shipped run"),
+                               (sample, ["--n", "1", "--out-dir", runs.SHIPPED_RUN], "is a shipped run"),
+                               (sample, ["--plot"], "is a shipped run"),
+                               (evaluate, ["--out", os.path.join(runs.SHIPPED_RUN, "eval.json")], "is a shipped run"),
+                               (train_chain, ["--out", runs.SHIPPED_RUN], "is a shipped run"),
+                               (train_vq, ["--out", runs.SHIPPED_RUN], "is a shipped run"),
+                               (sample, ["--class", "0", "--accept", "0.5"], "carries no codes of its training images")]:
+        code, out, err = run_script(script, argv, monkeypatch, capsys)
+        assert_user_error(code, err, line)
+    editor = sample.Editor(shipped, torch.device("cpu"))
+    assert editor.info()["test_images"] == 2000 and editor.test_image(1)["image"]
+    assert snapshot(runs.SHIPPED_RUN) == before
+
+
 # ----- The README: every command parses, every picture exists --------------------------
 
 SCRIPTS = {"train_vq.py": train_vq, "train_chain.py": train_chain, "sample.py": sample, "evaluate.py": evaluate}

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the judges into --judge-dir even where assets/judges ships them")
     p.add_argument("--judge-steps", type=int, default=None,
                    help=f"training steps of a new judge (default {evaluate.JudgeConfig.steps})")
+    p.add_argument("--ship", action="store_true",
+                   help="write the trained run's shipped copy to assets/pretrained/shapes (EMA weights in bf16) "
+                        "and train nothing: for maintainers, after a change of checkpoint format or tiny preset")
     runs.add_speed_args(p)
     runs.add_config_args(p, ib.ChainConfig)
     return p
@@ -666,6 +669,11 @@ def main():
     evaluate.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     runs.check_number(args.samples, "--samples", 1, whole=True)
     out = runs.run_dir(args.dataset, args.out)
+    if args.ship:                                     # the shipped copy of a trained run, nothing trained
+        if not runs.is_trained(out):
+            raise runs.UserError(f"--ship copies a trained run, and {out} is not trained yet; train it first")
+        written = runs.ship_run(out, runs.SHIPPED_RUN)
+        return print(f"wrote {', '.join(written)} ({sum(map(os.path.getsize, written)) / 2 ** 20:.1f} MiB)")
     world, device = runs.init_world(args.device)         # torchrun: one process of several
     args.dtype = runs.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
     say = world.say
