@@ -281,8 +281,10 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def shrink(self, used_full: torch.Tensor, seed: int = 0) -> None:
-        """Sec. 4.1: keep only the codes in `used_full` (those seen on held-out data);
-        any other full index maps to a random kept code, so `encode` stays total."""
+        """Sec. 4.1: keep only the codes in `used_full` (train_vq.py passes the codes of the
+        training images and of their mirror images); any other full index maps to a random
+        kept code, so `encode` stays total. The paper shrinks to the entries "actually used
+        (evaluated on the validation split of ImageNet)"; here the test split stays unseen."""
         used_full = used_full.unique().sort().values.to(self.code_map.device)
         g = torch.Generator().manual_seed(seed)
         code_map = torch.randint(0, len(used_full), (self.cfg.codebook_size,), generator=g).to(used_full.device)
@@ -567,7 +569,7 @@ class ChainConfig:
     n_layer_enc: int = 2                  # the decoder-only scale t = T gets enc + dec layers
     n_layer_dec: int = 2
     dropout: float = 0.0
-    residual_logits: bool = True          # logits = s * network + log q(x^i_t | x^i_{t-1} = k) (official)
+    residual_logits: bool = True          # logits = s * network + log q(x^i_t | x^i_{t-1} = k) (see ScaleTransformer)
     aligned_input: bool = False           # decoder position i also sees x^i_t (this code's own; see ScaleTransformer)
     # --- training (each scale independently)
     steps: int = 1500                     # per scale
@@ -731,11 +733,13 @@ class ScaleTransformer(nn.Module):
     tokens untouched. A network that has to learn this copying from scratch learns it slowly
     (a tiny chain trained for minutes copied only 3 to 4 in 5 of the tokens that had
     survived into x_t). Two ways to help:
-    `residual_logits` (on by default; the official ResidualScaledXTransformer): by Bayes,
-    p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so add the known factor
+    `residual_logits` (on by default; the idea of the official ResidualScaledXTransformer): by
+    Bayes, p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so add the known factor
     log q(x^i_t | x^i_{t-1} = k) (Eq. 5 read as a function of k) with unit weight to the logit of
     every k, and let the network's logits, times a learned scale s, model the rest. Up to a
-    constant it is a bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t.
+    constant it is a bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t. Unlike the official
+    code, s is a raw parameter (`logit_scale`, starting at 1, free to reach 0 or below): the
+    official code multiplies by exp(log_scalor), always positive.
     `aligned_input` (this implementation's own, in neither the paper nor the official code):
     add x^i_t's embedding to the decoder input at position i, which otherwise has to find
     position i in the encoder output through cross-attention first."""
@@ -831,7 +835,8 @@ class ScaleTransformer(nn.Module):
     def logits(self, h, x_t, offset: int):
         out = self.head(self.ln_f(h))                                      # (B, L, K)
         if self.logit_scale is not None:
-            # s * network + log q(x^i_t | x^i_{t-1} = k), the constant log(beta_t / K) dropped
+            # s * network + log q(x^i_t | x^i_{t-1} = k), the constant log(beta_t / K) dropped;
+            # s is the raw parameter itself (the official code's scale is exp(log_scalor) > 0)
             x_here = self.span(x_t, offset, h.shape[1])
             out = self.logit_scale * out + self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
         return out

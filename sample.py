@@ -67,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance weight w: (1+w) cond - w uncond; 0 = plain conditional")
     p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
     # --- where the images go: a grid, and for other tools one PNG per image or one .npz
-    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png)")
+    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png; the working folder for a shipped run)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per sample here (for FID tools)")
     p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
-    p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain (paper Fig. 5)")
+    p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain, x_T ... x_1")
     # --- masked editing (Sec. 4.3): which images, which region, how many completions
     p.add_argument("--inpaint", default=None, help="image file(s), comma-separated, or test:N (N test images)")
     p.add_argument("--mask", default=None, help=f"region of the image to regenerate: {', '.join(MASK_KINDS)}, or a PNG "

