@@ -811,9 +811,10 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge,
         x = chain.sample(m * tiles, labels[sl].repeat_interleave(tiles).to(device), generator=g)    # (m tiles, h, w)
         codes["tiled"].append(rearrange(x, "(m k) h w -> m h (k w)", k=tiles)[..., :W].cpu())
     result = {"n": n, "canvas_codes": [H, W], "stride": stride, "offsets": list(range(W - w + 1))}
-    # outpainting: a test image on a canvas two images wide, the other half drawn with 10 particles
-    # (the chains compared here are this code's, so this code's procedure), to its right ("extend_right") or to its left ("extend_left", which a left-to-right
-    # decoder writes before it reads the image). Judged on the drawn square: FD against real
+    # outpainting: a test image on a canvas two images wide, the other half drawn with 10
+    # particles (the chains compared here are this code's, so this code's procedure), to its
+    # right ("extend_right") or to its left ("extend_left", which a left-to-right decoder writes
+    # before it reads the image). Judged on the drawn square: FD against real
     # images, and how often its dominant colour is the given image's (the shape's colour)
     x1_test = torch.cat([vq.encode(ds.to_float(x_test[sl].to(device))) for sl in runs.batches(n, 256)])
     given_colour = ds.dominant_colours(x_test[:n])

@@ -151,6 +151,15 @@ def trained_scales(run: str) -> list[int]:
 FORMAT = 2
 
 
+def new_file(path: str):
+    """`path` opened for binary writing as a new file: whatever was there (a killed write's
+    leftover, a link) is removed first, which never touches what a link points at, and "x"
+    fails rather than open a file that appeared meanwhile. So nothing is written through."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return open(path, "xb")
+
+
 @contextlib.contextmanager
 def replacing(path: str):
     """Every file this project writes is written here: `with replacing(path) as tmp:` write the
@@ -160,13 +169,10 @@ def replacing(path: str):
         file: `path` is the previous file or the new one, and the failure is one line;
       - a link at `path` (symbolic or hard) is replaced itself, never written through: an
         output that happens to point at a run's checkpoint leaves the checkpoint as it was.
-    `tmp` is `path + ".tmp"`, made afresh and exclusively (whatever was there, a killed
-    write's leftover or a link, is removed first, which never touches what a link points at)."""
+    `tmp` is `path + ".tmp"`, made afresh (new_file)."""
     tmp = path + ".tmp"
     try:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        open(tmp, "xb").close()                        # "x": fails rather than open an existing file
+        new_file(tmp).close()
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
@@ -441,15 +447,28 @@ def ship_run(src: str, dst: str) -> list[str]:
     return written
 
 
-def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor:
-    """The codes x_1 of the run's test images (the first `first`, or all): tokens.pt's, or, for a
-    shipped run (which carries none), its built-in data set's test split drawn from its seed
-    and encoded now."""
-    if os.path.exists(tokens_path(run)):
-        return load_tokens(run)["test"][:first]
+def _shapes_record(run: str) -> dict:
+    """The data set record of a run without tokens.pt (a shipped run): built-in shapes only."""
     record = recorded_dataset(run)
     if not record or record["spec"] != "shapes":
         raise UserError(f"{run} has no tokens.pt, the codes of its test images")
+    return record
+
+
+def test_count(run: str) -> int:
+    """How many test images the run has (test_codes), without encoding any."""
+    if os.path.exists(tokens_path(run)):
+        return len(load_tokens(run)["test"])
+    return _shapes_record(run)["test_size"]
+
+
+def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor:
+    """The codes x_1 of the run's test images (the first `first`, or all): tokens.pt's, or, for a
+    shipped run (which carries none), its built-in data set's test split drawn from its seed
+    and encoded now (all 2,000 take about 3 s on a 2-core CPU, so ask for the first few)."""
+    if os.path.exists(tokens_path(run)):
+        return load_tokens(run)["test"][:first]
+    record = _shapes_record(run)
     x = ds.load_dataset("shapes", "test", record["resolution"], shapes_size=(0, record["test_size"]))[0][:first]
     device = next(vq.parameters()).device
     with torch.no_grad():
@@ -1421,9 +1440,7 @@ def _download(url: str, path: str) -> str:
     import urllib.request
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.lexists(path + ".part"):           # a stopped download, or a link: removed, never
-            os.remove(path + ".part")                 # written through ("x": a new file)
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, open(path + ".part", "xb") as f:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, new_file(path + ".part") as f:
             while chunk := r.read(1 << 20):
                 f.write(chunk)
             size = r.headers.get("Content-Length")

@@ -423,9 +423,7 @@ class NpzWriter:
         self.files, self.rows = {}, {k: 0 for k in arrays}
         try:
             for k, (shape, dtype) in arrays.items():
-                if os.path.lexists(self.parts[k]):              # a killed job's part, or a link: removed,
-                    os.remove(self.parts[k])                    # never written through
-                self.files[k] = open(self.parts[k], "xb")
+                self.files[k] = runs.new_file(self.parts[k])     # never written through a link
                 np.lib.format.write_array_header_1_0(self.files[k], {
                     "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
         except OSError as e:
@@ -565,9 +563,9 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
             B = int(args.inpaint[5:])
         except ValueError:
             raise runs.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
-        test = runs.test_codes(args.run, vq)
-        if not 1 <= B <= len(test):
-            raise runs.UserError(f"--inpaint test:N takes N in 1..{len(test)} (this run's test images), got {B}")
+        count = runs.test_count(args.run)
+        if not 1 <= B <= count:
+            raise runs.UserError(f"--inpaint test:N takes N in 1..{count} (this run's test images), got {B}")
     else:
         B = len(args.inpaint.split(","))
     size = runs.parse_size(args.size, args.stride, vq.cfg)                        # a larger canvas (Sec. 4.2), or None
@@ -606,7 +604,7 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         # --- the inputs as codes x_1 (test codes as they are, files encoded) and as
         # the first stage shows them, a batch at a time
         if args.inpaint.startswith("test:"):
-            x1 = test[:B].long().to(device)
+            x1 = runs.test_codes(args.run, vq, first=B).long().to(device)
             x0 = torch.cat([vq.decode(x1[sl]) for sl in runs.batches(B, SAMPLE_BATCH)])
         else:
             x0 = ds.to_float(load_images(args.inpaint, H).to(device))
