@@ -1,4 +1,4 @@
-"""The images: the built-in shapes data set, CIFAR-10, any folder of images, and captions.
+"""The images: the built-in shapes and scenes data sets, CIFAR-10, any folder of images, captions.
 
 Every data set is returned whole as a uint8 tensor (N, 3, H, W) plus integer labels (or None)
 and captions (or None): at these sizes it fits in memory, and a training step is then one
@@ -125,6 +125,111 @@ def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tens
         captions.append(shape_caption(dict(size=size, colour=PALETTE_NAMES[fg], shape=SHAPE_CLASSES[labels[i]],
                                            position=f"{vpos} {hpos}", background=PALETTE_NAMES[bg])))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(), captions
+
+
+# ----- Scenes, built in: landscapes that continue sideways -------------------------------
+# Patch-wise sampling (Sec. 4.2, Fig. 4) draws images wider than the training images through a
+# sliding window. It can only work on data that looks alike at every horizontal offset: the
+# paper's panoramas are landscapes. Each scene here is a skyline, a function y(x) of the
+# absolute column x, below which lies the ground. Its class is the kind of skyline, carried by
+# its structure alone: the sky and ground colours, the sun or moon and the horizon's height are
+# drawn independently of the class, from one small palette. Every process is stationary in x
+# (random phases, knots at random offsets), so a training image, a 32-pixel-wide crop at a
+# random offset, looks like a crop at any other offset, and a wide scene (make_wide_scenes)
+# is the same scene drawn over more columns: its crop at offset o equals the training image
+# drawn at offset o.
+SCENE_CLASSES = ["mountains", "hills", "sea", "dunes", "city", "forest"]
+SCENE_SKIES = {"day": (110, 170, 230), "dusk": (225, 135, 85), "night": (25, 30, 70)}
+SCENE_GROUNDS = [(40, 105, 50), (115, 85, 55), (80, 80, 95)]
+SCENE_SUN = (250, 235, 170)
+SCENE_MAX_WIDTH = 1024          # in pixels at resolution 32: the widest scene the draws support
+
+
+def _scene_params(rng, label: int, resolution: int) -> dict:
+    """Everything that draws one scene, in pixels of a `resolution`-tall image (x absolute)."""
+    H, span = resolution, SCENE_MAX_WIDTH * resolution / 32
+    p = {"label": label, "sky": rng.integers(len(SCENE_SKIES)), "ground": rng.integers(len(SCENE_GROUNDS)),
+         "horizon": rng.uniform(0.4, 0.75) * H,                 # where the skyline averages
+         "sun": (rng.uniform(0, span), rng.uniform(0.12, 0.3) * H, rng.uniform(0.08, 0.12) * H)
+         if rng.random() < 0.5 else None}
+    name = SCENE_CLASSES[label]
+    if name in ("mountains", "city", "forest"):           # knots or buildings at random widths
+        lo, hi = {"mountains": (0.3, 0.55), "city": (0.12, 0.3), "forest": (0.12, 0.2)}[name]
+        widths = rng.uniform(lo, hi, size=int(span / (lo * H)) + 2) * H
+        p["edges"] = np.concatenate([[-rng.uniform(0, widths[0])], widths]).cumsum()
+        high = {"mountains": (0.15, 0.55), "city": (0.1, 0.45), "forest": (0.15, 0.35)}[name]
+        p["heights"] = rng.uniform(*high, size=len(p["edges"])) * H
+    elif name == "hills":
+        p["waves"] = [(rng.uniform(1.5, 3) * H, rng.uniform(0, 2 * np.pi), rng.uniform(0.06, 0.12) * H)
+                      for _ in range(2)]
+    elif name == "dunes":
+        p["period"], p["phase"], p["amp"] = rng.uniform(0.6, 1.0) * H, rng.uniform(0, 1), rng.uniform(0.15, 0.25) * H
+    return p
+
+
+def _skyline(p: dict, x: np.ndarray, H: int) -> np.ndarray:
+    """The height of the ground's top (rows from the top of the image) at absolute columns x."""
+    name, h0 = SCENE_CLASSES[p["label"]], p["horizon"]
+    if name == "sea":                                     # flat and straight, whatever the offset
+        return np.full_like(x, h0)
+    if name == "hills":                                   # two smooth waves
+        return h0 + sum(a * np.sin(2 * np.pi * x / period + phase) for period, phase, a in p["waves"])
+    if name == "dunes":                                   # long windward slopes, steep lee faces
+        u = (x / p["period"] + p["phase"]) % 1
+        return h0 + p["amp"] * (0.5 - np.where(u < 0.8, u / 0.8, (1 - u) / 0.2))
+    k = np.clip(np.searchsorted(p["edges"], x) - 1, 0, len(p["edges"]) - 2)
+    if name == "city":                                    # flat roofs between vertical walls
+        return h0 + 0.275 * H - p["heights"][k]
+    if name == "mountains":                               # straight ridges between peaks
+        t = (x - p["edges"][k]) / (p["edges"][k + 1] - p["edges"][k])
+        return h0 + 0.35 * H - ((1 - t) * p["heights"][k] + t * p["heights"][k + 1])
+    t = (x - p["edges"][k]) / (p["edges"][k + 1] - p["edges"][k])     # forest: a pointed crown per tree
+    return h0 + 0.125 * H - p["heights"][k] * (1 - 2 * np.abs(t - 0.5))
+
+
+def _draw_scene(p: dict, offset: float, width: int, resolution: int) -> np.ndarray:
+    """Columns offset .. offset + width of the scene p: uint8 (resolution, width, 3), each pixel
+    the colour at its centre, column by column in absolute x. Edges are not anti-aliased: a
+    blend of sky and ground would be a colour of its own, more of it where the skyline is
+    longer (forests, cities), and the colours would then tell the class."""
+    x = offset + np.arange(width) + 0.5                                # column centres
+    y = (np.arange(resolution) + 0.5)[:, None]                         # row centres
+    image = np.empty((resolution, width, 3), dtype=np.uint8)
+    image[:] = list(SCENE_SKIES.values())[p["sky"]]
+    if p["sun"] is not None:
+        cx, cy, r = p["sun"]
+        image[(x[None] - cx) ** 2 + (y - cy) ** 2 < r * r] = SCENE_SUN
+    image[y >= _skyline(p, x, resolution)[None]] = SCENE_GROUNDS[p["ground"]]
+    return image
+
+
+def _scenes(n: int, seed: int, resolution: int, width: int | None):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SCENE_CLASSES), size=n)
+    params = [_scene_params(rng, int(label), resolution) for label in labels]
+    W = width or resolution
+    span = SCENE_MAX_WIDTH * resolution / 32
+    if W > span:
+        raise ValueError(f"a scene is at most {int(span)} pixels wide at resolution {resolution}, asked for {W}")
+    offsets = rng.uniform(0, span - W, size=n).round() if width is None else np.zeros(n)
+    images = np.stack([_draw_scene(p, o, W, resolution) for p, o in zip(params, offsets)])
+    captions = [f"{SCENE_CLASSES[p['label']]} at {list(SCENE_SKIES)[p['sky']]}" for p in params]
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(), captions, offsets
+
+
+def make_scenes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The built-in landscapes: n crops, `resolution` wide, each at a random whole-pixel offset
+    of its own wide scene, 6 classes (SCENE_CLASSES), captions like "dunes at dusk".
+    Deterministic in (n, seed). -> (uint8 images (n, 3, H, H), long labels (n,), captions)"""
+    images, labels, captions, _ = _scenes(n, seed, resolution, None)
+    return images, labels, captions
+
+
+def make_wide_scenes(n: int, seed: int = 0, resolution: int = 32, width: int = 256):
+    """The same n scenes as make_scenes(n, seed), each drawn whole from column 0 to `width`:
+    seam-free references for patch-wise sampling. -> (uint8 (n, 3, H, width), labels, captions)"""
+    images, labels, captions, _ = _scenes(n, seed, resolution, width)
+    return images, labels, captions
 
 
 # ----- Captions (Sec. 4.2: text-conditional chains) -------------------------------------
@@ -323,6 +428,8 @@ def class_names(name: str) -> list[str]:
     sample.py --class accepts besides an index."""
     if name == "shapes":
         return list(SHAPE_CLASSES)
+    if name == "scenes":
+        return list(SCENE_CLASSES)
     if name == "cifar":
         return list(CIFAR_CLASSES)
     path = name[len("folder:"):]
@@ -355,14 +462,14 @@ def check_folder_split(path: str, images: int) -> int:
 
 
 def check_dataset(name: str) -> None:
-    """shapes, cifar or folder:PATH with PATH a folder of enough images; one clear line otherwise
+    """shapes, scenes, cifar or folder:PATH with PATH a folder of enough images; one clear line otherwise
     (before any work; the images themselves are read, and counted again, when training starts)."""
     if name.startswith("folder:"):
         if not os.path.isdir(name[len("folder:"):]):
             raise ValueError(f"image folder {name[len('folder:'):]} does not exist")
         check_folder_split(name[len("folder:"):], len(_image_files(name[len("folder:"):])))
-    elif name not in ("shapes", "cifar"):
-        raise ValueError(f"unknown data set {name!r}; use shapes, cifar or folder:PATH")
+    elif name not in ("shapes", "scenes", "cifar"):
+        raise ValueError(f"unknown data set {name!r}; use shapes, scenes, cifar or folder:PATH")
 
 
 def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "data",
@@ -370,10 +477,11 @@ def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "
     """-> (uint8 images (N, 3, H, W), long labels (N,) or None, number of classes or 0,
     captions [N strings] or None). `folder:PATH` has no held-out split of its own: a fixed
     tenth of it is the test split."""
-    if name == "shapes":
+    if name in ("shapes", "scenes"):                      # drawn from a seed: 0 trains, 1 tests
         n = shapes_size[0] if split == "train" else shapes_size[1]
-        x, y, captions = make_shapes(n, seed=0 if split == "train" else 1, resolution=resolution)
-        return x, y, len(SHAPE_CLASSES), captions
+        make, classes = (make_shapes, SHAPE_CLASSES) if name == "shapes" else (make_scenes, SCENE_CLASSES)
+        x, y, captions = make(n, seed=0 if split == "train" else 1, resolution=resolution)
+        return x, y, len(classes), captions
     if name == "cifar":
         if resolution != 32:
             raise ValueError("CIFAR-10 images are 32x32; use --resolution 32")
@@ -388,7 +496,7 @@ def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "
         num_classes = int(y.max()) + 1 if y is not None else 0
         return (x[idx], (y[idx] if y is not None else None), num_classes,
                 [captions[i] for i in idx.tolist()] if captions is not None else None)
-    raise ValueError(f"unknown data set {name!r}; use shapes, cifar or folder:PATH")
+    raise ValueError(f"unknown data set {name!r}; use shapes, scenes, cifar or folder:PATH")
 
 
 # ----- Which images a run was trained on --------------------------------------------------
@@ -401,7 +509,7 @@ def dataset_record(spec: str, resolution: int, data_root: str = "data", train_si
     """What a run stores (in vq.pt and tokens.pt) to find its real images again: the spec, the
     resolution, and where the images are (absolute paths) or, for shapes, how many there are."""
     record = {"spec": spec, "resolution": int(resolution)}
-    if spec == "shapes":
+    if spec in ("shapes", "scenes"):
         record.update(train_size=int(train_size), test_size=int(test_size))
     elif spec == "cifar":
         record["data_root"] = os.path.abspath(data_root)

@@ -1079,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
     choose.add_argument("--classifier-steps", type=int, default=None,
                         help=f"training steps of a new classifier of codes (default {CodeClassifierConfig.steps})")
     judge = p.add_argument_group("the judge")
-    judge.add_argument("--dataset", default=None, help="shapes | cifar | folder:PATH, instead of the run's recorded one")
+    judge.add_argument("--dataset", default=None, help="shapes | scenes | cifar | folder:PATH, instead of the run's recorded one")
     judge.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
     judge.add_argument("--judge-dir", default="runs/judges",
                        help="cache of judges, one per data set, and of the classifiers of codes")

@@ -949,7 +949,7 @@ def preset_config(presets: dict, preset: str):
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The options train_vq.py and train_chain.py share: which data, which preset, where to."""
-    p.add_argument("--dataset", default="shapes", help="shapes | cifar | folder:PATH")
+    p.add_argument("--dataset", default="shapes", help="shapes | scenes | cifar | folder:PATH")
     p.add_argument("--preset", default=None,
                    help=f"{', '.join(ib.VQ_PRESETS)} (default: the data set's name when a preset has it, else tiny)")
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
