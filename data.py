@@ -132,35 +132,36 @@ def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tens
 # sliding window. It can only work on data that looks alike at every horizontal offset: the
 # paper's panoramas are landscapes. Each scene here is a skyline, a function y(x) of the
 # absolute column x, below which lies the ground. Its class is the kind of skyline, carried by
-# its structure alone: the sky and ground colours, the sun or moon and the horizon's height are
-# drawn independently of the class, from one small palette. Every process is stationary in x
+# its structure alone: the colours (one of three sky-and-ground pairs) and the horizon's height
+# are drawn independently of the class. Every process is stationary in x
 # (random phases, knots at random offsets), so a training image, a 32-pixel-wide crop at a
 # random offset, looks like a crop at any other offset, and a wide scene (make_wide_scenes)
 # is the same scene drawn over more columns: its crop at offset o equals the training image
 # drawn at offset o.
 SCENE_CLASSES = ["mountains", "hills", "sea", "dunes", "city", "forest"]
 SCENE_SKIES = {"day": (110, 170, 230), "dusk": (225, 135, 85), "night": (25, 30, 70)}
-SCENE_GROUNDS = [(40, 105, 50), (115, 85, 55), (80, 80, 95)]
-SCENE_SUN = (250, 235, 170)
+SCENE_GROUNDS = {"day": (40, 105, 50), "dusk": (115, 85, 55), "night": (80, 80, 95)}   # one per sky
 SCENE_MAX_WIDTH = 1024          # in pixels at resolution 32: the widest scene the draws support
 
 
 def _scene_params(rng, label: int, resolution: int) -> dict:
-    """Everything that draws one scene, in pixels of a `resolution`-tall image (x absolute)."""
+    """Everything that draws one scene, in pixels of a `resolution`-tall image (x absolute).
+    Three colour pairs only (a sky and its ground): a code of the first stage stands for a 4x4
+    patch, so every pair spells each skyline with codes of its own (see the shapes' colours)."""
     H, span = resolution, SCENE_MAX_WIDTH * resolution / 32
-    p = {"label": label, "sky": rng.integers(len(SCENE_SKIES)), "ground": rng.integers(len(SCENE_GROUNDS)),
-         "horizon": rng.uniform(0.4, 0.75) * H,                 # where the skyline averages
-         "sun": (rng.uniform(0, span), rng.uniform(0.12, 0.3) * H, rng.uniform(0.08, 0.12) * H)
-         if rng.random() < 0.5 else None}
+    p = {"label": label, "sky": rng.integers(len(SCENE_SKIES)),
+         "horizon": rng.uniform(0.4, 0.75) * H}                 # where the skyline averages
     name = SCENE_CLASSES[label]
-    if name in ("mountains", "city", "forest"):           # knots or buildings at random widths
-        lo, hi = {"mountains": (0.3, 0.55), "city": (0.12, 0.3), "forest": (0.12, 0.2)}[name]
+    if name in ("mountains", "city", "forest"):           # peaks, buildings or trees at random widths
+        lo, hi = {"mountains": (0.35, 0.6), "city": (0.2, 0.4), "forest": (0.2, 0.3)}[name]
         widths = rng.uniform(lo, hi, size=int(span / (lo * H)) + 2) * H
         p["edges"] = np.concatenate([[-rng.uniform(0, widths[0])], widths]).cumsum()
-        high = {"mountains": (0.15, 0.55), "city": (0.1, 0.45), "forest": (0.15, 0.35)}[name]
+        high = {"mountains": (0.45, 0.65), "city": (0.05, 0.45), "forest": (0.25, 0.4)}[name]
         p["heights"] = rng.uniform(*high, size=len(p["edges"])) * H
+        if name == "mountains":                           # peaks and valleys in turn: a zigzag
+            p["heights"][1::2] = rng.uniform(0.05, 0.25, size=len(p["heights"][1::2])) * H
     elif name == "hills":
-        p["waves"] = [(rng.uniform(1.5, 3) * H, rng.uniform(0, 2 * np.pi), rng.uniform(0.06, 0.12) * H)
+        p["waves"] = [(rng.uniform(1.0, 2.0) * H, rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.14) * H)
                       for _ in range(2)]
     elif name == "dunes":
         p["period"], p["phase"], p["amp"] = rng.uniform(0.6, 1.0) * H, rng.uniform(0, 1), rng.uniform(0.15, 0.25) * H
@@ -179,12 +180,12 @@ def _skyline(p: dict, x: np.ndarray, H: int) -> np.ndarray:
         return h0 + p["amp"] * (0.5 - np.where(u < 0.8, u / 0.8, (1 - u) / 0.2))
     k = np.clip(np.searchsorted(p["edges"], x) - 1, 0, len(p["edges"]) - 2)
     if name == "city":                                    # flat roofs between vertical walls
-        return h0 + 0.275 * H - p["heights"][k]
+        return h0 + 0.25 * H - p["heights"][k]
     if name == "mountains":                               # straight ridges between peaks
         t = (x - p["edges"][k]) / (p["edges"][k + 1] - p["edges"][k])
         return h0 + 0.35 * H - ((1 - t) * p["heights"][k] + t * p["heights"][k + 1])
     t = (x - p["edges"][k]) / (p["edges"][k + 1] - p["edges"][k])     # forest: a pointed crown per tree
-    return h0 + 0.125 * H - p["heights"][k] * (1 - 2 * np.abs(t - 0.5))
+    return h0 + 0.1625 * H - p["heights"][k] * (1 - 2 * np.abs(t - 0.5))
 
 
 def _draw_scene(p: dict, offset: float, width: int, resolution: int) -> np.ndarray:
@@ -196,10 +197,7 @@ def _draw_scene(p: dict, offset: float, width: int, resolution: int) -> np.ndarr
     y = (np.arange(resolution) + 0.5)[:, None]                         # row centres
     image = np.empty((resolution, width, 3), dtype=np.uint8)
     image[:] = list(SCENE_SKIES.values())[p["sky"]]
-    if p["sun"] is not None:
-        cx, cy, r = p["sun"]
-        image[(x[None] - cx) ** 2 + (y - cy) ** 2 < r * r] = SCENE_SUN
-    image[y >= _skyline(p, x, resolution)[None]] = SCENE_GROUNDS[p["ground"]]
+    image[y >= _skyline(p, x, resolution)[None]] = list(SCENE_GROUNDS.values())[p["sky"]]
     return image
 
 
