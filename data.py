@@ -129,8 +129,8 @@ def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tens
 
 # ----- Scenes, built in: landscapes that continue sideways -------------------------------
 # Patch-wise sampling (Sec. 4.2, Fig. 4) draws images wider than the training images through a
-# sliding window. It can only work on data that looks alike at every horizontal offset: the
-# paper's panoramas are landscapes. Each scene here is a skyline, a function y(x) of the
+# sliding window. It can only work on data that looks alike at every horizontal offset, as
+# landscapes do. Each scene here is a skyline, a function y(x) of the
 # absolute column x, below which lies the ground. Its class is the kind of skyline, carried by
 # its structure alone: the colours (one of three sky-and-ground pairs) and the horizon's height
 # are drawn independently of the class. Every process is stationary in x
@@ -138,7 +138,7 @@ def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tens
 # random offset, looks like a crop at any other offset, and a wide scene (make_wide_scenes)
 # is the same scene drawn over more columns: its crop at offset o equals the training image
 # drawn at offset o.
-SCENE_CLASSES = ["mountains", "hills", "sea", "dunes", "city", "forest"]
+SCENE_CLASSES = ["mountains", "hills", "sea", "city", "forest"]
 SCENE_SKIES = {"day": (110, 170, 230), "dusk": (225, 135, 85), "night": (25, 30, 70)}
 SCENE_GROUNDS = {"day": (40, 105, 50), "dusk": (115, 85, 55), "night": (80, 80, 95)}   # one per sky
 SCENE_MAX_WIDTH = 1024          # in pixels at resolution 32: the widest scene the draws support
@@ -156,15 +156,16 @@ def _scene_params(rng, label: int, resolution: int) -> dict:
         lo, hi = {"mountains": (0.35, 0.6), "city": (0.2, 0.4), "forest": (0.2, 0.3)}[name]
         widths = rng.uniform(lo, hi, size=int(span / (lo * H)) + 2) * H
         p["edges"] = np.concatenate([[-rng.uniform(0, widths[0])], widths]).cumsum()
-        high = {"mountains": (0.45, 0.65), "city": (0.05, 0.45), "forest": (0.25, 0.4)}[name]
+        high = {"mountains": (0.2, 0.35), "city": (0.3, 0.45), "forest": (0.25, 0.4)}[name]
         p["heights"] = rng.uniform(*high, size=len(p["edges"])) * H
-        if name == "mountains":                           # peaks and valleys in turn: a zigzag
-            p["heights"][1::2] = rng.uniform(0.05, 0.25, size=len(p["heights"][1::2])) * H
-    elif name == "hills":
-        p["waves"] = [(rng.uniform(1.0, 2.0) * H, rng.uniform(0, 2 * np.pi), rng.uniform(0.08, 0.14) * H)
-                      for _ in range(2)]
-    elif name == "dunes":
-        p["period"], p["phase"], p["amp"] = rng.uniform(0.6, 1.0) * H, rng.uniform(0, 1), rng.uniform(0.15, 0.25) * H
+        # peaks and valleys in turn: a tall zigzag; tall and low buildings in turn, so that
+        # every wall is a step of at least 0.1 H (a roof barely above its neighbour reads as sea)
+        low = {"mountains": (-0.25, -0.15), "city": (0.05, 0.2)}.get(name)
+        if low is not None:
+            p["heights"][1::2] = rng.uniform(*low, size=len(p["heights"][1::2])) * H
+    elif name == "hills":                                 # a long swell, so every crop sees it, and a ripple
+        p["waves"] = [(rng.uniform(*period) * H, rng.uniform(0, 2 * np.pi), rng.uniform(*amp) * H)
+                      for period, amp in (((1.2, 1.8), (0.1, 0.14)), ((0.6, 0.9), (0.03, 0.05)))]
     return p
 
 
@@ -175,15 +176,12 @@ def _skyline(p: dict, x: np.ndarray, H: int) -> np.ndarray:
         return np.full_like(x, h0)
     if name == "hills":                                   # two smooth waves
         return h0 + sum(a * np.sin(2 * np.pi * x / period + phase) for period, phase, a in p["waves"])
-    if name == "dunes":                                   # long windward slopes, steep lee faces
-        u = (x / p["period"] + p["phase"]) % 1
-        return h0 + p["amp"] * (0.5 - np.where(u < 0.8, u / 0.8, (1 - u) / 0.2))
     k = np.clip(np.searchsorted(p["edges"], x) - 1, 0, len(p["edges"]) - 2)
     if name == "city":                                    # flat roofs between vertical walls
         return h0 + 0.25 * H - p["heights"][k]
     if name == "mountains":                               # straight ridges between peaks
         t = (x - p["edges"][k]) / (p["edges"][k + 1] - p["edges"][k])
-        return h0 + 0.35 * H - ((1 - t) * p["heights"][k] + t * p["heights"][k + 1])
+        return h0 - ((1 - t) * p["heights"][k] + t * p["heights"][k + 1])
     t = (x - p["edges"][k]) / (p["edges"][k + 1] - p["edges"][k])     # forest: a pointed crown per tree
     return h0 + 0.1625 * H - p["heights"][k] * (1 - 2 * np.abs(t - 0.5))
 
@@ -215,9 +213,16 @@ def _scenes(n: int, seed: int, resolution: int, width: int | None):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(), captions, offsets
 
 
+def scene_skies(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) of scenes -> (B,) the index into SCENE_SKIES of the colour
+    nearest to the mean of each image's top row, which is sky in every scene."""
+    top = images[:, :, 0].float().mean(-1)                                            # (B, 3)
+    return torch.cdist(top, torch.tensor(list(SCENE_SKIES.values()), dtype=torch.float32)).argmin(-1)
+
+
 def make_scenes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The built-in landscapes: n crops, `resolution` wide, each at a random whole-pixel offset
-    of its own wide scene, 6 classes (SCENE_CLASSES), captions like "dunes at dusk".
+    of its own wide scene, 5 classes (SCENE_CLASSES), captions like "hills at dusk".
     Deterministic in (n, seed). -> (uint8 images (n, 3, H, H), long labels (n,), captions)"""
     images, labels, captions, _ = _scenes(n, seed, resolution, None)
     return images, labels, captions

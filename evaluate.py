@@ -237,8 +237,8 @@ def blank_region(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 # ----- That data set's judge --------------------------------------------------------------
 
-# The judges of the built-in shapes data, trained by this code as the quickstart trains them (two
-# threads) and shipped in assets/judges/: every clone then judges with the very same network,
+# The judges of the built-in data sets (shapes, scenes), trained by this code as the quickstart
+# trains them (two threads) and shipped in assets/judges/: every clone then judges with the very same network,
 # and a first run does not spend half a minute training them again. A shipped file is used only
 # when its name carries the digest of exactly these training images and this config; --fresh-judges
 # trains them anew instead (on two threads, bitwise the shipped weights).
@@ -778,8 +778,18 @@ def _sample_rows(vq: ib.VQGAN, chain: ib.ImageBART, judged, n: int, guidance: fl
 
 
 @torch.no_grad()
+def real_wide_images(record: dict | None, height: int, width: int, n: int):
+    """Real images of a wide canvas, where the data set can draw them: on scenes, n whole scenes
+    `width` pixels wide (seed 2: neither the training nor the test split). Their crops at every
+    offset are what patch-wise sampling should reach. -> (uint8 images, labels), or None."""
+    if record is None or record.get("spec") != "scenes":
+        return None
+    images, labels, _ = ds.make_wide_scenes(n, seed=2, resolution=height, width=width)
+    return images, labels
+
+
 def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge, canvas: tuple[int, int], n: int = 500,
-                    stride: int = 1, batch: int = 16, seed: int = 0, log=runs.say) -> dict:
+                    stride: int = 1, batch: int = 16, seed: int = 0, log=runs.say, real_wide=None) -> dict:
     """What patch-wise sampling buys (Sec. 4.2): n class-conditional panoramas of `canvas` codes
     (one training image tall, wider), drawn through sliding windows (`stride`, window_origin),
     against a baseline of as many independent training-size samples of the same class tiled
@@ -789,8 +799,12 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge,
                 seams in the reference too)
       accuracy  how often the judge sees the panorama's class in the crop
     Summaries: at the offsets where the baseline's crops are whole tiles (o a multiple of the
-    width) and half-way between, where they straddle a seam. And outpainting to either side
-    (extend_right, extend_left, below). -> {"window": ..., "tiled": ..., "extend_*": ...}."""
+    width) and half-way between, where they straddle a seam. `real_wide`, (uint8 images of the
+    canvas's size, labels), adds the same rows for real wide images ("real": on scenes, whole
+    scenes drawn by the generator), the floor every offset could reach, and on scenes how often
+    a canvas's two ends have the same sky. And outpainting to either side (extend_right,
+    extend_left, below).
+    -> {"window": ..., "tiled": ..., ["real": ...], "extend_*": ...}."""
     device = next(vq.parameters()).device
     (h, w), (H, W) = chain.cfg.grid, canvas
     if H != h or W <= w:
@@ -815,7 +829,8 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge,
     # particles (the chains compared here are this code's, so this code's procedure), to its
     # right ("extend_right") or to its left ("extend_left", which a left-to-right decoder writes
     # before it reads the image). Judged on the drawn square: FD against real
-    # images, and how often its dominant colour is the given image's (the shape's colour)
+    # images, how often the judge names the given image's class in it (a scene continued), and
+    # how often its dominant colour is the given image's (the shape's colour)
     x1_test = torch.cat([vq.encode(ds.to_float(x_test[sl].to(device))) for sl in runs.batches(n, 256)])
     given_colour = ds.dominant_colours(x_test[:n])
     for name, given_at in (("extend_right", 0), ("extend_left", w)):
@@ -830,19 +845,30 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Judge,
             square = out[:, :, w - given_at:2 * w - given_at]                          # (m, h, w), the drawn part
             drawn.append(_as_saved(vq.decode(square)).cpu())
         drawn = torch.cat(drawn)
-        features, _ = judge_images(judge, drawn)
+        features, predicted = judge_images(judge, drawn)
         result[name] = {"fd": round(frechet_distance(*feature_stats(features), *reference), 3),
+                        "same_class": round((predicted == data["test"][1][:n]).float().mean().item(), 4),
                         "same_colour": round((ds.dominant_colours(ds.to_uint8(drawn)) == given_colour).float().mean().item(), 4)}
-    for name, parts in codes.items():
-        images = torch.cat([_as_saved(ib.decode_canvas(vq, x.to(device))).cpu() for x in torch.cat(parts).split(64)])
-        f, rows = vq.cfg.factor, {"fd": [], "accuracy": []}
+        if real_wide is not None:    # scenes: is the drawn half's sky the given scene's?
+            same = ds.scene_skies(ds.to_uint8(drawn)) == ds.scene_skies(x_test[:n])
+            result[name]["same_sky"] = round(same.float().mean().item(), 4)
+    drawn = {name: (torch.cat([_as_saved(ib.decode_canvas(vq, x.to(device))).cpu() for x in torch.cat(parts).split(64)]),
+                    labels) for name, parts in codes.items()}
+    if real_wide is not None:
+        drawn["real"] = (real_wide[0][:n], real_wide[1][:n])
+    f = vq.cfg.factor
+    for name, (images, truth) in drawn.items():
+        rows = {"fd": [], "accuracy": []}
         for o in result["offsets"]:
             features, predicted = judge_images(judge, images[..., o * f:(o + w) * f])
             rows["fd"].append(round(frechet_distance(*feature_stats(features), *reference), 3))
-            rows["accuracy"].append(round((predicted == labels).float().mean().item(), 4))
+            rows["accuracy"].append(round((predicted == truth).float().mean().item(), 4))
         whole = [k for k, o in enumerate(result["offsets"]) if o % w == 0]
         seams = [k for k, o in enumerate(result["offsets"]) if o % w == w // 2]
         mean = lambda v, ks: round(sum(v[k] for k in ks) / len(ks), 3)
+        if real_wide is not None:    # scenes: is the sky at the canvas's right end the sky at its left end?
+            ends = [x if x.dtype == torch.uint8 else ds.to_uint8(x) for x in (images[..., :w * f], images[..., -w * f:])]
+            rows["same_sky_at_both_ends"] = round((ds.scene_skies(ends[0]) == ds.scene_skies(ends[1])).float().mean().item(), 4)
         result[name] = {**rows, "fd_whole_tiles": mean(rows["fd"], whole), "fd_across_seams": mean(rows["fd"], seams),
                         "accuracy_whole_tiles": mean(rows["accuracy"], whole),
                         "accuracy_across_seams": mean(rows["accuracy"], seams),
@@ -982,7 +1008,7 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
         record = runs.recorded_dataset(run)
         if record is None:
             raise runs.UserError(f"{run} does not record which data set it was trained on (made before runs "
-                                 f"recorded it); name it with --dataset shapes, cifar or folder:PATH")
+                                 f"recorded it); name it with --dataset shapes, scenes, cifar or folder:PATH")
     if record["resolution"] != vq.cfg.resolution:
         raise runs.UserError(f"the data set is recorded at {record['resolution']}px, the first stage takes "
                              f"{vq.cfg.resolution}px")
@@ -1003,7 +1029,8 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
             raise runs.UserError("the seams are judged on class-conditional panoramas: this run needs labels")
         t0 = time.time()
         result = {"run": run, "dataset": record["spec"], "judge": judge_info,
-                  **evaluate_canvas(vq, chain, data, judge, canvas, n, stride, seed=seed, log=log)}
+                  **evaluate_canvas(vq, chain, data, judge, canvas, n, stride, seed=seed, log=log,
+                                    real_wide=real_wide_images(record, canvas[0] * vq.cfg.factor, canvas[1] * vq.cfg.factor, n))}
         result["eval_seconds"] = round(time.time() - t0, 1)
         f = vq.cfg.factor
         path = out or os.path.join(run, f"eval_canvas_{canvas[0] * f}x{canvas[1] * f}.json")

@@ -196,6 +196,7 @@ def test_make_scenes_deterministic_and_a_crop_of_a_wide_scene_is_the_training_im
     colours = torch.tensor([*ds.SCENE_SKIES.values(), *ds.SCENE_GROUNDS.values()])
     pixels = x.permute(0, 2, 3, 1).reshape(-1, 1, 3)
     assert (pixels == colours[None]).all(-1).any(-1).all()
+    assert [list(ds.SCENE_SKIES)[k] for k in ds.scene_skies(x)] == [c.split(" at ")[1] for c in captions]
     _, _, _, offsets = ds._scenes(60, 3, 32, None)
     wide, y_wide, _ = ds.make_wide_scenes(60, seed=3, width=ds.SCENE_MAX_WIDTH)
     assert torch.equal(y_wide, y)
@@ -205,7 +206,7 @@ def test_make_scenes_deterministic_and_a_crop_of_a_wide_scene_is_the_training_im
 
 def test_scene_colours_do_not_tell_the_class():
     """A classifier that sees only the colours, softmax regression on a 4x4x4 colour histogram,
-    names a scene's class at most 0.3 of the time on held-out scenes (chance: 1/6): the class is
+    names a scene's class at most 0.3 of the time on held-out scenes (chance: 1/5): the class is
     carried by the skyline's shape, not by its colours or by how much of the image is ground."""
     def histogram(images, bins=4):
         q = images.long() * bins // 256
@@ -1689,6 +1690,7 @@ def test_e2e_patch_wise_sampling_outpainting_and_across(trained_run, tmp_path, m
         seams = json.load(f)
     assert seams["offsets"] == list(range(9)) and len(seams["window"]["fd"]) == len(seams["tiled"]["fd"]) == 9
     assert 0 <= seams["extend_left"]["same_colour"] <= 1 and seams["extend_right"]["fd"] >= 0
+    assert 0 <= seams["extend_right"]["same_class"] <= 1 and "real" not in seams    # shapes draws no wide images
 
 
 def test_outputs_replace_links_and_never_write_through_them(trained_run, tmp_path, monkeypatch, capsys):
@@ -1742,18 +1744,30 @@ def test_every_file_is_written_through_replacing():
 def test_scenes_with_every_command_that_takes_a_dataset(tmp_path, monkeypatch, capsys):
     """--dataset scenes through train_vq.py, train_chain.py (which ends with the judge) and
     evaluate.py at micro size: each exits 0, the run records the data set, its class names are
-    the scenes', and sample.py draws a named class of it."""
+    the scenes', and sample.py draws a named class of it. The seams of a scenes canvas are
+    measured against real wide scenes too: their crops at every offset are judged, as the
+    panoramas' are, and those crops are the generator's own."""
     out, judges = str(tmp_path / "scenes"), str(tmp_path / "judges")
+    seams = str(tmp_path / "seams.json")
     for script, argv in [(train_vq, ["--dataset", "scenes", "--out", out, *VQ_MICRO]),
                          (train_chain, ["--dataset", "scenes", "--out", out, *CHAIN_MICRO, *judge_micro(judges)]),
                          (evaluate, ["--run", out, "--dataset", "scenes", "--particles", "0", "--out",
                                      str(tmp_path / "eval.json"), *judge_micro(judges)]),
+                         (evaluate, ["--run", out, "--size", "32x64", "--out", seams, *judge_micro(judges)]),
                          (sample, ["--run", out, "--class", "sea", "--n", "2", "--out", str(tmp_path / "sea.png")])]:
         code, _, err = run_script(script, argv, monkeypatch, capsys)
         assert code == 0, err
     assert runs.recorded_dataset(out)["spec"] == "scenes"
     assert runs.run_class_names(out) == ds.SCENE_CLASSES
     assert json.load(open(tmp_path / "eval.json"))["dataset"] == "scenes"
+    rows = json.load(open(seams))
+    assert len(rows["real"]["fd"]) == len(rows["window"]["fd"]) == len(rows["offsets"]) == 9
+    assert rows["real"]["same_sky_at_both_ends"] == 1.0 and 0 <= rows["window"]["same_sky_at_both_ends"] <= 1
+    assert 0 <= rows["extend_left"]["same_sky"] <= 1
+    wide, labels, _ = ds.make_wide_scenes(16, seed=2, width=64)
+    assert torch.equal(evaluate.real_wide_images({"spec": "scenes"}, 32, 64, 16)[0], wide)
+    assert evaluate.real_wide_images({"spec": "shapes"}, 32, 64, 16) is None
+    assert not torch.equal(wide[:, :, :, :32], ds.make_scenes(16, seed=1)[0])      # not the test images
 
 
 def test_grid_cap_out_dir_and_npz_stream_in_batches(trained_run, tmp_path, monkeypatch, capsys):
