@@ -290,14 +290,20 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 
 
 def load_cifar(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR-10 from its python pickle batches in `root/cifar-10-batches-py`;
-    downloaded (and checked against its MD5) when missing and a network is there."""
+    """CIFAR-10 from its python pickle batches in `root/cifar-10-batches-py`; downloaded and checked
+    against its MD5 when missing and a network is there."""
     folder = os.path.join(root, CIFAR_DIR)
     if not os.path.isdir(folder):
-        _download_cifar(root)
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        archive = os.path.join(root, os.path.basename(CIFAR_URL))
+        try:
+            download(CIFAR_URL, archive, CIFAR_MD5)
+        except OSError as e:
+            raise ValueError(f"CIFAR-10 is not under {root} and could not be downloaded ({e}); "
+                             f"download {CIFAR_URL} and put it (or its extracted {CIFAR_DIR}/) in {root}/") from None
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")   # refuses paths outside root
     xs, ys = [], []
-    for name in names:
+    for name in [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise ValueError(f"CIFAR-10 batch {path} is missing; remove {folder} to download it again")
@@ -312,30 +318,29 @@ def load_cifar(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def _download_cifar(root: str) -> None:
+def download(url: str, path: str, md5: str | None = None, timeout: float = 30) -> str:
+    """url -> path, unless it is there already: written to path.part first and renamed when whole,
+    so a stopped download never leaves a half file under the name that is looked for; with `md5`,
+    checked (ValueError if it differs). Network and disk errors raise OSError. -> path"""
     import urllib.request
-    archive = os.path.join(root, os.path.basename(CIFAR_URL))
-    if not os.path.exists(archive):
-        print(f"downloading CIFAR-10 to {archive} ...", flush=True)
-        try:
-            os.makedirs(root, exist_ok=True)
-            if os.path.lexists(archive + ".part"):        # a stopped download, or a link: removed, never
-                os.remove(archive + ".part")             # written through ("x": a new file)
-            with urllib.request.urlopen(CIFAR_URL, timeout=30) as r, open(archive + ".part", "xb") as f:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-            os.replace(archive + ".part", archive)
-        except OSError as e:
-            raise ValueError(f"CIFAR-10 is not under {root} and could not be downloaded ({e}); "
-                             f"download {CIFAR_URL} and put it (or its extracted {CIFAR_DIR}/) in {root}/") from None
-    md5 = hashlib.md5(open(archive, "rb").read()).hexdigest()
-    if md5 != CIFAR_MD5:
-        raise ValueError(f"{archive} has MD5 {md5}, expected {CIFAR_MD5}; delete it and try again")
-    with tarfile.open(archive) as tar:
-        try:
-            tar.extractall(root, filter="data")   # refuses paths outside root (Python >= 3.10.12)
-        except TypeError:                          # older Pythons: no filter argument
-            tar.extractall(root)
+    if not os.path.exists(path):
+        print(f"downloading {url} to {path} ...", flush=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if os.path.lexists(path + ".part"):        # a stopped download, or a link: removed, never written through
+            os.remove(path + ".part")
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(path + ".part", "xb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+            size = r.headers.get("Content-Length")
+            if size is not None and f.tell() != int(size):
+                raise OSError(f"{url}: {f.tell()} of {size} bytes")
+        os.replace(path + ".part", path)
+    if md5 is not None:
+        with open(path, "rb") as f:
+            found = hashlib.md5(f.read()).hexdigest()
+        if found != md5:
+            raise ValueError(f"{path} has MD5 {found}, expected {md5}; delete it and try again")
+    return path
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
@@ -545,3 +550,9 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in [-1, 1] (clamped) -> uint8 in [0, 255], rounded as a PNG keeps it."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image of x, y (B, 3, H, W) in [-1, 1]: the peak-to-peak range is 2."""
+    mse = (x - y).pow(2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))

@@ -5,25 +5,23 @@ Diffusion for Autoregressive Image Synthesis". NeurIPS 2021.
 
 Read it top to bottom next to the paper, in the order of Sec. 3:
 
-    1. First stage       VQGAN (Sec. 3.2, Eq. 3-4): encoder, quantizer, decoder,
-                         the perceptual loss (hand-written LPIPS on forward hooks), PatchGAN
-    2. Diffusion         the fixed multinomial diffusion over codes (Sec. 3.3, Eq. 5-6) and
-                         its closed-form posterior and KL (Eq. 7-8)
+    1. First stage       VQGAN (Sec. 3.2, Eq. 3-4): encoder, quantizer, decoder, the perceptual
+                         loss (LPIPS, written out on forward hooks), PatchGAN
+    2. Diffusion         the fixed multinomial diffusion over codes (Sec. 3.3, Eq. 5-6) and its
+                         closed-form posterior and KL (Eq. 7-8)
     3. Transformers      one encoder-decoder transformer per scale (Sec. 3.3, 4.4), and the
                          key/value cache through which sampling reads a decoder
-    4. The chain         ImageBART: training loss, likelihood bound, the reverse chain (Sec. 3.3),
+    4. The chain         ImageBART: training loss, the bound (Eq. 2), the reverse chain (Sec. 3.3),
                          masked editing (Sec. 4.3)
-    5. Beyond the chain  this code's extensions, each a layer around section 4: sampling options
-                         and guidance, patch-wise sampling (Sec. 4.2), particles, the scores of
-                         rejection and reranking, fast caches
+    5. Beyond the chain  this code's extensions, each separate code that says what it adds to
+                         section 4: patch-wise sampling (Sec. 4.2), particles, a reranking score
 
-This file knows nothing of files, processes or command lines: runs.py holds a run folder and
-the scripts' plumbing, data.py the data sets, evaluate.py the judge of samples. A bad argument
-raises ValueError with a message that names it.
+This file knows nothing of files, processes or command lines (runs.py, data.py, evaluate.py and
+the scripts do). A bad argument raises ValueError with a message that names it.
 
-Notation is the paper's and never shifts: x_0 is the image, x_1 its codes, x_t for
-t = 2..T the codes after t-1 noising steps, x_T pure noise. The model that denoises x_t
-into x_{t-1} is p^{t-1}(x_{t-1} | x_t), and it is stored under its `t`.
+Notation is the paper's and never shifts: x_0 is the image, x_1 its codes, x_t for t = 2..T the
+codes after t-1 noising steps, x_T pure noise. The model that denoises x_t into x_{t-1} is
+p^{t-1}(x_{t-1} | x_t), and it is stored under its `t`.
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -45,10 +44,9 @@ from einops import rearrange
 # =====================================================================================
 # x_0 (B, 3, H, W) --encoder E--> z (B, D, h, w) --nearest code--> x_1 (B, h, w)
 #                  --decoder G--> x_0 reconstructed.   h = H / f, f = 2^(len(ch_mult) - 1).
-# The paper trains it with Eq. 3-4: a reconstruction term f_rec (LPIPS in the paper; Eq. 3),
-# and in Eq. 4 the codebook loss L_cb and a PatchGAN term written with log D. For the GAN part
-# this code follows Taming Transformers instead: a hinge loss and its adaptive weight lambda,
-# which ImageBART's Eq. 4 does not have, and f_rec = L1 + LPIPS (train_vq.py).
+# The paper trains it with Eq. 3-4: f_rec (LPIPS), the codebook loss L_cb and a PatchGAN term
+# written with log D. For the GAN part this code follows Taming Transformers instead: a hinge
+# loss with an adaptive weight lambda, and f_rec = L1 + LPIPS (train_vq.py).
 
 @dataclass
 class VQConfig:
@@ -60,15 +58,15 @@ class VQConfig:
     mid_attention: bool = True            # self-attention at the lowest resolution, in E and G
     embed_dim: int = 8                    # D, the codebook vectors' size (low: see l2_codes)
     codebook_size: int = 256              # K before shrinking (VQGAN.num_codes is K after it)
-    beta: float = 0.25                    # commitment weight (in L_cb, Eq. 4; on the encoder side)
-    l2_codes: bool = True                 # look codes up by cosine similarity (see VectorQuantizer)
+    beta: float = 0.25                    # commitment weight (in L_cb, Eq. 4)
+    l2_codes: bool = True                 # look codes up by cosine similarity (VectorQuantizer)
     # --- training
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-3
     perceptual_weight: float = 1.0
-    perceptual_batch: int = 4             # LPIPS on the first n images of each batch (0 = all): VGG16 is
-                                          # the costliest part of a step, a subset is an unbiased estimate
+    perceptual_batch: int = 4             # LPIPS on the first n images of each batch (0 = all): an unbiased
+                                          # estimate of the costliest part of a step
     disc_start: int = 600                 # PatchGAN loss switched on at this step
     disc_weight: float = 0.1
     disc_layers: int = 2
@@ -76,33 +74,26 @@ class VQConfig:
     restart_every: int = 100              # dead-code restart period (steps); 0 = never
     log_every: int = 50
     ckpt_every: int = 500
-    train_size: int = 20000               # shapes only: number of generated training images
+    train_size: int = 20000               # built-in data sets: the number of drawn training images
     test_size: int = 2000
     seed: int = 0
     has_perceptual: bool = field(default=True, metadata={"cli": False})  # False when no LPIPS weights were found
     dtype: str = field(default="fp32", metadata={"cli": False})  # what training computed in (--dtype, resolved)
 
-    @property
-    def factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+    factor = property(lambda self: 2 ** (len(self.ch_mult) - 1))   # f: the first stage's downsampling
 
 
 VQ_PRESETS = {
-    # 2-core CPU in minutes on shapes: 32x32 -> 8x8 codes
-    "tiny": VQConfig(),
-    # one GPU, CIFAR-10: 32x32 -> 8x8 codes, K = 512 before shrinking
-    "cifar": VQConfig(ch=128, ch_mult=[1, 2, 2], num_res_blocks=2, embed_dim=32, codebook_size=512,
-                      steps=60000, batch_size=128, lr=2e-4, perceptual_batch=0, disc_start=30000,
-                      disc_weight=0.2, disc_layers=2, log_every=200, ckpt_every=2000,
-                      train_size=50000, test_size=10000),
+    "tiny": VQConfig(),                   # a 2-core CPU in minutes: 32x32 -> 8x8 codes
+    "cifar": VQConfig(ch=128, num_res_blocks=2, embed_dim=32, codebook_size=512, steps=60000,  # one GPU
+                      batch_size=128, lr=2e-4, perceptual_batch=0, disc_start=30000, disc_weight=0.2,
+                      log_every=200, ckpt_every=2000, train_size=50000, test_size=10000),
 }
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever its input (a bf16 activation under autocast): its
-    statistics are sums over many values, where bf16's 8-bit mantissa loses the most, and on a
-    CPU the bf16 kernel was measured 4x slower than the fp32 one. On fp32 inputs it is plain
-    nn.GroupNorm (the casts do nothing)."""
+    statistics are sums over many values, where bf16's 8-bit mantissa loses the most."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
@@ -196,9 +187,8 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("hits", torch.zeros(num_codes), persistent=False)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
-        """With l2 codes, encoder outputs and codes live on the unit sphere (Yu et al. 2021,
-        ViT-VQGAN): the nearest code is then the most similar direction, codes cannot drift
-        away from the encoder outputs in norm, and far fewer of them die."""
+        """With l2 codes, encoder outputs and codes lie on the unit sphere (ViT-VQGAN): the nearest
+        code is the most similar direction, and far fewer codes die."""
         return F.normalize(v, dim=-1) if self.l2 else v
 
     def codes(self) -> torch.Tensor:
@@ -206,7 +196,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
         """z_flat (M, D) -> index (M,) of argmin_k ||z - e_k||^2, expanded as
-        ||z||^2 - 2 z.e_k + ||e_k||^2 so it is one matrix product instead of M*K differences."""
+        ||z||^2 - 2 z.e_k + ||e_k||^2: one matrix product instead of M*K differences."""
         z_flat, e = self.project(z_flat), self.codes()
         d = z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ e.t() + e.pow(2).sum(1)[None, :]
         return d.argmin(1)
@@ -217,22 +207,19 @@ class VectorQuantizer(nn.Module):
         z_flat = self.project(rearrange(z, "b d h w -> (b h w) d").float())
         idx = self.nearest(z_flat)
         e = self.codes()[idx]                                             # (B*h*w, D)
-        # L_cb (Eq. 4), the codebook terms: ||sg[E(x)] - z_q||^2 moves the codes towards the encoder outputs;
-        # beta * ||sg[z_q] - E(x)||^2 (commitment) keeps the encoder close to its codes.
-        # beta sits on the commitment term, as in the VQ-VAE paper.
+        # L_cb (Eq. 4): ||sg[E(x)] - z_q||^2 moves the codes towards the encoder outputs, and
+        # beta * ||sg[z_q] - E(x)||^2 (commitment, as in the VQ-VAE paper) keeps E near its codes
         loss = F.mse_loss(e, z_flat.detach()) + self.beta * F.mse_loss(z_flat, e.detach())
-        # straight-through estimator: forward pass uses e, the gradient flows to z unchanged
-        e_st = z_flat + (e - z_flat).detach()
+        e_st = z_flat + (e - z_flat).detach()     # straight through: forward uses e, the gradient reaches z
         if self.training:
             self.hits += torch.bincount(idx, minlength=self.hits.numel()).float()
-        z_q = rearrange(e_st, "(b h w) d -> b d h w", b=B, h=h, w=w)
-        return z_q, loss, idx.view(B, h, w)
+        return rearrange(e_st, "(b h w) d -> b d h w", b=B, h=h, w=w), loss, idx.view(B, h, w)
 
     @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor) -> int:
-        """Codes not chosen once since the last call are moved onto random encoder outputs
-        z (B, D, h, w) of a recent batch: without this, most of a codebook goes unused
-        (codebook collapse). Returns how many codes were moved."""
+        """Codes not chosen once since the last call move onto random encoder outputs z (B, D, h, w)
+        of a recent batch: without this most of a codebook goes unused (codebook collapse).
+        -> how many codes were moved."""
         dead = (self.hits == 0).nonzero().flatten()
         self.hits.zero_()
         if len(dead) == 0:
@@ -244,24 +231,21 @@ class VectorQuantizer(nn.Module):
 
 
 class VQGAN(nn.Module):
-    """The first stage: E, the codebook, G; plus the map from full to shrunk code indices.
-
-    After training, the codebook is shrunk to the K codes actually used (Sec. 4.1): `encode`
-    then returns indices in [0, K) of the shrunk book, `decode` takes them. The training pass
-    (E, quantizer, G in turn, with their losses) is written out in train_vq.py."""
+    """The first stage: E, the codebook, G; and the map from full to shrunk code indices. After
+    training the codebook is shrunk to the K codes in use (Sec. 4.1): `encode` then returns
+    indices in [0, K) of the shrunk book and `decode` takes them. The training pass (E, quantizer,
+    G in turn, with their losses) is written out in train_vq.py."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.embed_dim, cfg.beta, cfg.l2_codes)
-        # full index -> shrunk index, and shrunk -> full; identity until `shrink` is called
+        # full index -> shrunk index, and shrunk -> full; the identity until `shrink` is called
         self.register_buffer("code_map", torch.arange(cfg.codebook_size))
         self.register_buffer("used_codes", torch.arange(cfg.codebook_size))
 
-    @property
-    def num_codes(self) -> int:
-        return self.used_codes.numel()
+    num_codes = property(lambda self: self.used_codes.numel())     # K after shrinking
 
     @torch.no_grad()
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -273,18 +257,17 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def decode(self, x1: torch.Tensor) -> torch.Tensor:
-        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1] (clamped): G(z_q), the
-        codes looked up in the codebook. (A grid larger than the training grid is better decoded
-        window by window: decode_canvas, section 5.)"""
+        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1], clamped: G(z_q). (A grid
+        larger than the training grid is better decoded window by window: decode_canvas.)"""
         e = self.quantizer.codes()[self.used_codes[x1]]                  # (B, h, w, D)
         return self.decoder(rearrange(e, "b h w d -> b d h w")).clamp(-1, 1)
 
     @torch.no_grad()
     def shrink(self, used_full: torch.Tensor, seed: int = 0) -> None:
-        """Sec. 4.1: keep only the codes in `used_full` (train_vq.py passes the codes of the
-        training images and of their mirror images); any other full index maps to a random
-        kept code, so `encode` stays total. The paper shrinks to the entries "actually used
-        (evaluated on the validation split of ImageNet)"; here the test split stays unseen."""
+        """Sec. 4.1: keep only the codes in `used_full`; any other full index maps to a random kept
+        code, so `encode` stays total. The paper shrinks to the entries "actually used (evaluated
+        on the validation split of ImageNet)"; train_vq.py passes the training images' codes, so
+        that the test split stays unseen."""
         used_full = used_full.unique().sort().values.to(self.code_map.device)
         g = torch.Generator().manual_seed(seed)
         code_map = torch.randint(0, len(used_full), (self.cfg.codebook_size,), generator=g).to(used_full.device)
@@ -293,9 +276,9 @@ class VQGAN(nn.Module):
 
 
 # ----- The perceptual loss: LPIPS on VGG16, written out ---------------------------------
-# The paper's f_rec (Eq. 3) is LPIPS (Zhang et al. 2018); train_vq.py adds an L1 term. The VGG16
-# feature extractor below is torchvision's `vgg16().features` layer for layer (same indices,
-# so its state dict loads as is); forward hooks on five ReLUs collect the features.
+# f_rec of Eq. 3 is LPIPS (Zhang et al. 2018). The VGG16 feature extractor below is
+# torchvision's `vgg16().features` layer for layer (same indices, so its state dict loads as is);
+# forward hooks on five ReLUs collect the features.
 
 VGG16_LAYERS = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 LPIPS_TAPS = {3: "relu1_2", 8: "relu2_2", 15: "relu3_3", 22: "relu4_3", 29: "relu5_3"}  # index in `features`
@@ -319,7 +302,7 @@ class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = vgg16_features()
-        # LPIPS's input scaling: its own shift and scale of [-1, 1] images for VGG
+        # LPIPS's own shift and scale of [-1, 1] images for VGG
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None], persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None], persistent=False)
         # one 1x1 conv per tap, no bias: the learned, non-negative channel weights w_l
@@ -331,7 +314,7 @@ class LPIPS(nn.Module):
         self.eval()
 
     def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Run VGG16 once; the hooks fill `_taps` with the five ReLU outputs."""
+        """Run VGG16 once; the hooks collect the five ReLU outputs."""
         self._taps = []
         self.features((x - self.shift) / self.scale)
         out, self._taps = self._taps, []
@@ -339,10 +322,9 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x, y (B, 3, H, W) in [-1, 1] -> distance (B,)."""
-        feats = self.taps(torch.cat([x, y]))
         total = 0.0
-        for f, lin in zip(feats, self.lins):
-            f = f.float()            # under bf16 autocast VGG ran in bf16; the differences below need fp32
+        for f, lin in zip(self.taps(torch.cat([x, y])), self.lins):
+            f = f.float()            # under bf16 autocast VGG ran in bf16; the differences need fp32
             f = f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)      # unit norm over channels
             fx, fy = f.chunk(2)
             total = total + lin((fx - fy) ** 2).mean(dim=(1, 2, 3))      # spatial mean -> (B,)
@@ -364,8 +346,8 @@ class PatchDiscriminator(nn.Module):
         c = ch
         for i in range(1, n_layers + 1):
             c_out = ch * min(2 ** i, 8)
-            stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.LeakyReLU(0.2)]
             c = c_out
         layers.append(nn.Conv2d(c, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
@@ -381,15 +363,15 @@ class PatchDiscriminator(nn.Module):
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator's hinge loss: push real logits above +1 and fake ones below -1. (Taming
-    Transformers' choice; the paper's Eq. 4 writes the GAN term with log D.)"""
+    """Discriminator's hinge loss: real logits above +1, fake ones below -1 (Taming Transformers'
+    choice; Eq. 4 writes the GAN term with log D)."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Taming Transformers' adaptive weight (ImageBART's Eq. 4 has none):
-    lambda = ||grad_GL L_rec|| / (||grad_GL L_GAN|| + 1e-4), both gradients taken at
-    the decoder's last layer G_L: balances the two terms whatever their scales."""
+    """Taming Transformers' adaptive weight (Eq. 4 has none): lambda = ||grad L_rec|| /
+    (||grad L_GAN|| + 1e-4), both gradients at the decoder's last layer: it balances the two
+    terms whatever their scales."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
@@ -398,16 +380,15 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 # =====================================================================================
 # 2. The multinomial diffusion (Sec. 3.3)
 # =====================================================================================
-# A fixed forward chain over codes: at step t, each token is kept with probability 1 - beta_t
-# and otherwise replaced by a code drawn uniformly from all K (Eq. 5). With beta_T = 1, x_T
-# is pure noise whatever x_1 was. Everything below is a few lines of closed-form algebra on
-# categorical distributions, written by hand; probabilities live in the last dimension (K).
+# A fixed forward chain over codes: at step t each token is kept with probability 1 - beta_t and
+# otherwise replaced by a code drawn uniformly from all K (Eq. 5). With beta_T = 1, x_T is pure
+# noise whatever x_1 was. What follows is closed-form algebra on categorical distributions,
+# written by hand; probabilities live in the last dimension (K).
 
 def linear_alpha_bar_betas(T: int) -> list[float]:
     """betas [beta_2, ..., beta_T] with alpha_bar falling linearly: alpha_bar_t = (T - t) / (T - 1).
-    For T = 5: alpha_bar = 1, .75, .5, .25, 0: the official code's `geometric` redraw schedule of
-    its 4-scale configs (its other configs read their betas from tabulated schedules against a
-    perceptual metric, data/*_schedule_vs_metric.p). beta_t = 1 - ab_t / ab_{t-1}."""
+    For T = 5, alpha_bar = 1, .75, .5, .25, 0: the official code's schedule of its 4-scale configs
+    (its other configs tabulate theirs against a perceptual metric). beta_t = 1 - ab_t / ab_{t-1}."""
     if T < 2:
         raise ValueError(f"a chain needs T >= 2, got T = {T}")
     ab = [(T - t) / (T - 1) for t in range(1, T + 1)]  # alpha_bar_1 .. alpha_bar_T
@@ -436,17 +417,14 @@ class MultinomialDiffusion:
         self.K = num_classes
         self.betas = check_betas(betas)
         self.T = len(self.betas) + 1
-        # alpha_bar_t = prod_{i=2..t} (1 - beta_i), alpha_bar_1 = 1 (x_1 is not noised)
-        self._alpha_bar = [1.0]
+        self._alpha_bar = [1.0]                  # alpha_bar_t = prod_{i=2..t} (1 - beta_i); alpha_bar_1 = 1
         for b in self.betas:
             self._alpha_bar.append(self._alpha_bar[-1] * (1 - b))
 
-    def beta(self, t: int) -> float:
-        assert 2 <= t <= self.T, t
+    def beta(self, t: int) -> float:                            # t = 2..T
         return self.betas[t - 2]
 
-    def alpha_bar(self, t: int) -> float:
-        assert 1 <= t <= self.T, t
+    def alpha_bar(self, t: int) -> float:                       # t = 1..T
         return self._alpha_bar[t - 1]
 
     def _onehot(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,36 +432,31 @@ class MultinomialDiffusion:
 
     def q_step(self, x_prev: torch.Tensor, t: int, beta: float | None = None) -> torch.Tensor:
         """Eq. 5: q(x_t | x_{t-1}) = Cat((1 - beta_t) e(x_{t-1}) + beta_t / K).  (...,) -> (..., K)
-        `beta` replaces beta_t: masked editing re-noises with a smaller, annealed one."""
+        `beta` replaces beta_t (masked editing re-noises with a smaller, annealed one)."""
         b = self.beta(t) if beta is None else beta
         return (1 - b) * self._onehot(x_prev) + b / self.K
 
     def q_marginal(self, x1: torch.Tensor, t: int) -> torch.Tensor:
         """Eq. 6: q(x_t | x_1) = Cat(alpha_bar_t e(x_1) + (1 - alpha_bar_t) / K).  (...,) -> (..., K)
-        (t - 1 uniform-replacement steps compose into one: a token survives all of them with
-        probability alpha_bar_t, and once replaced it is uniform forever after.)"""
+        (t - 1 replacement steps compose into one: a token survives all of them with probability
+        alpha_bar_t, and once replaced it is uniform forever after.)"""
         ab = self.alpha_bar(t)
         return ab * self._onehot(x1) + (1 - ab) / self.K
 
     def q_posterior(self, x_t: torch.Tensor, x1: torch.Tensor, t: int) -> torch.Tensor:
-        """q(x_{t-1} | x_t, x_1), t >= 2, by Bayes on the Markov chain:
-            q(x_{t-1} | x_t, x_1) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_1)
-        where, as a function of x_{t-1} = k, q(x_t | x_{t-1} = k) = (1 - beta_t)[k = x_t] + beta_t / K
-        (Eq. 5 read backwards) and q(x_{t-1} | x_1) is Eq. 6 at t - 1.   (...,), (...,) -> (..., K)
+        """q(x_{t-1} | x_t, x_1) = q(x_t | x_{t-1}) q(x_{t-1} | x_1) / q(x_t | x_1) (Sec. 3.3), t >= 2.
+        As a function of x_{t-1} = k, q(x_t | x_{t-1} = k) = (1 - beta_t)[k = x_t] + beta_t / K is
+        Eq. 5 read backwards, and q(x_{t-1} | x_1) is Eq. 6 at t - 1.  (...,), (...,) -> (..., K)
         At t = 2 the second factor is one-hot on x_1, so the posterior is too (Eq. 8's target)."""
-        likelihood = self.q_step(x_t, t)          # symmetric in (x_t, x_{t-1}), so Eq. 5 gives it directly
-        prior = self.q_marginal(x1, t - 1)
-        unnorm = likelihood * prior
+        unnorm = self.q_step(x_t, t) * self.q_marginal(x1, t - 1)   # Eq. 5 is symmetric in (x_t, x_{t-1})
         return unnorm / unnorm.sum(-1, keepdim=True)
 
     @staticmethod
     def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draw one class per position from probs (..., K) -> (...,) long, by inverting the CDF:
-        the first class whose cumulative probability reaches u, for u uniform in (0, total].
-        One uniform per position, where torch.multinomial draws K exponentials per position
-        (measured 30x slower at K = 256; it was a sixth of a training step). A class of
-        probability 0 is never drawn: its cumulative sum equals the one before it. Training's
-        draws from the posterior and every sampled token go through here."""
+        """One class per position from probs (..., K) -> (...,) long, by inverting the CDF: the first
+        class whose cumulative probability reaches u, u uniform in (0, total]. One uniform per
+        position, where torch.multinomial draws K exponentials (measured 30x slower at K = 256).
+        A class of probability 0 is never drawn. Every draw of training and sampling comes here."""
         flat = probs.reshape(-1, probs.shape[-1]).double()        # float64: no rounding at the top
         cdf = flat.cumsum(-1)                                     # (M, K), non-decreasing
         u = 1 - torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=torch.float64)
@@ -491,15 +464,15 @@ class MultinomialDiffusion:
 
     def q_sample(self, x1: torch.Tensor, t: int, generator=None) -> torch.Tensor:
         """x_t ~ q(x_t | x_1) without building (..., K) probabilities: keep each token with
-        probability alpha_bar_t, else draw a uniform code (the same distribution as Eq. 6)."""
+        probability alpha_bar_t, else a uniform code (the distribution of Eq. 6)."""
         keep = torch.rand(x1.shape, generator=generator, device=x1.device) < self.alpha_bar(t)
         noise = torch.randint(0, self.K, x1.shape, generator=generator, device=x1.device)
         return torch.where(keep, x1.long(), noise)
 
     def kl(self, q_probs: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
-        """KL(q || softmax(p_logits)) = sum_k q_k (log q_k - log p_k), in nats, per position.
-        (..., K), (..., K) -> (...). xlogy gives 0 * log 0 = 0 for the zeros of a one-hot q,
-        so at t = 2 this is exactly the cross-entropy -log p(x_1) of Eq. 8."""
+        """KL(q || softmax(p_logits)) = sum_k q_k (log q_k - log p_k), nats per position.
+        (..., K), (..., K) -> (...). xlogy gives 0 log 0 = 0 for the zeros of a one-hot q, so at
+        t = 2 this is exactly the cross-entropy -log p(x_1 | x_2) of Eq. 8."""
         log_p = F.log_softmax(p_logits.float(), dim=-1)
         return (torch.xlogy(q_probs, q_probs) - q_probs * log_p).sum(-1)
 
@@ -507,17 +480,17 @@ class MultinomialDiffusion:
 # =====================================================================================
 # 3. The transformers: one encoder-decoder per scale (Sec. 3.3, 4.4)
 # =====================================================================================
-# p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
-# The encoder reads all of x_t at once (bidirectional: global context); the decoder writes
-# x_{t-1} token by token in raster order (causal self-attention) and cross-attends to the
-# encoder. For t = T, x_T is pure noise and carries no information: that scale is a plain
-# decoder-only transformer (the usual autoregressive model, e.g. Taming Transformers).
+# p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c): Eq. 1's factorisation
+# within a scale. The encoder reads all of x_t at once (bidirectional: global context); the
+# decoder writes x_{t-1} token by token in raster order (causal self-attention) and
+# cross-attends to the encoder. x_T is pure noise and carries no information, so the scale
+# t = T is a plain decoder-only transformer (the usual autoregressive model of Taming
+# Transformers).
 
 # ----- The text condition (Sec. 4.2) -------------------------------------------------
-# The paper conditions its text chains on CLIP-tokenized captions. Here a word-level tokenizer,
-# built from the training captions, does the same job without a dependency: a caption becomes
-# `max_len` token ids, padded with PAD. The empty caption is all PAD, and it is the null
-# condition of classifier-free guidance, just as the null class is for labels.
+# The paper's text chains read CLIP-tokenized captions. Here a word-level tokenizer, built from
+# the training captions, does the job without a dependency: a caption becomes `max_len` ids,
+# PAD-filled. The empty caption, all PAD, is the null condition of classifier-free guidance.
 
 class Tokenizer:
     PAD, UNK = 0, 1                 # ids 0 and 1 of every vocabulary; words follow from id 2
@@ -533,8 +506,7 @@ class Tokenizer:
 
     @classmethod
     def build(cls, captions: Sequence[str]) -> "Tokenizer":
-        """Every word of the training captions; the longest caption sets max_len, so no training
-        caption is ever cut."""
+        """Every word of the captions; the longest caption sets max_len, so none is ever cut."""
         words = sorted({w for c in captions for w in cls.words(c)})
         return cls(["<pad>", "<unk>"] + words, max(1, max((len(cls.words(c)) for c in captions), default=1)))
 
@@ -542,8 +514,8 @@ class Tokenizer:
         return sorted({w for t in texts for w in self.words(t) if w not in self.ids})
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """[B strings] -> token ids (B, max_len), PAD-filled. An unknown word becomes UNK; a text
-        longer than max_len is an error, never cut short."""
+        """[B strings] -> ids (B, max_len), PAD-filled; an unknown word becomes UNK; a text longer
+        than max_len is an error, never cut short."""
         out = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
         for b, text in enumerate(texts):
             words = self.words(text)
@@ -552,10 +524,6 @@ class Tokenizer:
                                  f"{self.max_len} (its longest training caption)")
             out[b, :len(words)] = torch.tensor([self.ids.get(w, self.UNK) for w in words], dtype=torch.long)
         return out
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """token ids (B, L) -> [B strings]; PAD is dropped, UNK shown as <unk>."""
-        return [" ".join(self.vocab[i] for i in row.tolist() if i != self.PAD) for row in ids]
 
 
 @dataclass
@@ -569,8 +537,8 @@ class ChainConfig:
     n_layer_enc: int = 2                  # the decoder-only scale t = T gets enc + dec layers
     n_layer_dec: int = 2
     dropout: float = 0.0
-    residual_logits: bool = True          # logits = s * network + log q(x^i_t | x^i_{t-1} = k) (see ScaleTransformer)
-    aligned_input: bool = False           # decoder position i also sees x^i_t (this code's own; see ScaleTransformer)
+    residual_logits: bool = True          # logits = s * network + log q(x^i_t | x^i_{t-1} = k) (ScaleTransformer)
+    aligned_input: bool = False           # decoder position i also sees x^i_t (this code's own; ScaleTransformer)
     # --- training (each scale independently)
     steps: int = 1500                     # per scale
     batch_size: int = 32
@@ -579,7 +547,7 @@ class ChainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     ema_decay: float = 0.995
-    label_dropout: float = 0.1            # to the null class or the empty caption, for classifier-free guidance
+    label_dropout: float = 0.1            # to the null class or the empty caption: classifier-free guidance
     loss: str = "kl"                      # "kl" (Eq. 7) or "ce" (cross-entropy on the sampled x_{t-1})
     log_every: int = 50
     ckpt_every: int = 500
@@ -590,122 +558,81 @@ class ChainConfig:
     num_codes: int = field(default=0, metadata={"cli": False})       # K after shrinking
     grid: list = field(default_factory=lambda: [8, 8], metadata={"cli": False})  # (h, w) of x_1
     num_labels: int = field(default=0, metadata={"cli": False})      # 0 = not class-conditional
-    # --- a text-conditional chain (train_chain.py --condition text): the tokenizer's vocabulary
-    # and caption length (0 = no text), and the training combinations left out (--holdout)
+    # --- a text chain (--condition text): the tokenizer's words and caption length (0 = no
+    # text), and the training combinations left out (--holdout)
     vocab: list = field(default_factory=list, metadata={"cli": False})
     text_len: int = field(default=0, metadata={"cli": False})
     holdout: list = field(default_factory=list, metadata={"cli": False})  # ["green star", ...]
 
-    @property
-    def N(self) -> int:
-        return self.grid[0] * self.grid[1]
+    N = property(lambda self: self.grid[0] * self.grid[1])        # tokens per grid
 
     def schedule(self) -> list[float]:
         return list(self.betas) if self.betas else linear_alpha_bar_betas(self.T)
 
 
 CHAIN_PRESETS = {
-    # shapes on a 2-core CPU: T = 3, two small scales, minutes each
-    "tiny": ChainConfig(),
-    # CIFAR-10 codes (8x8, K <= 512) on one GPU; bf16 autocast
-    "cifar": ChainConfig(T=5, n_embd=512, n_head=8, n_layer_enc=8, n_layer_dec=4, dropout=0.1,
+    "tiny": ChainConfig(),                # shapes on a 2-core CPU: T = 3, two small scales
+    "cifar": ChainConfig(T=5, n_embd=512, n_head=8, n_layer_enc=8, n_layer_dec=4, dropout=0.1,  # one GPU
                          steps=60000, batch_size=128, lr=3e-4, warmup=2000, ema_decay=0.9999,
                          log_every=200, ckpt_every=2000, eval_batches=40),
 }
 
 
 class KVCache:
-    """The keys and values of one self-attention layer for the positions decoded so far: buffers
-    of `size` positions, allocated on the first call and written in place (no torch.cat per
-    token), so a new token costs O(i) instead of re-running the whole prefix. Attention.cached
-    also keeps here its q, k, v weights stacked into one matrix (w, b): a memo made on the first
-    step of a decode, so a cache lives for one decode of a scale, while the weights stay fixed."""
+    """The keys and values of one attention layer while a decoder is read position by position:
+    buffers of `size` positions, allocated at the first call and written in place, so a new
+    token costs one step over the positions before it instead of a pass over the whole prefix.
+    Self-attention appends the new positions at every step; cross-attention stores the encoder
+    output's keys and values once."""
 
     def __init__(self, size: int):
         self.size, self.len = size, 0
-        self.k = self.v = self.w = self.b = None
+        self.k = self.v = None
 
-    def buffers(self, k_new):
-        """The key and value buffers, (B, nh, size, hs), zeros until written: made on first use."""
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, nh, L, hs) of L new positions -> those of every position so far (B, nh, len, hs)."""
         if self.k is None:
-            self.k = k_new.new_zeros(*k_new.shape[:2], self.size, k_new.shape[-1])
+            self.k = k.new_zeros(k.shape[0], k.shape[1], self.size, k.shape[3])
             self.v = torch.zeros_like(self.k)
-        return self.k, self.v
-
-    def update(self, k_new, v_new):
-        """Append L new positions' keys and values (B, nh, L, hs) -> (k, v) of every position so
-        far, (B, nh, len, hs), and the mask of what the new queries may see: None for a single
-        query (the newest position: every key is in its past), else (L, len), each new query
-        seeing the cache and the new keys up to itself (forward()'s causal mask, True = attend)."""
-        self.buffers(k_new)
-        start, end = self.len, self.len + k_new.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k_new, v_new
-        self.len = end
-        mask = None
-        if end - start > 1:
-            mask = torch.arange(end, device=k_new.device)[None, :] <= torch.arange(start, end, device=k_new.device)[:, None]
-        return self.k[:, :, :end], self.v[:, :, :end], mask
+        self.k[:, :, self.len:self.len + k.shape[2]], self.v[:, :, self.len:self.len + k.shape[2]] = k, v
+        self.len += k.shape[2]
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self-attention when `context` is None, else cross-attention.
-
-    Without a cache (training, and the reference every cached result is tested against) the
-    whole sequence is processed at once. With `cache` (kept across decoding steps) the decoder
-    reads one new position (or a few) at a time:
-      self-attention   the keys and values of all earlier positions come from a KVCache; q, k
-                       and v come from one fused matrix product
-      cross-attention  the encoder output's keys and values are computed once per scale
-    and the heads are split with views, not per-step rearranges: a decoding step is small, so
-    the number of kernels it launches, not their arithmetic, sets its speed."""
+    """Multi-head attention: self-attention when `context` is None, else cross-attention."""
 
     def __init__(self, d: int, n_head: int, dropout: float):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
         self.to_q, self.to_kv, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
-    def forward(self, x, context=None, causal=False, cache=None):
-        if cache is not None:
-            return self.cached(x, context, cache)
-        # x: (B, L, C) queries; keys/values from x (self) or context (B, S, C) (cross)
-        heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)   # (B, nh, L, hs)
-        q = heads(self.to_q(x))
-        k, v = map(heads, self.to_kv(x if context is None else context).chunk(2, dim=-1))
-        # bf16 autocast on a CPU: the projections ran in bf16, but the CPU's bf16 attention kernel
-        # was measured 5x slower (forward + backward) than its fp32 one, so it runs in fp32 here
+    def forward(self, x, context=None, causal=False, cache: KVCache | None = None):
+        """x (B, L, C) -> (B, L, C). Self-attention over x (causal: position i sees positions up to
+        i), or cross-attention from x to context (B, S, C). With `cache` (decoding) x holds the L
+        positions after those already in the cache (self-attention), and cross-attention's keys
+        and values are computed at the first step only."""
+        L = x.shape[1]
+        heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)       # (B, nh, L, hs)
+        q, mask = heads(self.to_q(x)), None
+        if cache is not None and context is not None and cache.len:
+            k, v = cache.k, cache.v                              # the encoder's, from the first step
+        else:
+            k, v = map(heads, self.to_kv(x if context is None else context).chunk(2, dim=-1))
+            if cache is not None:
+                done = cache.len
+                k, v = cache.append(k, v)                        # (B, nh, done + L, hs)
+                if context is None and L > 1:                    # new query j sees keys up to done + j
+                    mask = torch.arange(done + L, device=x.device)[None] <= torch.arange(done, done + L,
+                                                                                         device=x.device)[:, None]
+        # Under a CPU's bf16 autocast the attention itself runs in fp32: the CPU's bf16 kernel is slower
+        # (on the AMX machine a tiny chain's training step took 105 ms without this, 60 ms with it)
         fp32 = q.device.type == "cpu" and q.dtype == torch.bfloat16
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(*(z.float() if fp32 else z for z in (q, k, v)), is_causal=causal,
+            y = F.scaled_dot_product_attention(*(z.float() if fp32 else z for z in (q, k, v)), attn_mask=mask,
+                                               is_causal=causal and cache is None,
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h l d -> b l (h d)"))
-
-    def cached(self, x, context, cache):
-        """The decoding path: x (B, L, C) holds the next L positions (L = 1; or a text prefix on
-        the first call; or a run of given tokens in masked editing) -> (B, L, C), as forward()
-        gives for them. cache: the layer's KVCache (self-attention) or a dict (cross-attention)."""
-        B, L, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        split = lambda z, n: z.view(B, -1, n, nh, hs).permute(2, 0, 3, 1, 4)     # -> (n, B, nh, L', hs)
-        mask = None
-        if context is not None:                                # cross-attention
-            if "k" not in cache:                               # the encoder output: once per scale
-                # contiguous (B, nh, S, hs) once, not a strided view that every step would copy
-                cache["k"], cache["v"] = (z.contiguous() for z in split(self.to_kv(context), 2))
-            q, k, v = split(self.to_q(x), 1)[0], cache["k"], cache["v"]
-        else:                                                  # self-attention
-            if cache.w is None:                                # first call: q, k, v weights stacked (3C, C)
-                cache.w = torch.cat([self.to_q.weight, self.to_kv.weight])
-                cache.b = torch.cat([self.to_q.bias, self.to_kv.bias])
-            q, k_new, v_new = split(F.linear(x, cache.w, cache.b), 3)          # each (B, nh, L, hs)
-            k, v, mask = cache.update(k_new, v_new)
-        if mask is None and L == 1 and x.device.type == "cpu":
-            # one query, written out: softmax(q k^T / sqrt(hs)) v. On a CPU the fused kernel's
-            # setup outweighs so little arithmetic (measured 2x slower for 32-64 keys)
-            att = (q @ k.transpose(-2, -1)) * hs ** -0.5                         # (B, nh, 1, L')
-            y = att.softmax(-1) @ v                                              # (B, nh, 1, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # mask (L, L'): True = attend
-        return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
 class Block(nn.Module):
@@ -719,10 +646,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
 
     def forward(self, x, context=None, causal=False, cache=None):
-        x = x + self.attn(self.ln1(x), causal=causal, cache=None if cache is None else cache["self"])
+        """cache: (self-attention's KVCache, cross-attention's) while decoding, else None."""
+        self_cache, cross_cache = cache or (None, None)
+        x = x + self.attn(self.ln1(x), causal=causal, cache=self_cache)
         if self.cross is not None:
-            x = x + self.cross(self.ln2(x), context=context,
-                               cache=None if cache is None else cache["cross"])
+            x = x + self.cross(self.ln2(x), context=context, cache=cross_cache)
         return x + self.mlp(self.ln3(x))
 
 
@@ -730,19 +658,16 @@ class ScaleTransformer(nn.Module):
     """The model p^{t-1}(x_{t-1} | x_t, c) of one scale t.
 
     x^i_{t-1} is often the very token x^i_t: the step t-1 -> t leaves a fraction 1 - beta_t of
-    tokens untouched. A network that has to learn this copying from scratch learns it slowly
-    (a tiny chain trained for minutes copied only 3 to 4 in 5 of the tokens that had
-    survived into x_t). Two ways to help:
+    the tokens as they were, and a network that must learn this copying from scratch learns it
+    slowly. Two ways to help:
     `residual_logits` (on by default; the idea of the official ResidualScaledXTransformer): by
     Bayes, p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so add the known factor
-    log q(x^i_t | x^i_{t-1} = k) (Eq. 5 read as a function of k) with unit weight to the logit of
-    every k, and let the network's logits, times a learned scale s, model the rest. Up to a
-    constant it is a bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t. Unlike the official
-    code, s is a raw parameter (`logit_scale`, starting at 1, free to reach 0 or below): the
-    official code multiplies by exp(log_scalor), always positive.
-    `aligned_input` (this implementation's own, in neither the paper nor the official code):
-    add x^i_t's embedding to the decoder input at position i, which otherwise has to find
-    position i in the encoder output through cross-attention first."""
+    log q(x^i_t | x^i_{t-1} = k) (Eq. 5 read as a function of k) to the logit of every k, and let
+    the network's logits, times a learned scale s, model the rest. Up to a constant that is a
+    bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t. Here s is a raw parameter
+    (`logit_scale`, free to reach 0 or below); the official code's is exp(log_scalor) > 0.
+    `aligned_input` (this code's own): add x^i_t's embedding to the decoder input at position i,
+    which otherwise must find position i in the encoder output through cross-attention."""
 
     def __init__(self, cfg: ChainConfig, t: int, beta_t: float):
         super().__init__()
@@ -751,13 +676,12 @@ class ScaleTransformer(nn.Module):
         self.has_encoder = t < cfg.T
         self.conditional = cfg.num_labels > 0          # class labels
         self.text_len = cfg.text_len                   # a caption of text_len tokens (0 = none)
-        self.text_prefix_len = cfg.text_len if t == cfg.T else 0   # the decoder-only scale's prefix
-        self.START = K  # the start token has its own embedding row, after the K codes
+        self.START = K                                 # the start token's embedding row, after the K codes
         self.dec_tok = nn.Embedding(K + 1, d)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(1, N, d))
         if self.conditional:
-            self.class_emb = nn.Embedding(cfg.num_labels + 1, d)   # last row: the null class (guidance, section 5)
-        if self.text_len:                              # the caption's own embeddings and positions
+            self.class_emb = nn.Embedding(cfg.num_labels + 1, d)   # last row: the null class (guidance)
+        if self.text_len:
             self.text_tok = nn.Embedding(len(cfg.vocab), d)
             self.text_pos = nn.Parameter(0.02 * torch.randn(1, cfg.text_len, d))
         self.align_tok = None
@@ -772,7 +696,7 @@ class ScaleTransformer(nn.Module):
         self.decoder = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, cross=self.has_encoder) for _ in range(n_dec))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, K, bias=False)
-        self.logit_scale = None                # the decoder-only scale t = T has no x_t to add
+        self.logit_scale = None                        # the decoder-only scale has no x_t to add
         if cfg.residual_logits and self.has_encoder:
             self.logit_scale = nn.Parameter(torch.ones(()))
             self.register_buffer("res_bonus", torch.tensor(math.log1p(K * (1 - beta_t) / beta_t)))
@@ -786,161 +710,135 @@ class ScaleTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # The condition c is a class (B,) on a class-conditional chain, token ids (B, text_len) on a
-    # text-conditional one (the official conditional chains place their condition's tokens in
-    # the encoder the same way), None on an unconditional one. A class enters the encoder as a
-    # token before x_t and the decoder at START (embed_decoder).
-
-    def embed_text(self, c: torch.Tensor) -> torch.Tensor:
-        return self.text_tok(c) + self.text_pos                           # (B, text_len, C)
-
-    def text_prefix(self, c) -> torch.Tensor | None:
-        """The decoder-only scale t = T has no encoder: its caption is a prefix of the decoder's
-        sequence, [caption, START, x^0, ...], read through the same causal self-attention (so
-        every image token sees the whole caption; a word sees only the words before it)."""
-        return self.embed_text(c) if self.text_len and not self.has_encoder else None
+    # text chain (the official conditional chains place their condition's tokens in the encoder
+    # the same way), None on an unconditional one. A class enters the encoder as a token before
+    # x_t and the decoder at START; the decoder-only scale reads a caption as a prefix.
 
     def encode(self, x_t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | None:
-        """x_t (B, N) -> memory (B, [class token or text_len caption tokens +] N, C); None for
-        the decoder-only scale."""
+        """x_t (B, N) -> memory (B, [1 class or text_len caption tokens +] N, C); None for the
+        decoder-only scale."""
         if not self.has_encoder:
             return None
         h = self.enc_tok(x_t) + self.enc_pos                              # (B, N, C)
         if self.conditional:
             h = torch.cat([self.class_emb(c)[:, None], h], dim=1)         # (B, 1 + N, C)
         if self.text_len:
-            h = torch.cat([self.embed_text(c), h], dim=1)                 # (B, text_len + N, C)
+            h = torch.cat([self.text_tok(c) + self.text_pos, h], dim=1)   # (B, text_len + N, C)
         for block in self.encoder:
             h = block(h)                                                  # no mask: bidirectional
         return self.enc_ln(h)
 
-    @staticmethod
-    def span(z, offset, L: int):
-        """z[:, offset:offset + L] for an int offset, or for a 0-dim tensor one (a position a
-        CUDA graph is replayed at: a tensor index, not a slice the graph would freeze)."""
-        if isinstance(offset, int):
-            return z[:, offset:offset + L]
-        return z.index_select(1, offset + torch.arange(L, device=z.device))
-
-    def embed_decoder(self, tokens_in, x_t, c, offset):
-        """Decoder input at positions offset .. offset+L-1. tokens_in (B, L) holds, for position
-        i, the token x^{i-1}_{t-1} (START at i = 0): the right shift that makes it causal."""
-        L = tokens_in.shape[1]
-        h = self.dec_tok(tokens_in) + self.span(self.dec_pos, offset, L)  # (B, L, C)
-        if self.align_tok is not None:
-            h = h + self.align_tok(self.span(x_t, offset, L))              # x^i_t at position i
-        if self.conditional and isinstance(offset, int) and offset == 0:   # the class enters at START
-            h = torch.cat([h[:, :1] + self.class_emb(c)[:, None], h[:, 1:]], dim=1)
-        return h
-
-    def logits(self, h, x_t, offset: int):
-        out = self.head(self.ln_f(h))                                      # (B, L, K)
-        if self.logit_scale is not None:
-            # s * network + log q(x^i_t | x^i_{t-1} = k), the constant log(beta_t / K) dropped;
-            # s is the raw parameter itself (the official code's scale is exp(log_scalor) > 0)
-            x_here = self.span(x_t, offset, h.shape[1])
-            out = self.logit_scale * out + self.res_bonus * F.one_hot(x_here, self.K).to(out.dtype)
-        return out
-
     def shift(self, x_tm1, start: int, end: int):
-        """The decoder's inputs at positions start..end-1: the token before each, x^{i-1}_{t-1},
-        and START at i = 0 (the right shift that makes the decoder causal).  (B, >= end) -> (B, end - start)"""
+        """The decoder's inputs at positions start..end-1: the token before each, x^{i-1}_{t-1}, and
+        START at i = 0 (the right shift that makes the decoder causal). (B, >= end-1) -> (B, end-start)"""
         if start > 0:
             return x_tm1[:, start - 1:end - 1]
-        return torch.cat([torch.full_like(x_tm1[:, :1], self.START), x_tm1[:, :max(end - 1, 0)]], dim=1)[:, :end]
+        return torch.cat([torch.full_like(x_tm1[:, :1], self.START), x_tm1[:, :end - 1]], dim=1)
 
-    def decode(self, memory, x_t, x_tm1, c):
-        """Teacher-forced decoder: logits (B, L, K) for positions 0..L-1 given x_tm1 (B, L).
-        Position i only sees x^{<i}_{t-1}: the last token of x_tm1 is never an input."""
-        h = self.embed_decoder(self.shift(x_tm1, 0, x_tm1.shape[1]), x_t, c, 0)
-        prefix = self.text_prefix(c)
-        if prefix is not None:
-            h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
-        for block in self.decoder:
-            h = block(h, memory, causal=True)
-        if prefix is not None:
-            h = h[:, prefix.shape[1]:]                                       # the image positions
-        return self.logits(h, x_t, 0)
+    def decode(self, memory, x_t, x_tm1, c, start: int = 0, end: int | None = None, caches=None):
+        """The logits (B, end - start, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c) at positions
+        i = start..end-1 (end: x_tm1's length), given the tokens x_tm1 written before them.
+        Training reads every position at once (start = 0, teacher forcing: position i only sees
+        x^{<i}_{t-1}); decoding (`caches`, one pair per block) reads the positions after those
+        the caches hold."""
+        end = x_tm1.shape[1] if end is None else end
+        h = self.dec_tok(self.shift(x_tm1, start, end)) + self.dec_pos[:, start:end]      # (B, L, C)
+        if self.align_tok is not None:
+            h = h + self.align_tok(x_t[:, start:end])                      # x^i_t at position i
+        prefix = 0
+        if start == 0 and self.conditional:                                # the class enters at START
+            h = torch.cat([h[:, :1] + self.class_emb(c)[:, None], h[:, 1:]], dim=1)
+        if start == 0 and self.text_len and not self.has_encoder:          # the caption before START
+            prefix = self.text_len
+            h = torch.cat([self.text_tok(c) + self.text_pos, h], dim=1)    # (B, text_len + L, C)
+        for block, cache in zip(self.decoder, caches or [None] * len(self.decoder)):
+            h = block(h, memory, causal=True, cache=cache)
+        out = self.head(self.ln_f(h[:, prefix:]))                         # (B, L, K)
+        if self.logit_scale is not None:   # s * network + log q(x^i_t | x^i_{t-1} = k), less log(beta_t / K)
+            out = self.logit_scale * out + self.res_bonus * F.one_hot(x_t[:, start:end], self.K).to(out.dtype)
+        return out
 
     def forward(self, x_t, x_tm1, c=None):
         """x_t (B, N), x_tm1 (B, L <= N) long -> logits (B, L, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)."""
         return self.decode(self.encode(x_t, c), x_t, x_tm1, c)
 
-    def new_caches(self) -> list[dict]:
-        """Empty key/value caches, one per decoder block, for a sequence of text prefix + N: a
-        KVCache for the self-attention, and the encoder output's keys and values (cross)."""
-        return [{"self": KVCache(self.text_prefix_len + self.N), "cross": {}} for _ in self.decoder]
-
-    def step(self, tokens_in, i, memory, x_t, c, caches: list[dict]):
-        """Cached decoding of the L positions i..i+L-1: tokens_in (B, L) = x^{i-1..i+L-2}_{t-1}
-        (START first at i = 0) -> logits (B, L, K). L = 1 when sampling; a run of given tokens
-        in masked editing is one block. A text prefix enters the cache with the first step, in
-        one causal pass. i is an int, or (a step captured as a CUDA graph, GraphedStep) a 0-dim tensor."""
-        L = tokens_in.shape[1]
-        h = self.embed_decoder(tokens_in, x_t, c, i)                      # (B, L, C)
-        prefix = self.text_prefix(c) if isinstance(i, int) and i == 0 else None
-        if prefix is not None:
-            h = torch.cat([prefix, h], dim=1)                                # (B, text_len + L, C)
-        for block, cache in zip(self.decoder, caches):
-            h = block(h, memory, causal=True, cache=cache)
-        return self.logits(h[:, h.shape[1] - L:], x_t, i)                 # the L image positions, not the prefix
+    def new_caches(self, memory) -> list[tuple]:
+        """Empty caches for one decode, a pair per decoder block: self-attention's, for the
+        [caption prefix +] N positions, and cross-attention's, for the encoder output."""
+        prefix = self.text_len if not self.has_encoder else 0
+        return [(KVCache(prefix + self.N), KVCache(memory.shape[1]) if memory is not None else None)
+                for _ in self.decoder]
 
 
-# ----- Reading the decoder one token at a time ------------------------------------------
-
-class Reader:
-    """What decode_scale draws from: a reader of one scale's decoder. reader(x_tm1, i) gives the
-    logits (B, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c) once x_tm1 (B, N) is written before
-    position i; read(x_tm1, end) reads the positions not read yet, up to end - 1, and gives
-    their logits (B, L, K). A reader is asked for the positions in order, each once, and may
-    skip some (tokens masked editing gives, which decode_scale does not draw): those are read
-    as one block before the next position it is asked for. That position is read alone, a
-    one-token step, the step a CUDA graph replays (section 5, StaticLogits).
-
-    NextLogits below is the plain reader, the model with its key/value cache. Section 5's
-    extensions are readers too: they wrap one (guidance, filters, the weights of particles) or
-    take its place (windows, the uncached reference, the static cache)."""
-
-    def __call__(self, x_tm1: torch.Tensor, i: int) -> torch.Tensor:
-        self.read(x_tm1, i)                                    # the given tokens not read yet, if any
-        return self.read(x_tm1, i + 1)[:, -1]                  # then position i alone: (B, K)
-
-    def read(self, x_tm1: torch.Tensor, end: int) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def no_logits(x_tm1: torch.Tensor, K: int) -> torch.Tensor:
-    """The logits of no position, (B, 0, K): what a read returns when nothing is left to read."""
-    return x_tm1.new_zeros(x_tm1.shape[0], 0, K, dtype=torch.float)
-
-
-class NextLogits(Reader):
-    """The plain reader: scale t's decoder through its key/value cache. The encoder reads all of
-    x_t once; each token of x_{t-1}, once written, is read into the cache."""
+class CachedDecoder:
+    """Scale t's decoder, read a few positions at a time through its key/value caches: how the
+    reverse chain draws (ImageBART.decode_scale). The encoder reads all of x_t once, here.
+    read(x_tm1, start, end) -> the logits (B, end - start, K) of positions start..end-1, once
+    x_tm1 (B, N) holds the tokens before them. The positions are read in order, each once:
+    `start` is where the previous read ended (what the caches hold)."""
 
     def __init__(self, model: ScaleTransformer, x_t: torch.Tensor, c):
         self.model, self.x_t, self.c = model, x_t, c
-        self.memory = model.encode(x_t, c)                     # (B, [cond +] N, C): once per scale
-        self.caches = self.new_caches()
-        self.done = 0                                          # positions read so far
+        self.memory = model.encode(x_t, c)                     # (B, [cond +] N, C)
+        self.caches = model.new_caches(self.memory)
+        self.done = 0
 
-    def new_caches(self) -> list[dict]:
-        return self.model.new_caches()
+    def __call__(self, x_tm1, start: int, end: int) -> torch.Tensor:
+        if start != self.done:
+            raise ValueError(f"the caches hold positions 0..{self.done - 1}; read from {self.done}, not {start}")
+        self.done = end
+        return self.model.decode(self.memory, self.x_t, x_tm1, self.c, start, end, self.caches)
 
-    def read(self, x_tm1: torch.Tensor, end: int) -> torch.Tensor:
-        """Read the positions done..end-1 of x_tm1 -> their logits (B, end - done, K)."""
-        start, self.done = self.done, end
-        if start == end:
-            return no_logits(x_tm1, self.model.K)
-        return self.model.step(self.model.shift(x_tm1, start, end), start, self.memory, self.x_t, self.c, self.caches)
+
+class UncachedDecoder(CachedDecoder):
+    """The reference without caches: each read runs the decoder over the whole prefix again
+    (teacher-forced, as in training). Slow; the cached readers are tested against it."""
+
+    def __call__(self, x_tm1, start: int, end: int) -> torch.Tensor:
+        return self.model.decode(self.memory, self.x_t, x_tm1[:, :end], self.c)[:, start:end]
 
 
 # =====================================================================================
 # 4. The chain: ImageBART
 # =====================================================================================
 
-# Forward-backward rounds per scale (but t = T) of masked editing, ImageBART.inpaint's default. The
-# official script makes 5 passes per scale (4 rounds) on its "custom" chains. On a tiny T = 3 chain
-# more rounds than 4 bought nothing (docs/masked-editing.md).
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Temperature, then the top_k largest logits, then the smallest set of tokens whose
+    probability reaches top_p (nucleus); the others get -inf.  (..., K) -> (..., K)"""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p      # the mass *before* a token already reaches top_p
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+def scale_options(options: dict, t: int, T: int) -> dict:
+    """Scale t's sampling options: temperature, top_k and top_p are each one value, or a list of
+    one per scale for t = T, T-1, ..., 2; the others (guidance, use_cache) are one value."""
+    out = {}
+    for name, value in options.items():
+        if isinstance(value, (list, tuple)):
+            if len(value) != T - 1:
+                raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
+                                 f"{T - 1} scales (t = {T}..2)")
+            value = value[T - t]
+        ok = {"temperature": lambda v: v > 0, "top_k": lambda v: v is None or v >= 1,
+              "top_p": lambda v: v is None or 0 < v <= 1, "guidance": lambda v: v >= 0}.get(name, lambda v: True)
+        if not ok(value):                    # nan fails too
+            raise ValueError(f"{name} {value} is out of range")
+        out[name] = value
+    return out
+
+
+# Forward-backward rounds per scale (but t = T) of masked editing. The paper's text leaves them to
+# its appendix; the number and their annealing come from the official scripts/inpaint_imagebart.py,
+# which makes 5 passes per scale (4 rounds). More did not help here (docs/masked-editing.md).
 INPAINT_REFINE = 4
 
 
@@ -957,13 +855,8 @@ class ImageBART(nn.Module):
         self.scales = nn.ModuleDict({str(t): ScaleTransformer(cfg, t, self.diffusion.beta(t))
                                      for t in range(2, self.diffusion.T + 1)})
 
-    @property
-    def T(self) -> int:
-        return self.diffusion.T
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+    T = property(lambda self: self.diffusion.T)
+    device = property(lambda self: next(self.parameters()).device)
 
     def scale(self, t: int) -> ScaleTransformer:
         return self.scales[str(t)]
@@ -971,12 +864,11 @@ class ImageBART(nn.Module):
     # ----- the condition c: a class, a caption, or nothing -----------------------------
 
     def condition(self, labels, text, B: int, device=None) -> torch.Tensor | None:
-        """The condition c of B rows, from the user's `labels` or `text`; the null condition
-        (the null class, the empty caption) where none is given. None on an unconditional chain.
-        labels: a class index, or one per row. text: a list of B strings (or one, for all), or
-        token ids (B, text_len) already made by `self.tokenizer`."""
+        """The condition c of B rows from `labels` (a class index, or one per row) or `text` (B
+        strings, or one for all, or token ids (B, text_len)); the null condition (the null class,
+        the empty caption) where neither is given; None on an unconditional chain."""
         device = device or self.device
-        if self.tokenizer is not None:                 # a text-conditional chain
+        if self.tokenizer is not None:
             if labels is not None:
                 raise ValueError("this chain is conditioned on text; it takes text, not labels")
             if text is None:
@@ -997,7 +889,7 @@ class ImageBART(nn.Module):
             return None
         if labels is None:
             return torch.full((B,), self.num_labels, dtype=torch.long, device=device)
-        labels = torch.as_tensor(labels, device=device).long().expand(B)   # one class, or one per row
+        labels = torch.as_tensor(labels, device=device).long().expand(B)
         if labels.min() < 0 or labels.max() > self.num_labels:   # index num_labels = the null class
             raise ValueError(f"labels must lie in [0, {self.num_labels}] ({self.num_labels} = none)")
         return labels
@@ -1007,7 +899,7 @@ class ImageBART(nn.Module):
         return torch.full_like(c, Tokenizer.PAD if self.tokenizer is not None else self.num_labels)
 
     def drop_condition(self, c, p: float):
-        """Replace a fraction p of the rows of c by the null condition (classifier-free guidance:
+        """A fraction p of the rows of c replaced by the null condition (classifier-free guidance:
         the same network then also learns the unconditional model)."""
         if c is None or p <= 0:
             return c
@@ -1017,10 +909,10 @@ class ImageBART(nn.Module):
     # ----- training (Eq. 7-8) ----------------------------------------------------------
 
     def scale_terms(self, x1, t: int, labels=None, generator=None, text=None, net=None):
-        """One Monte-Carlo draw of scale t's term, per position:
-        x_t ~ q(x_t | x_1) (Eq. 6), x_{t-1} ~ q(x_{t-1} | x_t, x_1), decoder teacher-forced on
-        that x_{t-1}. -> (posterior q (B, N, K), sampled x_{t-1} (B, N), logits (B, N, K)).
-        `net` runs scale t instead of self.scale(t): its DistributedDataParallel wrapper."""
+        """One Monte-Carlo draw of scale t's term: x_t ~ q(x_t | x_1) (Eq. 6), x_{t-1} ~
+        q(x_{t-1} | x_t, x_1), the decoder teacher-forced on that x_{t-1}.
+        -> (posterior q (B, N, K), sampled x_{t-1} (B, N), logits (B, N, K)).
+        `net` runs scale t instead of self.scale(t) (its DistributedDataParallel wrapper)."""
         x1 = rearrange(x1.long(), "b h w -> b (h w)") if x1.dim() == 3 else x1.long()   # raster order
         x_t = self.diffusion.q_sample(x1, t, generator)
         q = self.diffusion.q_posterior(x_t, x1, t)
@@ -1029,16 +921,14 @@ class ImageBART(nn.Module):
         return q, x_tm1, logits
 
     def loss(self, x1, t: int, labels=None, kind: str = "kl", text=None, net=None) -> torch.Tensor:
-        """Scale t's training loss in nats per token: the mean over the positions i (and the batch) of
-
+        """Scale t's training loss in nats per token, the mean over positions i (and the batch) of
         "kl" (Eq. 7): KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
-        The posterior factorizes over positions, the model is autoregressive, so with x^{<i}_{t-1}
+        The posterior factorizes over positions and the model is autoregressive, so with x^{<i}_{t-1}
         drawn from q this is an unbiased one-sample estimate of the KL between the sequences,
-        exact in each position's K outcomes. At t = 2 the posterior is one-hot on x_1, so the
-        very same line is the cross-entropy -log p(x_1 | x_2) of Eq. 8: one code path for all t.
-        "ce": cross-entropy of the sampled x_{t-1} only (the official 4-scale FFHQ config trains
-        most scales so; its other configs, and the paper's T = 3 FFHQ chain, use the KL for
-        t > 2): same expectation up to a constant, more variance."""
+        exact in each position's K outcomes. At t = 2 the posterior is one-hot on x_1, and the same
+        line is the cross-entropy -log p(x_1 | x_2) of Eq. 8: one code path for every t.
+        "ce": the cross-entropy of the sampled x_{t-1} only (the official 4-scale FFHQ config trains
+        most scales so): the same expectation up to a constant, more variance."""
         q, x_tm1, logits = self.scale_terms(x1, t, labels, text=text, net=net)
         if kind == "kl":
             per_position = self.diffusion.kl(q, logits)
@@ -1050,59 +940,86 @@ class ImageBART(nn.Module):
 
     @torch.no_grad()
     def nll(self, x1, labels=None, text=None, *, terms: bool = False, generator=None):
-        """The upper bound on -log2 p(x_1 | c) in bits per token, per sample (B,), estimated with
-        one Monte-Carlo draw per scale (scale_bits): given the condition c on a conditional chain
-        (labels or text; None = the null condition), else on -log2 p(x_1):
+        """Eq. 2's terms for t = 2..T as a bound on -log2 p(x_1 | c), in bits per token, per sample
+        (B,): one Monte-Carlo draw per scale (scale_bits), given c (labels or text; None = the null
+        condition) on a conditional chain, else on -log2 p(x_1):
             -log p(x_1 | c) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t, c)) ]
-        (the t = 2 term being Eq. 8's -log p(x_1 | x_2)); the prior term KL(q(x_T | x_1) || p(x_T))
-        vanishes because beta_T = 1 makes both uniform. With T = 2 nothing is bounded: it is the
-        exact autoregressive likelihood. terms=True also returns {t: bits per token (B,)}."""
+        (the t = 2 term being Eq. 8's -log p(x_1 | x_2)). L_1, the first stage's term, is left out;
+        the prior term KL(q(x_T | x_1) || p(x_T)) is 0, beta_T = 1 making both uniform. With T = 2
+        nothing is bounded: it is the exact autoregressive likelihood. terms=True also returns
+        {t: bits per token (B,)}."""
         by_scale = {t: self.scale_bits(x1, t, labels, generator, text) for t in range(self.T, 1, -1)}
         total = sum(by_scale.values())
         return (total, by_scale) if terms else total
 
     @torch.no_grad()
     def scale_bits(self, x1, t: int, labels=None, generator=None, text=None) -> torch.Tensor:
-        """Scale t's term of the bound (one draw of Eq. 7), in bits per token, per sample (B,)."""
+        """Scale t's term of the bound (one draw of Eq. 7), bits per token, per sample (B,)."""
         q, _, logits = self.scale_terms(x1, t, labels, generator, text)
         return self.diffusion.kl(q, logits).sum(-1) / (x1[0].numel() * math.log(2))
 
     # ----- sampling: the reverse chain (Sec. 3.3) --------------------------------------
 
-    @torch.inference_mode()   # like no_grad, minus autograd's view/version bookkeeping: faster small steps
-    def decode_scale(self, t: int, x_t, c=None, *, forced=None, keep=None, reader=None, generator=None):
+    @torch.inference_mode()   # no_grad, minus autograd's bookkeeping: faster small steps
+    def decode_scale(self, t: int, x_t, c=None, *, temperature=1.0, top_k=None, top_p=None, guidance=0.0,
+                     forced=None, keep=None, log_w=None, use_cache=True, reader=None, generator=None):
         """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c), one token
-        at a time in raster order.  x_t (B, N) -> x_{t-1} (B, N).
+        at a time in raster order (Eq. 9's autoregressive reverse model).  x_t (B, N) -> x_{t-1} (B, N).
         Masked editing (Sec. 4.3): where keep (B, N) is True the token is not drawn but set to
-        `forced` (B, N), and every later token is conditioned on it. `reader`: what gives the
-        logits (Reader; by default NextLogits, the plain model; section 5's extensions pass their own)."""
-        reader = reader or NextLogits(self.scale(t), x_t, c)
+        forced (B, N), and every later token is conditioned on it.
+        reader(model, x_t, c) makes what the logits are read from: CachedDecoder (UncachedDecoder
+        with use_cache=False), or section 5's windows. log_w (B,), when given, gains the
+        log-probability of the forced tokens (section 5's particles)."""
+        B, N = x_t.shape
+        rows_x, rows_c = x_t, c
+        if guidance:          # the conditional rows and, below them, the null condition's: one batch
+            if c is None or bool((c == self.null_condition(c)).all()):
+                raise ValueError("guidance needs a condition: class labels or text")
+            rows_x, rows_c = torch.cat([x_t, x_t]), torch.cat([c, self.null_condition(c)])
+        read = (reader or (CachedDecoder if use_cache else UncachedDecoder))(self.scale(t), rows_x, rows_c)
         x_tm1 = torch.zeros_like(x_t)
-        for i in range(x_t.shape[1]):
+        start = 0                                              # positions 0..start-1 are read
+
+        def logits_until(end: int) -> torch.Tensor:
+            """The logits of positions start..end-1, (B, end - start, K), as they are sampled from."""
+            logits = read(x_tm1.repeat(2, 1) if guidance else x_tm1, start, end).float()
+            if guidance:      # classifier-free guidance: (1 + w) log p(. | c) - w log p(. | null)
+                cond, null = logits.chunk(2)
+                logits = (1 + guidance) * cond - guidance * null
+            if (temperature, top_k, top_p) != (1.0, None, None):
+                logits = filter_logits(logits, temperature, top_k, top_p)
+            if log_w is not None:                              # the forced tokens among them
+                log_p = logits.log_softmax(-1).gather(-1, forced[:, start:end, None])[..., 0]
+                log_w.add_(torch.where(keep[:, start:end], log_p, 0.0).sum(1))
+            return logits
+
+        for i in range(N):
             if keep is not None and keep[:, i].all():          # given in every row: nothing to draw
                 x_tm1[:, i] = forced[:, i]
                 continue
-            probs = reader(x_tm1, i).softmax(-1)               # (B, K): p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c)
+            probs = logits_until(i + 1)[:, -1].softmax(-1)     # (B, K), given tokens skipped before i read too
             x_tm1[:, i] = self.diffusion.draw(probs, generator)
             if keep is not None:                               # given in some rows: those keep it
                 x_tm1[:, i] = torch.where(keep[:, i], forced[:, i], x_tm1[:, i])
+            start = i + 1
+        if log_w is not None and start < N:                    # the given tokens after the last drawn one
+            logits_until(N)
         return x_tm1
 
     @torch.inference_mode()
-    def sample(self, n: int, labels=None, text=None, *, trajectory: bool = False, generator=None,
-               **options) -> torch.Tensor | list[torch.Tensor]:
+    def sample(self, n: int, labels=None, text=None, *, trajectory: bool = False, grid=None, reader=None,
+               generator=None, **options) -> torch.Tensor | list[torch.Tensor]:
         """n samples x_1 (n, h, w) of the chain (Sec. 3.3): x_T ~ uniform, then for t = T, ..., 2
-        x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), c the classes `labels`, the prompts `text` (a list of
-        n strings), or neither (the null condition). trajectory=True: every state [x_T, ..., x_1].
-        `options` are this code's sampling extensions (section 5, Sampling): temperature, top_k,
-        top_p, guidance, use_cache, graph, size and stride (patch-wise), across. Without them,
-        layers.condition is self.condition and layers.reader the plain NextLogits."""
-        layers = Sampling(self, **options)
-        c, (h, w) = layers.condition(labels, text, n), layers.grid
+        x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), c the classes `labels`, the prompts `text`, or neither
+        (the null condition). trajectory=True: every state [x_T, ..., x_1].
+        options: temperature, top_k, top_p (one value, or one per scale t = T..2), guidance,
+        use_cache. grid, reader: another grid than the training one (h, w), and what reads the
+        decoders on it (section 5's patch-wise sampling)."""
+        c, (h, w) = self.condition(labels, text, n), grid or self.cfg.grid
         x_t = torch.randint(0, self.diffusion.K, (n, h * w), generator=generator, device=self.device)  # x_T
         xs = [x_t]
         for t in range(self.T, 1, -1):
-            x_t = self.decode_scale(t, x_t, c, reader=layers.reader(t, x_t, c), generator=generator)
+            x_t = self.decode_scale(t, x_t, c, reader=reader, generator=generator, **scale_options(options, t, self.T))
             xs.append(x_t)
         xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
         return xs if trajectory else xs[-1]
@@ -1110,41 +1027,30 @@ class ImageBART(nn.Module):
     # ----- masked editing (Sec. 4.3) ---------------------------------------------------
 
     @torch.inference_mode()
-    def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, particles: int | None = None,
-                context: str = "clean", trajectory: bool = False, generator=None,
-                **options) -> torch.Tensor | list[torch.Tensor]:
-        """Complete x_1 (B, h, w) where keep (B, h, w) is False; the given tokens (keep True)
-        come back as they were. Sec. 4.3's masked process "leaves the unmasked context intact":
-        every decoder forces the given tokens to x^i_1 as it writes (decode_scale), so each
-        scale's output holds them clean, and so does x_T (uniform noise elsewhere; t = T is
-        decoder-only, so only the trajectory shows it). A decoder writes in raster order, so
-        what it writes before it reaches a given token does not know it: `refine`
-        forward-backward rounds per scale, x_{t-1} -> x_t' -> x_{t-1} (renoise, which noises
-        every position as the official script does, then decode_scale), let those tokens adapt
-        to the context, as Fig. 5 (bottom) shows at t = 2. t = T is not refined: that scale
-        never reads x_T. trajectory=True: every state [x_T, ..., x_1].
-        particles, context: this code's own procedures (section 5, inpaint_particles).
-        `options`: as for sample (guidance, filters; size and stride to outpaint: x1 on the canvas)."""
-        if particles is not None or context != "clean":
-            return inpaint_particles(self, x1, keep, labels, text, particles=particles or 1, refine=refine,
-                                     context=context, trajectory=trajectory, generator=generator, **options)
-        (B, h, w), layers = x1.shape, Sampling(self, **options)
-        if (h, w) != layers.grid or layers.across:
-            raise ValueError(f"x1 is a grid of {(h, w)} codes; inpaint draws {layers.grid} (give size=) and "
-                             f"one condition (across is for sample)")
-        c = layers.condition(labels, text, B)
+    def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, trajectory: bool = False,
+                reader=None, generator=None, **options) -> torch.Tensor | list[torch.Tensor]:
+        """Complete x_1 (B, h, w) where keep (B, h, w) is False; the given tokens (keep True) come
+        back as they were. Sec. 4.3's masked process "leaves the unmasked context intact": every
+        decoder forces the given tokens to x^i_1 as it writes (decode_scale), so every scale's
+        output holds them clean, and so does x_T (uniform noise elsewhere). A decoder writes in
+        raster order, so what it writes before it reaches a given token does not know it:
+        `refine` forward-backward rounds per scale, x_{t-1} -> x_t' -> x_{t-1} (renoise, then
+        decode_scale), let those tokens adapt to the context, as Fig. 5 (bottom) shows at t = 2.
+        t = T is not refined: its decoder never reads x_T. trajectory=True: [x_T, ..., x_1].
+        options, reader: as for sample (reader: outpainting on a larger canvas, section 5)."""
+        B, h, w = x1.shape
+        c = self.condition(labels, text, B)
         x1, keep = rearrange(x1.long(), "b h w -> b (h w)"), rearrange(keep.bool(), "b h w -> b (h w)")
         noise = torch.randint(0, self.diffusion.K, x1.shape, generator=generator, device=x1.device)
         x_t = torch.where(keep, x1, noise)                     # x_T: the given tokens clean, the rest noise
         xs = [x_t]
         for t in range(self.T, 1, -1):
-            x_tm1 = self.decode_scale(t, x_t, c, forced=x1, keep=keep, reader=layers.reader(t, x_t, c),
-                                      generator=generator)
+            decode = partial(self.decode_scale, t, c=c, forced=x1, keep=keep, reader=reader, generator=generator,
+                             **scale_options(options, t, self.T))
+            x_tm1 = decode(x_t)
             rounds = refine if t < self.T else 0
             for r in range(1, rounds + 1):                     # forward: x_t' ~ q(x_t | x_{t-1}); backward
-                x_again = self.renoise(x_tm1, t, r, rounds, generator)
-                x_tm1 = self.decode_scale(t, x_again, c, forced=x1, keep=keep,
-                                          reader=layers.reader(t, x_again, c), generator=generator)
+                x_tm1 = decode(self.renoise(x_tm1, t, r, rounds, generator))
             x_t = x_tm1
             xs.append(x_t)
         xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
@@ -1153,220 +1059,63 @@ class ImageBART(nn.Module):
     def renoise(self, x_tm1, t: int, r: int, rounds: int, generator=None) -> torch.Tensor:
         """The forward half of refinement round r of `rounds` at scale t: x_t' ~ q(x_t | x_{t-1})
         (Eq. 5) with beta_t (1 - r / (rounds + 1)), so that later rounds change less, at every
-        position, the given ones included: both as the official scripts/inpaint_imagebart.py
-        does (the decoder forces the given tokens back).  (B, N) -> (B, N)"""
+        position, the given ones included: both as the official scripts/inpaint_imagebart.py does
+        (the decoder forces the given tokens back).  (B, N) -> (B, N)"""
         beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
         return self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), generator)
 
 
 # =====================================================================================
-# 5. Beyond the plain chain: this code's extensions, each a layer around section 4
+# 5. Beyond the plain chain: this code's extensions
 # =====================================================================================
-# Sections 1-4 are the paper's method. What follows goes beyond the plain reverse chain, and
-# each part reduces to it where it should (the tests say so, token for token):
-#   sampling options   temperature, top-k, top-p and classifier-free guidance, applied to the
-#                      logits of each token (Filtered, Mixed): at their defaults, nothing changes
-#   patch-wise         a grid larger than the training grid, written through sliding windows
-#                      (Sec. 4.2, WindowLogits, decode_canvas), and a condition that changes
-#                      across the image: at the training size the window never moves
-#   particles          masked editing with M draws per image, resampled between passes by how
-#                      well each explains the given tokens (inpaint_particles): one particle is
-#                      the plain process
-#   scores             what reranking chooses by, from the chain alone (bayes_score)
-#   fast caches        the static key/value cache and the CUDA-graph step (StaticLogits), and the
-#                      uncached reference every cache is tested against (UncachedLogits)
+# Sections 1-4 are the paper's method. What follows adds to it, and each part reduces to it
+# where it should (tested, token for token):
+#   patch-wise    a grid larger than the training grid, written through sliding windows (Sec.
+#                 4.2): a reader for decode_scale, WindowDecoder; at the training size the window
+#                 never moves. Two conditions across an image (Across); decoding large grids.
+#   particles     masked editing with M draws per image, resampled between passes by how well
+#                 each explains the given tokens: one particle is the plain process
+#   scores        what reranking may choose by, from the chain alone (bayes_score)
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
-    """Temperature, then keep the top_k largest logits, then the smallest set of tokens whose
-    probability reaches top_p (nucleus); removed tokens get -inf.  (B, K) -> (B, K)"""
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p      # mass *before* a token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
-def option_per_scale(value, T: int, name: str) -> dict:
-    """One value for every scale, or a list with one value per scale for t = T, T-1, ..., 2
-    -> {t: value}."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != T - 1:
-            raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
-                             f"{T - 1} scales (t = {T}..2)")
-        return {t: v for t, v in zip(range(T, 1, -1), value)}
-    return {t: value for t in range(2, T + 1)}
-
-
-class Sampling:
-    """This code's sampling options, and the reader of each scale's logits they make: the plain
-    NextLogits where every option is at its default (then sample and inpaint are the paper's).
-      temperature, top_k, top_p  one value, or one per scale t = T..2 (Filtered)
-      guidance                   classifier-free guidance weight w (Mixed)
-      size, stride               a grid (H, W) of codes at least the training grid, written
-                                 through windows that move `stride` columns at a time
-                                 (WindowLogits, window_origin)
-      across                     labels or text hold two conditions, left and right, mixed
-                                 across the image (Mixed)
-      use_cache=False            the uncached reference (UncachedLogits)
-      graph                      the static cache, each step a CUDA graph (StaticLogits)"""
-
-    def __init__(self, chain: ImageBART, temperature=1.0, top_k=None, top_p=None, guidance: float = 0.0,
-                 use_cache: bool = True, graph: bool = False, size=None, stride: int = 1, across: bool = False):
-        self.chain, self.guidance, self.use_cache, self.graph = chain, guidance, use_cache, graph
-        self.filters = {name: option_per_scale(value, chain.T, name) for name, value in
-                        (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))}
-        self.window = tuple(chain.cfg.grid)                   # (h, w): what each scale was trained on
-        self.size = tuple(size) if size is not None else None
-        self.grid = self.size or self.window                   # (H, W): the grid of codes drawn
-        self.stride, self.across = stride, across
-        # every option does what it says, or it is refused here
-        bad = [f"temperature {v}" for v in self.filters["temperature"].values() if not v > 0] + \
-              [f"top_k {v}" for v in self.filters["top_k"].values() if v is not None and not v >= 1] + \
-              [f"top_p {v}" for v in self.filters["top_p"].values() if v is not None and not 0 < v <= 1]
-        if self.grid[0] < self.window[0] or self.grid[1] < self.window[1]:
-            bad.append(f"size {self.grid}, smaller than the training grid {self.window}")
-        if not 1 <= stride <= self.window[1] or (stride != 1 and self.size is None):
-            bad.append(f"stride {stride} (1 to the window's width {self.window[1]}, with size)")
-        if graph and (self.size is not None or not use_cache):
-            bad.append("graph with size or use_cache=False (the static cache is for the training grid)")
-        if bad:
-            raise ValueError("sampling options out of range: " + "; ".join(bad))
-
-    def condition(self, labels, text, n: int):
-        """The condition c of n rows (ImageBART.condition); with across, the pair (left, right)."""
-        if not self.across:
-            return self.chain.condition(labels, text, n)
-        pair = labels if labels is not None else text
-        if pair is None or len(pair) != 2:
-            raise ValueError("across needs exactly two conditions (labels or text), left and right")
-        return tuple(self.chain.condition(side if labels is not None else None, [side] if text is not None else None, n)
-                     for side in pair)
-
-    def reader(self, t: int, x_t: torch.Tensor, c) -> Reader:
-        """The reader of scale t's logits for x_t (B, N) under the condition c (decode_scale)."""
-        model = self.chain.scale(t)
-        conds = list(c) if isinstance(c, tuple) else [c]       # the condition of each row: one, or left and right
-        if self.guidance:
-            if conds[0] is None or all((z == self.chain.null_condition(z)).all() for z in conds):
-                raise ValueError("guidance needs a condition: class labels or text")
-            conds.append(self.chain.null_condition(conds[0]))  # and the null condition, last
-        G = len(conds)
-        rows, c_rows = (x_t.repeat(G, 1), torch.cat(conds)) if G > 1 else (x_t, c)    # (G B, N): the rows of each
-        if self.size is not None:
-            reader = WindowLogits(model, rows, c_rows, self.grid, self.window, self.stride, self.use_cache)
-        elif not self.use_cache:
-            reader = UncachedLogits(model, rows, c_rows)
-        elif self.graph:
-            reader = StaticLogits(model, rows, c_rows)
-        else:
-            reader = NextLogits(model, rows, c_rows)
-        if G > 1:
-            reader = Mixed(reader, G, self.guidance, self.grid[1] if self.across else None)
-        filters = {name: value[t] for name, value in self.filters.items()}
-        if filters != {"temperature": 1.0, "top_k": None, "top_p": None}:
-            reader = Filtered(reader, **filters)
-        return reader
-
-
-class Filtered(Reader):
-    """A reader whose logits are filtered (filter_logits): temperature, top-k, top-p."""
-
-    def __init__(self, inner: Reader, temperature=1.0, top_k=None, top_p=None):
-        self.inner, self.options = inner, dict(temperature=temperature, top_k=top_k, top_p=top_p)
-
-    def read(self, x_tm1, end: int) -> torch.Tensor:
-        logits = self.inner.read(x_tm1, end)                   # (B, L, K)
-        return filter_logits(logits.flatten(0, 1), **self.options).view(logits.shape)
-
-
-class Mixed(Reader):
-    """The logits of G conditions, run as one batch of G B rows, combined into one distribution
-    per token (B rows). Classifier-free guidance: (1 + w) log p(. | c) - w log p(. | null), the
-    null condition in the last rows. A condition that changes across the image (this code's way
-    to interpolate between two prompts as Fig. 4 does): (1 - a) log p(. | left) + a log p(. | right),
-    a product of experts whose weight a = j / (W - 1) follows the target's column j, from 0 at
-    the left edge to 1 at the right (`width` = W; None: one condition). The combination is
-    taken of the logits: each row's log-normaliser only adds a constant, which softmax ignores."""
-
-    def __init__(self, inner: Reader, G: int, guidance: float, width: int | None = None):
-        self.inner, self.G, self.guidance, self.width = inner, G, guidance, width
-
-    def read(self, x_tm1, end: int) -> torch.Tensor:
-        B = x_tm1.shape[0]
-        g = self.inner.read(x_tm1.repeat(self.G, 1), end).float()          # (G B, L, K)
-        g = g.view(self.G, B, *g.shape[1:])                                 # (G, B, L, K)
-        cond = g[0]
-        if self.width is not None:                              # left and right, mixed by column
-            columns = torch.arange(end - g.shape[2], end, device=g.device) % self.width
-            a = (columns / max(self.width - 1, 1))[:, None]                 # (L, 1)
-            cond = (1 - a) * g[0] + a * g[1]
-        return (1 + self.guidance) * cond - self.guidance * g[-1] if self.guidance else cond
-
-
-class UncachedLogits(NextLogits):
-    """The reference without a key/value cache: each read re-runs the decoder over the whole
-    prefix (teacher-forced, as in training). Slow; the cached readers are tested against it."""
-
-    def read(self, x_tm1, end: int) -> torch.Tensor:
-        start, self.done = self.done, end
-        if start == end:
-            return no_logits(x_tm1, self.model.K)
-        return self.model.decode(self.memory, self.x_t, x_tm1[:, :end], self.c)[:, start:end]
-
-
-# ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) ------------------
-# The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we
-# use the sliding attention window of [21] for each scale t > 0", [21] being Taming
-# Transformers. Each scale's transformer only ever saw an h x w grid, so each token of a larger
-# H x W grid is written through an h x w window of it: the encoder reads the window of x_t
-# (known whole: noise, or what the scale above wrote), the decoder the window's tokens of
-# x_{t-1} written so far, in the window's own raster order, and only the target is drawn. At
-# the training size the window never moves, and this is NextLogits token for token.
+# ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) -----------------
+# The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we use
+# the sliding attention window of [21] for each scale t > 0", [21] being Taming Transformers.
+# Each scale only ever saw an h x w grid, so each token of a larger H x W grid is written through
+# an h x w window of it: the encoder reads the window of x_t (known whole), the decoder the
+# window's tokens of x_{t-1} written so far in the window's raster order, and only the target
+# is drawn.
 
 def window_origin(i: int, j: int, grid: tuple[int, int], window: tuple[int, int], stride: int = 1) -> tuple[int, int]:
-    """The top-left corner (top, left) of the h x w window through which the token (i, j) of an
-    H x W grid is written.
-    Taming Transformers' rule (stride 1): the window is centred on the target, top = i - h // 2,
-    except near a border, where it is clamped to stay inside the grid.
-    This code's own rule for stride s > 1: the columns come in blocks of s, and all s targets of
-    a block share the window centred on the block's middle, and so share its key/value cache."""
+    """The top-left corner (top, left) of the h x w window through which token (i, j) of an
+    H x W grid is written. Taming Transformers' rule (stride 1): the window is centred on the
+    target, clamped to stay inside the grid. This code's rule for stride s > 1: the columns come
+    in blocks of s, and all targets of a block share the window centred on the block's middle
+    (and so its key/value cache)."""
     (H, W), (h, w) = grid, window
     top = min(max(i - h // 2, 0), H - h)
     left = min(max((j // stride) * stride + stride // 2 - w // 2, 0), W - w)
     return top, left
 
 
-class WindowLogits(Reader):
-    """A reader for a grid (H, W) at least the training grid (h, w), in the raster order of the
-    large grid: each target is read through its window (window_origin). The encoder runs once
-    per window position; the decoder's context for the target is the window's tokens before it
-    in the window's raster order (all written already: the rows above, and the row's tokens to
-    its left). With the cache a window that has not moved since the last target goes on with
-    one cached step, and a moved one is rebuilt in one block pass over its written tokens.
-    Without it (use_cache=False, the reference) every target re-runs the decoder over its
-    window's prefix."""
+class WindowDecoder:
+    """A reader for decode_scale (CachedDecoder's contract) on a grid (H, W) at least the
+    training grid (h, w), in the large grid's raster order: each target through its window. The
+    encoder runs once per window position; the decoder's context for a target is its window's
+    tokens before it in the window's raster order (all written already). With the cache, a window
+    that has not moved since the last target goes on with one cached step, and a moved one is
+    rebuilt in one pass over its written tokens; without it every target re-runs the decoder."""
 
-    def __init__(self, model: ScaleTransformer, x_t, c, grid, window, stride: int = 1, use_cache: bool = True):
+    def __init__(self, model: ScaleTransformer, x_t, c, *, grid, window, stride: int = 1, use_cache: bool = True):
         self.model, self.c, self.grid, self.window, self.stride, self.use_cache = model, c, grid, window, stride, use_cache
         self.x_t = x_t.view(-1, *grid)                         # (B, H, W)
-        self.encoded = {}             # window origin -> (x_t's window (B, h w), its encoder output): this band's
+        self.encoded = {}             # window origin -> (x_t's window (B, h w), its encoder output), one band
         self.origin = self.next_place = self.caches = None     # the cached window: where, what it reads next
-        self.done = 0
 
-    def read(self, x_tm1, end: int) -> torch.Tensor:
-        start, self.done = self.done, end
-        out = [self.target(x_tm1, p) for p in range(start, end)]
-        return torch.cat(out, 1) if out else no_logits(x_tm1, self.model.K)
+    def __call__(self, x_tm1, start: int, end: int) -> torch.Tensor:
+        return torch.cat([self.target(x_tm1, p) for p in range(start, end)], 1)   # (B, end - start, K)
 
     def target(self, x_tm1, p: int) -> torch.Tensor:
-        """The logits (B, 1, K) of the token at p = i W + j of the large grid (x_tm1 (B, H W))."""
+        """The logits (B, 1, K) of token p = i W + j of the large grid (x_tm1 (B, H W))."""
         model, (h, w) = self.model, self.window
         i, j = divmod(p, self.grid[1])
         origin = top, left = window_origin(i, j, self.grid, self.window, self.stride)
@@ -1374,34 +1123,76 @@ class WindowLogits(Reader):
         if origin not in self.encoded:                         # the encoder, once per window
             if self.encoded and next(iter(self.encoded))[0] != top:     # a new band of rows: forget the old
                 self.encoded = {}
-            x_t_win = self.x_t[window].flatten(1)              # (B, h w), window raster order
+            x_t_win = self.x_t[window].flatten(1)              # (B, h w), the window's raster order
             self.encoded[origin] = x_t_win, model.encode(x_t_win, self.c)
         x_t_win, memory = self.encoded[origin]
         place = (i - top) * w + (j - left)                     # the target's place in its window
         written = x_tm1.view(-1, *self.grid)[window].flatten(1)           # (B, h w): valid before `place`
         if not self.use_cache:                                 # the reference: the decoder over the prefix
             return model.decode(memory, x_t_win, written[:, :place + 1], self.c)[:, place:place + 1]
-        if (self.origin, self.next_place) == (origin, place):  # not moved: the last token read was place - 1
-            logits = model.step(x_tm1[:, p - 1:p], place, memory, x_t_win, self.c, self.caches)
-        else:                                                  # moved: its written tokens in one block pass
-            self.caches = model.new_caches()
-            logits = model.step(model.shift(written, 0, place + 1), 0, memory, x_t_win, self.c,
-                                self.caches)[:, place:place + 1]
+        if (self.origin, self.next_place) != (origin, place):  # moved: its written tokens in one pass
+            self.caches, start = model.new_caches(memory), 0
+        else:                                                  # not moved: one cached step
+            start = place
         self.origin, self.next_place = origin, place + 1
-        return logits
+        return model.decode(memory, x_t_win, written, self.c, start, place + 1, self.caches)[:, -1:]
+
+
+def windows(chain: ImageBART, grid, stride: int = 1, use_cache: bool = True):
+    """The reader of sample and inpaint on a grid (H, W) of codes, patch-wise through windows of
+    the training grid."""
+    return partial(WindowDecoder, grid=tuple(grid), window=tuple(chain.cfg.grid), stride=stride, use_cache=use_cache)
+
+
+class Across:
+    """Two conditions across the image (this code's way to interpolate between two prompts as
+    Fig. 4 does): a reader factory around `inner` whose logits are those under the left condition
+    c and the right one, mixed by the target's column j, (1 - a) log p(. | c) + a log p(. | right)
+    with a = j / (W - 1): a product of experts (softmax ignores each row's normaliser). With
+    guidance the null condition's rows join, guided as decode_scale guides."""
+
+    def __init__(self, inner, chain: ImageBART, right: torch.Tensor, width: int, guidance: float = 0.0):
+        self.inner, self.chain, self.right, self.width, self.guidance = inner, chain, right, width, guidance
+
+    def __call__(self, model, x_t, c):
+        conds = [c, self.right] + ([self.chain.null_condition(c)] if self.guidance else [])
+        G, read = len(conds), self.inner(model, x_t.repeat(len(conds), 1), torch.cat(conds))
+
+        def mixed(x_tm1, start: int, end: int) -> torch.Tensor:
+            g = read(x_tm1.repeat(G, 1), start, end).float().view(G, x_tm1.shape[0], end - start, -1)  # (G, B, L, K)
+            a = (torch.arange(start, end, device=g.device) % self.width / max(self.width - 1, 1))[:, None]
+            cond = (1 - a) * g[0] + a * g[1]
+            return (1 + self.guidance) * cond - self.guidance * g[2] if self.guidance else cond
+        return mixed
+
+
+def sample_canvas(chain: ImageBART, n: int, labels=None, text=None, *, size=None, stride: int = 1, across=False,
+                  guidance: float = 0.0, use_cache: bool = True, **options):
+    """ImageBART.sample on a grid `size` (H, W) of codes at least the training grid, patch-wise
+    (windows). across=True: labels or text hold two conditions, left and right (Across)."""
+    grid = tuple(size or chain.cfg.grid)
+    reader = windows(chain, grid, stride, use_cache)
+    if across:
+        pair = labels if labels is not None else text
+        if pair is None or len(pair) != 2:
+            raise ValueError("across needs exactly two conditions (labels or text), left and right")
+        if guidance and chain.num_labels is None and chain.tokenizer is None:
+            raise ValueError("guidance needs a condition: class labels or text")
+        side = lambda k: (pair[k], None) if labels is not None else (None, [pair[k]])     # (labels, text)
+        reader = Across(reader, chain, chain.condition(*side(1), n), grid[1], guidance)
+        (labels, text), guidance = side(0), 0.0                                           # Across guides
+    return chain.sample(n, labels, text, grid=grid, reader=reader, guidance=guidance, **options)
 
 
 @torch.no_grad()
 def decode_canvas(vq: VQGAN, x1: torch.Tensor) -> torch.Tensor:
-    """VQGAN.decode for a grid of codes of any size at least the training grid: a larger one
-    window by window (this code's own, for the first stage's decoder G). G's self-attention at
-    the lowest resolution reads every code of what it decodes: a whole 8 x 16 grid decoded at
-    once changes the pixels of its left half (a mean of 0.09 of the range 2, on the quickstart's
-    first stage) against decoding that half alone, and tints a given image by what was drawn
-    beside it. So G reads windows of the training grid, half a window apart, and each pixel is
-    the mean of the windows that cover it, weighted by a tent highest at a window's centre (no
-    seams where windows meet). Pixels that only one window covers (the first and the last half
-    window of a row of windows) are that window's decode, to rounding.  (B, H, W) -> (B, 3, H f, W f)"""
+    """VQGAN.decode for a grid of codes of any size at least the training grid, a larger one
+    window by window (this code's own). G's self-attention reads every code it decodes, so a whole
+    8 x 16 grid decoded at once changes the pixels of its left half against decoding that half
+    alone (by a mean of 0.09 of the range 2 on the quickstart's first stage). So G reads windows
+    of the training grid, half a window apart, and each pixel is the mean of the windows that
+    cover it, weighted by a tent highest at a window's centre (no seams).
+    (B, H, W) -> (B, 3, H f, W f)"""
     B, H, W = x1.shape
     n, f = vq.cfg.resolution // vq.cfg.factor, vq.cfg.factor          # the training grid, n x n codes
     if H <= n and W <= n:
@@ -1420,67 +1211,38 @@ def decode_canvas(vq: VQGAN, x1: torch.Tensor) -> torch.Tensor:
 
 
 # ----- Particles: masked editing with importance resampling (this code's own) ---------------
-# Forcing alone conditions the tokens after a given one, never those before it: a decoder
-# writes an upper half before it reaches the given lower half. Particles fix that in
-# distribution: each image is decoded M times, each draw weighted by how well it explains the
-# given tokens, w = prod_given p(x^i = given^i | x^{<i}, x_t, c), and M draws with replacement,
-# in proportion to w, carry on. The decoder's p(drawn) p(given | drawn) = p(drawn, given), so
-# the kept draws follow p(drawn | given, x_t) as M grows. In neither the paper nor the official code.
-
-class Weighting(Reader):
-    """A reader that also keeps log w (B,): the log-probability its logits give the forced
-    tokens at the given positions (keep True), as they are read."""
-
-    def __init__(self, inner: Reader, forced: torch.Tensor, keep: torch.Tensor):
-        self.inner, self.forced, self.keep = inner, forced, keep
-        self.log_w = torch.zeros(forced.shape[0], device=forced.device)
-
-    def read(self, x_tm1, end: int) -> torch.Tensor:
-        logits = self.inner.read(x_tm1, end)                   # (B, L, K): positions end - L .. end - 1
-        here = slice(end - logits.shape[1], end)
-        log_p = logits.log_softmax(-1).gather(-1, self.forced[:, here, None])[..., 0]
-        self.log_w += torch.where(self.keep[:, here], log_p, 0.0).sum(1)
-        return logits
-
-    @torch.inference_mode()
-    def weights(self, x_tm1) -> torch.Tensor:
-        """log w once x_tm1 (B, N) is written: the given tokens after the last drawn one read too."""
-        self.read(x_tm1, x_tm1.shape[1])
-        return self.log_w
-
+# Forcing conditions the tokens after a given one, never those before it: a decoder writes an
+# upper half before it reaches the given lower half. Particles fix that in distribution: each
+# image is decoded M times, each draw weighted by how well it explains the given tokens,
+# w = prod_given p(x^i = given^i | x^{<i}, x_t, c) (decode_scale's log_w), and M draws with
+# replacement, in proportion to w, carry on. p(drawn) p(given | drawn) = p(drawn, given), so the
+# kept draws follow p(drawn | given, x_t) as M grows. In neither the paper nor the official code.
 
 def resample(log_w: torch.Tensor, M: int, generator=None) -> torch.Tensor:
     """Self-normalised importance resampling. log_w (n M,), M particles per image in consecutive
-    rows -> (n M,) the rows to keep: for each image, M draws with replacement from its own
-    particles, each with probability w / sum(w). Where every particle of an image has weight 0
-    (a given token that top-k or top-p filtered out), all are equally likely."""
+    rows -> (n M,) the rows to keep: for each image M draws with replacement from its own
+    particles, each with probability w / sum(w); all equally likely where every weight is 0."""
     log_w = log_w.view(-1, M)                                              # (n, M)
     w = (log_w - log_w.max(1, keepdim=True).values).exp().nan_to_num(1.0)  # max first: no underflow
-    # M draws per image, each a category of M (a particle) in proportion to w: (n, M, M) -> (n, M)
-    picks = MultinomialDiffusion.draw(w[:, None].expand(-1, M, -1), generator)
+    picks = MultinomialDiffusion.draw(w[:, None].expand(-1, M, -1), generator)   # (n, M) particle indices
     return (torch.arange(len(w), device=w.device)[:, None] * M + picks).flatten()
 
 
 @torch.inference_mode()
 def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, particles: int = 10,
-                      refine: int = INPAINT_REFINE, context: str = "clean", trajectory: bool = False, generator=None,
-                      **options) -> torch.Tensor | list[torch.Tensor]:
+                      refine: int = INPAINT_REFINE, context: str = "clean", trajectory: bool = False, reader=None,
+                      generator=None, **options) -> torch.Tensor | list[torch.Tensor]:
     """ImageBART.inpaint with M = `particles` rows per image, resampled after every pass by their
-    weights: inpaint's loop with three additions, marked below. The trajectory is the survivor's
-    ancestry.
-    The resampling draws from a generator of its own (seeded from `generator`'s seed), so the
-    token draws are those of the plain process and one particle gives inpaint's tokens exactly.
-    With M > 1 and no class named on a class-conditional chain the class is latent: the M
-    particles of an image take the classes in turn from a random one, and the weights keep
-    those that explain the given tokens.
+    weights: inpaint's loop with the additions marked (1)-(3). The trajectory is the survivor's
+    ancestry. The resampling draws from a generator of its own (seeded from `generator`'s seed),
+    so one particle gives inpaint's tokens exactly. With M > 1 and no class named on a
+    class-conditional chain the class is latent: an image's particles take the classes in turn
+    from a random one, and the weights keep those that explain the given tokens.
     context="noised" (this code's other option): the given tokens follow the forward process,
     x^i_{t-1} ~ q(x^i_{t-1} | x^i_t, x^i_1), so each scale sees them as noisy as in training."""
     if particles < 1 or context not in ("clean", "noised"):
         raise ValueError(f"particles must be >= 1 and context 'clean' or 'noised', got {particles}, {context!r}")
-    layers, M, (B, h, w) = Sampling(chain, **options), particles, x1.shape
-    if (h, w) != layers.grid or layers.across:
-        raise ValueError(f"x1 is a grid of {(h, w)} codes; inpaint draws {layers.grid} (give size=) and "
-                         f"one condition (across is for sample)")
+    M, (B, h, w), D = particles, x1.shape, chain.diffusion
     seed = generator.initial_seed() if generator is not None else torch.initial_seed()
     g = torch.Generator(x1.device).manual_seed(seed + 1)          # (1) the resampling's own draws
     x1, keep = (rearrange(z, "b h w -> b (h w)").repeat_interleave(M, 0) for z in (x1.long(), keep.bool()))
@@ -1488,27 +1250,27 @@ def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, par
         first = torch.randint(0, chain.num_labels, (B, 1), generator=g, device=x1.device)
         c = ((first + torch.arange(M, device=x1.device)) % chain.num_labels).flatten()   # (B M,)
     else:
-        c = layers.condition(labels, text, B)
+        c = chain.condition(labels, text, B)
         c = c.repeat_interleave(M, 0) if c is not None else None                        # (B M, ...)
-    x_t = torch.randint(0, chain.diffusion.K, x1.shape, generator=generator, device=x1.device)   # x_T
+    x_t = torch.randint(0, D.K, x1.shape, generator=generator, device=x1.device)        # x_T
     x_t = torch.where(keep, x1, x_t) if context == "clean" else x_t
     xs = [x_t]
     for t in range(chain.T, 1, -1):
-        forced = x1 if context == "clean" else chain.diffusion.draw(chain.diffusion.q_posterior(x_t, x1, t), generator)
+        forced = x1 if context == "clean" else D.draw(D.q_posterior(x_t, x1, t), generator)
         x_in = x_tm1 = x_t
         rounds = refine if t < chain.T else 0
         for r in range(rounds + 1):                            # a pass, then the forward-backward rounds
             if r:
                 x_in = chain.renoise(x_tm1, t, r, rounds, generator)
-            reader = Weighting(layers.reader(t, x_in, c), forced, keep)
-            x_tm1 = chain.decode_scale(t, x_in, c, forced=forced, keep=keep, reader=reader, generator=generator)
-            rows = resample(reader.weights(x_tm1), M, g)       # (3) the particles that carry on, and their past
+            log_w = torch.zeros(len(x1), device=x1.device)
+            x_tm1 = chain.decode_scale(t, x_in, c, forced=forced, keep=keep, log_w=log_w, reader=reader,
+                                       generator=generator, **scale_options(options, t, chain.T))
+            rows = resample(log_w, M, g)                       # (3) the particles that carry on, and their past
             x_tm1, forced, xs = x_tm1[rows], forced[rows], [x[rows] for x in xs]
             c = c[rows] if c is not None else None
         x_t = x_tm1
         xs.append(x_t)
-    # one particle per image: the first, itself drawn in proportion to the last weights
-    xs = [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in xs]
+    xs = [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in xs]  # each image's first particle
     return xs if trajectory else xs[-1]
 
 
@@ -1519,100 +1281,14 @@ def bayes_score(chain: ImageBART, x1, labels=None, text=None, *, generator=None)
     """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
         log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
     in bits per token, per sample (B,), each term replaced by its bound (nll). This code's own
-    scorer for best-of-n reranking (Fig. 3 reranks "as in [56]", DALL-E, which scores with
-    CLIP; no CLIP here). A difference of two upper bounds bounds nothing; it is an estimate,
-    good where the two bounds' gaps are alike. Each bound is a Monte-Carlo draw, so both are
-    taken from one generator state (common random numbers): the same x_t and x_{t-1} go into
-    both, the draw's noise largely cancels in the difference, and what is left is what the
-    condition changes in each scale's prediction. generator=None: one seeded 0."""
+    scorer for best-of-n reranking (Fig. 3 reranks "as in [56]", DALL-E, which scores with CLIP).
+    A difference of two bounds bounds nothing: it is an estimate. Both bounds are drawn from one
+    generator state (common random numbers), so the draw's noise largely cancels in the
+    difference. generator=None: one seeded 0."""
     if labels is None and text is None:
         raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
     generator = generator or torch.Generator(x1.device).manual_seed(0)
     state = generator.get_state()
     given = chain.nll(x1, labels, text, generator=generator)      # -log2 p(x_1 | c), bounded
     generator.set_state(state)                                     # the same draws again
-    null = chain.nll(x1, generator=generator)                      # -log2 p(x_1 | null), bounded
-    return null - given
-
-
-# ----- Fast caches: the static key/value cache and the CUDA-graph step ----------------------
-
-class StaticKVCache(KVCache):
-    """KVCache in the shape CUDA graphs need: the buffers keep their full length, the new keys
-    and values are written at self.positions (a tensor its reader sets before each step, so
-    that a captured step can be replayed at any position), and a mask over the whole buffer
-    lets each query see the keys up to its own position (the zeros not yet written are masked out)."""
-
-    positions: torch.Tensor                                   # (L,) long: where the L new keys go
-
-    def update(self, k_new, v_new):
-        k, v = self.buffers(k_new)
-        k.index_copy_(2, self.positions, k_new)
-        v.index_copy_(2, self.positions, v_new)
-        mask = torch.arange(self.size, device=k_new.device)[None, :] <= self.positions[:, None]   # (L, size)
-        return k, v, mask
-
-
-class StaticLogits(NextLogits):
-    """NextLogits on static caches, every one-token step replayed as a CUDA graph (GraphedStep,
-    captured at the first one-token step); on a CPU the same static caches, stepped plainly."""
-
-    def __init__(self, model: ScaleTransformer, x_t, c):
-        super().__init__(model, x_t, c)                        # its caches are new_caches' below
-        self.graphed = None
-
-    def new_caches(self) -> list[dict]:
-        return [{"self": StaticKVCache(cache["self"].size), "cross": {}} for cache in self.model.new_caches()]
-
-    def read(self, x_tm1, end: int) -> torch.Tensor:
-        start, prefix = self.done, self.model.text_prefix_len
-        if end - start == 1 and start > 0:                     # one token: the captured step
-            self.done = end
-            if self.graphed is None:
-                self.graphed = GraphedStep(self.model, self.memory, self.x_t, self.c, self.caches, start)
-            return self.graphed(x_tm1[:, start - 1:start], start)
-        # where the new positions go in the full buffers: after the text prefix, which the first read adds
-        offset, L = (0, end + prefix) if start == 0 else (start + prefix, end - start)
-        for cache in self.caches:
-            cache["self"].positions = torch.arange(offset, offset + L, device=x_tm1.device)
-        return super().read(x_tm1, end)
-
-
-class GraphedStep:
-    """ScaleTransformer.step for one new token, captured once as a CUDA graph and replayed for
-    every later position: a decoding step is hundreds of small kernels, and on a GPU their
-    launches, not their arithmetic, set its speed. The graph needs tensors that stay put: the
-    static caches, the encoder output, x_t and c, and this object's token and position inputs,
-    copied in before each replay; its logits come back in one buffer that the next replay
-    overwrites. The warm-up and the capture run at `position`, the first position replayed,
-    which the first replay then writes again. Where CUDA is absent it is the plain step. A thin
-    wrapper: what is captured is step itself."""
-
-    def __init__(self, model: ScaleTransformer, memory, x_t, c, caches: list[dict], position: int):
-        self.model, self.fixed, self.graph = model, (memory, x_t, c, caches), None
-        self.position = torch.tensor(position, dtype=torch.long, device=x_t.device)
-        if x_t.device.type != "cuda":
-            return
-        self.token = torch.zeros(x_t.shape[0], 1, dtype=torch.long, device=x_t.device)
-        side = torch.cuda.Stream()                     # warm up outside the capture (torch's recipe)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step(self.token)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.step(self.token)
-
-    def step(self, tokens_in):
-        for cache in self.fixed[3]:                     # the new key goes after the text prefix
-            cache["self"].positions = (self.position + self.model.text_prefix_len).view(1)
-        return self.model.step(tokens_in, self.position, *self.fixed)
-
-    def __call__(self, tokens_in, i: int):
-        self.position.fill_(i)
-        if self.graph is None:
-            return self.step(tokens_in)
-        self.token.copy_(tokens_in)
-        self.graph.replay()
-        return self.logits
+    return chain.nll(x1, generator=generator) - given              # -log2 p(x_1 | null) - ...

@@ -3,16 +3,15 @@
     python train_vq.py --dataset shapes --preset tiny      # 2-core CPU, a few minutes
     python train_vq.py --dataset cifar --preset cifar      # one GPU
 
-Writes into --out (default runs/<dataset>): vq.pt, tokens.pt, log.jsonl, vq_recon.png.
-Re-running the same command resumes from the last checkpoint; a finished run is left as is.
+Writes into --out (default runs/<dataset>): vq.pt, tokens.pt, log.jsonl, vq_recon.png, loss_vq.png.
+Re-running the same command resumes from the last checkpoint; a finished run is left as it is.
 
 The file reads top to bottom as the work happens:
   setup         the models, their optimizers, and the checkpoint to resume from
-  the GAN loop  Eq. 3-4 of the paper for the autoencoder and the PatchGAN, with Taming
-                Transformers' hinge loss and adaptive weight; one generator step, then one
-                discriminator step
-  finishing     held-out PSNR, shrinking the codebook to the codes in use (Sec. 4.1), and
-                the data set as codes x_1 (tokens.pt), which is all the chain ever sees
+  the GAN loop  Eq. 3-4 for the autoencoder and the PatchGAN, with Taming Transformers' hinge
+                loss and adaptive weight: one generator step, then one discriminator step
+  finishing     held-out PSNR, shrinking the codebook to the codes in use (Sec. 4.1), and the
+                data set as codes x_1 (tokens.pt), which is all the chain ever sees
 train_chain.py calls train_first_stage() when a run folder has no first stage yet.
 """
 import argparse
@@ -31,41 +30,13 @@ import runs
 RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # dtype: a run may resume on another machine
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    runs.add_run_args(p)
-    runs.add_speed_args(p)
-    runs.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
-    return p
-
-
-def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
-    """The config to train with, and the checkpoint to resume from (or None). A resumed run
-    keeps its saved config; only the RESUMABLE fields may be given new values."""
-    runs.check_vq_config(cfg)
-    path = runs.vq_path(out)
-    if not os.path.exists(path):
-        return cfg, None
-    ckpt = runs.load_checkpoint(path, "vq")
-    saved = ib.VQConfig(**ckpt["config"])
-    # has_perceptual records whether LPIPS weights were found, not a choice: never a conflict
-    wanted = dataclasses.replace(cfg, has_perceptual=saved.has_perceptual)
-    runs.check_same_config(saved, wanted, RESUMABLE, path)
-    if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
-        raise runs.UserError(f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; "
-                             f"train longer in a new --out")
-    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
-
-
 # -----------------------------------------------------------------------------
 # setup: models, optimizers, resume
 
 @dataclasses.dataclass
 class GAN:
     """What the GAN loop updates: the autoencoder (the generator), the discriminator, their
-    optimizers and the step; the LPIPS network is fixed. cfg.has_perceptual says whether
-    LPIPS weights were found."""
+    optimizers and the step; LPIPS is fixed (None when its weights were not found)."""
     cfg: ib.VQConfig
     vq: ib.VQGAN
     disc: ib.PatchDiscriminator
@@ -75,12 +46,26 @@ class GAN:
     step: int
 
 
+def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
+    """The config to train with, and the checkpoint to resume from (or None): a resumed run keeps
+    its saved config, and only the RESUMABLE fields may change."""
+    runs.check_vq_config(cfg)
+    if not os.path.exists(runs.vq_path(out)):
+        return cfg, None
+    ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
+    saved = ib.VQConfig(**ckpt["config"])
+    runs.check_same_config(saved, dataclasses.replace(cfg, has_perceptual=saved.has_perceptual), RESUMABLE,
+                           runs.vq_path(out))
+    if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
+        raise runs.UserError(f"{runs.vq_path(out)} is finished (step {ckpt['step']}) and its codebook shrunk; "
+                             f"train longer in a new --out")
+    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
+
+
 def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weights: str | None) -> GAN:
-    # one seed per (run, step): a resumed run draws other batches than the steps before it,
-    # but the same ones every time it is resumed from that step
+    # one seed per (run, step): a resumed run draws the same batches every time it resumes there
     torch.manual_seed(cfg.seed + (ckpt["step"] if ckpt else 0))
-    # the perceptual loss: a new run uses it when its weights can be found; a resumed run
-    # must keep doing what it did
+    # the perceptual loss: a new run uses it when its weights are found; a resumed one keeps doing what it did
     lpips = None
     if ckpt is None or cfg.has_perceptual:
         lpips = runs.build_lpips(lpips_weights)
@@ -88,7 +73,6 @@ def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weigh
             raise runs.UserError("this run was trained with the perceptual loss but its weights are gone")
         cfg = dataclasses.replace(cfg, has_perceptual=lpips is not None)
         lpips = lpips.to(device) if lpips is not None else None
-
     vq = ib.VQGAN(cfg).to(device)
     disc = ib.PatchDiscriminator(cfg.disc_layers, cfg.disc_ch).to(device)
     # Adam with beta1 = 0.5, the usual choice for GANs (and taming-transformers')
@@ -96,62 +80,51 @@ def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weigh
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     gan = GAN(cfg, vq, disc, opt_g, opt_d, lpips, step=0)
     if ckpt is not None:
-        vq.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["disc"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+        for module, key in ((vq, "model"), (disc, "disc"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            module.load_state_dict(ckpt[key])
         gan.step = ckpt["step"]
     return gan
-
-
-def checkpoint(gan: GAN, out: str, dataset: dict) -> None:
-    runs.save_atomic(runs.vq_checkpoint(gan.vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
-                                    gan.opt_d.state_dict(), gan.step, dataset), runs.vq_path(out))
 
 
 # -----------------------------------------------------------------------------
 # the GAN loop (Eq. 3-4)
 
 def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: runs.World = runs.World()) -> dict:
-    """One step of the GAN on the images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then
-    (from cfg.disc_start on, gan_on) the discriminator's. Training and --benchmark both run it.
-    Under torchrun x is this process's share of the batch; the gradients (and lambda) are
-    averaged over the processes by hand, since the step calls the autoencoder's parts one by
-    one and needs the last layer's gradients for lambda, which DDP's wrapper does not fit.
+    """One step of the GAN on images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then (from
+    cfg.disc_start on, gan_on) the discriminator's. Training and --benchmark both run it. Under
+    torchrun x is this process's share of the batch, and the gradients (and lambda) are averaged
+    by hand: lambda needs the last layer's gradients, which DDP's wrapper does not give.
     -> the losses (tensors), lambda, the batch's codes and encoder outputs z (for restarts)."""
-    cfg, vq, disc, opt_g, opt_d, lpips = gan.cfg, gan.vq, gan.disc, gan.opt_g, gan.opt_d, gan.lpips
-    device = x.device
-    last_layer = vq.decoder.conv_out.weight                 # where the adaptive weight compares gradients
-    # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term
-    # (Eq. 3-4; the adaptive lambda and the hinge form are Taming Transformers')
-    with runs.autocast(device, cfg.dtype):
+    cfg, vq, disc, lpips = gan.cfg, gan.vq, gan.disc, gan.lpips
+    zero = torch.zeros((), device=x.device)
+    # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term (Eq. 3-4)
+    with runs.autocast(x.device, cfg.dtype):
         z = vq.encoder(x)                                                # E(x): (B, D, h, w)
         z_q, q_loss, codes = vq.quantizer(z)                             # L_cb (Eq. 4), codes (B, h, w)
         x_rec = vq.decoder(z_q)                                          # G(z_q)
         rec_loss = (x - x_rec).abs().mean()                              # L1 reconstruction
-        p_loss = torch.zeros((), device=device)
+        p_loss = zero
         if lpips is not None and cfg.perceptual_weight > 0:
             n = cfg.perceptual_batch or cfg.batch_size                   # LPIPS on part of the batch
             p_loss = lpips(x[:n], x_rec[:n]).mean()
         nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
-        g_loss = -disc(x_rec).mean() if gan_on else torch.zeros((), device=device)
-    lam = ib.adaptive_weight(nll, g_loss, last_layer) * cfg.disc_weight if gan_on else torch.zeros(())
-    lam = runs.mean_over(world, lam)                      # one lambda for every process
+        g_loss = -disc(x_rec).mean() if gan_on else zero
+    lam = ib.adaptive_weight(nll, g_loss, vq.decoder.conv_out.weight) * cfg.disc_weight if gan_on else torch.zeros(())
+    lam = world.sum_(lam.clone()) / world.size                           # one lambda for every process
     loss = nll + lam * g_loss + q_loss
-    opt_g.zero_grad(set_to_none=True)
+    gan.opt_g.zero_grad(set_to_none=True)
     loss.backward()
-    runs.average_gradients(world, vq)
-    opt_g.step()
-
-    # --- discriminator step: hinge loss on real images vs. the (detached) reconstructions
+    world.average_gradients(vq)
+    gan.opt_g.step()
+    # --- discriminator step: hinge loss on real images against the (detached) reconstructions
     d_loss = torch.zeros(())
     if gan_on:
-        with runs.autocast(device, cfg.dtype):
+        with runs.autocast(x.device, cfg.dtype):
             d_loss = ib.hinge_d_loss(disc(x), disc(x_rec.detach()))
-        opt_d.zero_grad(set_to_none=True)
+        gan.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
-        runs.average_gradients(world, disc)
-        opt_d.step()
+        world.average_gradients(disc)
+        gan.opt_d.step()
     return {"loss": loss, "rec": rec_loss, "lpips": p_loss, "q": q_loss, "g": g_loss, "d": d_loss,
             "lambda": lam, "codes": codes, "z": z}
 
@@ -160,43 +133,39 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
           world: runs.World = runs.World()) -> ib.VQGAN:
     """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images.
     Under torchrun every process runs this on its share of each batch; rank 0 writes."""
-    cfg, vq, opt_g = gan.cfg, gan.vq, gan.opt_g
+    cfg, vq = gan.cfg, gan.vq
     device = next(vq.parameters()).device
     x_train = x_train.to(device)                            # uint8 images resident on the device
-    fixed = ds.to_float(x_test[:16]).to(device)              # the reconstructions shown in vq_recon.png
+    fixed = ds.to_float(x_test[:16]).to(device)              # the reconstructions of vq_recon.png
     progress = runs.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
-    log = None
-    if world.main:
-        # steps logged after the checkpoint we resume from are about to run again: drop them
+    if world.main:   # steps logged after the checkpoint resumed from are about to run again
         runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
-        log = open(runs.log_path(out), "a")
     while gan.step < cfg.steps:
         step = gan.step
         vq.train()
 
-        # --- learning rate: linear warm-up, then cosine decay (the generator only; the
-        # discriminator keeps cfg.lr)
+        # --- learning rate: linear warm-up, then cosine decay (the generator; the discriminator keeps cfg.lr)
         lr = runs.cosine_lr(step, cfg.steps, cfg.lr, warmup=min(200, cfg.steps // 10))
-        for group in opt_g.param_groups:
+        for group in gan.opt_g.param_groups:
             group["lr"] = lr
 
-        # --- batch: random images, half of them mirrored
-        idx = torch.randint(0, len(x_train), (world.share(cfg.batch_size),))     # this process's share
+        # --- batch: random images, half of them mirrored (this process's share of it)
+        idx = torch.randint(0, len(x_train), (world.share(cfg.batch_size),))
         x = ds.random_flip(ds.to_float(x_train[idx.to(device)]))
-        gan_on = step >= cfg.disc_start          # the adversarial terms join once reconstructions are fair
 
-        # --- the GAN step: the autoencoder (generator), then the discriminator
-        m = gan_step(gan, x, gan_on, world)
+        # --- the GAN step; the adversarial terms join once reconstructions are fair
+        m = gan_step(gan, x, step >= cfg.disc_start, world)
 
-        # --- dead-code restarts onto this batch's encoder outputs; none late on, so the
-        # codes can settle before the codebook is shrunk
-        # (under torchrun: dead by every process's counts, moved by rank 0, sent to the others)
+        # --- dead-code restarts onto this batch's encoder outputs, none late on, so the codes
+        # settle before the codebook is shrunk (under torchrun: dead by every process's counts,
+        # moved by rank 0, sent to the others)
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
-            runs.sum_over_(world, vq.quantizer.hits)
+            world.sum_(vq.quantizer.hits)
             restarted = vq.quantizer.restart_dead_codes(m["z"].detach()) if world.main else 0
-            vq.quantizer.hits.zero_()                      # (rank 0's restart zeroed its own already)
-            runs.from_rank_0_(world, vq.quantizer.codebook.weight.data)
+            vq.quantizer.hits.zero_()
+            if world.size > 1:
+                torch.distributed.broadcast(vq.quantizer.codebook.weight.data, src=0)
         gan.step = step = step + 1
         if not torch.isfinite(m["loss"]):
             raise runs.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
@@ -205,52 +174,45 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         # --- logging: a progress line with ETA, and log.jsonl every log_every steps
         used, ppl = codebook_stats(m["codes"], cfg.codebook_size)
         losses = {k: m[k].item() for k in ("rec", "lpips", "q", "g", "d")}
-        if world.main:
-            progress(step - 1, **losses, codes=used)
-        if world.main and (step % cfg.log_every == 0 or step == cfg.steps):
-            log.write(json.dumps({"stage": "vq", "step": step, **losses, "lambda": float(m["lambda"]),
-                                  "batch_codes": used, "batch_perplexity": ppl, "restarted": restarted,
-                                  "lr": lr, "time": time.time()}) + "\n")
-            log.flush()
+        if not world.main:
+            continue
+        progress(step - 1, **losses, codes=used)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            runs.append_log(runs.log_path(out), {"stage": "vq", "step": step, **losses, "lambda": float(m["lambda"]),
+                                                 "batch_codes": used, "batch_perplexity": ppl, "restarted": restarted,
+                                                 "lr": lr, "time": time.time()})
 
         # --- checkpoint, and a picture of how the reconstructions look now
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            world.check_same_weights(vq, f"first stage, step {step}")
-            if world.main:
-                checkpoint(gan, out, dataset)
-                save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
-    if log is not None:
-        log.close()
+            runs.save_atomic(runs.vq_checkpoint(vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
+                                                gan.opt_d.state_dict(), step, dataset), runs.vq_path(out))
+            save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
     vq.eval()
     return vq
 
 
 def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, float]:
-    """(number of distinct codes used, perplexity exp(H) of their frequencies): how much of
-    the codebook is alive. A perplexity near the number used means they are used evenly."""
+    """(distinct codes used, perplexity exp(H) of their frequencies): how much of the codebook is
+    alive. A perplexity near the number used means they are used evenly."""
     p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
-    p = p / p.sum()
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return int((p > 0).sum()), float(entropy.exp())
+    p = p[p > 0] / p.sum()
+    return len(p), float((-(p * p.log()).sum()).exp())
 
 
 @torch.no_grad()
 def save_recon_grid(vq: ib.VQGAN, x: torch.Tensor, path: str) -> None:
     """Two pairs of rows: originals above their reconstructions, 8 images per row."""
     vq.eval()
-    z_q, _, _ = vq.quantizer(vq.encoder(x))
-    rec = vq.decoder(z_q).clamp(-1, 1)
-    rows = [x[:8], rec[:8], x[8:16], rec[8:16]]
-    runs.save_image_grid(torch.cat(rows), path, nrow=8)
+    rec = vq.decoder(vq.quantizer(vq.encoder(x))[0]).clamp(-1, 1)
+    runs.save_image_grid(torch.cat([x[:8], rec[:8], x[8:16], rec[8:16]]), path, nrow=8)
 
 
 # -----------------------------------------------------------------------------
 # finishing: evaluate, shrink the codebook, tokenize
 
 def inference_batch(device) -> int:
-    """Images per forward pass when evaluating and tokenizing: on a CPU small batches, whose
-    activations stay in the caches (measured 3x faster at 64 than at 1000 images, the same
-    codes); on a GPU large ones, to fill it."""
+    """Images per pass when evaluating and tokenizing: small on a CPU, whose caches then hold the
+    activations (3x faster at 64 than at 1 000 images), large on a GPU, to fill it."""
     return 64 if device.type == "cpu" else 1000
 
 
@@ -258,90 +220,67 @@ def inference_batch(device) -> int:
 def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None) -> dict:
     """PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out data."""
     vq.eval()
-    batch = inference_batch(device)
     psnr, lp, codes = [], [], []
-    for i in range(0, len(x_test), batch):
-        x = ds.to_float(x_test[i:i + batch].to(device))
+    for sl in runs.batches(len(x_test), inference_batch(device)):
+        x = ds.to_float(x_test[sl].to(device))
         z_q, _, idx = vq.quantizer(vq.encoder(x))
-        rec = vq.decoder(z_q).clamp(-1, 1)
-        rec = ds.to_float(ds.to_uint8(rec))                            # as it would be saved as 8-bit
-        mse = (x - rec).pow(2).mean(dim=(1, 2, 3))
-        psnr.append(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))     # peak-to-peak range is 2
+        rec = ds.to_float(ds.to_uint8(vq.decoder(z_q)))                # as it would be saved as 8-bit
+        psnr.append(ds.psnr(x, rec))
         if lpips is not None:
             lp.append(lpips(x, rec))
         codes.append(idx.flatten())
     used, ppl = codebook_stats(torch.cat(codes), vq.cfg.codebook_size)
-    out = {"psnr": torch.cat(psnr).mean().item(), "codes_used": used,
-           "codebook_size": vq.cfg.codebook_size, "perplexity": ppl}
-    if lp:
-        out["lpips"] = torch.cat(lp).mean().item()
-    return out
+    out = {"psnr": torch.cat(psnr).mean().item(), "codes_used": used, "codebook_size": vq.cfg.codebook_size,
+           "perplexity": ppl}
+    return out | ({"lpips": torch.cat(lp).mean().item()} if lp else {})
 
 
 @torch.inference_mode()
 def encode_all(vq: ib.VQGAN, x: torch.Tensor, device) -> torch.Tensor:
     """uint8 images (N, 3, H, W) -> codes (N, h, w), int16 to keep tokens.pt small."""
     vq.eval()
-    batch = inference_batch(device)
-    return torch.cat([vq.encode(ds.to_float(x[i:i + batch].to(device))).cpu()
-                      for i in range(0, len(x), batch)]).to(torch.int16)
-
-
-def load_data(dataset: str, cfg: ib.VQConfig, data_root: str, say=print) -> dict:
-    """{split: (uint8 images, labels or None, number of classes, captions or None)}; says how
-    many images each split holds (a folder's test split is a fixed tenth of it)."""
-    with runs.user_errors():
-        data = {split: ds.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
-                for split in ("train", "test")}
-    say(f"{dataset}: {len(data['train'][0])} training images, {len(data['test'][0])} test images"
-        + (" (a fixed tenth of the folder)" if dataset.startswith("folder:") else ""), flush=True)
-    return data
+    return torch.cat([vq.encode(ds.to_float(x[sl].to(device))).cpu()
+                      for sl in runs.batches(len(x), inference_batch(device))]).to(torch.int16)
 
 
 def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> dict:
-    """Evaluate on held-out images, shrink the codebook to the codes the training images use
-    (Sec. 4.1), tokenize. Shrinking looks at training codes only: K is then chosen without
-    the test split, on which the chain's bound is reported. -> seconds per part."""
-    t_eval = time.time()
+    """Evaluate on held-out images, shrink the codebook to the codes the training images and
+    their mirror images use (Sec. 4.1; the test split stays unseen by K), tokenize.
+    -> seconds per part."""
+    t0 = time.time()
     (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
     lpips = runs.build_lpips(lpips_weights, quiet=True)
     metrics = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
-
-    t0 = time.time()
-    times = {"held-out check": t0 - t_eval}
-    # the training codes include every image's mirror image: flips are the augmentation
-    # the chain can no longer do on pixels. Before shrinking, encode() gives full indices.
+    t1 = time.time()
+    # the mirror images too: flips are the augmentation the chain can no longer do on pixels.
+    # Before shrinking, encode() gives full indices.
     full_train = torch.cat([encode_all(vq, x_train, device), encode_all(vq, x_train.flip(-1), device)]).long()
     vq.shrink(full_train.unique())
     metrics["codes_after_shrinking"] = vq.num_codes
     print("held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in metrics.items()), flush=True)
-
     # vq.pt again, now shrunk (which marks it finished); the GAN's states are kept as they were
     ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
     runs.save_atomic(runs.vq_checkpoint(vq, ckpt["disc"], ckpt["opt_g"], ckpt["opt_d"], ckpt["step"], dataset,
-                                    shrunk=True, metrics=metrics), runs.vq_path(out))
-
-    labelled = y_train is not None
-    tokens = runs.tokens_checkpoint(
-        train=vq.code_map.cpu()[full_train],                # full -> shrunk indices
-        test=encode_all(vq, x_test, device),                # a code unseen in training maps to a kept one
-        num_codes=vq.num_codes, dataset=dataset,            # so that evaluate.py finds the images
-        train_labels=torch.cat([y_train, y_train]) if labelled else None,      # the mirrored copies too
-        test_labels=y_test, num_labels=num_classes if labelled else 0,
-        class_names=ds.class_names(dataset["spec"]) if labelled else None,      # sample.py --class NAME
-        # captions (shapes, folders with captions) for text-conditional chains; a mirrored
-        # image's caption has left and right swapped
-        train_captions=c_train + [ds.mirror_caption(c) for c in c_train] if c_train is not None else None,
-        test_captions=c_test)
+                                        shrunk=True, metrics=metrics), runs.vq_path(out))
+    tokens = {"kind": "tokens", "train": vq.code_map.cpu()[full_train].to(torch.int16),   # full -> shrunk
+              "test": encode_all(vq, x_test, device), "num_codes": vq.num_codes, "dataset": dataset,
+              "num_labels": num_classes if y_train is not None else 0}
+    if y_train is not None:   # the mirrored copies keep their labels; names for sample.py --class NAME
+        tokens |= {"train_labels": torch.cat([y_train, y_train]), "test_labels": y_test,
+                   "class_names": ds.class_names(dataset["spec"])}
+    if c_train is not None:   # captions for text chains (a mirrored image's has left and right swapped), and
+        # the tokenizer: the training captions' words, and the longest caption of either split as its length
+        train_captions = c_train + [ds.mirror_caption(c) for c in c_train]
+        tokens |= {"train_captions": train_captions, "test_captions": c_test,
+                   "vocab": ib.Tokenizer.build(train_captions).vocab,
+                   "text_len": ib.Tokenizer.build(train_captions + list(c_test)).max_len}
     runs.save_atomic(tokens, runs.tokens_path(out))
     runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq_eval")          # one evaluation record
-    with open(runs.log_path(out), "a") as log:
-        log.write(json.dumps({"stage": "vq_eval", **metrics}) + "\n")
-    times["tokenizing"] = time.time() - t0
+    runs.append_log(runs.log_path(out), {"stage": "vq_eval", **metrics})
     print(f"wrote {runs.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
-          f"of {tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({times['tokenizing']:.0f}s)", flush=True)
-    return times
+          f"of {tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({time.time() - t1:.0f}s)", flush=True)
+    return {"held-out check": t1 - t0, "tokenizing": time.time() - t1}
 
 
 # -----------------------------------------------------------------------------
@@ -349,29 +288,27 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
 
 def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str = "data",
                       lpips_weights: str | None = None, device=None, world: runs.World = runs.World(),
-                      dtype: str = "auto") -> dict:
-    """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then
-    shrink and tokenize. A finished first stage is left as it is. `device`: a name ("cuda",
-    "cpu"), a torch.device, or None for the default; `dtype`: --dtype (auto, fp32, bf16). Under
-    torchrun (`world`) every process trains on its share of each batch; rank 0 alone writes,
-    shrinks and tokenizes. -> the seconds each part took ({} when there was nothing to do)."""
-    say = world.say                                    # rank 0 alone speaks
+                      dtype: str = "auto", compile: str | None = None) -> dict:
+    """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then shrink
+    and tokenize; a finished first stage is left as it is. The caller holds the folder's lock.
+    Under torchrun (`world`) every process trains on its share of each batch, and rank 0 alone
+    writes, shrinks and tokenizes. -> the seconds each part took ({} when nothing was left to do)."""
     runs.check_vq_config(cfg)
     with runs.user_errors():
         ds.check_dataset(dataset)
-    world.share(cfg.batch_size)                     # a global batch that the processes can split
-    if world.main:
-        runs.ensure_writable_dir(out)
-        runs.remove_stale_tmp(out)
-    runs.barrier(world)
+    world.share(cfg.batch_size)
     device = device if isinstance(device, torch.device) else runs.pick_device(device)
     cfg, ckpt = resolve_config(dataclasses.replace(cfg, dtype=runs.resolve_dtype(dtype, device)), out)
     if ckpt is not None and ckpt["shrunk"] and os.path.exists(runs.tokens_path(out)):
-        say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}", flush=True)
+        world.say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}")
         return {}
-    times = {}
     record = ds.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
-    data = load_data(dataset, cfg, data_root, say)
+    with runs.user_errors():
+        data = {split: ds.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
+                for split in ("train", "test")}
+    world.say(f"{dataset}: {len(data['train'][0])} training images, {len(data['test'][0])} test images"
+              + (" (a fixed tenth of the folder)" if dataset.startswith("folder:") else ""))
+    times = {}
     if ckpt is not None and ckpt["shrunk"]:
         # trained and shrunk, but tokens.pt is missing: undo the shrinking and tokenize again
         # (shrinking is deterministic, so the codes come out as they were)
@@ -384,41 +321,34 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
                                  f"invalidate them. Use another --out")
         t0 = time.time()
         gan = setup(cfg, ckpt, device, lpips_weights)
+        runs.compile_module(gan.vq, compile)
+        runs.compile_module(gan.disc, compile)
         if world.size > 1:
-            # the same initial weights everywhere (seeded alike above); from here each process
-            # draws its own batches. On GPUs the discriminator's BatchNorm normalises over the
-            # whole batch (SyncBatchNorm); on CPUs, where that does not exist, over each share.
+            # the same initial weights everywhere (seeded alike above), then each process its own
+            # batches; on GPUs the discriminator's BatchNorm normalises over the whole batch
             torch.manual_seed(cfg.seed + gan.step + 7919 * world.rank)
             if device.type == "cuda":
                 gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
         if ckpt is not None:
-            say(f"resuming {runs.vq_path(out)} from step {gan.step}", flush=True)
-        x_train = data["train"][0]
-        share = world.share(cfg.batch_size)          # LPIPS takes x[:perceptual_batch] of a process's share
-        if gan.lpips is not None and cfg.perceptual_weight > 0 and cfg.perceptual_batch > share:
-            say(f"LPIPS on all {share} images of each {'share of a ' if world.size > 1 else ''}batch: "
-                f"--perceptual_batch {cfg.perceptual_batch} is more than that", flush=True)
-        say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
-            f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
-            f"codes, K = {cfg.codebook_size}, {len(x_train)} training images, device {device}"
-            + (f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""),
-            flush=True)
-        vq = train(gan, x_train, data["test"][0], out, record, world)
+            world.say(f"resuming {runs.vq_path(out)} from step {gan.step}")
+        world.say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
+                  f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
+                  f"codes, K = {cfg.codebook_size}, device {device}"
+                  + (f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""))
+        vq = train(gan, data["train"][0], data["test"][0], out, record, world)
         times["first stage"] = time.time() - t0
-        say(f"first stage trained in {times['first stage']:.0f}s", flush=True)
+        world.say(f"first stage trained in {times['first stage']:.0f}s")
     if world.main:
         times |= finish(vq, out, device, data, record, lpips_weights)
-        say(f"wrote {', '.join(runs.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
+        print(f"wrote {', '.join(runs.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
     return times
 
 
 def benchmark(args, cfg: ib.VQConfig) -> None:
-    """--benchmark: GAN steps (generator and discriminator, LPIPS included when its weights are
-    found) of a randomly initialised first stage of --preset on random images, timed after a
-    warm-up, and the MFU against the peak this run measures. One JSON line. The FLOPs are
-    counted by torch's FlopCounterMode over one real step: the convolutions and matrix
-    products, forward and backward (the attention inside scaled_dot_product_attention, a
-    small part here, is not counted)."""
+    """--benchmark: GAN steps (generator and discriminator, LPIPS when its weights are found) of a
+    random first stage of --preset on random images, timed after a warm-up, and the MFU. The
+    FLOPs are counted by torch's FlopCounterMode over one real step (convolutions and matrix
+    products, forward and backward). One JSON line."""
     from torch.utils.flop_counter import FlopCounterMode
     runs.check_vq_config(cfg)
     device = runs.pick_device(args.device)
@@ -431,39 +361,19 @@ def benchmark(args, cfg: ib.VQConfig) -> None:
     with FlopCounterMode(display=False) as counter:
         gan_step(gan, x, gan_on=True)
     seconds = runs.time_steps(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
-    # --- the parts of a step, in fp32 and bf16: the autoencoder, LPIPS, the discriminator; and
-    # tokenizing (the encoder alone, no gradient)
-    vq, n_lp = gan.vq, cfg.perceptual_batch or cfg.batch_size
-    def autoencoder():
-        z_q, q_loss, _ = vq.quantizer(vq.encoder(x))
-        ((x - vq.decoder(z_q)).abs().mean() + q_loss).backward()
-    def tokenize():
-        with torch.inference_mode():
-            vq.encode(x)
-    x_rec = x.clone().requires_grad_(True)
-    parts = {"autoencoder": autoencoder, "discriminator": lambda: gan.disc(x).float().mean().backward(),
-             "tokenizing (encoder only)": tokenize}
-    if gan.lpips is not None:
-        parts["LPIPS"] = lambda: gan.lpips(x[:n_lp], x_rec[:n_lp]).mean().backward()
-    result = {"benchmark": "train_vq", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype,
-              "batch_size": cfg.batch_size,
-              "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
-              "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
-              "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
-              **runs.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops, cfg.dtype),
-              "parts_ms": runs.time_parts(parts, device, args.bench_steps)}
-    print(json.dumps(result), flush=True)
+    print(json.dumps({"benchmark": "train_vq", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype,
+                      "batch_size": cfg.batch_size, "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
+                      "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
+                      "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
+                      **runs.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops, cfg.dtype)}),
+          flush=True)
 
 
-def claim_first_stage(out: str) -> runs.Claim:
-    """The claim on `out`'s first stage (vq.pt, tokens.pt, log.jsonl), taken before any work:
-    a first stage that another process is training stops this one with one line (exit 2)."""
-    claim = runs.first_stage_claim(out)
-    runs.ensure_writable_dir(out)
-    holder = claim.take()
-    if holder is not None:
-        raise runs.UserError(f"{claim.describe(holder)}: let it finish, then run this again")
-    return claim
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    runs.add_run_args(p)
+    runs.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
+    return p
 
 
 def main():
@@ -471,19 +381,15 @@ def main():
     runs.choose_preset(args)
     cfg = runs.config_from_args(ib.VQ_PRESETS, args.preset, args)
     if args.benchmark:
-        runs.check_speed_args(args)
         return benchmark(args, cfg)
     runs.check_vq_config(cfg)                                  # before any process group is set up
     with runs.user_errors():
         ds.check_dataset(args.dataset)
     out = runs.run_dir(args.dataset, args.out)
-    world, device = runs.init_world(args.device)   # torchrun: one process of several
-    claim = runs.on_rank_0(world, lambda: claim_first_stage(out))    # rank 0 claims for the world
-    try:
-        train_first_stage(cfg, args.dataset, out, args.data_root, args.lpips_weights, device, world, args.dtype)
-    finally:
-        if claim is not None:
-            claim.release()
+    world, device = runs.init_world(args.device)              # torchrun: one process of several
+    world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out)))   # rank 0 holds it for the world
+    train_first_stage(cfg, args.dataset, out, args.data_root, args.lpips_weights, device, world, args.dtype,
+                      args.compile)
     runs.leave_world(world)
 
 
