@@ -36,6 +36,13 @@ import data as ds
 import imagebart as ib
 import runs
 
+
+def refuse(wrong, line: str) -> None:
+    """Where `wrong`: the user's mistake, `line` on stderr and exit code 2 (a runs.UserError)."""
+    if wrong:
+        raise runs.UserError(line)
+
+
 # ----- Masks for completions (sample.py --inpaint, and the judge) --------------------------
 
 MASK_KINDS = ("upper", "lower", "left", "right", "center", "outer", "random-boxes")
@@ -45,24 +52,21 @@ def pixel_mask(kind: str, H: int, W: int, seed: int) -> torch.Tensor:
     """(H, W) bool, True = regenerate: one of MASK_KINDS (`seed` places the random boxes), or a
     PNG file (white = regenerate)."""
     m = torch.zeros(H, W, dtype=torch.bool)
-    if kind in ("upper", "lower", "left", "right"):
-        region = {"upper": (slice(0, H // 2), slice(None)), "lower": (slice(H // 2, None), slice(None)),
-                  "left": (slice(None), slice(0, W // 2)), "right": (slice(None), slice(W // 2, None))}[kind]
-        m[region] = True
+    halves = {"upper": (slice(0, H // 2), slice(None)), "lower": (slice(H // 2, None), slice(None)),
+              "left": (slice(None), slice(0, W // 2)), "right": (slice(None), slice(W // 2, None))}
+    if kind in halves:
+        m[halves[kind]] = True
     elif kind in ("center", "outer"):
         m[H // 4:H - H // 4, W // 4:W - W // 4] = True
         m = ~m if kind == "outer" else m
     elif kind == "random-boxes":
         g = torch.Generator().manual_seed(seed)
         for _ in range(3):
-            bh, bw = (torch.randint(H // 5, H // 2 + 1, (1,), generator=g).item(),
-                      torch.randint(W // 5, W // 2 + 1, (1,), generator=g).item())
-            y0 = torch.randint(0, H - bh + 1, (1,), generator=g).item()
-            x0 = torch.randint(0, W - bw + 1, (1,), generator=g).item()
+            bh, bw = (int(torch.randint(s // 5, s // 2 + 1, (1,), generator=g)) for s in (H, W))
+            y0, x0 = (int(torch.randint(0, s - b + 1, (1,), generator=g)) for s, b in ((H, bh), (W, bw)))
             m[y0:y0 + bh, x0:x0 + bw] = True
     else:
-        if not os.path.exists(kind):
-            raise runs.UserError(f"--mask {kind}: neither a mask kind ({', '.join(MASK_KINDS)}) nor a file")
+        refuse(not os.path.exists(kind), f"--mask {kind}: neither a mask kind ({', '.join(MASK_KINDS)}) nor a file")
         try:
             with Image.open(kind) as im:
                 if im.size != (W, H):
@@ -127,12 +131,11 @@ class CodeClassifierConfig:
 
 
 class Classifier(nn.Module):
-    """The judge: x_0 (B, 3, H, W) in [-1, 1], any H and W -> class logits (B, classes). Per stage
-    a 3x3 conv, BatchNorm and ReLU (stride 2 from the second stage on), then the mean over all
-    positions (the features (B, channels[-1]) that FD compares), and one linear layer.
-    With num_codes, the classifier of codes that rejection and reranking choose with: x_1 (B, h, w),
-    a learned embedding per code first. It must not be the judge, or a sample chosen by the judge
-    and judged by it proves nothing: it reads codes, has two stages, not four, and another seed."""
+    """The judge: x_0 (B, 3, H, W) in [-1, 1] -> class logits (B, classes); per stage a 3x3 conv, BatchNorm,
+    ReLU (stride 2 from stage 2), the mean over positions (the features (B, C) that FD compares), a linear layer.
+    With num_codes the classifier of codes that rejection and reranking choose with: x_1 (B, h, w), embedded
+    per code. It must not be the judge (a sample chosen and judged by one network proves nothing): it reads
+    codes, has two stages, not four, and another seed."""
 
     def __init__(self, cfg, num_classes: int, num_codes: int = 0):
         super().__init__()
@@ -154,12 +157,10 @@ class Classifier(nn.Module):
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator=None) -> torch.Tensor:
-    """Translate each image of x (B, 3, H, W) by a random whole number of pixels in
-    [-max_shift, max_shift] along each axis; edge pixels fill the gap."""
+    """x (B, 3, H, W), each image translated by whole pixels in [-max_shift, max_shift] per axis; edges fill in."""
     B, _, H, W = x.shape
     shift = torch.randint(-max_shift, max_shift + 1, (B, 2), generator=generator).float()
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta = torch.eye(2, 3).repeat(B, 1, 1)
     theta[:, 0, 2], theta[:, 1, 2] = shift[:, 0] * 2 / W, shift[:, 1] * 2 / H   # affine_grid spans [-1, 1]
     grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
@@ -191,9 +192,8 @@ def classify_codes(classifier: Classifier, x1: torch.Tensor, batch: int = 1000) 
 
 
 def fit(model: nn.Module, cfg, x: torch.Tensor, y: torch.Tensor, augment, device, prefix: str) -> nn.Module:
-    """The training loop of the judge and of the classifier of codes: cfg.steps of Adam with a
-    cosine learning rate and cross-entropy on cfg.batch_size random items; augment(x[idx], g)
-    makes a batch. -> the model, in eval mode (BatchNorm with its running statistics)."""
+    """The judge's and the classifier's training: cfg.steps of Adam, cosine learning rate, cross-entropy on
+    batches augment(x[idx], g) of cfg.batch_size. -> the model in eval mode (BatchNorm's running statistics)."""
     torch.manual_seed(cfg.seed)
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -221,13 +221,14 @@ def _digest(cfg, *parts) -> str:
     """The cache key: the config and the training data (tensors as bytes, other parts as text)."""
     h = hashlib.sha1(repr(sorted(dataclasses.asdict(cfg).items())).encode())
     for part in parts:
-        h.update(part.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if torch.is_tensor(part) else part.encode() if isinstance(part, str) else repr(part).encode())
+        h.update(part.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if torch.is_tensor(part)
+                 else part.encode() if isinstance(part, str) else repr(part).encode())
     return h.hexdigest()[:12]
 
 
 def _cached(path: str, kind: str, shipped: str | None, train, log=print):
-    """The checkpoint cached at `path` (or shipped at `shipped`), else train() -> its checkpoint,
-    saved at `path`. A file of another version is trained again. -> (checkpoint, file, cached)."""
+    """The checkpoint cached at `path` (or shipped at `shipped`), else train() -> it, saved at `path`; a file
+    of another version is trained again. -> (checkpoint, its file, whether cached)."""
     for found in [path] + ([shipped] if shipped else []):
         if os.path.exists(found):
             try:
@@ -242,6 +243,12 @@ def _cached(path: str, kind: str, shipped: str | None, train, log=print):
     return ckpt, path, False
 
 
+def _loaded(model: nn.Module, ckpt: dict, device) -> nn.Module:
+    """A network with a checkpoint's weights, on `device`, in eval mode."""
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
 def _cache_name(record: dict | None) -> str:
     spec = record["spec"] if record else "run"
     name = os.path.basename(spec[len("folder:"):].rstrip("/")) if spec.startswith("folder:") else spec
@@ -250,8 +257,8 @@ def _cache_name(record: dict | None) -> str:
 
 def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None = None, device="cpu",
               log=print, shipped: bool = True) -> tuple[Classifier | None, dict]:
-    """The judge of a data set, trained on its real training images (flipped, shifted) once and
-    cached by their content. -> (the judge, or None for unlabelled data; its summary)."""
+    """The judge of a data set, trained once on its real training images (flipped, shifted) and cached by their
+    content. -> (the judge, or None for unlabelled data; its summary)."""
     cfg = cfg or JudgeConfig()
     (x_train, y_train, num_classes, _), (x_test, y_test, *_) = data["train"], data["test"]
     if y_train is None:
@@ -268,28 +275,24 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
                 "test_images": len(x_test)}
     ckpt, path, cached = _cached(os.path.join(judge_dir, file), "judge",
                                  os.path.join(SHIPPED_JUDGES, file) if shipped else None, train, log)
-    judge = Classifier(JudgeConfig(**ckpt["config"]), ckpt["num_classes"])
-    judge.load_state_dict(ckpt["model"])
     path = os.path.relpath(path) if path.startswith(SHIPPED_JUDGES) else path
     if cached:
         log(f"judge: loaded {path} (test accuracy {ckpt['test_accuracy']:.2%})")
-    return judge.to(device).eval(), {"file": path, "cached": cached, "test_accuracy": round(ckpt["test_accuracy"], 4),
-                                     "test_images": ckpt["test_images"], "train_seconds": ckpt["train_seconds"],
-                                     "steps": cfg.steps}
+    judge = _loaded(Classifier(JudgeConfig(**ckpt["config"]), ckpt["num_classes"]), ckpt, device)
+    return judge, {"file": path, "cached": cached, "test_accuracy": round(ckpt["test_accuracy"], 4),
+                   "test_images": ckpt["test_images"], "train_seconds": ckpt["train_seconds"], "steps": cfg.steps}
 
 
 def classifier_for(run: str, judge_dir: str, cfg: CodeClassifierConfig | None = None, device="cpu",
                    log=print) -> tuple[Classifier, dict]:
-    """The classifier of codes of a run, trained on its training codes and labels (the judge's
-    images as its first stage encodes them, mirrored copies included) once and cached by them and
-    the first stage's weights beside the judges. -> (the classifier, its summary)."""
+    """The classifier of codes of a run, trained once on its training codes and labels (mirrored copies too) and
+    cached beside the judges by them and the first stage's weights. -> (the classifier, its summary)."""
     cfg = cfg or CodeClassifierConfig()
-    if not os.path.exists(runs.tokens_path(run)):
-        raise runs.UserError(f"{run} carries no codes of its training images (a shipped run), so no classifier of "
-                             f"codes can be trained; choose by --scorer bayes, or train a run of your own")
+    refuse(not os.path.exists(runs.tokens_path(run)), f"{run} carries no codes of its training images (a shipped "
+           f"run), so no classifier of codes can be trained; choose by --scorer bayes, or train a run of your own")
     tokens = runs.load_tokens(run)
-    if tokens.get("train_labels") is None:
-        raise runs.UserError(f"{run}'s codes carry no labels, so no classifier can choose samples by their class")
+    refuse(tokens.get("train_labels") is None,
+           f"{run}'s codes carry no labels, so no classifier can choose samples by their class")
     x, y, K, C = tokens["train"].long(), tokens["train_labels"].long(), int(tokens["num_codes"]), int(tokens["num_labels"])
     weights = runs.load_checkpoint(runs.vq_path(run), "vq")["model"]
     first_stage = [z for k in sorted(weights) for z in (k, (weights[k].dtype, tuple(weights[k].shape)), weights[k])]
@@ -302,13 +305,14 @@ def classifier_for(run: str, judge_dir: str, cfg: CodeClassifierConfig | None = 
         classifier = fit(Classifier(cfg, C, K), cfg, x, y, lambda x, g: x, device, "classifier ")
         accuracy = (classify_codes(classifier, tokens["test"].long()).argmax(-1).cpu() == tokens["test_labels"])
         return {"config": dataclasses.asdict(cfg), "num_codes": K, "num_classes": C, "test_codes": len(tokens["test"]),
-                "model": {k: v.cpu() for k, v in classifier.state_dict().items()}, "test_accuracy": accuracy.float().mean().item()}
+                "model": {k: v.cpu() for k, v in classifier.state_dict().items()},
+                "test_accuracy": accuracy.float().mean().item()}
     ckpt, path, cached = _cached(path, "code_classifier", None, train, log)
-    classifier = Classifier(CodeClassifierConfig(**ckpt["config"]), ckpt["num_classes"], ckpt["num_codes"])
-    classifier.load_state_dict(ckpt["model"])
-    return classifier.to(device).eval(), {"file": path, "cached": cached, "reads": "codes x_1", "seed": cfg.seed,
-                                          "test_accuracy": round(ckpt["test_accuracy"], 4),
-                                          "test_codes": ckpt["test_codes"], "steps": cfg.steps}
+    classifier = _loaded(Classifier(CodeClassifierConfig(**ckpt["config"]), ckpt["num_classes"], ckpt["num_codes"]),
+                         ckpt, device)
+    return classifier, {"file": path, "cached": cached, "reads": "codes x_1", "seed": cfg.seed,
+                        "test_accuracy": round(ckpt["test_accuracy"], 4), "test_codes": ckpt["test_codes"],
+                        "steps": cfg.steps}
 
 
 # ----- Choosing among candidates: rejection (Table 2) and reranking (Fig. 3) -----------------
@@ -344,15 +348,11 @@ class BestOf:
 def sample_best_of(chain: ib.ImageBART, n: int, score, labels=None, text=None, *, accept: float | None = None,
                    rerank: int | None = None, groups: torch.Tensor | None = None, generator=None, batch: int = 256,
                    what: str | None = None, log=print, **sampling) -> BestOf:
-    """n samples, each chosen among candidates by `score`. accept = R in (0, 1]: rejection
-    sampling (Table 2); rerank = K: best of K (Fig. 3's "best 2 of 32" is n = 2, K = 32).
-    The asked rows fall into groups, one per distinct condition unless `groups` (n,) says
-    otherwise. A group of n_g rows draws ceil(n_g / R) candidates (or K) under its condition and
-    keeps the n_g with the highest scores (ties: the earlier draw), in drawing order. Candidates
-    are the asked rows first, then each group's extra draws, sampled `batch` at a time: at R = 1
-    nothing is extra and the samples are chain.sample's, exactly. Table 2's column says
-    "rejection rate", but its values (1.0, 0.5, 0.25, 0.05) behave as the fraction kept (FID falls
-    as they fall): so R is read here; no code for the paper's rejection is public."""
+    """n samples, each chosen by `score`: accept = R in (0, 1] is rejection (Table 2), rerank = K best of K (Fig. 3's
+    "best 2 of 32": n = 2, K = 32). Each group of n_g asked rows (one per condition, or `groups` (n,)) draws
+    ceil(n_g / R) (or K) candidates and keeps its n_g best (ties: the earlier), in drawing order. The asked rows
+    are drawn first, `batch` at a time: at R = 1 the samples are chain.sample's. Table 2 says "rejection rate",
+    but its values (1.0 ... 0.05) behave as the fraction kept (FID falls with them), so that is what R is here."""
     if (accept is None) == (rerank is None):
         raise ValueError("give accept (rejection sampling) or rerank (best of K), one of them")
     if accept is not None and not 0 < accept <= 1:                    # nan is refused too
@@ -383,7 +383,8 @@ def sample_best_of(chain: ib.ImageBART, n: int, score, labels=None, text=None, *
     candidates, scores, kept = torch.cat(candidates), torch.cat(scores), torch.empty(n, dtype=torch.long, device=device)
     for g, s in enumerate(sizes):                                      # each group's n_g best, in its asked places
         members = (groups[source] == g).nonzero()[:, 0]
-        kept[(groups == g).nonzero()[:, 0]] = members[scores[members].sort(descending=True, stable=True).indices[:s]].sort().values
+        best = members[scores[members].sort(descending=True, stable=True).indices[:s]]
+        kept[(groups == g).nonzero()[:, 0]] = best.sort().values
     return BestOf(candidates[kept], candidates, source, kept, *seconds)
 
 
@@ -410,6 +411,16 @@ def _decoded(vq: ib.VQGAN, codes: torch.Tensor, batch: int = 250) -> torch.Tenso
     return torch.cat([_saved(ib.decode_canvas(vq, codes[sl].to(vq.code_map.device))) for sl in runs.batches(len(codes), batch)])
 
 
+def _encoded(vq: ib.VQGAN, images: torch.Tensor, device, batch: int = 250) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> their codes x_1 = E(x_0) (N, h, w), `batch` at a time."""
+    return torch.cat([vq.encode(ds.to_float(images[sl].to(device))) for sl in runs.batches(len(images), batch)])
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How often a == b, to 4 digits: an accuracy."""
+    return round((a == b.to(a.device)).float().mean().item(), 4)
+
+
 def judging(judge: Classifier, reference_images: torch.Tensor):
     """-> judged(images, labels or None) -> {"accuracy", "fd"}: how often the judge sees `labels` in
     `images`, and the FD of their features against the reference images'."""
@@ -418,7 +429,7 @@ def judging(judge: Classifier, reference_images: torch.Tensor):
     def judged(images, labels=None) -> dict:
         features, predicted = judge_images(judge, images)
         row = {"fd": round(frechet_distance(*feature_stats(features), *reference), 3)}
-        return ({"accuracy": round((predicted == labels.cpu()).float().mean().item(), 4)} | row) if labels is not None else row
+        return row if labels is None else {"accuracy": _agreement(predicted, labels)} | row
     return judged
 
 
@@ -430,13 +441,11 @@ def draw_plain(chain: ib.ImageBART, m: int, cond: dict, targets, guidance: float
 
 
 def sample_rows(vq, chain, data: dict, judged, n: int, guidance: float, batch: int, seed: int, log, draw=draw_plain) -> dict:
-    """The sample rows, at w = 0 and at `guidance`, each drawn by `draw` with a generator seeded by
-    `seed`. A class chain: samples_guidance_0 and samples_guided, labels cycled over the classes,
-    accuracy against the label drawn for. An unconditional chain: samples_unconditional, FD only.
-    A text chain: on shapes the prompts "a <colour> <shape>" cycled (prompts_*; heldout_* for the
-    combinations --holdout left out, 100 samples each, at most n), with colour_accuracy (the
-    dominant colour, data.dominant_colours); on other captioned data the test captions, judged
-    against their images' labels."""
+    """The sample rows at w = 0 and at `guidance`, each drawn by `draw` with a generator seeded by `seed`. A class
+    chain: samples_guidance_0 and samples_guided, labels cycled, accuracy against the label drawn for; an
+    unconditional one: samples_unconditional, FD only. A text chain on shapes: prompts "a <colour> <shape>" cycled
+    (prompts_*; heldout_* for the --holdout combinations, 100 each, at most n) with colour_accuracy (the dominant
+    colour, data.dominant_colours); on other captioned data the test captions, against their images' labels."""
     sets = []        # (row prefix, the condition of each sample, the class each should show, its colour)
     captions = data["test"][3]
     if chain.tokenizer is None:
@@ -450,7 +459,8 @@ def sample_rows(vq, chain, data: dict, judged, n: int, guidance: float, batch: i
             if chosen:
                 chosen = [chosen[i % len(chosen)] for i in range(m)]
                 text = chain.tokenizer.encode([f"a {colour} {ds.SHAPE_CLASSES[k]}" for colour, k, _ in chosen])
-                sets.append((key, {"text": text}, torch.tensor([k for _, k, _ in chosen]), torch.tensor([c for *_, c in chosen])))
+                sets.append((key, {"text": text}, torch.tensor([k for _, k, _ in chosen]),
+                             torch.tensor([c for *_, c in chosen])))
     else:
         sets.append(("prompts", {"text": chain.tokenizer.encode(captions[:n])}, data["test"][1][:n], None))
     result = {}
@@ -464,8 +474,7 @@ def sample_rows(vq, chain, data: dict, judged, n: int, guidance: float, batch: i
             images = _decoded(vq, codes, batch)
             result[row] = ({"guidance": w} if cond else {}) | judged(images, targets) | info
             if colours is not None:
-                hit = ds.dominant_colours(ds.to_uint8(images)) == colours
-                result[row] |= {"colour_accuracy": round(hit.float().mean().item(), 4),
+                result[row] |= {"colour_accuracy": _agreement(ds.dominant_colours(ds.to_uint8(images)), colours),
                                 "prompts": len(set(zip(colours.tolist(), targets.tolist())))}
     return result
 
@@ -490,29 +499,26 @@ def evaluate_run(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classifie
     Without a judge (unlabelled data) only the reconstructions' PSNR is computed."""
     device = chain.device
     x_test, y_test, *_ = data["test"]
-    if len(x_test) < ds.MIN_TEST_IMAGES:
-        raise runs.UserError(f"the test split has {len(x_test)} image(s); {ds.TOO_FEW_TEST_IMAGES}")
+    refuse(len(x_test) < ds.MIN_TEST_IMAGES, f"the test split has {len(x_test)} image(s); {ds.TOO_FEW_TEST_IMAGES}")
     if n > len(x_test) // 2:
         log(f"judging N = {len(x_test) // 2} images per row, not {n}: the test split holds {len(x_test)}, "
             f"and each row's images and the reference are disjoint halves of it")
         n = len(x_test) // 2
     real_a, y_a = x_test[:n], y_test[:n] if y_test is not None else None
-    x1_a = torch.cat([vq.encode(ds.to_float(real_a[sl].to(device))) for sl in runs.batches(n, batch)])   # x_1 = E(A)
+    x1_a = _encoded(vq, real_a, device, batch)                                   # x_1 = E(A)
     recon = _decoded(vq, x1_a, batch)
-    result = {"n": n}
+    psnr = {"psnr": round(ds.psnr(ds.to_float(real_a), recon).mean().item(), 2)}
     if judge is None:
-        return result | {"reconstructions": {"psnr": round(ds.psnr(ds.to_float(real_a), recon).mean().item(), 2)},
-                         "note": "unlabelled data set: no judge, so only the reconstructions' PSNR"}
-    if chain.num_labels and chain.num_labels != judge.head.out_features:
-        raise runs.UserError(f"the chain knows {chain.num_labels} classes, the data set judged on has "
-                             f"{judge.head.out_features}: is it the data set the run was trained on?")
-    result["reference"] = f"judge features of real test images {n}..{2 * n - 1}, disjoint from the {n} judged"
+        return {"n": n, "reconstructions": psnr, "note": "unlabelled data set: no judge, so only the reconstructions' PSNR"}
+    refuse(chain.num_labels and chain.num_labels != judge.head.out_features, f"the chain knows {chain.num_labels} "
+           f"classes, the data set judged on has {judge.head.out_features}: is it the data set the run was trained on?")
     judged = judging(judge, x_test[n:2 * n])
-    result["real_test"] = judged(real_a, y_a)
+    result = {"n": n, "reference": f"judge features of real test images {n}..{2 * n - 1}, disjoint from the {n} judged",
+              "real_test": judged(real_a, y_a)}
     if lower_half_judge is not None:
         predicted = judge_images(lower_half_judge, blank_region(ds.to_float(real_a), "upper"))[1]
-        result["real_lower_halves"] = {"accuracy": round((predicted == y_a).float().mean().item(), 4)}
-    result["reconstructions"] = {"psnr": round(ds.psnr(ds.to_float(real_a), recon).mean().item(), 2), **judged(recon, y_a)}
+        result["real_lower_halves"] = {"accuracy": _agreement(predicted, y_a)}
+    result["reconstructions"] = psnr | judged(recon, y_a)
     # --- completions (Sec. 4.3), unconditional: the label is what the judge must recover
     procedures = {"masked_process": dict(refine=refine, context=context)}
     if particles:
@@ -533,20 +539,17 @@ def evaluate_run(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classifie
 @torch.no_grad()
 def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classifier, canvas: tuple[int, int], n: int = 500,
                     stride: int = 1, batch: int = 16, seed: int = 0, log=print, real_wide=None) -> dict:
-    """What patch-wise sampling buys (Sec. 4.2): n class-conditional panoramas of `canvas` codes (one
-    training image tall, wider) through sliding windows, against the baseline of independent
-    training-size samples tiled side by side, with seams. Both are cut into training-size crops at
-    every column offset o (in codes), and each offset's crops are judged: FD against n real test
-    images, and how often the judge sees the panorama's class. Summaries at the offsets where the
-    tiles are whole (o a multiple of the width) and half-way between, across a seam. `real_wide`
-    (uint8 images of the canvas, labels; scenes) adds real wide images, the floor, and how often a
-    canvas's two ends have the same sky. And outpainting: a test image on a canvas two images wide,
-    the other half drawn with 10 particles to its right (extend_right) or its left (extend_left,
-    which a left-to-right decoder writes before it reads the image), judged on the drawn square."""
+    """What patch-wise sampling buys (Sec. 4.2): n class-conditional panoramas of `canvas` codes (one training
+    image tall, wider) through sliding windows, against independent training-size samples tiled side by side,
+    with seams. Both are cut into training-size crops at every column offset o (in codes), each offset judged: FD
+    against n real test images, and how often the judge sees the panorama's class; summaries where the tiles are
+    whole and half-way between, across a seam. `real_wide` (uint8 images of the canvas, labels; scenes) adds real
+    wide images, the floor, and how often a canvas's two ends have the same sky. Outpainting: a test image on a
+    canvas two images wide, the other half drawn with 10 particles to its right (extend_right) or its left
+    (extend_left, written before a left-to-right decoder reads the image), judged on the drawn square."""
     device = chain.device
-    (h, w), (H, W) = chain.cfg.grid, canvas
-    if H != h or W <= w:
-        raise runs.UserError(f"the seams are measured on canvases one training image tall and wider ({h} codes high)")
+    (h, w), (H, W), f = chain.cfg.grid, canvas, vq.cfg.factor
+    refuse(H != h or W <= w, f"the seams are measured on canvases one training image tall and wider ({h} codes high)")
     x_test, y_test = data["test"][0], data["test"][1]
     n = min(n, len(x_test))
     reference = feature_stats(judge_images(judge, x_test[:n])[0])
@@ -560,38 +563,36 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classi
                                               generator=g), "(m k) h w -> m h (k w)", k=tiles)[..., :W].cpu()
                        for sl in runs.batches(n, 256, "tiled baseline", log)])
     result = {"n": n, "canvas_codes": [H, W], "stride": stride, "offsets": list(range(W - w + 1))}
-    x1_test = torch.cat([vq.encode(ds.to_float(x_test[sl].to(device))) for sl in runs.batches(n, 256)])
+    x1_test = _encoded(vq, x_test[:n], device, 256)
     for name, at in (("extend_right", 0), ("extend_left", w)):
         x1 = torch.zeros(n, h, 2 * w, dtype=torch.long, device=device)
-        keep = torch.zeros(n, h, 2 * w, dtype=torch.bool, device=device)
+        keep = torch.zeros_like(x1, dtype=torch.bool)
         x1[:, :, at:at + w], keep[:, :, at:at + w] = x1_test, True
         g = torch.Generator(device).manual_seed(seed)
         drawn = torch.cat([_saved(vq.decode(ib.inpaint_particles(
             chain, x1[sl], keep[sl], particles=INPAINT_PARTICLES, refine=0, generator=g,
             reader=ib.windows(chain, (h, 2 * w), stride))[:, :, w - at:2 * w - at]))
             for sl in runs.batches(n, max(1, batch // INPAINT_PARTICLES), f"outpainting ({name})", log)])
-        same = lambda f: round((f(ds.to_uint8(drawn)) == f(x_test[:n])).float().mean().item(), 4)
-        result[name] = {"fd": fd(drawn), "same_class": round((judge_images(judge, drawn)[1] == y_test[:n]).float().mean().item(), 4),
+        same = lambda of: _agreement(of(ds.to_uint8(drawn)), of(x_test[:n]))
+        result[name] = {"fd": fd(drawn), "same_class": _agreement(judge_images(judge, drawn)[1], y_test[:n]),
                         "same_colour": same(ds.dominant_colours)} | ({"same_sky": same(ds.scene_skies)} if real_wide else {})
-    f = vq.cfg.factor
     rows = {"window": (_decoded(vq, window, 64), labels), "tiled": (_decoded(vq, tiled, 64), labels)}
     if real_wide is not None:
         rows["real"] = (real_wide[0][:n], real_wide[1][:n])
+    mean = lambda v, ks: round(sum(v[k] for k in ks) / len(ks), 3)
+    whole = [k for k, o in enumerate(result["offsets"]) if o % w == 0]
+    seams = [k for k, o in enumerate(result["offsets"]) if o % w == w // 2]
     for name, (images, truth) in rows.items():
         crops = [images[..., o * f:(o + w) * f] for o in result["offsets"]]
-        row = {"fd": [fd(c) for c in crops],
-               "accuracy": [round((judge_images(judge, c)[1] == truth).float().mean().item(), 4) for c in crops]}
+        row = {"fd": [fd(c) for c in crops], "accuracy": [_agreement(judge_images(judge, c)[1], truth) for c in crops]}
         if real_wide is not None:    # scenes: is the sky at the canvas's right end the one at its left?
             ends = [x if x.dtype == torch.uint8 else ds.to_uint8(x) for x in (images[..., :w * f], images[..., -w * f:])]
-            row["same_sky_at_both_ends"] = round((ds.scene_skies(ends[0]) == ds.scene_skies(ends[1])).float().mean().item(), 4)
-        mean = lambda v, ks: round(sum(v[k] for k in ks) / len(ks), 3)
-        whole = [k for k, o in enumerate(result["offsets"]) if o % w == 0]
-        seams = [k for k, o in enumerate(result["offsets"]) if o % w == w // 2]
-        everywhere = range(len(crops))
+            row["same_sky_at_both_ends"] = _agreement(ds.scene_skies(ends[0]), ds.scene_skies(ends[1]))
         result[name] = row | {"fd_whole_tiles": mean(row["fd"], whole), "fd_across_seams": mean(row["fd"], seams),
                               "accuracy_whole_tiles": mean(row["accuracy"], whole),
                               "accuracy_across_seams": mean(row["accuracy"], seams),
-                              "fd_mean": mean(row["fd"], everywhere), "accuracy_mean": mean(row["accuracy"], everywhere)}
+                              "fd_mean": mean(row["fd"], range(len(crops))),
+                              "accuracy_mean": mean(row["accuracy"], range(len(crops)))}
     return result
 
 
@@ -599,11 +600,10 @@ def evaluate_canvas(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classi
 def evaluate_selection(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classifier, n: int = 1000,
                        guidance: float = DEFAULT_EVAL_GUIDANCE, *, accept=None, rerank=None, scorer: str = "classifier",
                        classifier=None, classifier_info=None, batch: int = 250, seed: int = 0, log=print) -> dict:
-    """evaluate_run's sample rows with every sample chosen by sample_best_of: accept = R, rejection
-    with the classifier of codes per condition (Table 2); rerank = K, each sample the best of its
-    own K candidates by `scorer`, "classifier" (the class) or "bayes" (imagebart.bayes_score: the
-    whole condition). The same seeds and batches as evaluate_run, so R = 1 and K = 1 give its rows
-    exactly. Also real_test, and the classifier's accuracy on A's codes and agreement with the judge."""
+    """evaluate_run's sample rows, each sample chosen by sample_best_of: accept = R, rejection per condition by the
+    classifier of codes (Table 2); rerank = K, each sample the best of its own K by `scorer`, "classifier" (the
+    class) or "bayes" (imagebart.bayes_score: the whole condition). evaluate_run's seeds and batches, so R = 1 and
+    K = 1 give its rows exactly. Also real_test, and the classifier's accuracy on A's codes and agreement with the judge."""
     if (scorer == "classifier" or accept is not None) and classifier is None:
         raise ValueError("rejection and --scorer classifier need the code classifier")
     x_test, y_test, *_ = data["test"]
@@ -612,11 +612,10 @@ def evaluate_selection(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Cla
     result = {"n": n, "selection": {"accept": accept} if accept is not None else {"rerank": rerank, "scorer": scorer},
               "reference": f"judge features of real test images {n}..{2 * n - 1}", "real_test": judged(x_test[:n], y_test[:n])}
     if classifier is not None:       # the two networks on the same real images: pixels, and their codes
-        x1_a = torch.cat([vq.encode(ds.to_float(x_test[sl].to(chain.device))) for sl in runs.batches(n, batch)])
-        by_classifier = classify_codes(classifier, x1_a).argmax(-1).cpu()
-        result["classifier"] = (classifier_info or {}) | {
-            "real_test_accuracy": round((by_classifier == y_test[:n]).float().mean().item(), 4),
-            "agrees_with_judge": round((by_classifier == judge_images(judge, x_test[:n])[1]).float().mean().item(), 4)}
+        by_classifier = classify_codes(classifier, _encoded(vq, x_test[:n], chain.device, batch)).argmax(-1).cpu()
+        agrees = _agreement(by_classifier, judge_images(judge, x_test[:n])[1])
+        result["classifier"] = (classifier_info or {}) | {"real_test_accuracy": _agreement(by_classifier, y_test[:n]),
+                                                          "agrees_with_judge": agrees}
 
     def draw(chain, m, cond, targets, w, g, what, batch, log):
         """draw_plain's contract, each sample chosen: rejection per condition, reranking per sample."""
@@ -635,22 +634,19 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
                     device="cpu", log=print, inpaint: dict | None = None, out: str | None = None,
                     shipped_judges: bool = True, canvas=None, stride: int = 1, accept=None, rerank=None,
                     scorer: str = "classifier", classifier_steps: int | None = None) -> dict:
-    """Classifier a run folder: its data set (as recorded, or `dataset`), that data set's judges
-    (cached in judge_dir), evaluate_run -> the figures, also written to `out` (default
-    <run>/eval.json). With `canvas` (codes), evaluate_canvas (default <run>/eval_canvas_<H>x<W>.json,
-    pixels); with accept or rerank, evaluate_selection (<run>/eval_accept_<R>.json or
-    eval_rerank_<K>_<scorer>.json). `inpaint`: the completions' refine, particles and context."""
+    """Evaluate a run folder on its data set (as recorded, or `dataset`) with its judges (cached in judge_dir):
+    evaluate_run -> the figures, also written to `out` (default <run>/eval.json). With `canvas` (codes)
+    evaluate_canvas (eval_canvas_<H>x<W>.json, pixels); with accept or rerank evaluate_selection
+    (eval_accept_<R>.json, eval_rerank_<K>_<scorer>.json). `inpaint`: the completions' refine, particles, context."""
     vq, chain = runs.load_run(run, device)
     selecting = accept is not None or rerank is not None
-    if selecting and chain.num_labels is None and chain.tokenizer is None:
-        raise runs.UserError("this run's chain is unconditional: --accept and --rerank choose samples by how well "
-                             "they show their class or prompt, so they need a conditional run")
+    refuse(selecting and chain.num_labels is None and chain.tokenizer is None, "this run's chain is unconditional: "
+           "--accept and --rerank choose samples by how well they show their class or prompt, so they need a conditional run")
     record = ds.dataset_record(dataset, vq.cfg.resolution, data_root, vq.cfg.train_size, vq.cfg.test_size) \
         if dataset else runs.recorded_dataset(run)
-    if record is None:
-        raise runs.UserError(f"{run} does not record which data set it was trained on; name it with --dataset")
-    if record["resolution"] != vq.cfg.resolution:
-        raise runs.UserError(f"the data set is recorded at {record['resolution']}px, the first stage takes {vq.cfg.resolution}px")
+    refuse(record is None, f"{run} does not record which data set it was trained on; name it with --dataset")
+    refuse(record["resolution"] != vq.cfg.resolution,
+           f"the data set is recorded at {record['resolution']}px, the first stage takes {vq.cfg.resolution}px")
     with runs.user_errors():
         data = ds.load_recorded_dataset(record)
     if os.path.exists(runs.tokens_path(run)):   # a spot check that these are the images the run was tokenized from
@@ -661,12 +657,11 @@ def evaluate_folder(run: str, dataset: str | None = None, data_root: str = "data
                 f"{record['spec']} may not be the data set this run was trained on")
     cfg = JudgeConfig() if judge_steps is None else dataclasses.replace(JudgeConfig(), steps=judge_steps)
     judge, judge_info = judge_for(data, record, judge_dir, cfg, device, log, shipped_judges)
-    if (canvas is not None or selecting) and judge is None:
-        raise runs.UserError("this data set has no labels, so no judge to tell whether the samples show their class")
+    refuse((canvas is not None or selecting) and judge is None,
+           "this data set has no labels, so no judge to tell whether the samples show their class")
     t0, f = time.time(), vq.cfg.factor
     if canvas is not None:
-        if not chain.num_labels:
-            raise runs.UserError("the seams are judged on class-conditional panoramas: this run needs labels")
+        refuse(not chain.num_labels, "the seams are judged on class-conditional panoramas: this run needs labels")
         wide = ds.make_wide_scenes(n, seed=2, resolution=canvas[0] * f, width=canvas[1] * f)[:2] \
             if record["spec"] == "scenes" else None       # real wide scenes: neither split's seed
         figures = evaluate_canvas(vq, chain, data, judge, canvas, n, stride, seed=seed, log=log, real_wide=wide)
@@ -705,16 +700,15 @@ def check_judge_options(eval_n: int, judge_steps: int | None, zero_skips: bool =
 
 def check_selection(accept, rerank, scorer, classifier_steps) -> None:
     """--accept, --rerank, --scorer and --classifier-steps, before any work (sample.py's too)."""
-    if scorer is not None and rerank is None:
-        raise runs.UserError("--scorer picks --rerank's score; --accept always scores with the classifier of codes")
+    refuse(scorer is not None and rerank is None,
+           "--scorer picks --rerank's score; --accept always scores with the classifier of codes")
     if classifier_steps is not None:
         runs.check_number(classifier_steps, "--classifier-steps", 1, whole=True)
-    if accept is not None and rerank is not None:
-        raise runs.UserError("give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
+    refuse(accept is not None and rerank is not None,
+           "give --accept or --rerank, not both: each keeps the best candidates, by a rate or a count")
     if accept is not None and not 0 < accept <= 1:       # nan fails this too
         raise runs.UserError(f"--accept must lie in (0, 1], got {accept:g}")
-    if rerank is not None and rerank < 1:
-        raise runs.UserError(f"--rerank must be >= 1, got {rerank}")
+    refuse(rerank is not None and rerank < 1, f"--rerank must be >= 1, got {rerank}")
 
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
@@ -733,30 +727,31 @@ def add_selection_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Classifier a trained run with a classifier trained on its data set "
+    p = argparse.ArgumentParser(description="Evaluate a trained run with a classifier trained on its data set "
                                             "(accuracy and Frechet distance in its features, not FID)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--run", default=None, help="a run folder; default runs/shapes once trained, else the shipped run")
-    p.add_argument("--out", default=None, help="the figures, JSON (default <run>/eval.json; with --size, --accept or "
-                                               "--rerank a file of its own beside it)")
-    p.add_argument("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_EVAL_GUIDANCE, help="w of the guided samples row; 0 = none")
-    p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
-                   help="completions by the paper's masked process (Sec. 4.3): forward-backward rounds per scale")
-    p.add_argument("--particles", type=int, default=INPAINT_PARTICLES,
-                   help="completions by this code's particles: particles per image; 0 = no such rows")
-    p.add_argument("--context", choices=("clean", "noised"), default="clean",
-                   help="completions: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
-    p.add_argument("--seed", type=int, default=0, help="every row's generator")
-    p.add_argument("--size", default=None, metavar="HxW",
-                   help="instead: the seams of patch-wise sampling (Sec. 4.2) on canvases of H x W pixels, one image tall")
-    p.add_argument("--stride", type=int, default=1, help="--size: columns the window moves at a time")
+    add = p.add_argument
+    add("--run", help="a run folder; default runs/shapes once trained, else the shipped run")
+    add("--out", help="the figures, JSON (default <run>/eval.json; with --size, --accept or --rerank a file of its "
+                      "own beside it)")
+    add("--eval-n", type=int, default=1000, help="images per row (at most half the test split)")
+    add("--guidance", type=float, default=DEFAULT_EVAL_GUIDANCE, help="w of the guided samples row; 0 = none")
+    add("--refine", type=int, default=ib.INPAINT_REFINE,
+        help="completions by the paper's masked process (Sec. 4.3): forward-backward rounds per scale")
+    add("--particles", type=int, default=INPAINT_PARTICLES,
+        help="completions by this code's particles: particles per image; 0 = no such rows")
+    add("--context", choices=("clean", "noised"), default="clean",
+        help="completions: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
+    add("--seed", type=int, default=0, help="every row's generator")
+    add("--size", metavar="HxW",
+        help="instead: the seams of patch-wise sampling (Sec. 4.2) on canvases of H x W pixels, one image tall")
+    add("--stride", type=int, default=1, help="--size: columns the window moves at a time")
     add_selection_args(p)
-    p.add_argument("--dataset", default=None, help="shapes | scenes | cifar | folder:PATH, instead of the recorded one")
-    p.add_argument("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
-    p.add_argument("--fresh-judges", action="store_true", help="train the judges even where assets/judges ships them")
-    p.add_argument("--judge-steps", type=int, default=None, help=f"training steps of a new judge (default {JudgeConfig.steps})")
-    p.add_argument("--device", default=None)
+    add("--dataset", help="shapes | scenes | cifar | folder:PATH, instead of the recorded one")
+    add("--data-root", default="data", help="where CIFAR-10 is, with --dataset cifar")
+    add("--fresh-judges", action="store_true", help="train the judges even where assets/judges ships them")
+    add("--judge-steps", type=int, help=f"training steps of a new judge (default {JudgeConfig.steps})")
+    add("--device")
     return p
 
 
@@ -769,11 +764,10 @@ def main():
     runs.check_number(args.refine, "--refine", 0, whole=True)
     runs.check_number(args.particles, "--particles", 0, whole=True)
     check_selection(args.accept, args.rerank, args.scorer, args.classifier_steps)
-    if args.stride != 1 and not args.size:
-        raise runs.UserError("--stride moves the windows of a --size canvas; give --size")
-    if args.size and (args.accept is not None or args.rerank is not None):
-        raise runs.UserError("--accept and --rerank choose among samples of the training size; --size judges "
-                             "panoramas: give one of them")
+    refuse(args.stride != 1 and not args.size, "--stride moves the windows of a --size canvas; give --size")
+    selecting = args.accept is not None or args.rerank is not None
+    refuse(args.size and selecting, "--accept and --rerank choose among samples of the training size; --size judges "
+                                    "panoramas: give one of them")
     args.run, home = runs.choose_run(args.run)
     if args.out is None and home != args.run:           # a shipped run: its figures go to the working folder
         args.out = os.path.join(home, "eval.json")
@@ -781,13 +775,13 @@ def main():
     if args.out is not None:              # never another of a run's own files; JSON; a writable folder
         if not own or home != args.run:
             runs.refuse_run_file("--out", args.out, args.run)
-        if not args.out.lower().endswith(".json"):
-            raise runs.UserError(f"--out {args.out}: the judge's figures are JSON; give a name ending in .json")
+        refuse(not args.out.lower().endswith(".json"),
+               f"--out {args.out}: the judge's figures are JSON; give a name ending in .json")
         runs.ensure_writable_dir(os.path.dirname(os.path.abspath(args.out)))
     device = runs.pick_device(args.device)
     size = runs.parse_size(args.size, args.stride, runs.vqgan_from_checkpoint(
         runs.load_checkpoint(runs.vq_path(args.run), "vq")).cfg) if args.size else None
-    if own and size is None and args.accept is None and args.rerank is None:
+    if own and size is None and not selecting:
         runs.lock_run(args.run)           # the run's own eval.json: not while another process writes the run
     result = evaluate_folder(args.run, dataset=args.dataset, data_root=args.data_root, judge_dir=args.judge_dir,
                              n=args.eval_n, guidance=args.guidance, judge_steps=args.judge_steps, seed=args.seed,

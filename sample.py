@@ -32,63 +32,65 @@ import data as ds
 import evaluate
 import imagebart as ib
 import runs
-from evaluate import MASK_KINDS, pixel_mask, token_mask
+from evaluate import MASK_KINDS, pixel_mask, refuse, token_mask
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add, per_scale = p.add_argument, "one value, or one per scale t = T..2"
     # --- what is drawn: from which run, how many, under which condition (Sec. 3.3, 4.2)
-    p.add_argument("--run", default=None, help="a run folder; default runs/shapes once trained, else the shipped run")
-    p.add_argument("--n", type=int, default=64, help="number of samples (per class with --class all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class", dest="classes", default=None,
-                   help="class index or name, comma list (one per sample, cycled) or 'all' (one row per class)")
-    p.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
-                   help="a text chain's prompt, e.g. 'a red star'; repeat it for more rows")
+    add("--run", help="a run folder; default runs/shapes once trained, else the shipped run")
+    add("--n", type=int, default=64, help="number of samples (per class with --class all)")
+    add("--seed", type=int, default=0)
+    add("--class", dest="classes",
+        help="class index or name, comma list (one per sample, cycled) or 'all' (one row per class)")
+    add("--prompt", dest="prompts", action="append", metavar="TEXT",
+        help="a text chain's prompt, e.g. 'a red star'; repeat it for more rows")
     # --- how: this code's sampling options, one value or one per scale
-    p.add_argument("--temperature", default="1.0", help="one value, or one per scale t = T..2")
-    p.add_argument("--top-k", default=None, help="one value, or one per scale t = T..2")
-    p.add_argument("--top-p", default=None, help="one value, or one per scale t = T..2")
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w: (1+w) cond - w uncond")
-    p.add_argument("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
+    add("--temperature", default="1.0", help=per_scale)
+    add("--top-k", help=per_scale)
+    add("--top-p", help=per_scale)
+    add("--guidance", type=float, default=0.0, help="classifier-free guidance weight w: (1+w) cond - w uncond")
+    add("--no-cache", action="store_true", help="decode without the key/value cache (slow; for study)")
     # --- where the images go
-    p.add_argument("--out", default=None, help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png; "
-                                               "the working folder for a shipped run)")
-    p.add_argument("--out-dir", default=None, help="also write one PNG per sample here (for FID tools)")
-    p.add_argument("--npz", default=None, help="also save uint8 NHWC images, codes and labels here")
-    p.add_argument("--trajectory", action="store_true", help="decode every x_t of the chain, x_T ... x_1")
+    add("--out", help="grid PNG (default <run>/sample.png, trajectory.png, inpaint.png; the working folder for a "
+                      "shipped run)")
+    add("--out-dir", help="also write one PNG per sample here (for FID tools)")
+    add("--npz", help="also save uint8 NHWC images, codes and labels here")
+    add("--trajectory", action="store_true", help="decode every x_t of the chain, x_T ... x_1")
     # --- masked editing (Sec. 4.3)
-    p.add_argument("--inpaint", default=None, help="image file(s), comma-separated, or test:N (N test images)")
-    p.add_argument("--mask", default=None, help=f"the region to regenerate: {', '.join(MASK_KINDS)}, or a PNG "
-                                              f"(white = regenerate); default upper, or none with --size")
-    p.add_argument("--completions", type=int, default=6, help="completions per inpainted image")
-    p.add_argument("--refine", type=int, default=ib.INPAINT_REFINE,
-                   help="inpainting: forward-backward rounds per scale (none at t = T), the paper's masked process")
-    p.add_argument("--particles", type=int, default=None,
-                   help="inpainting, this code's own: draws per image, resampled by how well they fit the given tokens")
-    p.add_argument("--context", choices=("clean", "noised"), default="clean",
-                   help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
+    add("--inpaint", help="image file(s), comma-separated, or test:N (N test images)")
+    add("--mask", help=f"the region to regenerate: {', '.join(MASK_KINDS)}, or a PNG (white = regenerate); "
+                       f"default upper, or none with --size")
+    add("--completions", type=int, default=6, help="completions per inpainted image")
+    add("--refine", type=int, default=ib.INPAINT_REFINE,
+        help="inpainting: forward-backward rounds per scale (none at t = T), the paper's masked process")
+    add("--particles", type=int,
+        help="inpainting, this code's own: draws per image, resampled by how well they fit the given tokens")
+    add("--context", choices=("clean", "noised"), default="clean",
+        help="inpainting: given tokens clean at every scale (Sec. 4.3), or noised like x_t")
     # --- beyond the training canvas (Sec. 4.2)
-    p.add_argument("--size", default=None, metavar="HxW", help="draw (or complete) H x W pixels, patch-wise")
-    p.add_argument("--stride", type=int, default=1, help="--size: columns the window moves at a time; 1 = Taming's rule")
-    p.add_argument("--place", choices=("left", "right", "center"), default=None,
-                   help="--inpaint with --size: where the given image goes on the canvas (default left)")
-    p.add_argument("--tiled", action="store_true", help="--size: the baseline, independent samples side by side")
-    p.add_argument("--across", action="store_true",
-                   help="two conditions (--class A,B or --prompt A --prompt B), left and right, mixed in between")
+    add("--size", metavar="HxW", help="draw (or complete) H x W pixels, patch-wise")
+    add("--stride", type=int, default=1, help="--size: columns the window moves at a time; 1 = Taming's rule")
+    add("--place", choices=("left", "right", "center"),
+        help="--inpaint with --size: where the given image goes on the canvas (default left)")
+    add("--tiled", action="store_true", help="--size: the baseline, independent samples side by side")
+    add("--across", action="store_true",
+        help="two conditions (--class A,B or --prompt A --prompt B), left and right, mixed in between")
     evaluate.add_selection_args(p)
-    p.add_argument("--device", default=None)
+    add("--device")
     # --- instead of sampling: loss curves, the editing page, the decoding benchmark (no run needed)
-    p.add_argument("--plot", action="store_true", help="draw the run's loss curves from its logs (loss_*.png)")
-    p.add_argument("--serve", action="store_true", help="serve a page to paint masks on and regenerate them")
-    p.add_argument("--host", default="127.0.0.1", help="--serve: the address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="--serve: the port (0 = any free one)")
-    p.add_argument("--benchmark", action="store_true", help="time cached vs. uncached decoding; one JSON line")
-    p.add_argument("--preset", default="tiny", help="--benchmark: the random chain's preset")
-    p.add_argument("--batch", type=int, default=16, help="--benchmark: the batch")
+    add("--plot", action="store_true", help="draw the run's loss curves from its logs (loss_*.png)")
+    add("--serve", action="store_true", help="serve a page to paint masks on and regenerate them")
+    add("--host", default="127.0.0.1", help="--serve: the address to listen on")
+    add("--port", type=int, default=8000, help="--serve: the port (0 = any free one)")
+    add("--benchmark", action="store_true", help="time cached vs. uncached decoding; one JSON line")
+    add("--preset", default="tiny", help="--benchmark: the random chain's preset")
+    add("--batch", type=int, default=16, help="--benchmark: the batch")
     for name in BENCHMARK_FIELDS:
-        p.add_argument(f"--{name}", type=int, default=None, help=f"--benchmark: the random chain's {name}")
-    p.add_argument("--cached-only", action="store_true", help="--benchmark: the cached sampler alone, seconds per image (Fig. 8)")
+        add(f"--{name}", type=int, help=f"--benchmark: the random chain's {name}")
+    add("--cached-only", action="store_true", help="--benchmark: the cached sampler alone, seconds per image (Fig. 8)")
     return p
 
 
@@ -102,64 +104,53 @@ MAX_GRID_PIXELS = 4096 * 4096   # a grid's size at most: past it, it shows the f
 # sampling options and conditions, checked before any sampling
 
 def sampling_options(args, T: int, K: int | None = None, names: dict = OPTION_NAMES, log=print) -> dict:
-    """--temperature, --top-k, --top-p (one value or T-1 values) and --guidance, every number through
-    runs.check_number. A top-k of at least K keeps every code, which is said."""
+    """--temperature, --top-k, --top-p (one value or T-1) and --guidance, through runs.check_number; a top-k
+    of at least K keeps every code, which is said."""
     def parse(text, key, **rule):
         if text is None:
             return None
         values = [runs.check_number(v, names[key], **rule) for v in str(text).split(",")]
-        if len(values) not in (1, T - 1):
-            raise runs.UserError(f"{names[key]} has {len(values)} values; give 1, or {T - 1} for this chain's "
-                                 f"{T - 1} scales (t = {T}..2)")
+        refuse(len(values) not in (1, T - 1), f"{names[key]} has {len(values)} values; give 1, or {T - 1} for this "
+                                              f"chain's {T - 1} scales (t = {T}..2)")
         return values[0] if len(values) == 1 else values
     top_k = parse(args.top_k, "top_k", low=1, whole=True)
     if K is not None and top_k is not None and max(top_k if isinstance(top_k, list) else [top_k]) >= K:
-        log(f"note: {names['top_k']} {args.top_k}: a top-k of at least K = {K} (this run's codes) keeps every code, so it filters nothing")
+        log(f"note: {names['top_k']} {args.top_k}: a top-k of at least K = {K} (this run's codes) keeps every "
+            f"code, so it filters nothing")
     return dict(temperature=parse(args.temperature, "temperature", low=0, above=True), top_k=top_k,
                 top_p=parse(args.top_p, "top_p", low=0, high=1, above=True),
                 guidance=runs.check_number(args.guidance, names["guidance"], 0), use_cache=not args.no_cache)
 
 
-def class_index(text: str, names: list[str]) -> int:
-    """A class by index ("6") or by name ("star")."""
-    if text.lstrip("-").isdigit():
-        return int(text)
-    if text not in names:
-        known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
-        raise runs.UserError(f"--class {text!r}: no class of that name; give {known}, a comma list, or 'all'")
-    return names.index(text)
-
-
 def parse_condition(args, chain: ib.ImageBART, n: int, device, across: bool = False) -> tuple[dict, int | None]:
-    """--class or --prompt -> (keyword arguments of the chain's sampling methods: {"labels": (n',)},
-    {"text": ids (n', text_len)} or {}; samples per row). --class all and --prompt give n samples of
-    each, one row each; a comma list of classes is cycled over the n samples. across: the pair."""
-    if args.prompts and args.classes is not None:
-        raise runs.UserError("give --class or --prompt, not both")
+    """--class or --prompt -> (the sampling methods' condition: {"labels": (n',)}, {"text": ids (n', text_len)}
+    or {}; samples per row). --class all, --prompt: n of each, a row each; a class list is cycled; across: the pair."""
+    refuse(args.prompts and args.classes is not None, "give --class or --prompt, not both")
     if args.classes is None and not args.prompts:
-        if args.guidance:
-            raise runs.UserError("--guidance needs --class or --prompt: it steers towards a condition")
+        refuse(args.guidance, "--guidance needs --class or --prompt: it steers towards a condition")
         return {}, None
-    kind = "conditioned on text" if chain.tokenizer is not None else "class-conditional" if chain.num_labels else "unconditional"
+    text = chain.tokenizer is not None
+    kind = "conditioned on text" if text else "class-conditional" if chain.num_labels else "unconditional"
     if args.prompts:
-        if chain.tokenizer is None:
-            raise runs.UserError(f"this run's chain is {kind}; it takes no --prompt (train one with --condition text)")
-        if chain.tokenizer.unknown(args.prompts):
-            print(f"warning: not in this run's vocabulary, read as <unk>: {', '.join(chain.tokenizer.unknown(args.prompts))}")
+        refuse(not text, f"this run's chain is {kind}; it takes no --prompt (train one with --condition text)")
+        if unknown := chain.tokenizer.unknown(args.prompts):
+            print(f"warning: not in this run's vocabulary, read as <unk>: {', '.join(unknown)}")
         with runs.user_errors():                               # too long: one line
             ids = chain.tokenizer.encode(args.prompts)         # (prompts, text_len)
         return ({"text": list(args.prompts)}, None) if across else ({"text": ids.repeat_interleave(n, 0).to(device)}, n)
-    if not chain.num_labels:
-        raise runs.UserError(f"this run's chain is {kind}; use --prompt, not --class" if chain.tokenizer is not None
-                             else f"this run's chain is {kind}; it takes no --class")
+    refuse(not chain.num_labels, f"this run's chain is {kind}; " + ("use --prompt, not --class" if text
+                                                                    else "it takes no --class"))
     if args.classes == "all":
         return {"labels": torch.arange(chain.num_labels, device=device).repeat_interleave(n)}, n
-    words = [c.strip() for c in args.classes.split(",")]
-    names = runs.run_class_names(args.run) if not all(w.lstrip("-").isdigit() for w in words) else []
-    classes = [class_index(w, names) for w in words]
+    words = [c.strip() for c in args.classes.split(",")]                # each an index ("6") or a name ("star")
+    names = [] if all(w.lstrip("-").isdigit() for w in words) else runs.run_class_names(args.run)
+    for w in words:
+        known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
+        refuse(not w.lstrip("-").isdigit() and w not in names,
+               f"--class {w!r}: no class of that name; give {known}, a comma list, or 'all'")
+    classes = [int(w) if w.lstrip("-").isdigit() else names.index(w) for w in words]
     bad = [c for c in classes if not 0 <= c < chain.num_labels]
-    if bad:
-        raise runs.UserError(f"class {bad[0]} is outside this data set's labels 0..{chain.num_labels - 1}")
+    refuse(bad, f"class {bad[0] if bad else ''} is outside this data set's labels 0..{chain.num_labels - 1}")
     if across:
         return {"labels": classes}, None
     return {"labels": torch.tensor(classes).repeat(math.ceil(n / len(classes)))[:n].to(device)}, None
@@ -168,51 +159,43 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device, across: bool = Fa
 def check_options(args) -> None:
     """Every number and every combination of the command line, before any work."""
     runs.check_number(args.guidance, "--guidance", 0)
-    runs.check_number(args.seed, "--seed", 0, runs.SEED_MAX, whole=True)
-    runs.check_number(args.batch, "--batch", 1, whole=True)
-    runs.check_number(args.port, "--port", 0, 65535, whole=True)
-    runs.check_number(args.refine, "--refine", 0, whole=True)
-    if args.particles is not None:
-        runs.check_number(args.particles, "--particles", 1, whole=True)
-    runs.check_number(args.n, "--n", 1, whole=True)
-    runs.check_number(args.completions, "--completions", 1, whole=True)
+    for name, low, high in (("seed", 0, runs.SEED_MAX), ("batch", 1, None), ("port", 0, 65535), ("refine", 0, None),
+                            ("particles", 1, None), ("n", 1, None), ("completions", 1, None)):
+        if getattr(args, name) is not None:                             # --particles: only where given
+            runs.check_number(getattr(args, name), f"--{name}", low, high, whole=True)
     given = [f"--{name}" for name in BENCHMARK_FIELDS if getattr(args, name) is not None]
-    if not args.benchmark and (given or args.cached_only):
-        raise runs.UserError(f"{', '.join(given) or '--cached-only'}: for --benchmark's random chain; a run's chain "
-                             f"is read from its checkpoints")
+    refuse(not args.benchmark and (given or args.cached_only), f"{', '.join(given) or '--cached-only'}: for "
+           f"--benchmark's random chain; a run's chain is read from its checkpoints")
     evaluate.check_selection(args.accept, args.rerank, args.scorer, args.classifier_steps)
     if args.accept is not None or args.rerank is not None:
         flag = "--accept" if args.accept is not None else "--rerank"
         for other in ("inpaint", "serve", "trajectory", "size", "across", "plot", "benchmark"):
-            if getattr(args, other):
-                raise runs.UserError(f"{flag} chooses among new samples of the training size; it does not apply to --{other}")
-        if args.rerank is not None and args.n > args.rerank:
-            raise runs.UserError(f"--rerank {args.rerank} keeps the best --n of {args.rerank} candidates per class or "
-                                 f"prompt; --n {args.n} is more than {args.rerank}")
-    if args.stride != 1 and not args.size:
-        raise runs.UserError("--stride moves the windows of a --size canvas; give --size")
-    if args.tiled and (not args.size or args.across):
-        raise runs.UserError("--tiled draws the baseline of a --size canvas (without --across)")
-    if args.place and not (args.inpaint and args.size):
-        raise runs.UserError("--place puts an --inpaint image on a larger --size canvas; give both")
-    if args.across:
-        classes = [c for c in (args.classes or "").split(",") if c.strip()]
-        if len(args.prompts or []) + (len(classes) if args.classes != "all" else 0) != 2 or (args.prompts and args.classes):
-            raise runs.UserError("--across takes exactly two conditions: --class A,B or --prompt A --prompt B")
-    if args.trajectory and args.inpaint:
-        raise runs.UserError("--trajectory draws the strips of samples; it does not apply to --inpaint")
-    if args.inpaint and args.classes == "all":
-        raise runs.UserError("--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
+            refuse(getattr(args, other), f"{flag} chooses among new samples of the training size; it does not "
+                                         f"apply to --{other}")
+        refuse(args.rerank is not None and args.n > args.rerank, f"--rerank {args.rerank} keeps the best --n of "
+               f"{args.rerank} candidates per class or prompt; --n {args.n} is more than {args.rerank}")
+    refuse(args.stride != 1 and not args.size, "--stride moves the windows of a --size canvas; give --size")
+    refuse(args.tiled and (not args.size or args.across),
+           "--tiled draws the baseline of a --size canvas (without --across)")
+    refuse(args.place and not (args.inpaint and args.size),
+           "--place puts an --inpaint image on a larger --size canvas; give both")
+    classes = [c for c in (args.classes or "").split(",") if c.strip()]
+    pair = len(args.prompts or []) + (len(classes) if args.classes != "all" else 0) == 2
+    refuse(args.across and (not pair or (args.prompts and args.classes)),
+           "--across takes exactly two conditions: --class A,B or --prompt A --prompt B")
+    refuse(args.trajectory and args.inpaint, "--trajectory draws the strips of samples; it does not apply to --inpaint")
+    refuse(args.inpaint and args.classes == "all",
+           "--inpaint takes one --class (or a list, cycled over the completions), not 'all'")
     # outputs: never a run's own file; the kind of file their names say; folders writable, made now
     for flag, path in (("--out", args.out), ("--npz", args.npz)):
         if path is not None:
             runs.refuse_run_file(flag, path, args.run)
             runs.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
     extensions = tuple(e for e in ds.IMAGE_EXTENSIONS if Image.registered_extensions().get(e) in Image.SAVE)
-    if args.out and not args.out.lower().endswith(extensions):
-        raise runs.UserError(f"--out {args.out}: a grid is an image; give a name ending in {', '.join(extensions)}")
-    if args.npz and not args.npz.lower().endswith(".npz"):
-        raise runs.UserError(f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
+    refuse(args.out and not args.out.lower().endswith(extensions),
+           f"--out {args.out}: a grid is an image; give a name ending in {', '.join(extensions)}")
+    refuse(args.npz and not args.npz.lower().endswith(".npz"),
+           f"--npz {args.npz}: the arrays go into an .npz file; give a name ending in .npz")
     if args.out_dir:
         runs.refuse_shipped(args.out_dir, "--out-dir")
         runs.ensure_writable_dir(args.out_dir)
@@ -222,33 +205,30 @@ def check_options(args) -> None:
 # images out: a grid, and for other tools one PNG per image or one .npz
 
 def grid_rows(args, cells: int, nrow: int, pixels) -> int:
-    """How many of a grid's `cells` images of `pixels` (H, W) it shows: all, or the first rows that
-    fit in MAX_GRID_PIXELS when every image also goes to --out-dir or --npz (said); refused before
-    any work otherwise."""
-    (H, W) = pixels
+    """How many of a grid's `cells` images of `pixels` (H, W) it shows: all, or the first rows within
+    MAX_GRID_PIXELS when --out-dir or --npz holds every image (said); else refused, before any work."""
+    H, W = pixels
     shown = max(nrow, MAX_GRID_PIXELS // ((H + 1) * (W + 1)) // nrow * nrow)
     if cells > shown:
-        if not (args.out_dir or args.npz):
-            raise runs.UserError(f"a grid of {cells} images of {H}x{W} is over {MAX_GRID_PIXELS} pixels; write the "
-                                 f"images with --out-dir DIR or --npz FILE, and the grid shows the first {shown}")
+        refuse(not (args.out_dir or args.npz), f"a grid of {cells} images of {H}x{W} is over {MAX_GRID_PIXELS} "
+               f"pixels; write the images with --out-dir DIR or --npz FILE, and the grid shows the first {shown}")
         print(f"note: the grid shows the first {shown} of {cells} images; all go to --out-dir / --npz", flush=True)
     return min(cells, shown)
 
 
-def write(args, grid: torch.Tensor, nrow: int, name: str, images=None, codes=None, labels=None) -> str:
-    """The grid's cells uint8 (C, 3, H, W) to --out (default `name` in the run's or the working
-    folder), the first grid_rows of them; the images (uint8 (n, 3, H, W)) to --out-dir, and with
-    their codes and labels to --npz (numpy.savez). -> the grid's path."""
-    path = args.out or os.path.join(args.home, name)
+def write(args, grid: torch.Tensor, nrow: int, name: str, images, codes, labels=None) -> str:
+    """grid uint8 (C, 3, H, W) -> --out (default `name` in args.home), as far as grid_rows shows it; images
+    uint8 (n, 3, H, W) -> a PNG each in --out-dir, and with codes and labels -> --npz. -> the grid's path."""
+    path, nhwc = args.out or os.path.join(args.home, name), images.permute(0, 2, 3, 1).numpy()
     runs.save_image_grid(grid[:grid_rows(args, len(grid), nrow, grid.shape[-2:])], path, nrow=nrow)
-    if images is not None and args.out_dir:
-        for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+    if args.out_dir:
+        for i, img in enumerate(nhwc):
             runs.save_image(Image.fromarray(img), os.path.join(args.out_dir, f"{i:06d}.png"))
         print(f"wrote {len(images)} PNGs to {args.out_dir}", flush=True)
-    if images is not None and args.npz:
+    if args.npz:
+        labels = np.zeros(0, np.int64) if labels is None else labels.cpu().numpy().astype(np.int64)
         with runs.replacing(args.npz) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=images.permute(0, 2, 3, 1).numpy(), codes=codes.cpu().numpy().astype(np.int64),
-                     labels=labels.cpu().numpy().astype(np.int64) if labels is not None else np.zeros(0, np.int64))
+            np.savez(f, images=nhwc, codes=codes.cpu().numpy().astype(np.int64), labels=labels)
         print(f"wrote {args.npz}", flush=True)
     return path
 
@@ -259,34 +239,29 @@ def decode(vq: ib.VQGAN, x1: torch.Tensor) -> torch.Tensor:
 
 
 def sample(args, vq, chain, opts, g, device, size=None) -> None:
-    """Samples (Sec. 3.3), BATCH at a time; with --trajectory one strip per sample, x_T ... x_1.
-    On a larger --size canvas through windows (Sec. 4.2), with --across a condition changing from
-    left to right, with --tiled the baseline of training-size samples side by side."""
+    """Samples (Sec. 3.3), BATCH at a time; --trajectory: a strip x_T ... x_1 per sample. A larger --size canvas
+    through windows (Sec. 4.2); --across: two conditions, left to right; --tiled: training-size samples side by side."""
     cond, per_row = parse_condition(args, chain, args.n, device, args.across)
     n = len(next(iter(cond.values()))) if cond and not args.across else args.n
-    labels = None if args.across else cond.get("labels")
     (h, w), (H, W), f = chain.cfg.grid, size or chain.cfg.grid, vq.cfg.factor
     nrow = chain.T if args.trajectory else per_row or max(1, math.ceil(math.sqrt(n * H / W)))  # squarish
     grid_rows(args, n * chain.T if args.trajectory else n, nrow, (H * f, W * f))             # before any work
     t0, states = time.time(), []
     for sl in runs.batches(n, BATCH, "sampling" if n > BATCH else None):
-        here = cond if args.across else {k: v[sl] for k, v in cond.items()}
-        m = sl.stop - sl.start
-        if args.tiled:      # the baseline of patch-wise sampling: training-size samples, side by side
-            rows, cols = math.ceil(H / h), math.ceil(W / w)
-            each = {k: v.repeat_interleave(rows * cols, 0) for k, v in here.items()}
-            xs = chain.sample(m * rows * cols, trajectory=True, generator=g, **each, **opts)
-            xs = [rearrange(x, "(n r c) h w -> n (r h) (c w)", r=rows, c=cols)[:, :H, :W] for x in xs]
-        elif size or args.across:
+        here, m = cond if args.across else {k: v[sl] for k, v in cond.items()}, sl.stop - sl.start
+        if (size or args.across) and not args.tiled:
             with runs.user_errors():
                 xs = ib.sample_canvas(chain, m, size=size, stride=args.stride, across=args.across, trajectory=True,
                                       generator=g, **here, **opts)
-        else:
-            xs = chain.sample(m, trajectory=True, generator=g, **here, **opts)
+        else:   # --tiled, the baseline of patch-wise sampling: rows x cols training-size samples side by side
+            rows, cols = (math.ceil(H / h), math.ceil(W / w)) if args.tiled else (1, 1)
+            each = {k: v.repeat_interleave(rows * cols, 0) for k, v in here.items()}
+            xs = chain.sample(m * rows * cols, trajectory=True, generator=g, **each, **opts)
+            xs = [rearrange(x, "(n r c) h w -> n (r h) (c w)", r=rows, c=cols)[:, :H, :W] for x in xs]
         states.append([x.cpu() for x in xs])
     print(f"sampled {n} images in {time.time() - t0:.1f}s", flush=True)
     xs = [torch.cat(s) for s in zip(*states)]                    # [x_T, ..., x_1], each (n, H, W)
-    images = decode(vq, xs[-1])
+    images, labels = decode(vq, xs[-1]), None if args.across else cond.get("labels")
     if args.trajectory:     # each strip: x_T .. x_1, every state decoded by the first stage
         grid = torch.stack([decode(vq, x) for x in xs[:-1]] + [images], dim=1).flatten(0, 1)
         path = write(args, grid, chain.T, "trajectory.png", images, xs[-1], labels)
@@ -299,35 +274,30 @@ def select(args, vq, chain, opts, g, device) -> None:
     """--accept or --rerank: each class's or prompt's samples chosen among more candidates
     (evaluate.sample_best_of), by the classifier of codes or by the chain's Bayes score."""
     flag = "--accept" if args.accept is not None else "--rerank"
-    if chain.num_labels is None and chain.tokenizer is None:
-        raise runs.UserError(f"this run's chain is unconditional: {flag} chooses samples by how well they show their "
-                             f"class or prompt, so it needs a conditional run")
+    refuse(chain.num_labels is None and chain.tokenizer is None, f"this run's chain is unconditional: {flag} chooses "
+           f"samples by how well they show their class or prompt, so it needs a conditional run")
     cond, per_row = parse_condition(args, chain, args.n, device)
-    if not cond:
-        raise runs.UserError(f"{flag} needs --class (or --prompt): it keeps the candidates that best show what was asked")
+    refuse(not cond, f"{flag} needs --class (or --prompt): it keeps the candidates that best show what was asked")
     n, scorer = len(next(iter(cond.values()))), "classifier" if args.accept is not None else args.scorer or "bayes"
     if scorer == "bayes":   # its own generator: the bound's draws do not move the samples' random numbers
         score = evaluate.bayes_scorer(chain, cond, torch.Generator(device).manual_seed(args.seed))
     else:
-        if "labels" in cond:
-            targets = cond["labels"]
-        else:   # the class a prompt names: the one class name among its words
-            names, targets = runs.run_class_names(args.run), []
-            for prompt in args.prompts:
-                found = sorted({names.index(w) for w in ib.Tokenizer.words(prompt) if w in names})
-                if len(found) != 1:
-                    raise runs.UserError(f"--prompt {prompt!r} names {'none' if not found else 'more than one'} of this "
-                                         f"run's classes; the classifier scores the class a prompt names, so name one "
-                                         f"(or --rerank with --scorer bayes)")
-                targets.append(found[0])
-            targets = torch.tensor(targets).repeat_interleave(per_row)
+        targets, names = cond.get("labels"), runs.run_class_names(args.run) if args.prompts else []
+        for prompt in args.prompts or []:     # the class a prompt names: the one class name among its words
+            found = sorted({names.index(w) for w in ib.Tokenizer.words(prompt) if w in names})
+            refuse(len(found) != 1, f"--prompt {prompt!r} names {'none' if not found else 'more than one'} of this "
+                   f"run's classes; the classifier scores the class a prompt names, so name one (or --rerank with "
+                   f"--scorer bayes)")
+            targets = torch.cat([targets, torch.tensor(found * per_row)]) if targets is not None else \
+                torch.tensor(found * per_row)
         steps = {"steps": args.classifier_steps} if args.classifier_steps else {}
         classifier, _ = evaluate.classifier_for(args.run, args.judge_dir, evaluate.CodeClassifierConfig(**steps), device)
         score = evaluate.classifier_score(classifier, targets)
     best = evaluate.sample_best_of(chain, n, score, **cond, accept=args.accept, rerank=args.rerank, generator=g,
                                    batch=BATCH, what="sampling candidates", **opts)
-    print(f"kept {n} of {len(best.candidates)} candidates ({f'rejection, R = {args.accept:g}' if args.accept else f'best of {args.rerank} by the {scorer} score'}): "
-          f"sampling {best.sample_seconds:.1f}s, scoring {best.score_seconds:.1f}s", flush=True)
+    how = f"rejection, R = {args.accept:g}" if args.accept else f"best of {args.rerank} by the {scorer} score"
+    print(f"kept {n} of {len(best.candidates)} candidates ({how}): sampling {best.sample_seconds:.1f}s, "
+          f"scoring {best.score_seconds:.1f}s", flush=True)
     images = decode(vq, best.codes)
     path = write(args, images, per_row or max(1, math.ceil(math.sqrt(n))), "sample.png", images, best.codes,
                  cond.get("labels"))
@@ -355,50 +325,48 @@ def load_images(spec: str, resolution: int) -> torch.Tensor:
 
 
 def inpaint(args, vq, chain, opts, g, device) -> None:
-    """--inpaint: regenerate the --mask region of each input --completions times; one row per input:
-    the original, the masked input, the completions. With --size the image is placed on a larger
-    canvas (--place) and the rest drawn through windows: outpainting."""
-    H, f, reps = vq.cfg.resolution, vq.cfg.factor, args.completions
-    if args.inpaint.startswith("test:"):
-        try:
-            B = int(args.inpaint[5:])
-        except ValueError:
-            raise runs.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
-        if not 1 <= B <= runs.test_count(args.run):
-            raise runs.UserError(f"--inpaint test:N takes N in 1..{runs.test_count(args.run)} (this run's test images), got {B}")
-    else:
-        B = len(args.inpaint.split(","))
-    size, place, (h, w) = runs.parse_size(args.size, args.stride, vq.cfg), args.place or "left", chain.cfg.grid
+    """--inpaint: the --mask region of each input regenerated --completions times; a row per input: the original,
+    the masked input, the completions. --size: the image --place'd on a larger canvas, the rest drawn (outpainting)."""
+    H, f, reps, (h, w), test = vq.cfg.resolution, vq.cfg.factor, args.completions, chain.cfg.grid, \
+        args.inpaint.startswith("test:")
+    try:
+        B = int(args.inpaint[5:]) if test else len(args.inpaint.split(","))
+    except ValueError:
+        raise runs.UserError(f"--inpaint test:N needs a number, got {args.inpaint!r}") from None
+    count = runs.test_count(args.run) if test else 0
+    if test and not 1 <= B <= count:
+        raise runs.UserError(f"--inpaint test:N takes N in 1..{count} (this run's test images), got {B}")
+    size, place = runs.parse_size(args.size, args.stride, vq.cfg), args.place or "left"
     canvas = size or (h, w)
-    if size is not None and ((place != "center" and size[1] <= w) or (place == "center" and size == (h, w))):
-        raise runs.UserError(f"--place {place}: the canvas --size {args.size} is no larger than the image in that "
-                             f"direction, so there is nothing to draw beyond it")
+    refuse(size is not None and (size == (h, w) if place == "center" else size[1] <= w), f"--place {place}: the "
+           f"canvas --size {args.size} is no larger than the image in that direction, so there is nothing to draw beyond it")
     # the mask, in pixels; a token is regenerated when any of its f x f pixels is (Sec. 4.3)
     mask = args.mask or ("upper" if size is None else None)
     regen_px = pixel_mask(mask, H, H, args.seed) if mask else torch.zeros(H, H, dtype=torch.bool)
     regen = token_mask(regen_px, f)
-    if size is None and not regen.any():
-        raise runs.UserError("the mask selects nothing to regenerate (it is all black): the output would be the input")
-    if regen.all():
-        raise runs.UserError("the mask covers the whole image, so nothing is given: that is plain sampling; "
-                             "run sample.py without --inpaint")
+    refuse(size is None and not regen.any(),
+           "the mask selects nothing to regenerate (it is all black): the output would be the input")
+    refuse(regen.all(), "the mask covers the whole image, so nothing is given: that is plain sampling; "
+                        "run sample.py without --inpaint")
     grid_rows(args, B * (reps + 2), reps + 2, (canvas[0] * f, canvas[1] * f))                    # before any work
     cond, _ = parse_condition(args, chain, 1 if args.prompts else B * reps, device)
     if args.prompts:   # several prompts cycle over the completions
         cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
     # the inputs as codes x_1 (test codes as they are, files encoded) and as the first stage shows them
-    if args.inpaint.startswith("test:"):
+    if test:
         x1 = runs.test_codes(args.run, vq, first=B).long().to(device)
         x0 = torch.cat([vq.decode(x1[sl]) for sl in runs.batches(B, BATCH)])
     else:
         x0 = ds.to_float(load_images(args.inpaint, H).to(device))
         x1 = torch.cat([vq.encode(x0[sl]) for sl in runs.batches(B, BATCH)])
     shown = torch.where(regen_px.to(device)[None, None], torch.zeros_like(x0), x0)    # grey where regenerated
+    # on the canvas, at (top, left): the given codes, what is kept of them, and the two pictures
     top, left = (canvas[0] - h) // 2, {"left": 0, "right": canvas[1] - w, "center": (canvas[1] - w) // 2}[place]
-    given, keep = torch.zeros(B, *canvas, dtype=torch.long, device=device), torch.zeros(B, *canvas, dtype=torch.bool, device=device)
+    given = torch.zeros(B, *canvas, dtype=torch.long, device=device)
+    keep = torch.zeros_like(given, dtype=torch.bool)
     given[:, top:top + h, left:left + w], keep[:, top:top + h, left:left + w] = x1, ~regen.to(device)
     pixels = torch.zeros(2, B, 3, canvas[0] * f, canvas[1] * f, device=device)   # the original and the masked input
-    pixels[:, :, :, top * f:(top + h) * f, left * f:(left + w) * f] = torch.stack([x0, shown])
+    pixels[..., top * f:(top + h) * f, left * f:(left + w) * f] = torch.stack([x0, shown])
     per_batch, completions = max(1, BATCH // (args.particles or 1)), []   # each completion decodes `particles` rows
     reader = ib.windows(chain, canvas, args.stride) if size else None
     for sl in runs.batches(B * reps, per_batch, "inpainting" if B * reps > per_batch else None):
@@ -409,9 +377,8 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
         assert (out[keep[rows]] == given[rows][keep[rows]]).all(), "given tokens changed"
         completions.append(out)
     completions = torch.cat(completions)
-    images = decode(vq, completions)
-    originals, masked = ds.to_uint8(pixels).cpu()
-    grid = torch.cat([torch.cat([originals[b:b + 1], masked[b:b + 1], images[b * reps:(b + 1) * reps]]) for b in range(B)])
+    images, (originals, masked) = decode(vq, completions), ds.to_uint8(pixels).cpu()
+    grid = torch.cat([originals[:, None], masked[:, None], images.unflatten(0, (B, reps))], 1).flatten(0, 1)
     path = write(args, grid, reps + 2, "inpaint.png", images, completions, cond.get("labels"))
     print(f"wrote {path}: per row the original, the masked input ({int((~keep[0]).sum())} of {canvas[0] * canvas[1]} "
           f"tokens regenerated), {reps} completions", flush=True)
@@ -421,25 +388,24 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
 # the decoding benchmark
 
 def benchmark(args) -> None:
-    """Cached against uncached decoding of one random chain, batch and seed (the cache must not
-    change a sample); with --cached-only the cached sampler alone, seconds per image, the median
-    of three runs (Fig. 8, right: sampling time against T); with --size the window sampler
-    against ordinary sampling of as many tokens. --T, --n_embd, --n_layer_enc, --n_layer_dec change
-    the preset's chain, so that the Table 3 configs are timed with random weights."""
+    """Cached against uncached decoding of one random chain, batch and seed (the cache must not change a sample);
+    --cached-only: the cached sampler alone, seconds per image, median of three (Fig. 8, right: time against T);
+    --size: the window sampler against ordinary sampling of as many tokens. --T, --n_embd, --n_layer_enc and
+    --n_layer_dec change the preset's chain: the Table 3 configs, timed with random weights."""
     device = runs.pick_device(args.device)
     changes = {name: getattr(args, name) for name in BENCHMARK_FIELDS if getattr(args, name) is not None}
     cfg = ib.ChainConfig(**{**vars(runs.preset_config(ib.CHAIN_PRESETS, args.preset)), **changes,
                             "num_codes": 512 if args.preset == "cifar" else 256, "grid": [8, 8], "num_labels": 10})
     runs.check_ranges(cfg, positive=("T", "n_embd", "n_layer_enc"), non_negative=("n_layer_dec",))
-    if cfg.T < 2 or cfg.n_embd % cfg.n_head:
-        raise runs.UserError(f"--T must be at least 2 and --n_embd divisible by {cfg.n_head}, got {cfg.T}, {cfg.n_embd}")
+    refuse(cfg.T < 2 or cfg.n_embd % cfg.n_head,
+           f"--T must be at least 2 and --n_embd divisible by {cfg.n_head}, got {cfg.T}, {cfg.n_embd}")
     torch.manual_seed(0)
     chain = ib.ImageBART(cfg).to(device).eval()
-    labels = torch.arange(args.batch, device=device) % 10
+    labels, sync = torch.arange(args.batch, device=device) % 10, getattr(torch.cuda, "synchronize", None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def run(**kw):
         g = torch.Generator(device).manual_seed(args.seed)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         x = ib.sample_canvas(chain, args.batch, labels, generator=g, **kw) if "size" in kw else \
@@ -447,11 +413,11 @@ def benchmark(args) -> None:
         sync()
         return time.perf_counter() - t0, x
     tokens = args.batch * cfg.N * (chain.T - 1)        # every scale writes N tokens per image
+    millions = lambda module: round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
     result = {"preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
               "batch": args.batch, "T": chain.T, "N": cfg.N, "threads": torch.get_num_threads(),
-              "params_M": round(sum(p.numel() for p in chain.parameters()) / 1e6, 3),
-              "params_by_scale_M": {t: round(sum(p.numel() for p in chain.scale(t).parameters()) / 1e6, 3)
-                                    for t in range(chain.T, 1, -1)}} | changes
+              "params_M": millions(chain), "params_by_scale_M": {t: millions(chain.scale(t)) for t in range(chain.T, 1, -1)}}
+    result |= changes
     run()                                              # warm-up
     if args.size:                                      # the window sampler, Taming's rule and strided
         H, W = runs.parse_size(args.size, args.stride, ib.VQ_PRESETS[args.preset])
@@ -478,9 +444,8 @@ def benchmark(args) -> None:
 
 # -----------------------------------------------------------------------------
 # the editing page (--serve): paint a mask, regenerate it (Sec. 4.3, Fig. 6)
-# assets/editor.html keeps two canvases over each other, the image and the mask the user paints,
-# sends both as PNG data URLs to /api/complete, and shows what comes back; every three seconds it
-# asks /api/info, so that it can say when the server has gone away.
+# assets/editor.html sends the image and the painted mask as PNG data URLs to /api/complete and shows
+# what comes back; it asks /api/info every three seconds, to say when the server has gone away.
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "editor.html")
 MAX_UPLOAD = 8 * 2 ** 20          # bytes
 MAX_COMPLETIONS = 16              # per request: a larger batch would hold the model for long
@@ -508,8 +473,7 @@ def read_image(data, resolution: int, what: str) -> torch.Tensor:
             data = base64.b64decode(data.split(",", 1)[1], validate=True)
         except Exception:
             raise runs.UserError(f"the {what} is not a data URL") from None
-    if len(data) > MAX_UPLOAD:
-        raise runs.UserError(f"the {what} is {len(data) / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
+    refuse(len(data) > MAX_UPLOAD, f"the {what} is {len(data) / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
     try:
         with Image.open(io.BytesIO(data)) as im:
             pixels = ds.resize_center_crop(im, resolution)
@@ -542,28 +506,23 @@ class Editor:
             return {"index": index, "image": data_url(self.vq.decode(self.test[index:index + 1].long().to(self.device)))[0]}
 
     def complete(self, req: dict) -> dict:
-        """{"image", "mask" (data URLs; white = regenerate) or "kind", "class" or "prompt", "guidance",
-        "temperature", "top_k", "top_p", "refine", "particles", "completions", "seed"} -> the
-        completions, the trajectory x_T .. x_1 of the first, and a grid, as data URLs."""
-        if not isinstance(req, dict):
-            raise runs.UserError("the request must be a JSON object (its fields by name)")
+        """{"image", "mask" (data URLs; white = regenerate) or "kind", "class" or "prompt", "guidance", "temperature",
+        "top_k", "top_p", "refine", "particles", "completions", "seed"} -> the completions, the trajectory x_T .. x_1
+        of the first, and a grid, as data URLs."""
+        refuse(not isinstance(req, dict), "the request must be a JSON object (its fields by name)")
         field = lambda key, default=None: default if req.get(key) in (None, "") else req[key]
-        H, f = self.vq.cfg.resolution, self.vq.cfg.factor
-        seed = runs.check_number(field("seed", 0), "seed", 0, runs.SEED_MAX, whole=True)
-        n = runs.check_number(field("completions", 4), "completions", 1, MAX_COMPLETIONS, whole=True)
-        refine = runs.check_number(field("refine", ib.INPAINT_REFINE), "refine", 0, 8, whole=True)
-        particles = runs.check_number(field("particles", 0), "particles", 0, 32, whole=True) or None
+        whole = lambda key, default, low, high: runs.check_number(field(key, default), key, low, high, whole=True)
+        H, seed, n = self.vq.cfg.resolution, whole("seed", 0, 0, runs.SEED_MAX), whole("completions", 4, 1, MAX_COMPLETIONS)
+        refine, particles = whole("refine", ib.INPAINT_REFINE, 0, 8), whole("particles", 0, 0, 32) or None
         x0 = read_image(str(field("image", "")), H, "image").to(self.device)
-        if field("kind"):
-            if req["kind"] not in MASK_KINDS:     # never a path: pixel_mask would read a file of the server's
-                raise runs.UserError(f"kind must be one of {', '.join(MASK_KINDS)}, got {req['kind']!r}")
+        if field("kind"):      # never a path: pixel_mask would read a file of the server's
+            refuse(req["kind"] not in MASK_KINDS, f"kind must be one of {', '.join(MASK_KINDS)}, got {req['kind']!r}")
             regen_px = pixel_mask(req["kind"], H, H, seed)
         else:
             regen_px = read_image(str(req.get("mask", "")), H, "mask").mean(1)[0] > 0    # white = regenerate
-        regen = token_mask(regen_px, f)
-        if not regen.any() or regen.all():
-            raise runs.UserError("the mask selects nothing to regenerate: paint over part of the image" if not regen.any()
-                                 else "the mask covers the whole image, so nothing is given: leave part of it")
+        regen = token_mask(regen_px, self.vq.cfg.factor)
+        refuse(not regen.any(), "the mask selects nothing to regenerate: paint over part of the image")
+        refuse(regen.all(), "the mask covers the whole image, so nothing is given: leave part of it")
         # the command line's own checks, on a namespace that looks like its arguments
         opts = argparse.Namespace(temperature=str(field("temperature", "1.0")), top_k=field("top_k"), top_p=field("top_p"),
                                   guidance=runs.check_number(field("guidance", 0), "guidance", 0), no_cache=False,
@@ -571,8 +530,7 @@ class Editor:
                                   prompts=[str(req["prompt"])] if field("prompt") else None)
         notes = []
         sampling = sampling_options(opts, self.chain.T, self.chain.diffusion.K, {k: k for k in OPTION_NAMES}, notes.append)
-        cond, _ = parse_condition(opts, self.chain, n, self.device)
-        cond = {k: v[:n] for k, v in cond.items()}
+        cond = {k: v[:n] for k, v in parse_condition(opts, self.chain, n, self.device)[0].items()}
         if not self.slots.acquire(blocking=False):
             raise Busy(f"busy, try again: {MAX_WAITING} jobs are already waiting for the model")
         try:
@@ -585,11 +543,8 @@ class Editor:
         finally:
             self.slots.release()
         shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
-        grid = io.BytesIO()
-        cells = ds.to_uint8(torch.cat([x0, shown, images])).cpu()
-        Image.fromarray(rearrange(torch.cat(list(cells), dim=-1), "c h w -> h w c").numpy()).save(grid, format="PNG")
         return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
-                "grid": "data:image/png;base64," + base64.b64encode(grid.getvalue()).decode(),
+                "grid": data_url(rearrange(torch.cat([x0, shown, images]), "b c h w -> 1 c h (b w)"))[0],
                 "regenerated_tokens": int(regen.sum()), "tokens": regen.numel(), "seconds": round(time.time() - t0, 2),
                 "notes": notes}
 
@@ -601,7 +556,8 @@ def make_server(editor: Editor, host: str, port: int):
     from urllib.parse import parse_qs, urlparse
 
     class Handler(BaseHTTPRequestHandler):
-        def reply(self, code: int, body: bytes, kind: str = "application/json") -> None:
+        def reply(self, code: int, body, kind: str = "application/json") -> None:
+            body = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -612,13 +568,12 @@ def make_server(editor: Editor, host: str, port: int):
             """JSON: the result; a client's mistake 400 with its line; a full queue 503; anything else
             500 (the traceback on the server's terminal, not sent to whoever asked)."""
             try:
-                self.reply(200, json.dumps(work()).encode())
+                self.reply(200, work())
             except (runs.UserError, Busy) as e:
-                self.reply(400 if isinstance(e, runs.UserError) else 503, json.dumps({"error": str(e)}).encode())
+                self.reply(400 if isinstance(e, runs.UserError) else 503, {"error": str(e)})
             except Exception as e:
                 traceback.print_exc()
-                self.reply(500, json.dumps({"error": f"the job failed ({type(e).__name__}); the server's terminal "
-                                                     f"shows why"}).encode())
+                self.reply(500, {"error": f"the job failed ({type(e).__name__}); the server's terminal shows why"})
 
         def body(self) -> bytes:
             """The request's body by its Content-Length (a number >= 0, at most MAX_UPLOAD)."""
@@ -631,6 +586,12 @@ def make_server(editor: Editor, host: str, port: int):
                 raise runs.UserError(f"the upload is {length / 2 ** 20:.1f} MB; the limit is {MAX_UPLOAD // 2 ** 20} MB")
             return self.rfile.read(length)
 
+        def request_json(self) -> dict:
+            try:
+                return json.loads(self.body() or b"{}")
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
+                raise runs.UserError("the request is not JSON that this page can read") from None
+
         def do_GET(self):
             url = urlparse(self.path)
             if url.path == "/":
@@ -640,21 +601,15 @@ def make_server(editor: Editor, host: str, port: int):
                 index = parse_qs(url.query).get("index", [""])[0] or None      # none: a random test image
                 self.answer(editor.info if url.path == "/api/info" else lambda: editor.test_image(index))
             else:
-                self.reply(404, json.dumps({"error": f"no page {url.path}"}).encode())
+                self.reply(404, {"error": f"no page {url.path}"})
 
         def do_POST(self):
-            def complete():
-                try:
-                    req = json.loads(self.body() or b"{}")
-                except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
-                    raise runs.UserError("the request is not JSON that this page can read") from None
-                return editor.complete(req)
             if self.path == "/api/upload":
                 self.answer(lambda: {"image": data_url(read_image(self.body(), editor.vq.cfg.resolution, "upload"))[0]})
             elif self.path == "/api/complete":
-                self.answer(complete)
+                self.answer(lambda: editor.complete(self.request_json()))
             else:
-                self.reply(404, json.dumps({"error": f"no endpoint {self.path}"}).encode())
+                self.reply(404, {"error": f"no endpoint {self.path}"})
 
         def log_message(self, *args):
             pass

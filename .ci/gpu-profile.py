@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import imagebart as ib  # noqa: E402
+import runs  # noqa: E402
 from train_chain import make_optimizer  # noqa: E402
 
 
@@ -29,12 +30,12 @@ def main():
     p.add_argument("--preset", default="cifar")
     p.add_argument("--t", type=int, default=2, help="the scale to profile (2 = encoder-decoder, T = decoder-only)")
     p.add_argument("--steps", type=int, default=5, help="profiled steps, after 5 warm-up steps")
-    p.add_argument("--dtype", default="auto", choices=ib.DTYPES)
+    p.add_argument("--dtype", default="auto", choices=runs.DTYPES)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    device = ib.pick_device(None)
-    dtype = ib.resolve_dtype(args.dtype, device)
-    cfg = dataclasses.replace(ib.preset_config(ib.CHAIN_PRESETS, args.preset), num_codes=512 if args.preset == "cifar"
+    device = runs.pick_device(None)
+    dtype = runs.resolve_dtype(args.dtype, device)
+    cfg = dataclasses.replace(runs.preset_config(ib.CHAIN_PRESETS, args.preset), num_codes=512 if args.preset == "cifar"
                               else 256, grid=[8, 8], num_labels=10, dtype=dtype)
     torch.manual_seed(0)
     chain = ib.ImageBART(cfg).to(device)
@@ -50,7 +51,7 @@ def main():
             x_t = D.q_sample(x1, t)
             q = D.q_posterior(x_t, x1, t)
             x_tm1 = D.draw(q)
-        with ib.autocast(device, dtype):
+        with runs.autocast(device, dtype):
             with record_function("network forward"):
                 logits = net(x_t, x_tm1, labels)
             with record_function("KL to the posterior (Eq. 7)"):
