@@ -42,12 +42,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: int, cx, cy, r, rot, color, bg)
         draw.ellipse(box, fill=color)
     elif name == "frame":
         draw.rectangle(box, fill=color)
-    elif name == "plus":
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
+    elif name == "plus":                                  # a wide bar and a tall one
+        for bar in ([cx - r, cy - w, cx + r, cy + w], [cx - w, cy - r, cx + w, cy + r]):
+            draw.rectangle(bar, fill=color)
     elif name == "cross":                                 # an X: two thick diagonals
-        draw.line([(cx - r, cy - r), (cx + r, cy + r)], fill=color, width=max(1, int(r * 0.55)))
-        draw.line([(cx - r, cy + r), (cx + r, cy - r)], fill=color, width=max(1, int(r * 0.55)))
+        for ends in ([(cx - r, cy - r), (cx + r, cy + r)], [(cx - r, cy + r), (cx + r, cy - r)]):
+            draw.line(ends, fill=color, width=max(1, int(r * 0.55)))
     elif name == "half-disc":
         draw.pieslice([cx - r, cy - r * 0.6, cx + r, cy + r * 1.4], 180, 360, fill=color)
     if name in ("ring", "frame"):
@@ -149,10 +149,8 @@ def _draw_scene(p: dict, offset: float, width: int, resolution: int) -> np.ndarr
     """Columns offset .. offset + width of p: uint8 (H, width, 3), not anti-aliased (a blend would tell the class)."""
     x = offset + np.arange(width) + 0.5                                # column centres
     y = (np.arange(resolution) + 0.5)[:, None]                         # row centres
-    image = np.empty((resolution, width, 3), dtype=np.uint8)
-    image[:] = list(SCENE_SKIES.values())[p["sky"]]
-    image[y >= _skyline(p, x, resolution)[None]] = list(SCENE_GROUNDS.values())[p["sky"]]
-    return image
+    sky, ground = list(SCENE_SKIES.values())[p["sky"]], list(SCENE_GROUNDS.values())[p["sky"]]
+    return np.where((y >= _skyline(p, x, resolution))[..., None], ground, sky).astype(np.uint8)
 
 
 def _scenes(n: int, seed: int, resolution: int, width: int | None):
@@ -175,8 +173,7 @@ def scene_skies(images: torch.Tensor) -> torch.Tensor:
 
 
 def make_scenes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """n crops, each at a random offset of its own wide scene, captions like "hills at dusk"; deterministic in
-    (n, seed). -> (uint8 (n, 3, H, H), long labels (n,), captions)"""
+    """n crops, each at a random offset of its own wide scene, captioned like "hills at dusk"; (n, 3, H, H)."""
     return _scenes(n, seed, resolution, None)[:3]
 
 
@@ -201,12 +198,10 @@ _CAPTION_RE = re.compile(
 
 def shape_caption(parts: dict) -> str:
     """{"size", "colour", "shape", "position" ("upper left" ...), "background"} -> the caption (None parts left out)."""
-    words = ["a"] + [parts[k] for k in ("size", "colour") if parts.get(k)] + [parts["shape"]]
-    if parts.get("position"):
-        words.append(_POSITION_WORDS[parts["position"]])
-    if parts.get("background"):
-        words.append(f"on a {parts['background']} background")
-    return " ".join(words)
+    position, background = parts.get("position"), parts.get("background")
+    words = ["a", parts.get("size"), parts.get("colour"), parts["shape"], position and _POSITION_WORDS[position],
+             background and f"on a {background} background"]
+    return " ".join(w for w in words if w)
 
 
 def shape_caption_parts(caption: str) -> dict | None:
@@ -214,10 +209,7 @@ def shape_caption_parts(caption: str) -> dict | None:
     m = _CAPTION_RE.match(caption.strip().lower())
     if m is None:
         return None
-    parts = m.groupdict()
-    if parts["position"]:
-        parts["position"] = {v: k for k, v in _POSITION_WORDS.items()}[parts["position"]]
-    return parts
+    return m.groupdict() | {"position": {v: k for k, v in _POSITION_WORDS.items()}.get(m["position"])}  # "upper left"
 
 
 def mirror_caption(caption: str) -> str:
@@ -260,8 +252,8 @@ def load_cifar(root: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-def download(url: str, path: str, md5: str | None = None, timeout: float = 30) -> str:
-    """url -> path unless there, via path.part renamed when whole; `md5` checked (ValueError); else OSError."""
+def download(url: str, path: str, md5: str, timeout: float = 30) -> None:
+    """url -> path unless there, via path.part renamed when whole; then its MD5 checked (ValueError); else OSError."""
     import urllib.request
     if not os.path.exists(path):
         print(f"downloading {url} to {path} ...", flush=True)
@@ -275,20 +267,17 @@ def download(url: str, path: str, md5: str | None = None, timeout: float = 30) -
             if size is not None and f.tell() != int(size):
                 raise OSError(f"{url}: {f.tell()} of {size} bytes")
         os.replace(path + ".part", path)
-    if md5 is not None:
-        with open(path, "rb") as f:
-            found = hashlib.md5(f.read()).hexdigest()
-        if found != md5:
-            raise ValueError(f"{path} has MD5 {found}, expected {md5}; delete it and try again")
-    return path
+    with open(path, "rb") as f:
+        found = hashlib.file_digest(f, "md5").hexdigest()
+    if found != md5:
+        raise ValueError(f"{path} has MD5 {found}, expected {md5}; delete it and try again")
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists and numpy arrays only: a pickle can run any code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-               ("numpy._core.numeric", "_frombuffer")}
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype")} | {   # numpy 2 renamed numpy.core numpy._core: either is read
+        (f"numpy.{core}.{module}", name) for core in ("core", "_core")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -310,6 +299,7 @@ MIN_TEST_IMAGES = 4        # the judge compares two halves of at least 2; the bo
 TOO_FEW_TEST_IMAGES = (f"the test split must hold at least {MIN_TEST_IMAGES} images to measure anything "
                        f"(the judge compares two halves of at least 2)")
 UNKNOWN_DATASET = "unknown data set {!r}; use shapes, scenes, cifar or folder:PATH"
+SHAPES_TRAIN_SIZE, SHAPES_TEST_SIZE = 20000, 2000     # shapes and scenes: a run records how many were drawn
 
 
 def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
@@ -323,11 +313,10 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
     if os.path.exists(listing):
         with open(listing, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip() and "\t" not in line:
+                name, tab, caption = line.partition("\t")
+                if line.strip() and not tab:
                     raise ValueError(f"{path}/captions.txt line {n}: expected 'file<TAB>caption'")
-                if line.strip():
-                    name, caption = line.rstrip("\n").split("\t", 1)
-                    listed[name.strip().replace(os.sep, "/")] = " ".join(caption.split())
+                listed[name.strip().replace(os.sep, "/")] = " ".join(caption.split())   # a blank line: ""
     images, labels, captions = [], [], []
     for p in files:
         try:
@@ -347,10 +336,10 @@ def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor 
         warnings.warn(f"skipped {len(files) - len(images)} unreadable image file(s) under {path}")
     if not images:
         raise ValueError(f"none of the {len(files)} image files under {path} could be read")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     if any(captions) and not all(captions):
-        print(f"{path}: {sum(not c for c in captions)} of {len(captions)} images have no caption "
-              f"(they get the empty one)", flush=True)
+        print(f"{path}: {captions.count('')} of {len(captions)} images have no caption (they get the empty one)",
+              flush=True)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, (torch.tensor(labels) if classes else None), (captions if any(captions) else None)
 
 
@@ -366,9 +355,7 @@ def _folder(path: str) -> tuple[list[str], list[str]]:
 def class_names(name: str) -> list[str]:
     """A data set's class names in label order ([] without labels): what sample.py --class accepts."""
     builtin = {"shapes": SHAPE_CLASSES, "scenes": SCENE_CLASSES, "cifar": CIFAR_CLASSES}
-    if name in builtin:
-        return list(builtin[name])
-    return _folder(name[len("folder:"):])[1]
+    return list(builtin[name]) if name in builtin else _folder(name.removeprefix("folder:"))[1]
 
 
 def check_folder_split(path: str, images: int) -> int:
@@ -383,7 +370,7 @@ def check_folder_split(path: str, images: int) -> int:
 def check_dataset(name: str) -> None:
     """shapes, scenes, cifar or folder:PATH of enough images, else one clear line (before any work)."""
     if name.startswith("folder:"):
-        path = name[len("folder:"):]
+        path = name.removeprefix("folder:")
         if not os.path.isdir(path):
             raise ValueError(f"image folder {path} does not exist")
         check_folder_split(path, len(_folder(path)[0]))
@@ -392,7 +379,7 @@ def check_dataset(name: str) -> None:
 
 
 def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "data",
-                 shapes_size: tuple[int, int] = (20000, 2000)):
+                 shapes_size: tuple[int, int] = (SHAPES_TRAIN_SIZE, SHAPES_TEST_SIZE)):
     """-> (uint8 images (N, 3, H, W), long labels (N,) or None, number of classes or 0, captions or None).
     `folder:PATH` has no held-out split of its own: a fixed tenth of it is the test split."""
     test = split != "train"
@@ -406,7 +393,7 @@ def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "
         return *load_cifar(data_root, split), 10, None
     if not name.startswith("folder:"):
         raise ValueError(UNKNOWN_DATASET.format(name))
-    path = name[len("folder:"):]
+    path = name.removeprefix("folder:")
     x, y, captions = load_folder(path, resolution)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))   # a fixed shuffle: a fixed split
     n_test = check_folder_split(path, len(x))
@@ -416,8 +403,6 @@ def load_dataset(name: str, split: str, resolution: int = 32, data_root: str = "
 
 
 # ----- Which images a run was trained on --------------------------------------------------
-SHAPES_TRAIN_SIZE, SHAPES_TEST_SIZE = 20000, 2000     # shapes and scenes: a run records how many were drawn
-
 
 def dataset_record(spec: str, resolution: int, data_root: str = "data", train_size: int = SHAPES_TRAIN_SIZE,
                    test_size: int = SHAPES_TEST_SIZE) -> dict:
@@ -428,7 +413,7 @@ def dataset_record(spec: str, resolution: int, data_root: str = "data", train_si
     elif spec == "cifar":
         record["data_root"] = os.path.abspath(data_root)
     elif spec.startswith("folder:"):
-        record["spec"] = "folder:" + os.path.abspath(spec[len("folder:"):])
+        record["spec"] = "folder:" + os.path.abspath(spec.removeprefix("folder:"))
     return record
 
 

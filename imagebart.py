@@ -380,17 +380,15 @@ def linear_alpha_bar_betas(T: int) -> list[float]:
 
 
 def check_betas(betas: Sequence[float]) -> list[float]:
-    if not betas:
-        raise ValueError("the schedule needs at least one beta (T >= 2)")
     betas = [float(b) for b in betas]
-    if not all(0 < b <= 1 for b in betas):          # nan fails too
-        raise ValueError(f"every beta must lie in (0, 1], got {betas}")
+    if not betas or not all(0 < b <= 1 for b in betas):          # nan fails too
+        raise ValueError(f"every beta must lie in (0, 1], at least one (T >= 2), got {betas}")
     if abs(betas[-1] - 1) > 1e-6:
         raise ValueError(f"the last beta must be 1, so that x_T is pure noise and p(x_T) is uniform; got {betas}")
-    early = [t for t, b in zip(range(2, len(betas) + 1), betas[:-1]) if b >= 1]
-    if early:   # x_t would be pure noise already, so every scale above t would learn nothing
-        raise ValueError(f"beta_{early[0]} = 1 makes x_{early[0]} pure noise, so the scales above it "
-                         f"would see no trace of x_1; only the last beta (t = T) may be 1, got {betas}")
+    for t, b in enumerate(betas[:-1], start=2):   # x_t pure noise already: the scales above t would learn nothing
+        if b >= 1:
+            raise ValueError(f"beta_{t} = 1 makes x_{t} pure noise, so the scales above it would see no trace "
+                             f"of x_1; only the last beta (t = T) may be 1, got {betas}")
     return betas
 
 
@@ -401,9 +399,8 @@ class MultinomialDiffusion:
         self.K = num_classes
         self.betas = check_betas(betas)
         self.T = len(self.betas) + 1
-        self._alpha_bar = [1.0]                  # alpha_bar_t = prod_{i=2..t} (1 - beta_i); alpha_bar_1 = 1
-        for b in self.betas:
-            self._alpha_bar.append(self._alpha_bar[-1] * (1 - b))
+        # alpha_bar_t = prod_{i=2..t} (1 - beta_i); alpha_bar_1 = 1
+        self._alpha_bar = [math.prod((1 - b for b in self.betas[:i]), start=1.0) for i in range(self.T)]
 
     def beta(self, t: int) -> float:                            # t = 2..T
         return self.betas[t - 2]

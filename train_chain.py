@@ -25,19 +25,21 @@ import shutil
 import time
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as ds
 import evaluate
 import imagebart as ib
 import runs
-from train_vq import train_first_stage
+from train_vq import check_first_stage, measure, train_first_stage
 
 # Fields that may change when a run is resumed; the others define the model and must match.
 RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches", "dtype"}   # dtype: a run may resume elsewhere
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     runs.add_run_args(p)
     p.add_argument("--scale", type=int, default=None,
                    help="train only the model of this t (2..T); several such processes may share one run folder")
@@ -47,13 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", default=None, metavar="'COLOUR SHAPE,...'",
                    help="shapes: leave out of the chain's training every image of these colour-shape "
                         "combinations, e.g. 'green star,blue ring'")
-    p.add_argument("--first-stage", default=None, metavar="RUN", help="reuse the first stage (vq.pt, tokens.pt) of another run")
+    p.add_argument("--first-stage", default=None, metavar="RUN",
+                   help="reuse the first stage (vq.pt, tokens.pt) of another run")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
     p.add_argument("--eval-n", type=int, default=1000,
                    help="at the end, judge N images per row (evaluate.py; labelled data only); 0 = skip")
     p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
     p.add_argument("--fresh-judges", action="store_true", help="train the judges even where assets/judges ships them")
-    p.add_argument("--judge-steps", type=int, default=None, help=f"training steps of a new judge")
+    p.add_argument("--judge-steps", type=int, default=None, help="training steps of a new judge")
     p.add_argument("--ship", action="store_true",
                    help="write the trained run's shipped copy to assets/pretrained/shapes (EMA weights in bf16) "
                         "and train nothing: for maintainers, after a change of checkpoint format or tiny preset")
@@ -118,18 +121,18 @@ def first_stage(args, out: str, world: runs.World) -> tuple[dict, dict]:
     times = {}
     if args.first_stage:
         world.on_rank_0(copy)
-    if not args.first_stage and not os.path.exists(runs.tokens_path(out)):
+    elif not os.path.exists(runs.tokens_path(out)):
         world.say(f"{out} has no first stage yet: training one with preset {args.preset!r}")
         times = train_first_stage(runs.preset_config(ib.VQ_PRESETS, args.preset), args.dataset, out, args.data_root,
                                   args.lpips_weights, args.device, world, args.dtype, args.compile)
     if world.size > 1:
         torch.distributed.barrier()              # rank 0 tokenizes (or copies) while the others wait
-    tokens = runs.load_tokens(out)
-    vq_cfg = ib.VQConfig(**runs.load_checkpoint(runs.vq_path(out), "vq")["config"])
-    grid, K = vq_cfg.resolution // vq_cfg.factor, runs.load_checkpoint(runs.vq_path(out), "vq")["model"]["used_codes"].numel()
-    if tokens["num_codes"] != K or tuple(tokens["train"].shape[1:]) != (grid, grid):   # the codes this vq.pt writes
-        raise runs.UserError(f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, grid {tuple(tokens['train'].shape[1:])}) "
-                             f"does not match {runs.vq_path(out)} (K = {K}, grid {(grid, grid)})")
+    tokens, vq = runs.load_tokens(out), runs.load_checkpoint(runs.vq_path(out), "vq")
+    vq_cfg, grid = ib.VQConfig(**vq["config"]), tuple(tokens["train"].shape[1:])
+    side, K = vq_cfg.resolution // vq_cfg.factor, vq["model"]["used_codes"].numel()
+    if tokens["num_codes"] != K or grid != (side, side):   # the codes this vq.pt writes
+        raise runs.UserError(f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, grid {grid}) "
+                             f"does not match {runs.vq_path(out)} (K = {K}, grid {(side, side)})")
     return tokens, times
 
 
@@ -170,16 +173,10 @@ def caption_batch(captions: list[str], parts: list, idx: list[int]) -> list[str]
     shape (size, colour, position, background) kept with probability 1/2, so that short prompts
     like "a red star" are as much in distribution as full ones. Other captions are used whole."""
     keep = torch.rand(len(idx), 4) < 0.5
-    out = []
-    for b, i in enumerate(idx):
-        p = parts[i]
-        if p is None:
-            out.append(captions[i])
-        else:
-            out.append(ds.shape_caption({k: p[k] if keep[b, j] else None
-                                         for j, k in enumerate(("size", "colour", "position", "background"))}
-                                        | {"shape": p["shape"]}))
-    return out
+    details = ("size", "colour", "position", "background")
+    return [captions[i] if parts[i] is None else
+            ds.shape_caption({k: parts[i][k] if keep[b, j] else None for j, k in enumerate(details)}
+                             | {"shape": parts[i]["shape"]}) for b, i in enumerate(idx)]
 
 
 @torch.no_grad()
@@ -189,12 +186,9 @@ def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, 
     Monte-Carlo draw per grid of codes (M, h, w) -> (M,) (fewer with max_batches), from a fixed
     generator: the same draws at every evaluation."""
     g = torch.Generator(codes.device).manual_seed(1234)
-    out = []
-    for b, i in enumerate(range(0, len(codes), batch)):
-        if max_batches is not None and b >= max_batches:
-            break
-        out.append(model.scale_bits(codes[i:i + batch], t, generator=g, **{k: v[i:i + batch] for k, v in cond.items()}).cpu())
-    return torch.cat(out)
+    starts = range(0, len(codes), batch)[:max_batches]          # None: every batch
+    return torch.cat([model.scale_bits(codes[i:i + batch], t, generator=g,
+                                       **{k: v[i:i + batch] for k, v in cond.items()}).cpu() for i in starts])
 
 
 # -----------------------------------------------------------------------------
@@ -211,9 +205,8 @@ def make_optimizer(net: torch.nn.Module, cfg: ib.ChainConfig, device) -> torch.o
 
 
 def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dict, device, ddp=None):
-    """One training step of scale t on the batch x1 (B, h, w): the loss of Eq. 7, backward,
-    gradient clipping, AdamW. Training and --benchmark both run it. `ddp`: the scale's
-    DistributedDataParallel wrapper under torchrun. -> (loss in nats per token, gradient norm),
+    """One training step of scale t on the batch x1 (B, h, w), as training and --benchmark run it
+    (`ddp`: the scale's DDP wrapper under torchrun). -> (loss in nats per token, gradient norm),
     as tensors: reading them waits for the device."""
     with runs.autocast(device, model.cfg.dtype):
         loss = model.loss(x1, t, kind=model.cfg.loss, net=ddp, **cond)
@@ -238,24 +231,22 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         ckpt = runs.load_checkpoint(path, "scale")
         if ckpt["step"] >= cfg.steps:
             return world.say(f"scale t={t}: finished ({ckpt['step']} steps), skipping")
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        for module, key in ((net, "model"), (ema, "ema"), (opt, "opt")):
+            module.load_state_dict(ckpt[key])
         step = ckpt["step"]
         world.say(f"scale t={t}: resuming from step {step}")
     # one seed per (run, scale, step, process): a resumed run draws the same batches every time
     torch.manual_seed(cfg.seed * 1000 + t * 100003 + step + 7919 * world.rank)
-    ddp = None                          # several processes: DDP averages the gradients in backward()
-    if world.size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # several processes: DDP averages the gradients in backward()
+    ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else None
 
     # --- data: the whole code data set lives on the device; a batch is one index
     rows = torch.arange(len(tokens["train"]))
     if cfg.holdout:    # less the held-out combinations, matched on what drew each image
         parts = [ds.shape_caption_parts(c) for c in tokens["train_captions"]]
         rows = torch.tensor([i for i, p in enumerate(parts) if f"{p['colour']} {p['shape']}" not in cfg.holdout])
-        world.say(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} held out")
+        world.say(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} "
+                  "held out")
     train = tokens["train"][rows].to(device).long()            # x_1 (M, h, w), mirrored copies included
     test = tokens["test"].to(device).long()
     y_train = tokens["train_labels"][rows].to(device) if model.num_labels else None
@@ -326,8 +317,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
             print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token{given(model)} "
                   f"(EMA weights)", flush=True)
             runs.save_atomic(runs.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict()), path)
-        if step % cfg.log_every == 0 or at_checkpoint:
-            runs.append_log(runs.log_path(out, t), record)
+        runs.append_log(runs.log_path(out, t), record)
 
 
 # -----------------------------------------------------------------------------
@@ -356,30 +346,28 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
     runs.save_json(report, runs.bound_path(out))
     runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "bound")              # one bound record
     runs.append_log(runs.log_path(out), {"stage": "bound", **report})
-    print(f"test {'exact NLL' if chain.T == 2 else 'upper bound on NLL'}{given(chain)}: {report['bits_per_token']:.4f} "
-          f"± {report['standard_error']:.4f} bits/token (uniform: log2 K = {math.log2(K):.3f})"
-          + "".join(f"\n  t={t}: {v}" for t, v in report["per_scale"].items()), flush=True)
+    print(f"test {'exact NLL' if chain.T == 2 else 'upper bound on NLL'}{given(chain)}: "
+          f"{report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token (uniform: log2 K = "
+          f"{math.log2(K):.3f})" + "".join(f"\n  t={t}: {v}" for t, v in report["per_scale"].items()), flush=True)
 
     # samples.png: a fixed seed, so that runs can be compared picture by picture
-    g = torch.Generator(device).manual_seed(0)
-    labels, text, rows = None, None, "unconditional"
-    if chain.num_labels:   # one row per class
-        labels = torch.arange(chain.num_labels, device=device).repeat_interleave(samples_per_row)
-        rows = "one row per class"
-    elif chain.tokenizer is not None:   # one row per prompt
+    g, png = torch.Generator(device).manual_seed(0), os.path.join(out, "samples.png")
+    n_rows, labels, text, rows = 1, None, None, "unconditional"
+    if chain.num_labels:
+        n_rows, rows = chain.num_labels, "one row per class"
+        labels = torch.arange(n_rows, device=device).repeat_interleave(samples_per_row)
+    elif chain.tokenizer is not None:
         prompts = sample_prompts(chain, tokens)
+        n_rows, rows = len(prompts), "one row per prompt: " + "; ".join(prompts)
         text = [p for p in prompts for _ in range(samples_per_row)]
-        rows = "one row per prompt: " + "; ".join(prompts)
-    n = len(labels) if labels is not None else len(text) if text is not None else samples_per_row
-    runs.save_image_grid(vq.decode(chain.sample(n, labels, text=text, generator=g)), os.path.join(out, "samples.png"),
-                         nrow=samples_per_row)
-    print(f"wrote {runs.bound_path(out)} and {os.path.join(out, 'samples.png')} ({rows})", flush=True)
+    samples = chain.sample(n_rows * samples_per_row, labels, text=text, generator=g)
+    runs.save_image_grid(vq.decode(samples), png, nrow=samples_per_row)
+    print(f"wrote {runs.bound_path(out)} and {png} ({rows})", flush=True)
 
 
 def sample_prompts(chain: ib.ImageBART, tokens: dict) -> list[str]:
-    """The prompts of samples.png on a text chain: on shapes every shape once, in colours that
-    cycle through the palette, then the held-out combinations; else the first eight distinct
-    test captions."""
+    """The prompts of samples.png on a text chain: on shapes every shape once (in colours cycling
+    through the palette), then the held-out combinations; else the first 8 distinct test captions."""
     if ds.shape_caption_parts(tokens["test_captions"][0]) is not None:
         colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
         return [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ds.SHAPE_CLASSES)] + \
@@ -390,7 +378,8 @@ def sample_prompts(chain: ib.ImageBART, tokens: dict) -> list[str]:
 def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> None:
     """Once every scale is trained: the bound, samples and the judge's figures, unless they are
     newer than every scale's checkpoint already (a finished run run again)."""
-    files = [runs.bound_path(out)] + ([runs.eval_path(out)] if args.eval_n and "train_labels" in tokens else [])
+    judged = args.eval_n and "train_labels" in tokens          # the judge's figures (evaluate.py)
+    files = [runs.bound_path(out)] + ([runs.eval_path(out)] if judged else [])
     newest = max(os.path.getmtime(runs.scale_path(out, t)) for t in range(2, T + 1))
     if all(os.path.exists(f) and os.path.getmtime(f) >= newest for f in files):
         return print(f"{', '.join(map(os.path.basename, files))}: up to date with every scale "
@@ -398,7 +387,7 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
     t0 = time.time()
     final_report(out, tokens, device, args.samples)
     times["bound and samples"] = time.time() - t0
-    if args.eval_n and "train_labels" in tokens:   # the judge's figures (evaluate.py)
+    if judged:
         t0 = time.time()
         result = evaluate.evaluate_folder(out, judge_dir=args.judge_dir, n=args.eval_n, judge_steps=args.judge_steps,
                                           device=device, shipped_judges=not args.fresh_judges)
@@ -409,9 +398,7 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
 
 def benchmark(args) -> None:
     """--benchmark: training steps of every scale of a random chain of --preset on random codes
-    (K = 512 for cifar, else 256; 8x8 grids; 10 classes), timed after a warm-up, and the MFU; the
-    FLOPs are torch's FlopCounterMode's over one real step. One JSON line."""
-    from torch.utils.flop_counter import FlopCounterMode
+    (K = 512 for cifar, else 256; 8x8 grids; 10 classes), and the MFU (train_vq.measure). One JSON line."""
     device = runs.pick_device(args.device)
     args.dtype = runs.resolve_dtype(args.dtype, device)
     cfg = dataclasses.replace(check_options(args), num_codes=512 if args.preset == "cifar" else 256, grid=[8, 8],
@@ -420,20 +407,17 @@ def benchmark(args) -> None:
     model = ib.ImageBART(cfg).to(device)
     x1 = torch.randint(0, cfg.num_codes, (cfg.batch_size, 8, 8), device=device)       # resident on the device
     cond = {"labels": torch.randint(0, 10, (cfg.batch_size,), device=device)}
-    seconds, flops = 0.0, 0
+    costs = []                                                    # (FLOPs, seconds) of a step, per scale
     for t in range(cfg.T, 1, -1):
         runs.compile_module(model.scale(t), args.compile)
         opt = make_optimizer(model.scale(t), cfg, device)
-        with FlopCounterMode(display=False) as counter:
-            optimizer_step(model, t, opt, x1, cond, device)
-        flops += counter.get_total_flops()
-        seconds += runs.time_steps(lambda: optimizer_step(model, t, opt, x1, cond, device), args.bench_steps, device)
-    step = seconds / (cfg.T - 1)                                  # a mean step over the scales
+        costs.append(measure(lambda: optimizer_step(model, t, opt, x1, cond, device), args.bench_steps, device))
+    flops, step = (sum(c) / (cfg.T - 1) for c in zip(*costs))     # a mean step over the scales
     print(json.dumps({"benchmark": "train_chain", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype,
                       "T": cfg.T, "batch_size": cfg.batch_size, "tokens_per_step": cfg.batch_size * cfg.N,
                       "params_per_scale_M": round(sum(p.numel() for p in model.parameters()) / (cfg.T - 1) / 1e6, 3),
                       "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
-                      **runs.speed_report(device, flops / (cfg.T - 1), step, args.peak_tflops, cfg.dtype)}), flush=True)
+                      **runs.speed_report(device, flops, step, args.peak_tflops, cfg.dtype)}), flush=True)
 
 
 def main():
@@ -445,7 +429,7 @@ def main():
         return benchmark(args)
     evaluate.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     runs.check_number(args.samples, "--samples", 1, whole=True)
-    check_options(args)                               # every flag of the chain, before any work
+    cfg = check_options(args)                         # every flag of the chain, before any work
     out = runs.run_dir(args.dataset, args.out)
     if args.ship:                                     # the shipped copy of a trained run, nothing trained
         if not runs.is_trained(out):
@@ -459,12 +443,10 @@ def main():
         raise runs.UserError(f"--scale {args.scale} trains one scale of a run that has a first stage; train it "
                              f"first: python train_vq.py --dataset {args.dataset} --out {out}")
     if not has_first_stage:                           # a first stage will be trained: its options now
-        runs.check_vq_config(runs.preset_config(ib.VQ_PRESETS, args.preset))
-        with runs.user_errors():
-            ds.check_dataset(args.dataset)
+        check_first_stage(runs.preset_config(ib.VQ_PRESETS, args.preset), args.dataset)
     world, device = runs.init_world(args.device)         # torchrun: one process of several
     args.dtype = runs.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
-    world.share(check_options(args).batch_size)       # a global batch that the processes can split
+    world.share(cfg.batch_size)                       # a global batch that the processes can split
     world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out, args.scale)))   # for the world
     if world.main and args.eval_n:
         runs.ensure_writable_dir(args.judge_dir)      # the judge's cache, needed at the end: checked now

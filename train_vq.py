@@ -21,6 +21,7 @@ import os
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import data as ds
 import imagebart as ib
@@ -35,8 +36,7 @@ RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # dtype: a run may r
 
 @dataclasses.dataclass
 class GAN:
-    """What the GAN loop updates: the autoencoder (the generator), the discriminator, their
-    optimizers and the step; LPIPS is fixed (None when its weights were not found)."""
+    """What the GAN loop updates, and LPIPS, which stays fixed (None when its weights were not found)."""
     cfg: ib.VQConfig
     vq: ib.VQGAN
     disc: ib.PatchDiscriminator
@@ -46,10 +46,16 @@ class GAN:
     step: int
 
 
+def check_first_stage(cfg: ib.VQConfig, dataset: str) -> None:
+    """One line for a config or a data set no first stage can train with, before any work."""
+    runs.check_vq_config(cfg)
+    with runs.user_errors():
+        ds.check_dataset(dataset)
+
+
 def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
     """The config to train with, and the checkpoint to resume from (or None): a resumed run keeps
     its saved config, and only the RESUMABLE fields may change."""
-    runs.check_vq_config(cfg)
     if not os.path.exists(runs.vq_path(out)):
         return cfg, None
     ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
@@ -62,28 +68,27 @@ def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
 
 
-def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weights: str | None) -> GAN:
+def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weights: str | None,
+          compile: str | None = None) -> GAN:
     # one seed per (run, step): a resumed run draws the same batches every time it resumes there
     torch.manual_seed(cfg.seed + (ckpt["step"] if ckpt else 0))
     # the perceptual loss: a new run uses it when its weights are found; a resumed one keeps doing what it did
-    lpips = None
-    if ckpt is None or cfg.has_perceptual:
-        lpips = runs.build_lpips(lpips_weights)
-        if lpips is None and ckpt is not None:
-            raise runs.UserError("this run was trained with the perceptual loss but its weights are gone")
-        cfg = dataclasses.replace(cfg, has_perceptual=lpips is not None)
-        lpips = lpips.to(device) if lpips is not None else None
+    lpips = runs.build_lpips(lpips_weights) if ckpt is None or cfg.has_perceptual else None
+    if lpips is None and ckpt is not None and cfg.has_perceptual:
+        raise runs.UserError("this run was trained with the perceptual loss but its weights are gone")
+    cfg = dataclasses.replace(cfg, has_perceptual=lpips is not None)
     vq = ib.VQGAN(cfg).to(device)
     disc = ib.PatchDiscriminator(cfg.disc_layers, cfg.disc_ch).to(device)
     # Adam with beta1 = 0.5, the usual choice for GANs (and taming-transformers')
     opt_g = torch.optim.Adam(vq.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    gan = GAN(cfg, vq, disc, opt_g, opt_d, lpips, step=0)
     if ckpt is not None:
         for module, key in ((vq, "model"), (disc, "disc"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             module.load_state_dict(ckpt[key])
-        gan.step = ckpt["step"]
-    return gan
+    for module in (vq, disc):
+        runs.compile_module(module, compile)       # in place: the state dicts keep their keys
+    return GAN(cfg, vq, disc, opt_g, opt_d, lpips.to(device) if lpips is not None else None,
+               step=ckpt["step"] if ckpt else 0)
 
 
 # -----------------------------------------------------------------------------
@@ -182,12 +187,15 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
                                                  "batch_codes": used, "batch_perplexity": ppl, "restarted": restarted,
                                                  "lr": lr, "time": time.time()})
 
-        # --- checkpoint, and a picture of how the reconstructions look now
+        # --- checkpoint, and a picture of how the reconstructions look now: two pairs of rows of
+        # 8, originals above their reconstructions
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             runs.save_atomic(runs.vq_checkpoint(vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
                                                 gan.opt_d.state_dict(), step, dataset), runs.vq_path(out))
-            save_recon_grid(vq, fixed, os.path.join(out, "vq_recon.png"))
-    vq.eval()
+            with torch.no_grad():
+                rec = vq.eval().decoder(vq.quantizer(vq.encoder(fixed))[0]).clamp(-1, 1)
+            runs.save_image_grid(torch.cat([fixed[:8], rec[:8], fixed[8:16], rec[8:16]]),
+                                 os.path.join(out, "vq_recon.png"), nrow=8)
     return vq
 
 
@@ -197,14 +205,6 @@ def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, flo
     p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
     p = p[p > 0] / p.sum()
     return len(p), float((-(p * p.log()).sum()).exp())
-
-
-@torch.no_grad()
-def save_recon_grid(vq: ib.VQGAN, x: torch.Tensor, path: str) -> None:
-    """Two pairs of rows: originals above their reconstructions, 8 images per row."""
-    vq.eval()
-    rec = vq.decoder(vq.quantizer(vq.encoder(x))[0]).clamp(-1, 1)
-    runs.save_image_grid(torch.cat([x[:8], rec[:8], x[8:16], rec[8:16]]), path, nrow=8)
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +219,6 @@ def inference_batch(device) -> int:
 @torch.inference_mode()
 def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None) -> dict:
     """PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out data."""
-    vq.eval()
     psnr, lp, codes = [], [], []
     for sl in runs.batches(len(x_test), inference_batch(device)):
         x = ds.to_float(x_test[sl].to(device))
@@ -238,16 +237,15 @@ def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None) -> dict:
 @torch.inference_mode()
 def encode_all(vq: ib.VQGAN, x: torch.Tensor, device) -> torch.Tensor:
     """uint8 images (N, 3, H, W) -> codes (N, h, w), int16 to keep tokens.pt small."""
-    vq.eval()
     return torch.cat([vq.encode(ds.to_float(x[sl].to(device))).cpu()
                       for sl in runs.batches(len(x), inference_batch(device))]).to(torch.int16)
 
 
 def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> dict:
-    """Evaluate on held-out images, shrink the codebook to the codes the training images and
-    their mirror images use (Sec. 4.1; the test split stays unseen by K), tokenize.
-    -> seconds per part."""
+    """Evaluate on held-out images, shrink the codebook to the codes the training images and their
+    mirror images use (Sec. 4.1; the test split stays unseen by K), tokenize. -> seconds per part."""
     t0 = time.time()
+    vq.eval()                                                  # for evaluate() and encode_all() too
     (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
     lpips = runs.build_lpips(lpips_weights, quiet=True)
     metrics = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
@@ -290,12 +288,10 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
                       lpips_weights: str | None = None, device=None, world: runs.World = runs.World(),
                       dtype: str = "auto", compile: str | None = None) -> dict:
     """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then shrink
-    and tokenize; a finished first stage is left as it is. The caller holds the folder's lock.
-    Under torchrun (`world`) every process trains on its share of each batch, and rank 0 alone
-    writes, shrinks and tokenizes. -> the seconds each part took ({} when nothing was left to do)."""
-    runs.check_vq_config(cfg)
-    with runs.user_errors():
-        ds.check_dataset(dataset)
+    and tokenize; a finished first stage is left as it is. The caller has checked `cfg` and
+    `dataset` (check_first_stage) and holds the folder's lock. Under torchrun (`world`) every
+    process trains on its share of each batch, and rank 0 alone writes, shrinks and tokenizes.
+    -> the seconds each part took ({} when nothing was left to do)."""
     world.share(cfg.batch_size)
     device = device if isinstance(device, torch.device) else runs.pick_device(device)
     cfg, ckpt = resolve_config(dataclasses.replace(cfg, dtype=runs.resolve_dtype(dtype, device)), out)
@@ -320,9 +316,7 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
             raise runs.UserError(f"{out} holds trained chain scales; retraining its first stage would "
                                  f"invalidate them. Use another --out")
         t0 = time.time()
-        gan = setup(cfg, ckpt, device, lpips_weights)
-        runs.compile_module(gan.vq, compile)
-        runs.compile_module(gan.disc, compile)
+        gan = setup(cfg, ckpt, device, lpips_weights, compile)
         if world.size > 1:
             # the same initial weights everywhere (seeded alike above), then each process its own
             # batches; on GPUs the discriminator's BatchNorm normalises over the whole batch
@@ -331,10 +325,10 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
                 gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
         if ckpt is not None:
             world.say(f"resuming {runs.vq_path(out)} from step {gan.step}")
-        world.say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, "
-                  f"{cfg.resolution}x{cfg.resolution} -> {cfg.resolution // cfg.factor}x{cfg.resolution // cfg.factor} "
-                  f"codes, K = {cfg.codebook_size}, device {device}"
-                  + (f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""))
+        side = cfg.resolution // cfg.factor
+        shares = f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""
+        world.say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, {cfg.resolution}x"
+                  f"{cfg.resolution} -> {side}x{side} codes, K = {cfg.codebook_size}, device {device}{shares}")
         vq = train(gan, data["train"][0], data["test"][0], out, record, world)
         times["first stage"] = time.time() - t0
         world.say(f"first stage trained in {times['first stage']:.0f}s")
@@ -346,31 +340,31 @@ def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str =
 
 def benchmark(args, cfg: ib.VQConfig) -> None:
     """--benchmark: GAN steps (generator and discriminator, LPIPS when its weights are found) of a
-    random first stage of --preset on random images, timed after a warm-up, and the MFU. The
-    FLOPs are counted by torch's FlopCounterMode over one real step (convolutions and matrix
-    products, forward and backward). One JSON line."""
-    from torch.utils.flop_counter import FlopCounterMode
+    random first stage of --preset on random images, and the MFU (measure()). One JSON line."""
     runs.check_vq_config(cfg)
     device = runs.pick_device(args.device)
     cfg = dataclasses.replace(cfg, dtype=runs.resolve_dtype(args.dtype, device))
-    torch.manual_seed(cfg.seed)
-    gan = setup(cfg, None, device, args.lpips_weights)
-    runs.compile_module(gan.vq, args.compile)
-    runs.compile_module(gan.disc, args.compile)
+    gan = setup(cfg, None, device, args.lpips_weights, args.compile)       # seeded by cfg.seed
     x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
-        gan_step(gan, x, gan_on=True)
-    seconds = runs.time_steps(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
+    flops, seconds = measure(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
     print(json.dumps({"benchmark": "train_vq", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype,
                       "batch_size": cfg.batch_size, "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
                       "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
                       "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
-                      **runs.speed_report(device, counter.get_total_flops(), seconds, args.peak_tflops, cfg.dtype)}),
-          flush=True)
+                      **runs.speed_report(device, flops, seconds, args.peak_tflops, cfg.dtype)}), flush=True)
+
+
+def measure(step, n: int, device) -> tuple[float, float]:
+    """Both training benchmarks' figures of a step: (its FLOPs, counted by torch's FlopCounterMode
+    over one real call of step(), the seconds per call, a mean of n after a warm-up)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops(), runs.time_steps(step, n, device)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     runs.add_run_args(p)
     runs.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
     return p
@@ -382,12 +376,10 @@ def main():
     cfg = runs.config_from_args(ib.VQ_PRESETS, args.preset, args)
     if args.benchmark:
         return benchmark(args, cfg)
-    runs.check_vq_config(cfg)                                  # before any process group is set up
-    with runs.user_errors():
-        ds.check_dataset(args.dataset)
+    check_first_stage(cfg, args.dataset)                       # before any process group is set up
     out = runs.run_dir(args.dataset, args.out)
     world, device = runs.init_world(args.device)              # torchrun: one process of several
-    world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out)))   # rank 0 holds it for the world
+    world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out)))   # held for the world
     train_first_stage(cfg, args.dataset, out, args.data_root, args.lpips_weights, device, world, args.dtype,
                       args.compile)
     runs.leave_world(world)
