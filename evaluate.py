@@ -329,9 +329,25 @@ def classifier_score(classifier: Classifier, targets: torch.Tensor):
     return score
 
 
+@torch.no_grad()
+def bayes_score(chain: ib.ImageBART, x1, labels=None, text=None, *, generator=None) -> torch.Tensor:
+    """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
+        log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
+    in bits per token, per sample (B,), each term replaced by its bound (nll): an estimate, not a
+    bound. This code's scorer for reranking (Fig. 3 reranks "as in [56]", DALL-E, with CLIP). Both
+    bounds use one generator state (common random numbers), so their noise largely cancels."""
+    if labels is None and text is None:
+        raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
+    generator = generator or torch.Generator(x1.device).manual_seed(0)
+    state = generator.get_state()
+    given = chain.nll(x1, labels, text, generator=generator)      # -log2 p(x_1 | c), bounded
+    generator.set_state(state)                                     # the same draws again
+    return chain.nll(x1, generator=generator) - given              # -log2 p(x_1 | null) - ...
+
+
 def bayes_scorer(chain: ib.ImageBART, cond: dict, generator=None):
-    """imagebart.bayes_score of each candidate under its asked row's condition cond ({"labels": (n,)} or {"text": ...})."""
-    return lambda x1, rows: ib.bayes_score(chain, x1, **{k: v[rows] for k, v in cond.items()}, generator=generator)
+    """bayes_score of each candidate under its asked row's condition cond ({"labels": (n,)} or {"text": ...})."""
+    return lambda x1, rows: bayes_score(chain, x1, **{k: v[rows] for k, v in cond.items()}, generator=generator)
 
 
 @dataclass
@@ -602,7 +618,7 @@ def evaluate_selection(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Cla
                        classifier=None, classifier_info=None, batch: int = 250, seed: int = 0, log=print) -> dict:
     """evaluate_run's sample rows, each sample chosen by sample_best_of: accept = R, rejection per condition by the
     classifier of codes (Table 2); rerank = K, each sample the best of its own K by `scorer`, "classifier" (the
-    class) or "bayes" (imagebart.bayes_score: the whole condition). evaluate_run's seeds and batches, so R = 1 and
+    class) or "bayes" (bayes_score: the whole condition). evaluate_run's seeds and batches, so R = 1 and
     K = 1 give its rows exactly. Also real_test, and the classifier's accuracy on A's codes and agreement with the judge."""
     if (scorer == "classifier" or accept is not None) and classifier is None:
         raise ValueError("rejection and --scorer classifier need the code classifier")

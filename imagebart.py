@@ -8,7 +8,7 @@ Read it top to bottom next to the paper, in the order of Sec. 3:
     2. Diffusion         the fixed multinomial diffusion over codes (Eq. 5-6), its posterior and KL (Eq. 7-8)
     3. Transformers      one encoder-decoder per scale (Eq. 1 within a scale; Sec. 3.3, 4.4), the key/value cache
     4. The chain         ImageBART: the loss, the bound (Eq. 2), the reverse chain (Sec. 3.3), masked editing (Sec. 4.3)
-    5. Beyond the chain  this code's extensions, separate code: patch-wise (Sec. 4.2), particles, a reranking score
+    5. Beyond the chain  this code's extensions, separate code: patch-wise (Sec. 4.2), particles
 This file knows nothing of files, processes or command lines; a bad argument raises ValueError.
 
 Notation is the paper's and never shifts: x_0 is the image, x_1 its codes, x_t for t = 2..T the
@@ -408,21 +408,18 @@ class MultinomialDiffusion:
     def alpha_bar(self, t: int) -> float:                       # t = 1..T
         return self._alpha_bar[t - 1]
 
-    def _onehot(self, x: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(x.long(), self.K).float()                          # (..., K)
-
     def q_step(self, x_prev: torch.Tensor, t: int, beta: float | None = None) -> torch.Tensor:
         """Eq. 5: q(x_t | x_{t-1}) = Cat((1 - beta_t) e(x_{t-1}) + beta_t / K).  (...,) -> (..., K)
         `beta` replaces beta_t (masked editing re-noises with a smaller, annealed one)."""
         b = self.beta(t) if beta is None else beta
-        return (1 - b) * self._onehot(x_prev) + b / self.K
+        return (1 - b) * F.one_hot(x_prev.long(), self.K).float() + b / self.K
 
     def q_marginal(self, x1: torch.Tensor, t: int) -> torch.Tensor:
         """Eq. 6: q(x_t | x_1) = Cat(alpha_bar_t e(x_1) + (1 - alpha_bar_t) / K).  (...,) -> (..., K)
         (t - 1 replacement steps compose into one: a token survives all of them with probability
         alpha_bar_t, and once replaced it is uniform forever after.)"""
         ab = self.alpha_bar(t)
-        return ab * self._onehot(x1) + (1 - ab) / self.K
+        return ab * F.one_hot(x1.long(), self.K).float() + (1 - ab) / self.K
 
     def q_posterior(self, x_t: torch.Tensor, x1: torch.Tensor, t: int) -> torch.Tensor:
         """q(x_{t-1} | x_t, x_1) = q(x_t | x_{t-1}) q(x_{t-1} | x_1) / q(x_t | x_1) (Sec. 3.3), t >= 2: Eq. 5
@@ -556,10 +553,9 @@ CHAIN_PRESETS = {
 
 
 class KVCache:
-    """One attention layer's keys and values while a decoder is read position by position: buffers
-    of `size` positions, written in place, so a new token costs one step over the positions before
-    it, not a pass over the whole prefix. Self-attention appends at every step; cross-attention
-    stores the encoder output's keys and values once."""
+    """One attention layer's keys and values in buffers of `size` positions, written in place: a new
+    token costs one step over the positions before it, not a pass over the whole prefix.
+    Self-attention appends at every step; cross-attention stores the encoder output's once."""
 
     def __init__(self, size: int):
         self.size, self.len = size, 0
@@ -1018,7 +1014,7 @@ class ImageBART(nn.Module):
 # =====================================================================================
 # Sections 1-4 are the paper's method. What follows adds to it, each part equal to it token for
 # token where it reduces to it (tested): patch-wise windows (at the training size the window never
-# moves), two conditions across, particles (one particle is the plain process), a Bayes score.
+# moves), two conditions across, particles (one particle is the plain process).
 
 # ----- Beyond the training canvas: patch-wise sampling (Sec. 4.2, Fig. 4) -----------------
 # The paper draws 300 x 1800 images with 256 x 256 models "in a patch-wise manner, where we use
@@ -1202,21 +1198,3 @@ def inpaint_particles(chain: ImageBART, x1, keep, labels=None, text=None, *, par
         xs.append(x_t)
     xs = [rearrange(x[::M], "b (h w) -> b h w", h=h, w=w) for x in xs]  # each image's first particle
     return xs if trajectory else xs[-1]
-
-
-# ----- A score that reranking may choose by (Fig. 3) -------------------------------------------
-
-@torch.no_grad()
-def bayes_score(chain: ImageBART, x1, labels=None, text=None, *, generator=None) -> torch.Tensor:
-    """How much the condition c explains x_1, from the chain alone, by Bayes' rule:
-        log2 p(x_1 | c) - log2 p(x_1 | null) = log2 p(c | x_1) - log2 p(c)
-    in bits per token, per sample (B,), each term replaced by its bound (nll): an estimate, not a
-    bound. This code's scorer for reranking (Fig. 3 reranks "as in [56]", DALL-E, with CLIP). Both
-    bounds use one generator state (common random numbers), so their noise largely cancels."""
-    if labels is None and text is None:
-        raise ValueError("the Bayes score compares a condition with the null one: give labels or text")
-    generator = generator or torch.Generator(x1.device).manual_seed(0)
-    state = generator.get_state()
-    given = chain.nll(x1, labels, text, generator=generator)      # -log2 p(x_1 | c), bounded
-    generator.set_state(state)                                     # the same draws again
-    return chain.nll(x1, generator=generator) - given              # -log2 p(x_1 | null) - ...

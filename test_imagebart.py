@@ -995,13 +995,13 @@ def test_bayes_score_is_two_bounds_with_common_random_numbers(text):
     chain = make_chain(text=text)
     x1 = torch.randint(0, 8, (4, 4, 4), generator=gen(1))
     cond = {"text": ["a red star", "a blue ring", "a green star", "a red star"]} if text else {"labels": torch.tensor([0, 1, 2, 0])}
-    assert torch.equal(ib.bayes_score(chain, x1, **cond, generator=gen(5)),
+    assert torch.equal(evaluate.bayes_score(chain, x1, **cond, generator=gen(5)),
                        chain.nll(x1, generator=gen(5)) - chain.nll(x1, **cond, generator=gen(5)))
-    common = torch.stack([ib.bayes_score(chain, x1, **cond, generator=gen(k)) for k in range(20)])
+    common = torch.stack([evaluate.bayes_score(chain, x1, **cond, generator=gen(k)) for k in range(20)])
     independent = torch.stack([chain.nll(x1, generator=gen(k)) - chain.nll(x1, **cond, generator=gen(k + 100)) for k in range(20)])
     assert common.std(0).mean() < 0.6 * independent.std(0).mean()
     with pytest.raises(ValueError, match="null one"):
-        ib.bayes_score(chain, x1)
+        evaluate.bayes_score(chain, x1)
 
 
 # =====================================================================================
