@@ -97,7 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 BENCHMARK_FIELDS = ("T", "n_embd", "n_layer_enc", "n_layer_dec")   # enough for the Table 3 runs' configs
 OPTION_NAMES = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "guidance": "--guidance"}
 BATCH = 256          # rows per batch of sampling and inpainting (completions x particles)
-MAX_GRID_PIXELS = 4096 * 4096   # a grid's size at most: past it, it shows the first images that fit
 
 
 # -----------------------------------------------------------------------------
@@ -204,23 +203,11 @@ def check_options(args) -> None:
 # -----------------------------------------------------------------------------
 # images out: a grid, and for other tools one PNG per image or one .npz
 
-def grid_rows(args, cells: int, nrow: int, pixels) -> int:
-    """How many of a grid's `cells` images of `pixels` (H, W) it shows: all, or the first rows within
-    MAX_GRID_PIXELS when --out-dir or --npz holds every image (said); else refused, before any work."""
-    H, W = pixels
-    shown = max(nrow, MAX_GRID_PIXELS // ((H + 1) * (W + 1)) // nrow * nrow)
-    if cells > shown:
-        refuse(not (args.out_dir or args.npz), f"a grid of {cells} images of {H}x{W} is over {MAX_GRID_PIXELS} "
-               f"pixels; write the images with --out-dir DIR or --npz FILE, and the grid shows the first {shown}")
-        print(f"note: the grid shows the first {shown} of {cells} images; all go to --out-dir / --npz", flush=True)
-    return min(cells, shown)
-
-
 def write(args, grid: torch.Tensor, nrow: int, name: str, images, codes, labels=None) -> str:
-    """grid uint8 (C, 3, H, W) -> --out (default `name` in args.home), as far as grid_rows shows it; images
-    uint8 (n, 3, H, W) -> a PNG each in --out-dir, and with codes and labels -> --npz. -> the grid's path."""
+    """grid uint8 (C, 3, H, W) -> --out (default `name` in args.home); images uint8 (n, 3, H, W) -> a PNG
+    each in --out-dir, and with codes and labels -> --npz. -> the grid's path."""
     path, nhwc = args.out or os.path.join(args.home, name), images.permute(0, 2, 3, 1).numpy()
-    runs.save_image_grid(grid[:grid_rows(args, len(grid), nrow, grid.shape[-2:])], path, nrow=nrow)
+    runs.save_image_grid(grid, path, nrow=nrow)
     if args.out_dir:
         for i, img in enumerate(nhwc):
             runs.save_image(Image.fromarray(img), os.path.join(args.out_dir, f"{i:06d}.png"))
@@ -245,7 +232,6 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
     n = len(next(iter(cond.values()))) if cond and not args.across else args.n
     (h, w), (H, W), f = chain.cfg.grid, size or chain.cfg.grid, vq.cfg.factor
     nrow = chain.T if args.trajectory else per_row or max(1, math.ceil(math.sqrt(n * H / W)))  # squarish
-    grid_rows(args, n * chain.T if args.trajectory else n, nrow, (H * f, W * f))             # before any work
     t0, states = time.time(), []
     for sl in runs.batches(n, BATCH, "sampling" if n > BATCH else None):
         here, m = cond if args.across else {k: v[sl] for k, v in cond.items()}, sl.stop - sl.start
@@ -348,7 +334,6 @@ def inpaint(args, vq, chain, opts, g, device) -> None:
            "the mask selects nothing to regenerate (it is all black): the output would be the input")
     refuse(regen.all(), "the mask covers the whole image, so nothing is given: that is plain sampling; "
                         "run sample.py without --inpaint")
-    grid_rows(args, B * (reps + 2), reps + 2, (canvas[0] * f, canvas[1] * f))                    # before any work
     cond, _ = parse_condition(args, chain, 1 if args.prompts else B * reps, device)
     if args.prompts:   # several prompts cycle over the completions
         cond["text"] = cond["text"].repeat(math.ceil(B * reps / len(args.prompts)), 1)[:B * reps]
@@ -449,11 +434,6 @@ def benchmark(args) -> None:
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "editor.html")
 MAX_UPLOAD = 8 * 2 ** 20          # bytes
 MAX_COMPLETIONS = 16              # per request: a larger batch would hold the model for long
-MAX_WAITING = 4                   # jobs that may wait behind the running one; past that, 503 "busy"
-
-
-class Busy(Exception):
-    """Too many jobs are waiting for the model: the page says "busy, try again" (503)."""
 
 
 def data_url(images: torch.Tensor) -> list[str]:
@@ -490,13 +470,13 @@ class Editor:
         self.run, self.device = run, device
         self.vq, self.chain = runs.load_run(run, device)
         self.test, self.class_names = runs.test_codes(run, self.vq), runs.run_class_names(run)
-        self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(1 + MAX_WAITING)
+        self.lock = threading.Lock()
 
     def info(self) -> dict:
         return {"run": self.run, "resolution": self.vq.cfg.resolution, "test_images": len(self.test),
                 "T": self.chain.T, "classes": self.class_names if self.chain.num_labels else [],
                 "text": self.chain.tokenizer is not None, "mask_kinds": list(MASK_KINDS), "refine": ib.INPAINT_REFINE,
-                "particles": 0, "max_completions": MAX_COMPLETIONS, "max_waiting": MAX_WAITING}
+                "particles": 0, "max_completions": MAX_COMPLETIONS}
 
     def test_image(self, index) -> dict:
         """A test image as the first stage sees it (its codes decoded); a random one without index."""
@@ -531,17 +511,12 @@ class Editor:
         notes = []
         sampling = sampling_options(opts, self.chain.T, self.chain.diffusion.K, {k: k for k in OPTION_NAMES}, notes.append)
         cond = {k: v[:n] for k, v in parse_condition(opts, self.chain, n, self.device)[0].items()}
-        if not self.slots.acquire(blocking=False):
-            raise Busy(f"busy, try again: {MAX_WAITING} jobs are already waiting for the model")
-        try:
-            with self.lock:       # the input's codes x_1, once per completion, through the masked process
-                t0 = time.time()
-                x1, keep = self.vq.encode(x0).expand(n, -1, -1), (~regen).to(self.device).expand(n, -1, -1)
-                xs = evaluate.complete(self.chain, x1, keep, particles=particles, refine=refine, trajectory=True,
-                                       generator=torch.Generator(self.device).manual_seed(seed), **cond, **sampling)
-                images, steps = self.vq.decode(xs[-1]), self.vq.decode(torch.stack([x_t[0] for x_t in xs]))
-        finally:
-            self.slots.release()
+        with self.lock:       # the input's codes x_1, once per completion, through the masked process
+            t0 = time.time()
+            x1, keep = self.vq.encode(x0).expand(n, -1, -1), (~regen).to(self.device).expand(n, -1, -1)
+            xs = evaluate.complete(self.chain, x1, keep, particles=particles, refine=refine, trajectory=True,
+                                   generator=torch.Generator(self.device).manual_seed(seed), **cond, **sampling)
+            images, steps = self.vq.decode(xs[-1]), self.vq.decode(torch.stack([x_t[0] for x_t in xs]))
         shown = torch.where(regen_px.to(self.device)[None, None], torch.zeros_like(x0), x0)
         return {"completions": data_url(images), "trajectory": data_url(steps), "masked": data_url(shown)[0],
                 "grid": data_url(rearrange(torch.cat([x0, shown, images]), "b c h w -> 1 c h (b w)"))[0],
@@ -565,12 +540,12 @@ def make_server(editor: Editor, host: str, port: int):
             self.wfile.write(body)
 
         def answer(self, work) -> None:
-            """JSON: the result; a client's mistake 400 with its line; a full queue 503; anything else
-            500 (the traceback on the server's terminal, not sent to whoever asked)."""
+            """JSON: the result; a client's mistake 400 with its line; anything else 500 (the traceback
+            on the server's terminal, not sent to whoever asked)."""
             try:
                 self.reply(200, work())
-            except (runs.UserError, Busy) as e:
-                self.reply(400 if isinstance(e, runs.UserError) else 503, {"error": str(e)})
+            except runs.UserError as e:
+                self.reply(400, {"error": str(e)})
             except Exception as e:
                 traceback.print_exc()
                 self.reply(500, {"error": f"the job failed ({type(e).__name__}); the server's terminal shows why"})
