@@ -1181,23 +1181,14 @@ def test_scenes_with_every_command_that_takes_a_dataset(tmp_path, monkeypatch, c
     assert 0 <= rows["extend_left"]["same_sky"] <= 1
 
 
-def test_the_grid_cap_and_files_of_every_image(trained_run, tmp_path, monkeypatch, capsys):
-    """A grid over MAX_GRID_PIXELS (here 2 rows of 4 images) shows its first rows and says so when
-    --out-dir or --npz holds every image, and is refused before any sampling (naming those flags)
-    when nothing does; so is an inpainting grid."""
-    monkeypatch.setattr(sample, "MAX_GRID_PIXELS", 8 * 33 * 33 + 50)
+def test_files_of_every_image(trained_run, tmp_path, monkeypatch, capsys):
+    """--out-dir writes one PNG per sample and --npz the images, codes and labels, beside the grid."""
     png, pngs, npz = str(tmp_path / "grid.png"), str(tmp_path / "pngs"), str(tmp_path / "s.npz")
     code, out, err = run_script(sample, ["--run", trained_run.dir, "--n", "10", "--out", png, "--out-dir", pngs,
                                          "--npz", npz], monkeypatch, capsys)
     assert code == 0, err
-    assert "the grid shows the first 8 of 10" in out and png_size(png) == (4 * 33 + 1, 2 * 33 + 1)
     assert len(os.listdir(pngs)) == 10 and np.load(npz)["images"].shape == (10, 32, 32, 3)
-    sampled = []
-    monkeypatch.setattr(ib.ImageBART, "decode_scale", lambda *a, **k: sampled.append(1))
-    for more in (["--n", "10"], ["--inpaint", "test:2", "--completions", "4"]):
-        code, _, err = run_script(sample, ["--run", trained_run.dir, "--out", png, *more], monkeypatch, capsys)
-        assert_user_error(code, err, "write the images with --out-dir DIR or --npz FILE")
-    assert not sampled
+    assert len(np.load(npz)["codes"]) == 10 and png_size(png) == (4 * 33 + 1, 3 * 33 + 1)
 
 
 def test_a_finished_first_stage_is_left_and_lost_tokens_are_made_again(trained_run, tmp_path, monkeypatch, capsys):
@@ -1453,13 +1444,12 @@ def test_serve_endpoints(trained_run):
         assert json.loads(http(base + "/api/complete", b"{not json")[1])["error"].startswith("the request is not JSON")
 
 
-def test_serve_answers_bad_requests_400_faults_500_and_a_full_queue_503(trained_run, monkeypatch, capsys):
+def test_serve_answers_bad_requests_400_and_faults_500(trained_run, monkeypatch, capsys):
     """Bad requests as a client might send them (JSON but no object, numbers that are not numbers,
     not finite or out of range, a mask kind that is a path, a Content-Length of -5, abc or -1,
     answered at once) are each a 400 with one plain line; a fault of the server's is a 500 that
-    says the job failed, its traceback on the server's terminal; past MAX_WAITING waiting jobs a
-    completion is a 503 "busy, try again" while the waiting ones complete; --host other than
-    127.0.0.1 prints one warning line."""
+    says the job failed, its traceback on the server's terminal; --host other than 127.0.0.1
+    prints one warning line."""
     with page_server(trained_run.dir) as (editor, base):
         port = int(base.rsplit(":", 1)[1])
 
@@ -1491,19 +1481,6 @@ def test_serve_answers_bad_requests_400_faults_500_and_a_full_queue_503(trained_
         assert code == 500 and reply["error"] == "the job failed (ZeroDivisionError); the server's terminal shows why"
         assert "Traceback" in capsys.readouterr().err
         monkeypatch.undo()
-        results = []
-        with editor.lock:       # MAX_WAITING jobs wait behind one that holds the model; the next is told so
-            threads = [threading.Thread(target=lambda: results.append(post(json.dumps(ok).encode())))
-                       for _ in range(sample.MAX_WAITING + 1)]
-            [th.start() for th in threads]
-            deadline = time.time() + 60
-            while editor.slots._value > 0:
-                assert time.time() < deadline
-                time.sleep(0.02)
-            code, reply = post(json.dumps(ok).encode())
-            assert code == 503 and reply["error"].startswith("busy, try again")
-        [th.join() for th in threads]
-        assert [c for c, _ in results] == [200] * (sample.MAX_WAITING + 1)
     from http.server import ThreadingHTTPServer
     monkeypatch.setattr(ThreadingHTTPServer, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     code, out, err = run_script(sample, ["--run", trained_run.dir, "--serve", "--host", "0.0.0.0", "--port", "0"], monkeypatch, capsys)
@@ -1517,7 +1494,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def test_serve_page_in_headless_chromium(trained_run, tmp_path):
     """The page in headless Chromium: a link that fills the form (test image 3, the upper half,
     class "star", three completions) and presses "complete" shows the masked input, three
-    completions, the trajectory's three images and no error; with the queue full, "busy, try again"."""
+    completions, the trajectory's three images and no error."""
     def page(url) -> str:
         return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -1526,13 +1503,9 @@ def test_serve_page_in_headless_chromium(trained_run, tmp_path):
     with page_server(trained_run.dir) as (editor, base):
         url = base + "/?index=3&kind=upper&class=star&completions=3&go=1"
         dom = page(url)
-        for _ in range(1 + sample.MAX_WAITING):
-            editor.slots.acquire()
-        busy = page(url)
     assert dom.split('id="results"')[1].split("</div>")[0].count('class="small"') == 4, dom[-3000:]
     assert dom.split('id="trajectory"')[1].split("</div>")[0].count('class="step"') == 3
     assert re.search(r'<div id="error">\s*</div>', dom) and "32 of 64 tokens regenerated, 3 completions" in dom
-    assert re.search(r'<div id="error">busy, try again', busy), busy[-3000:]
 
 
 # ----- Resuming, locks, failures ---------------------------------------------------------
