@@ -82,15 +82,14 @@ VQ_PRESETS = {
 }
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm in fp32 under bf16 autocast: its statistics are sums, where bf16 loses the most."""
+class Norm(nn.GroupNorm):
+    """GroupNorm of c channels, in fp32 under bf16 autocast: its statistics are sums, where bf16 loses the most."""
+
+    def __init__(self, c: int):
+        super().__init__(num_groups=min(32, c // 4), num_channels=c, eps=1e-6)
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
-
-
-def Norm(c: int) -> nn.GroupNorm:
-    return GroupNorm32(num_groups=min(32, c // 4), num_channels=c, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -211,8 +210,6 @@ class VectorQuantizer(nn.Module):
         recent batch (else most of a codebook goes unused: codebook collapse). -> how many moved."""
         dead = (self.hits == 0).nonzero().flatten()
         self.hits.zero_()
-        if len(dead) == 0:
-            return 0
         z_flat = self.project(rearrange(z, "b d h w -> (b h w) d").float())
         pick = torch.randint(0, z_flat.shape[0], (len(dead),), device=z_flat.device)
         self.codebook.weight.data[dead] = z_flat[pick] + 1e-3 * torch.randn_like(z_flat[pick])
@@ -279,11 +276,12 @@ def vgg16_features() -> nn.Sequential:
         else:
             layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
             c = v
-    return nn.Sequential(*layers[:30])  # up to relu5_3; the last max-pool is not needed
+    return nn.Sequential(*layers)       # up to relu5_3 (VGG16_LAYERS leaves out the last max-pool)
 
 
 class LPIPS(nn.Module):
-    """d(x, y) = sum_l mean_hw || w_l * (f_l(x)/|f_l(x)| - f_l(y)/|f_l(y)|) ||^2."""
+    """d(x, y) = sum_l mean_hw sum_c w_lc (u_l(x) - u_l(y))_c^2, u_l = f_l / |f_l| over channels: the
+    squared differences of the unit-normalised features, weighted per channel (as the lpips package)."""
 
     def __init__(self):
         super().__init__()
@@ -291,7 +289,7 @@ class LPIPS(nn.Module):
         # LPIPS's own shift and scale of [-1, 1] images for VGG
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None], persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None], persistent=False)
-        # one 1x1 conv per tap, no bias: the learned, non-negative channel weights w_l
+        # one 1x1 conv per tap, no bias: the learned channel weights w_l (non-negative once loaded)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in LPIPS_CHANNELS)
         self._taps: list[torch.Tensor] = []
         for i in LPIPS_TAPS:
@@ -558,8 +556,7 @@ class KVCache:
     Self-attention appends at every step; cross-attention stores the encoder output's once."""
 
     def __init__(self, size: int):
-        self.size, self.len = size, 0
-        self.k = self.v = None
+        self.size, self.len, self.k, self.v = size, 0, None, None
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, nh, L, hs) of L new positions -> those of every position so far (B, nh, len, hs)."""
@@ -633,8 +630,8 @@ class ScaleTransformer(nn.Module):
     `residual_logits` (the official geometric configs' ResidualScaledXTransformer): by Bayes,
     p(x_{t-1} | x_t) ∝ q(x_t | x_{t-1}) p(x_{t-1} | ...), so the known factor log q(x^i_t | x^i_{t-1} = k)
     (Eq. 5 as a function of k; up to a constant a bonus log(1 + K (1 - beta_t) / beta_t) on k = x^i_t)
-    is added to the network's logits times a learned scale s (`logit_scale`, a raw parameter; the
-    official code's is exp(log_scalor) > 0).
+    is added to the network's logits, which are multiplied by a learned scale s first (`logit_scale`,
+    a raw parameter; the official code's is exp(log_scalor) > 0): s * network + log q.
     `aligned_input` (this code's own): x^i_t's embedding added to the decoder input at position i."""
 
     def __init__(self, cfg: ChainConfig, t: int, beta_t: float):
@@ -776,18 +773,20 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 
 
 def scale_options(options: dict, t: int, T: int) -> dict:
-    """Scale t's sampling options: each is one value, or (temperature, top_k, top_p) a list of one
-    per scale for t = T, T-1, ..., 2."""
+    """Scale t's sampling options (temperature, top_k, top_p, guidance, use_cache): each is one value,
+    or a list of one per scale for t = T, T-1, ..., 2."""
     ok = {"temperature": lambda v: v > 0, "top_k": lambda v: v is None or v >= 1,
-          "top_p": lambda v: v is None or 0 < v <= 1, "guidance": lambda v: v >= 0}
+          "top_p": lambda v: v is None or 0 < v <= 1, "guidance": lambda v: v >= 0, "use_cache": lambda v: True}
     out = {}
     for name, value in options.items():
+        if name not in ok:
+            raise ValueError(f"unknown sampling option {name!r}; the options are {', '.join(ok)}")
         if isinstance(value, (list, tuple)):
             if len(value) != T - 1:
                 raise ValueError(f"{name} has {len(value)} values; give 1, or {T - 1} for this chain's "
                                  f"{T - 1} scales (t = {T}..2)")
             value = value[T - t]
-        if not ok.get(name, lambda v: True)(value):          # nan fails too
+        if not ok[name](value):                               # nan fails too
             raise ValueError(f"{name} {value} is out of range")
         out[name] = value
     return out
@@ -834,14 +833,14 @@ class ImageBART(nn.Module):
             text = [text] if isinstance(text, str) else list(text)
             if len(text) not in (1, B):
                 raise ValueError(f"text has {len(text)} prompts for {B} samples; give 1 or {B}")
-            if self.tokenizer.unknown(text):
-                warnings.warn(f"words not in this chain's vocabulary become <unk>: {', '.join(self.tokenizer.unknown(text))}")
+            if unknown := self.tokenizer.unknown(text):
+                warnings.warn(f"words not in this chain's vocabulary become <unk>: {', '.join(unknown)}")
             return self.tokenizer.encode(text).to(device).expand(B, -1)
         if text is not None:
             raise ValueError("this chain is not conditioned on text; it takes no text")
+        if self.num_labels is None and labels is not None:
+            raise ValueError("this chain is unconditional; it takes no labels")
         if self.num_labels is None:
-            if labels is not None:
-                raise ValueError("this chain is unconditional; it takes no labels")
             return None
         if labels is None:
             return torch.full((B,), self.num_labels, dtype=torch.long, device=device)
@@ -917,9 +916,10 @@ class ImageBART(nn.Module):
         """x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) = prod_i p(x^i_{t-1} | x^{<i}_{t-1}, x_t, c), one token at
         a time in raster order: autoregressive, so that it can represent the true reverse process
         q(x_{t-1} | x_t) of Eq. 9 with few scales (Sec. 3.3).  x_t (B, N) -> x_{t-1} (B, N).
-        Masked editing (Sec. 4.3): where keep (B, N) is True the token is set to forced (B, N), not
-        drawn. reader(model, x_t, c): what the logits are read from (CachedDecoder, UncachedDecoder,
-        section 5's windows). log_w (B,) gains the forced tokens' log-probability (particles)."""
+        Masked editing (Sec. 4.3): where keep (B, N) is True the token is forced (B, N) (a position
+        given in every row is not drawn). reader(model, x_t, c): what the logits are read from
+        (CachedDecoder, UncachedDecoder, section 5's windows). log_w (B,) gains the forced tokens'
+        log-probability (section 5's particles)."""
         B, N = x_t.shape
         rows_x, rows_c = x_t, c
         if guidance:          # the conditional rows and, below them, the null condition's: one batch

