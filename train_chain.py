@@ -5,13 +5,10 @@
     python train_chain.py --dataset cifar --scale 3          # one scale only (scales train independently)
     python train_chain.py --out runs/shapes_text --first-stage runs/shapes --condition text   # prompts (Sec. 4.2)
 
-A run folder without a first stage gets one first (train_vq.py's code, same preset). Each scale is trained on its
-own from the codes in tokens.pt, with the loss of Eq. 7 (Eq. 8 at t = 2), and saved as scale_<t>.pt. When every
-scale is done, the likelihood bound is evaluated on the test codes (bound.json), a grid of samples is written
-(samples.png), and on labelled data the judge of evaluate.py scores the run (eval.json). Re-running the same
-command resumes. The chain is conditioned on the data set's class labels when it has them (--condition class), on
-its captions with --condition text (every encoder reads the caption's tokens next to x_t; the decoder-only scale
-reads them as a prefix), or on nothing (--condition none).
+A run folder without a first stage gets one first (train_vq.py's, same preset). Each scale is trained on its own
+from tokens.pt's codes with the loss of Eq. 7 (Eq. 8 at t = 2) into scale_<t>.pt; then the run ends with the bound on
+the test codes (bound.json), samples.png and, on labelled data, evaluate.py's judge (eval.json). The same command
+resumes. Text chains: encoders read the caption's tokens beside x_t, the decoder-only scale reads them as a prefix.
 """
 import copy
 import dataclasses
@@ -29,31 +26,30 @@ import evaluate
 import imagebart as ib
 import runs
 import train_vq
+from evaluate import refuse
 from train_vq import check_first_stage, train_first_stage
 
 RESUMABLE = train_vq.RESUMABLE | {"eval_batches"}   # may change when a run resumes; the others define the model
+COLOURS = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]     # the colours shapes are drawn in
 
 
 def build_parser():
     p = train_vq.build_parser(__doc__, ib.ChainConfig)
     p.add_argument("--scale", type=int, help="train only the model of this t (2..T); processes may share a run folder")
-    p.add_argument("--condition", choices=("class", "text", "none"), help="class labels, captions (Sec. 4.2) or "
-                   "nothing (default: class when the data set has labels, else none)")
-    p.add_argument("--holdout", metavar="'COLOUR SHAPE,...'", help="shapes: colour-shape combinations whose images "
-                   "the chain never trains on, e.g. 'green star,blue ring'")
+    p.add_argument("--condition", choices=("class", "text", "none"), help="labels, captions (Sec. 4.2) or nothing "
+                   "(default: class when the data set has labels, else none)")
+    p.add_argument("--holdout", metavar="'COLOUR SHAPE,...'", help="shapes: combinations the chain never trains on")
     p.add_argument("--first-stage", metavar="RUN", help="reuse the first stage (vq.pt, tokens.pt) of another run")
     p.add_argument("--samples", type=int, default=8, help="samples per row of samples.png")
     p.add_argument("--eval-n", type=int, default=1000, help="judge N images per row at the end (evaluate.py); 0 skips")
     p.add_argument("--judge-dir", default="runs/judges", help="cache of judges, one per data set")
     p.add_argument("--fresh-judges", action="store_true", help="train the judges even where assets/judges ships them")
     p.add_argument("--judge-steps", type=int, help="training steps of a new judge")
-    p.add_argument("--ship", action="store_true", help="maintainers: write the trained run's shipped copy (EMA "
-                   "weights in bf16) to assets/pretrained/shapes; trains nothing")
+    p.add_argument("--ship", action="store_true", help="maintainers: write the run's shipped copy; trains nothing")
     return p
 
 
 # ----- the config, and the codes x_1 it is trained on -----------------------------------------
-
 def check_options(args) -> ib.ChainConfig:
     """The chain's config from the preset and flags, with every check that needs no data (before any work)."""
     cfg = runs.config_from_args(ib.CHAIN_PRESETS, args.preset, args)
@@ -63,27 +59,23 @@ def check_options(args) -> ib.ChainConfig:
     for name in ("dropout", "ema_decay", "label_dropout"):      # 1 would mean nothing learnt
         runs.check_number(getattr(cfg, name), f"--{name}", 0, 1, below=True)
     if cfg.betas is not None:                                   # --betas alone sets T: one beta per t = 2..T
-        if args.T is not None and args.T != len(cfg.betas) + 1:
-            raise runs.UserError(f"--T {args.T} disagrees with --betas, which gives {len(cfg.betas)} betas "
-                                 f"(t = 2..{len(cfg.betas) + 1}, so T = {len(cfg.betas) + 1}); give one of the two")
+        T = len(cfg.betas) + 1
+        refuse(args.T not in (None, T), f"--T {args.T} disagrees with --betas, which gives {T - 1} betas (t = 2..{T}, "
+               f"so T = {T}); give one of the two")
         for beta in cfg.betas:
             runs.check_number(beta, "--betas", 0, 1, above=True)
         with runs.user_errors():
-            cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=len(cfg.betas) + 1)
-    for bad, line in ((cfg.T < 2, f"T must be at least 2, got {cfg.T}"),
-                      (cfg.loss not in ("kl", "ce"), f"--loss must be kl or ce, got {cfg.loss!r}"),
-                      (cfg.n_embd % cfg.n_head, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}"),
-                      (args.scale is not None and not 2 <= args.scale <= cfg.T,
-                       f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")):
-        if bad:
-            raise runs.UserError(line)
-    # --holdout 'green star,blue ring' -> ["green star", "blue ring"]: colours a shape is drawn in, and shapes
-    colours = [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
-    holdout = [" ".join(item.split()) for item in args.holdout.split(",")] if args.holdout else []
+            cfg = dataclasses.replace(cfg, betas=ib.check_betas(cfg.betas), T=T)
+    refuse(cfg.T < 2, f"T must be at least 2, got {cfg.T}")
+    refuse(cfg.loss not in ("kl", "ce"), f"--loss must be kl or ce, got {cfg.loss!r}")
+    refuse(cfg.n_embd % cfg.n_head, f"--n_embd {cfg.n_embd} is not divisible by --n_head {cfg.n_head}")
+    refuse(args.scale is not None and not 2 <= args.scale <= cfg.T,
+           f"--scale {args.scale} is outside 2..T = 2..{cfg.T}")
+    holdout = [" ".join(item.split()) for item in args.holdout.split(",")] if args.holdout else []   # 'green star,...'
     for pair in holdout:
-        if len(words := pair.split()) != 2 or words[0] not in colours or words[1] not in ds.SHAPE_CLASSES:
+        if len(words := pair.split()) != 2 or words[0] not in COLOURS or words[1] not in ds.SHAPE_CLASSES:
             raise runs.UserError(f"--holdout {pair!r}: expected 'COLOUR SHAPE' with a colour shapes are drawn "
-                                 f"in ({', '.join(colours)}) and a shape of {', '.join(ds.SHAPE_CLASSES)}")
+                                 f"in ({', '.join(COLOURS)}) and a shape of {', '.join(ds.SHAPE_CLASSES)}")
     return dataclasses.replace(cfg, holdout=holdout, dtype=args.dtype)
 
 
@@ -93,12 +85,10 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
     condition = args.condition or ("class" if "train_labels" in tokens else "none")
     if condition == "class" and "train_labels" not in tokens:
         raise runs.UserError("--condition class: this data set has no labels (use one subfolder per class)")
-    if condition == "text" and "train_captions" not in tokens:
-        raise runs.UserError(f"--condition text: {runs.tokens_path(out)} has no captions: its data set has none "
-                             f"(a folder needs captions.txt or a .txt beside each image)")
+    refuse(condition == "text" and "train_captions" not in tokens, f"--condition text: {runs.tokens_path(out)} has "
+           f"no captions: its data set has none (a folder needs captions.txt or a .txt beside each image)")
     if cfg.holdout and ds.shape_caption_parts((tokens.get("train_captions") or ["-"])[0]) is None:
         raise runs.UserError("--holdout needs the shapes data set (its captions say what drew each image)")
-    # a text chain: the tokenizer made with tokens.pt, which every scale then carries
     text = {"vocab": list(tokens["vocab"]), "text_len": int(tokens["text_len"])} if condition == "text" else {}
     cfg = dataclasses.replace(cfg, num_codes=int(tokens["num_codes"]), grid=list(tokens["train"].shape[1:]),
                               num_labels=int(tokens["num_labels"]) if condition == "class" else 0, **text)
@@ -110,8 +100,8 @@ def resolve_config(args, tokens: dict, out: str) -> ib.ChainConfig:
 
 @torch.no_grad()
 def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, batch: int, max_batches=None):
-    """Scale t's term of the bound (Eq. 7, given `cond`) in bits per token, one Monte-Carlo draw per grid of
-    codes (M, h, w) -> (M,) (fewer with max_batches), from a fixed generator: the same draws every time."""
+    """Scale t's term of the bound (Eq. 7, given `cond`) in bits per token, one Monte-Carlo draw per grid of codes
+    (M, h, w) -> (M,) (fewer with max_batches), from a fixed generator: the same draws every time."""
     g = torch.Generator(codes.device).manual_seed(1234)
     starts = range(0, len(codes), batch)[:max_batches]          # None: every batch
     return torch.cat([model.scale_bits(codes[i:i + batch], t, generator=g,
@@ -119,7 +109,6 @@ def bits_per_grid(model: ib.ImageBART, t: int, codes: torch.Tensor, cond: dict, 
 
 
 # ----- training one scale ---------------------------------------------------------------------
-
 def make_optimizer(net: torch.nn.Module, cfg: ib.ChainConfig, device) -> torch.optim.Optimizer:
     """AdamW (beta2 = 0.95), weight decay on matrices only (not biases, norms, embeddings, positions); fused on GPUs."""
     decay, no_decay = [], []
@@ -159,8 +148,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, test_cond: dict, out:
     torch.manual_seed(cfg.seed * 1000 + t * 100003 + step + 7919 * world.rank)
     ddp = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else None
 
-    # --- data: the whole code data set lives on the device; a batch is one index (into `rows`), and
-    # shapes captions say what drew each image (parts; None for a caption of another kind)
+    # --- data: every code grid on the device, a batch indexes `rows`; parts: what drew each shapes image (or None)
     rows, captions = torch.arange(len(tokens["train"])), tokens.get("train_captions")
     parts = [ds.shape_caption_parts(c) for c in captions] if cfg.holdout or model.tokenizer is not None else None
     if cfg.holdout:    # less the held-out combinations
@@ -186,13 +174,11 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, test_cond: dict, out:
         for group in opt.param_groups:
             group["lr"] = lr
 
-        # --- batch: random code grids x_1 and their conditions; a label_dropout share becomes the null
-        # condition, so the same network also learns the unconditional model (guidance)
+        # --- batch: random code grids x_1 and their conditions, a label_dropout share the null one (guidance)
         idx = torch.randint(0, len(train), (world.share(cfg.batch_size),), device=device)
         cond = {"labels": model.drop_condition(y_train[idx], cfg.label_dropout)} if y_train is not None else {}
         if model.tokenizer is not None:
-            # captions at a random level of detail: each part of a shapes caption but the shape kept with
-            # probability 1/2, so that short prompts like "a red star" are as much in distribution as full ones
+            # each part of a caption but the shape kept with probability 1/2: short prompts are in distribution too
             keep, details = torch.rand(len(idx), 4) < 0.5, ("size", "colour", "position", "background")
             text = [captions[i] if parts[i] is None else
                     ds.shape_caption({k: parts[i][k] if keep[b, j] else None for j, k in enumerate(details)}
@@ -201,8 +187,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, test_cond: dict, out:
 
         # --- step: the loss of Eq. 7 (Eq. 8 at t = 2), x_t and x_{t-1} drawn inside from q
         loss, grad_norm = optimizer_step(model, t, opt, train[idx], cond, device, ddp)
-        # the first step whose loss is not finite, kept on the device (reading it would wait for the
-        # device every step); read at log steps, before any checkpoint
+        # the first step whose loss is not finite, kept on the device (no wait for it each step), read at log steps
         new_bad = (first_bad < 0) & ~torch.isfinite(loss.detach())
         first_bad, bad_loss = torch.where(new_bad, step, first_bad), torch.where(new_bad, loss.detach(), bad_loss)
 
@@ -217,7 +202,7 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, test_cond: dict, out:
         at_checkpoint = step % cfg.ckpt_every == 0 or step == cfg.steps
         if not (step % cfg.log_every == 0 or at_checkpoint):
             continue
-        if first_bad.item() >= 0:      # stop before a NaN reaches a checkpoint
+        if first_bad.item() >= 0:                    # before a NaN reaches a checkpoint
             raise runs.UserError(f"scale t={t}: the loss became {bad_loss.item()} at step {first_bad.item()}; "
                                  f"stopped, the last good checkpoint is kept in {path}")
         if not world.main:
@@ -231,14 +216,13 @@ def train_scale(model: ib.ImageBART, t: int, tokens: dict, test_cond: dict, out:
             model.scales[str(t)] = ema.eval()
             record["test_bits"] = bits_per_grid(model, t, test, test_cond, 256, cfg.eval_batches).mean().item()
             model.scales[str(t)] = net
-            print(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token{given(model)} "
-                  f"(EMA weights)", flush=True)
+            world.say(f"t={t} step {step}: test bound term {record['test_bits']:.4f} bits/token{given(model)} "
+                      f"(EMA weights)")
             runs.save_atomic(runs.scale_checkpoint(model, t, ema.state_dict(), step, opt.state_dict()), path)
         runs.append_log(runs.log_path(out, t), record)
 
 
 # ----- the end of a run: the bound, samples, the judge ----------------------------------------
-
 def given(chain: ib.ImageBART) -> str:
     """How a reported bound is conditioned: on -log p(x_1 | c), not -log p(x_1)."""
     return " given the class" if chain.num_labels else " given the caption" if chain.tokenizer is not None else ""
@@ -271,17 +255,15 @@ def finish_run(args, out: str, tokens: dict, test_cond: dict, T: int, device, ti
           f"{report['bits_per_token']:.4f} ± {report['standard_error']:.4f} bits/token (uniform: log2 K = "
           f"{math.log2(K):.3f})" + "".join(f"\n  t={t}: {v}" for t, v in report["per_scale"].items()), flush=True)
 
-    # samples.png, from a fixed seed so that runs compare picture by picture; a text chain draws a row per prompt: on
-    # shapes every shape (colours cycling through the palette), then the held-out ones; else 8 distinct test captions
+    # samples.png, fixed seed; text chains: a row per shape (colours cycling) and held-out pair, else 8 test captions
     n, n_rows, labels, text, rows = args.samples, 1, None, None, "unconditional"
     if chain.num_labels:
         n_rows, rows = chain.num_labels, "one row per class"
         labels = torch.arange(n_rows, device=device).repeat_interleave(n)
     elif chain.tokenizer is not None:
-        captions, colours = tokens["test_captions"], [ds.PALETTE_NAMES[c] for c in ds.SHAPE_FOREGROUNDS]
-        prompts = list(dict.fromkeys(c for c in captions if c))[:8]
-        if ds.shape_caption_parts(captions[0]) is not None:
-            prompts = [f"a {colours[k % len(colours)]} {shape}" for k, shape in enumerate(ds.SHAPE_CLASSES)] + \
+        prompts = list(dict.fromkeys(c for c in tokens["test_captions"] if c))[:8]
+        if ds.shape_caption_parts(tokens["test_captions"][0]) is not None:
+            prompts = [f"a {COLOURS[k % len(COLOURS)]} {shape}" for k, shape in enumerate(ds.SHAPE_CLASSES)] + \
                 [f"a {combination}" for combination in chain.cfg.holdout]
         n_rows, rows = len(prompts), "one row per prompt: " + "; ".join(prompts)
         text = [p for p in prompts for _ in range(n)]
@@ -330,23 +312,20 @@ def main():
     if args.first_stage and not os.path.isdir(args.first_stage):
         raise runs.UserError(f"--first-stage {args.first_stage} is not a folder")
     if not (args.first_stage or os.path.exists(runs.tokens_path(out))):     # a first stage will be trained
-        if args.scale is not None:
-            raise runs.UserError(f"--scale {args.scale} trains one scale of a run that has a first stage; train it "
-                                 f"first: python train_vq.py --dataset {args.dataset} --out {out}")
+        refuse(args.scale is not None, f"--scale {args.scale} trains one scale of a run that has a first stage; "
+               f"train it first: python train_vq.py --dataset {args.dataset} --out {out}")
         check_first_stage(runs.preset_config(ib.VQ_PRESETS, args.preset), args.dataset)
     world, device = runs.init_world(args.device)         # torchrun: one process of several
     args.dtype = runs.resolve_dtype(args.dtype, device)  # auto -> fp32 or bf16, from the hardware
     world.share(cfg.batch_size)                       # a global batch that the processes can split
-    world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out, args.scale)))   # for the world
-    if world.main and args.eval_n:
-        runs.ensure_writable_dir(args.judge_dir)      # the judge's cache, needed at the end: checked now
+    world.on_rank_0(lambda: (runs.ensure_writable_dir(out), runs.lock_run(out, args.scale),    # for the world,
+                             args.eval_n and runs.ensure_writable_dir(args.judge_dir)))    # and the judge's cache
 
     # --- the first stage and its codes x_1: copied from --first-stage, or trained here (by every process)
     def copy():                                  # each file once, never over a copy
         for path in (runs.vq_path, runs.tokens_path):
             src, dst = path(args.first_stage), path(out)
-            if not os.path.exists(src):
-                raise runs.UserError(f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
+            refuse(not os.path.exists(src), f"--first-stage {args.first_stage} has no {os.path.basename(src)}")
             if not os.path.exists(dst):
                 with runs.replacing(dst) as tmp:
                     shutil.copyfile(src, tmp)
@@ -361,9 +340,8 @@ def main():
     tokens, vq = runs.load_tokens(out), runs.load_checkpoint(runs.vq_path(out), "vq")
     vq_cfg, grid = ib.VQConfig(**vq["config"]), tuple(tokens["train"].shape[1:])
     side, K = vq_cfg.resolution // vq_cfg.factor, vq["model"]["used_codes"].numel()
-    if tokens["num_codes"] != K or grid != (side, side):   # the codes this vq.pt writes
-        raise runs.UserError(f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, grid {grid}) "
-                             f"does not match {runs.vq_path(out)} (K = {K}, grid {(side, side)})")
+    refuse(tokens["num_codes"] != K or grid != (side, side), f"{runs.tokens_path(out)} (K = {tokens['num_codes']}, "
+           f"grid {grid}) does not match {runs.vq_path(out)} (K = {K}, grid {(side, side)})")   # the codes of vq.pt
     cfg = resolve_config(args, tokens, out)
     torch.manual_seed(cfg.seed)      # the weights' initialisation is seeded: a rerun starts every scale alike
     model = ib.ImageBART(cfg).to(device)

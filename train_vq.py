@@ -3,14 +3,10 @@
     python train_vq.py --dataset shapes --preset tiny      # 2-core CPU, a few minutes
     python train_vq.py --dataset cifar --preset cifar      # one GPU
 
-Writes into --out (default runs/<dataset>): vq.pt, tokens.pt, log.jsonl, vq_recon.png, loss_vq.png.
-Re-running the same command resumes from the last checkpoint; a finished run is left as it is.
-
-The file reads: setup (the models, their optimizers, the checkpoint to resume from); the GAN step (Eq. 3-4 for the
-autoencoder and the PatchGAN, with Taming Transformers' hinge loss and adaptive weight: one generator step, then one
-discriminator step); finishing (held-out PSNR, shrinking the codebook to the codes in use, Sec. 4.1, and the data set
-as codes x_1 in tokens.pt, all the chain ever sees); train_first_stage(), the whole first stage with its training
-loop, which train_chain.py calls when a run folder has no first stage yet.
+Writes vq.pt, tokens.pt, log.jsonl, vq_recon.png, loss_vq.png into --out (default runs/<dataset>); the same command
+resumes from the last checkpoint and leaves a finished run as it is. The file reads: setup; the GAN step (Eq. 3-4,
+Taming Transformers' hinge loss and adaptive weight); finishing (held-out PSNR, the codebook shrunk to the codes in
+use, Sec. 4.1, the data as codes x_1 in tokens.pt); train_first_stage(), the whole stage, which train_chain.py calls.
 """
 import argparse
 import dataclasses
@@ -25,12 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import data as ds
 import imagebart as ib
 import runs
+from evaluate import refuse
 
 RESUMABLE = {"steps", "log_every", "ckpt_every", "dtype"}   # may change when a run resumes (dtype: on another machine)
 
 
 # ----- setup: models, optimizers, resume ------------------------------------------------------
-
 def check_first_stage(cfg: ib.VQConfig, dataset: str) -> None:
     """One line for a config or a data set no first stage can train with, before any work."""
     runs.check_vq_config(cfg)
@@ -40,13 +36,13 @@ def check_first_stage(cfg: ib.VQConfig, dataset: str) -> None:
 
 def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weights: str | None,
           compile: str | None = None) -> types.SimpleNamespace:
-    """The GAN loop's state, new or resumed from `ckpt`: cfg, vq, disc, opt_g, opt_d, step, LPIPS (None: no weights)."""
+    """The GAN loop's state, new or resumed from `ckpt`: cfg, vq, disc, opt_g, opt_d, step, lpips (None: no weights)."""
     step = ckpt["step"] if ckpt else 0
     torch.manual_seed(cfg.seed + step)      # one seed per (run, step): a resumed run draws the same batches
     # the perceptual loss: a new run uses it when its weights are found; a resumed one keeps doing what it did
     lpips = runs.build_lpips(lpips_weights) if ckpt is None or cfg.has_perceptual else None
-    if lpips is None and ckpt is not None and cfg.has_perceptual:
-        raise runs.UserError("this run was trained with the perceptual loss but its weights are gone")
+    refuse(lpips is None and ckpt is not None and cfg.has_perceptual,
+           "this run was trained with the perceptual loss but its weights are gone")
     vq = ib.VQGAN(dataclasses.replace(cfg, has_perceptual=lpips is not None)).to(device)
     disc = ib.PatchDiscriminator(cfg.disc_layers, cfg.disc_ch).to(device)
     # Adam with beta1 = 0.5, the usual choice for GANs (and taming-transformers')
@@ -60,11 +56,9 @@ def setup(cfg: ib.VQConfig, ckpt: dict | None, device: torch.device, lpips_weigh
 
 
 # ----- the GAN step (Eq. 3-4) -----------------------------------------------------------------
-
 def gan_step(gan, x: torch.Tensor, gan_on: bool, world: runs.World = runs.World()) -> dict:
-    """One GAN step on images x (B, 3, H, W) in [-1, 1] (training's and --benchmark's): the autoencoder's, then from
-    cfg.disc_start on (gan_on) the discriminator's. Under torchrun x is this process's share, and gradients and lambda
-    are averaged by hand (lambda needs the last layer's gradients, which DDP hides). -> losses, lambda, codes, z."""
+    """One GAN step on images x (B, 3, H, W) in [-1, 1]: the autoencoder's, then (gan_on) the discriminator's. Under
+    torchrun gradients and lambda are averaged by hand (lambda needs the last layer's gradients, which DDP hides)."""
     cfg, vq, disc, lpips = gan.cfg, gan.vq, gan.disc, gan.lpips
     zero = torch.zeros((), device=x.device)
     # --- generator (autoencoder) step: f_rec + L_cb + lambda * the GAN term (Eq. 3-4)
@@ -105,11 +99,10 @@ def codebook_stats(full_indices: torch.Tensor, num_codes: int) -> tuple[int, flo
 
 
 # ----- finishing: evaluate, shrink the codebook, tokenize -------------------------------------
-
 @torch.no_grad()
 def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weights: str | None) -> dict:
-    """Evaluate on held-out images (PSNR, LPIPS, codebook usage), shrink the codebook to the codes of the training
-    images and their mirror images (Sec. 4.1; the test split stays unseen by K), tokenize. -> seconds per part."""
+    """Evaluate on held-out images (PSNR, LPIPS, codes used), shrink the codebook to the codes of the training images
+    and their mirror images (Sec. 4.1; the test split stays unseen by K), tokenize. -> seconds per part."""
     t0 = time.time()
     vq.eval()
     (x_train, y_train, num_classes, c_train), (x_test, y_test, _, c_test) = data["train"], data["test"]
@@ -143,8 +136,8 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
     if y_train is not None:   # the mirrored copies keep their labels; names for sample.py --class NAME
         tokens |= {"train_labels": torch.cat([y_train, y_train]), "test_labels": y_test,
                    "class_names": ds.class_names(dataset["spec"])}
-    if c_train is not None:   # captions for text chains (a mirrored image's has left and right swapped), and
-        # the tokenizer: the training captions' words, and the longest caption of either split as its length
+    if c_train is not None:   # captions (a mirrored image's has left and right swapped) and the tokenizer: the
+        # training captions' words, the longest caption of either split as its length
         train_captions = c_train + [ds.mirror_caption(c) for c in c_train]
         tokens |= {"train_captions": train_captions, "test_captions": c_test,
                    "vocab": ib.Tokenizer.build(train_captions).vocab,
@@ -159,20 +152,17 @@ def finish(vq: ib.VQGAN, out: str, device, data: dict, dataset: dict, lpips_weig
 
 
 # ----- the whole first stage (resume, the GAN loop, finishing), as train_chain.py calls it ------
-
 def train_first_stage(cfg: ib.VQConfig, args, out: str, device: torch.device, world: runs.World) -> dict:
-    """Train (or resume) the first stage of `cfg` on --dataset in the run folder `out`, shrink, tokenize; a finished
-    one is left as it is. The caller has run check_first_stage and holds the folder's lock. Under torchrun every
-    process trains on its share of each batch; rank 0 alone writes. -> seconds per part ({}: nothing left to do)."""
-    world.share(cfg.batch_size)
+    """Train (or resume) the first stage of `cfg` on --dataset in `out`, shrink, tokenize; the caller has run
+    check_first_stage and holds the folder's lock; rank 0 alone writes. -> seconds per part ({}: nothing to do)."""
+    share = world.share(cfg.batch_size)        # a global batch that the processes can split
     cfg, path = dataclasses.replace(cfg, dtype=runs.resolve_dtype(args.dtype, device)), runs.vq_path(out)
     ckpt = runs.load_checkpoint(path, "vq") if os.path.exists(path) else None
     if ckpt is not None:      # a resumed run keeps its saved config; only the RESUMABLE fields may change
         saved = ib.VQConfig(**ckpt["config"])
         runs.check_same_config(saved, dataclasses.replace(cfg, has_perceptual=saved.has_perceptual), RESUMABLE, path)
-        if ckpt["shrunk"] and cfg.steps > ckpt["step"]:
-            raise runs.UserError(f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; "
-                                 f"train longer in a new --out")
+        refuse(ckpt["shrunk"] and cfg.steps > ckpt["step"],
+               f"{path} is finished (step {ckpt['step']}) and its codebook shrunk; train longer in a new --out")
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE})
         if ckpt["shrunk"] and os.path.exists(runs.tokens_path(out)):
             world.say(f"first stage in {out} is finished (step {ckpt['step']}): {ckpt.get('metrics', {})}")
@@ -189,21 +179,19 @@ def train_first_stage(cfg: ib.VQConfig, args, out: str, device: torch.device, wo
         vq.code_map.copy_(torch.arange(cfg.codebook_size))
         vq.used_codes = torch.arange(cfg.codebook_size, device=device)
         return finish(vq, out, device, data, record, args.lpips_weights) if world.main else {}
-    if ckpt is not None and runs.trained_scales(out):
-        raise runs.UserError(f"{out} holds trained chain scales; retraining its first stage would "
-                             f"invalidate them. Use another --out")
+    refuse(ckpt is not None and runs.trained_scales(out),
+           f"{out} holds trained chain scales; retraining its first stage would invalidate them. Use another --out")
     t0 = time.time()
     gan = setup(cfg, ckpt, device, args.lpips_weights, args.compile)
-    if world.size > 1:
-        # the same initial weights everywhere (seeded alike above), then each process its own
-        # batches; on GPUs the discriminator's BatchNorm normalises over the whole batch
+    if world.size > 1:    # the same initial weights everywhere (seeded alike above), then each process its own
+        # batches; on GPUs the discriminator's BatchNorm spans the whole batch
         torch.manual_seed(cfg.seed + gan.step + 7919 * world.rank)
         if device.type == "cuda":
             gan.disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(gan.disc)
     if ckpt is not None:
         world.say(f"resuming {path} from step {gan.step}")
     r, side = cfg.resolution, cfg.resolution // cfg.factor
-    shares = f", {world.size} processes of {world.share(cfg.batch_size)} images each" if world.size > 1 else ""
+    shares = f", {world.size} processes of {share} images each" if world.size > 1 else ""
     world.say(f"VQGAN: {sum(p.numel() for p in gan.vq.parameters()) / 1e6:.2f}M parameters, {r}x{r} -> "
               f"{side}x{side} codes, K = {cfg.codebook_size}, device {device}{shares}")
 
@@ -213,8 +201,7 @@ def train_first_stage(cfg: ib.VQConfig, args, out: str, device: torch.device, wo
     progress = runs.Progress(cfg.steps, start=gan.step, every=cfg.log_every, prefix="vq ")
     if world.main:   # steps logged after the checkpoint resumed from are about to run again
         runs.trim_log(runs.log_path(out), lambda r: r.get("stage") == "vq" and r.get("step", 0) > gan.step)
-    while gan.step < cfg.steps:
-        step = gan.step
+    while (step := gan.step) < cfg.steps:
         vq.train()
 
         # --- learning rate: linear warm-up, then cosine decay (the generator; the discriminator keeps cfg.lr)
@@ -223,14 +210,14 @@ def train_first_stage(cfg: ib.VQConfig, args, out: str, device: torch.device, wo
             group["lr"] = lr
 
         # --- batch: random images, half of them mirrored (this process's share of it)
-        idx = torch.randint(0, len(x_train), (world.share(cfg.batch_size),))
+        idx = torch.randint(0, len(x_train), (share,))
         x = ds.random_flip(ds.to_float(x_train[idx.to(device)]))
 
         # --- the GAN step; the adversarial terms join once reconstructions are fair
         m = gan_step(gan, x, step >= cfg.disc_start, world)
 
-        # --- dead-code restarts onto this batch's encoder outputs, none late on, so the codes settle before the
-        # codebook is shrunk (under torchrun: dead by every process's counts, moved by rank 0, sent to the others)
+        # --- dead-code restarts onto this batch's encoder outputs, none late on (the codes settle before shrinking);
+        # under torchrun: dead by every process's counts, moved by rank 0, sent to the others
         restarted = 0
         if cfg.restart_every and (step + 1) % cfg.restart_every == 0 and step < 0.8 * cfg.steps:
             world.sum_(vq.quantizer.hits)
@@ -239,9 +226,9 @@ def train_first_stage(cfg: ib.VQConfig, args, out: str, device: torch.device, wo
             if world.size > 1:
                 torch.distributed.broadcast(vq.quantizer.codebook.weight.data, src=0)
         gan.step = step = step + 1
-        if not torch.isfinite(m["loss"]):
-            raise runs.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good "
-                                 f"checkpoint is kept in {path}")
+        if not torch.isfinite(m["loss"]):            # the message is built only when it is needed
+            raise runs.UserError(f"the loss became {m['loss'].item()} at step {step}; the last good checkpoint is "
+                                 f"kept in {path}")
         if not world.main:
             continue
 
