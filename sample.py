@@ -114,10 +114,10 @@ def parse_condition(args, chain: ib.ImageBART, n: int, device, across: bool = Fa
     refuse(not chain.num_labels, "this run's chain takes no --class" + ("; use --prompt" if chain.tokenizer else ""))
     if args.classes == "all":
         return {"labels": torch.arange(chain.num_labels, device=device).repeat_interleave(n)}, n
-    classes = []
-    for w in (c.strip() for c in args.classes.split(",")):             # each an index ("6") or a name ("star")
+    classes, words = [], [c.strip() for c in args.classes.split(",")]   # each an index ("6") or a name ("star")
+    names = [] if all(w.lstrip("-").isdigit() for w in words) else runs.run_class_names(args.run)   # read once
+    for w in words:
         if not w.lstrip("-").isdigit():
-            names = runs.run_class_names(args.run)
             known = f"one of {', '.join(names)}" if names else "an index (this run records no class names)"
             refuse(w not in names, f"--class {w!r}: no class of that name; give {known}, a comma list, or 'all'")
         classes.append(int(w) if w.lstrip("-").isdigit() else names.index(w))
